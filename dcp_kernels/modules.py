@@ -1,0 +1,337 @@
+"""``DCPConv2d``: a drop-in ``nn.Conv2d`` whose unselected channels are never computed."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .propagation import update_utilities
+
+
+class _GateScatter(torch.autograd.Function):
+    """Compact gate: scatter the selected channels into a zero full-width output.
+
+    Backward gathers the selected gradient and, in training, updates the layer's utilities from
+    the pre-gate activation ``a`` and its gradient ``g`` (both compact).
+    """
+
+    @staticmethod
+    def forward(ctx, a_c, out_idx, channels, utility, decay, track):
+        ctx.track, ctx.decay, ctx.full = track, decay, out_idx.numel() == channels
+        ctx.save_for_backward(a_c if track else None, out_idx, utility)
+        if ctx.full:
+            # A new tensor even when nothing is dropped: a following in-place ReLU must not
+            # overwrite the activation the utility update reads in backward.
+            return a_c.clone()
+        out = a_c.new_zeros((a_c.shape[0], channels) + tuple(a_c.shape[2:]))
+        return out.index_copy_(1, out_idx, a_c)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a_c, out_idx, utility = ctx.saved_tensors
+        g_c = grad_out if ctx.full else grad_out.index_select(1, out_idx)
+        if ctx.track:
+            v = ops.channel_utility(a_c, g_c)
+            update_utilities(utility, v, None if ctx.full else out_idx, ctx.decay)
+        return g_c, None, None, None, None, None
+
+
+class _GateMask(torch.autograd.Function):
+    """Reference gate (the paper's): ``out = a * mask``; the utility update sees ``g = grad * mask``."""
+
+    @staticmethod
+    def forward(ctx, a, mask, out_idx, utility, decay, track):
+        ctx.track, ctx.decay = track, decay
+        ctx.save_for_backward(a if track else None, mask, out_idx, utility)
+        return a * mask
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, mask, out_idx, utility = ctx.saved_tensors
+        g = grad_out * mask
+        if ctx.track:
+            v = ops.channel_utility(a, g).index_select(0, out_idx)
+            update_utilities(utility, v, out_idx, ctx.decay)
+        return g, None, None, None, None, None
+
+
+_ARANGE_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _all_channels(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, device)
+    idx = _ARANGE_CACHE.get(key)
+    if idx is None:
+        idx = _ARANGE_CACHE[key] = torch.arange(n, device=device)
+    return idx
+
+
+class DCPConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with Dynamic Channel Propagation: unselected channels are skipped, not masked.
+
+    Takes every ``nn.Conv2d`` argument (same names and defaults, same ``weight``/``bias``
+    parameters, so an ``nn.Conv2d`` state dict loads into it) plus:
+
+    Args:
+        norm: the ``BatchNorm2d`` that follows this conv. The layer then computes
+            ``gate(BN(conv(x)))``: the gate sits after the BN, as in the paper.
+        prunable: whether output channels carry utilities and can be switched off. A
+            non-prunable layer still reads only the live channels of its input source.
+        backend: ``auto`` | ``reference`` | ``torch`` (see :func:`dcp_kernels.backends`).
+        name: a label used in error messages (``convert`` sets the module path).
+
+    Input and output are full-width NCHW tensors; unselected output channels are exact zeros.
+    Buffers ``utility`` (float32) and ``selected`` (bool), one entry per output channel, hold the
+    layer's DCP state and are part of ``state_dict()``. Standalone, every channel is selected until
+    :meth:`set_selection` or a :class:`~dcp_kernels.Propagation` changes it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        norm: nn.BatchNorm2d | None = None,
+        prunable: bool = True,
+        backend: str = "auto",
+        name: str | None = None,
+    ) -> None:
+        label = f"DCPConv2d {name!r}" if name else "DCPConv2d"
+        if groups != 1 and not (groups == in_channels == out_channels):
+            raise NotImplementedError(
+                f"{label}: groups={groups} with in_channels={in_channels}, out_channels={out_channels} is not "
+                "supported; only groups=1 and depthwise (groups == in_channels == out_channels)"
+            )
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        ops.resolve_backend(backend)  # fail early on a misspelt backend
+        self.dcp_name = name or ""
+        self.backend = backend
+        self.prunable = bool(prunable)
+        self.decay = 0.6
+        self.last_output_hw: tuple[int, int] | None = None
+        if norm is not None:
+            self._check_norm(norm)
+        self.norm = norm
+        if self.prunable:
+            dev = self.weight.device
+            self.register_buffer("utility", torch.zeros(out_channels, dtype=torch.float32, device=dev))
+            self.register_buffer("selected", torch.ones(out_channels, dtype=torch.bool, device=dev))
+        # The producer whose selection tells which input channels are live. Kept out of
+        # ``_modules`` on purpose: it is another layer of the same model, not a child.
+        self.__dict__["_input_source"] = None
+        self.__dict__["_idx_cache"] = None
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_modules(
+        cls,
+        conv: nn.Conv2d,
+        norm: nn.BatchNorm2d | None = None,
+        *,
+        prunable: bool = True,
+        backend: str = "auto",
+        name: str | None = None,
+    ) -> "DCPConv2d":
+        """Wrap an existing conv (and the BN after it); the same Parameter objects are reused."""
+        if not isinstance(conv, nn.Conv2d) or isinstance(conv, DCPConv2d):
+            raise TypeError(f"from_modules expects a plain nn.Conv2d, got {type(conv).__name__}")
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
+            dtype=conv.weight.dtype, norm=norm, prunable=prunable, backend=backend, name=name,
+        )
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer.train(conv.training)
+        return layer
+
+    def _label(self) -> str:
+        return f"DCPConv2d {self.dcp_name!r}" if self.dcp_name else "DCPConv2d"
+
+    def _check_norm(self, norm: nn.Module) -> None:
+        if not isinstance(norm, nn.BatchNorm2d):
+            raise TypeError(f"{self._label()}: norm must be an nn.BatchNorm2d, got {type(norm).__name__}")
+        if norm.num_features != self.out_channels:
+            raise ValueError(
+                f"{self._label()}: norm has {norm.num_features} features but the conv has {self.out_channels} outputs"
+            )
+
+    # ----------------------------------------------------------------------------- selection state
+    @property
+    def input_source(self) -> "DCPConv2d | None":
+        return self.__dict__["_input_source"]
+
+    def set_input_source(self, producer: "DCPConv2d | None") -> None:
+        """Read only the channels ``producer`` selects (``None``: read all input channels)."""
+        if producer is not None:
+            if not isinstance(producer, DCPConv2d) or not producer.prunable:
+                raise TypeError(f"{self._label()}: the input source must be a prunable DCPConv2d")
+            if producer.out_channels != self.in_channels:
+                raise ValueError(
+                    f"{self._label()}: input source has {producer.out_channels} outputs, "
+                    f"this layer reads {self.in_channels} channels"
+                )
+        self.__dict__["_input_source"] = producer
+
+    @torch.no_grad()
+    def set_selection(self, selected: torch.Tensor) -> None:
+        """Set the selected output channels from a bool mask of length ``out_channels``."""
+        if not self.prunable:
+            raise RuntimeError(f"{self._label()} is not prunable")
+        if selected.dtype != torch.bool or selected.shape != (self.out_channels,):
+            raise ValueError(f"{self._label()}: selection must be a bool tensor of shape ({self.out_channels},)")
+        if not bool(selected.any()):
+            raise ValueError(f"{self._label()}: the selection is empty; at least one channel must stay")
+        self.selected.copy_(selected)
+
+    def selected_indices(self) -> torch.Tensor:
+        """Sorted int64 indices of the selected output channels (cached until ``selected`` changes)."""
+        sel = self.selected
+        key = (sel.data_ptr(), sel._version, sel.device)
+        cache = self.__dict__["_idx_cache"]
+        if cache is None or cache[0] != key:
+            idx = sel.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                raise RuntimeError(f"{self._label()}: no output channel is selected")
+            cache = (key, idx)
+            self.__dict__["_idx_cache"] = cache
+        return cache[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # An nn.Conv2d state dict has no DCP buffers: keep the current ones instead of failing.
+        if self.prunable:
+            for key in ("utility", "selected"):
+                state_dict.setdefault(prefix + key, getattr(self, key))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    # ----------------------------------------------------------------------------- forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{self._label()}: expected a 4-D (N, C, H, W) input, got {shape}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{self._label()}: expected {self.in_channels} input channels, got {x.shape[1]}")
+        if x.device != self.weight.device:
+            raise ValueError(f"{self._label()}: input is on {x.device} but the weights are on {self.weight.device}")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{self._label()}: input dtype {x.dtype} does not match weight dtype {self.weight.dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            # 'same'/'valid' and non-zero padding modes: pad explicitly, then convolve unpadded.
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0, 0)
+        source = self.input_source
+        in_idx = source.selected_indices() if source is not None else None
+        out_idx = self.selected_indices() if self.prunable else None
+        if in_idx is None and out_idx is None:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            self.last_output_hw = (y.shape[2], y.shape[3])
+            return y if self.norm is None else self.norm(y)
+        backend = ops.resolve_backend(self.backend, x.device)
+        if backend != "reference" and torch.is_autocast_enabled(x.device.type):
+            raise NotImplementedError(
+                f"{self._label()}: autocast is not supported by backend {backend!r} yet; use backend='reference'"
+            )
+        if in_idx is None:
+            in_idx = _all_channels(self.in_channels, x.device)
+        full_out = out_idx is None
+        if full_out:
+            out_idx = _all_channels(self.out_channels, x.device)
+        track = self.training and self.prunable and torch.is_grad_enabled()
+        if backend == "reference":
+            y = ops.gathered_conv2d(
+                x, self.weight, self.bias, in_idx, _all_channels(self.out_channels, x.device), self.stride,
+                padding, self.dilation, self.groups, backend="reference", validate=False,
+            )
+            self.last_output_hw = (y.shape[2], y.shape[3])
+            a = y if self.norm is None else self._batch_norm(y, out_idx, full=True)
+            if full_out:
+                return a
+            mask = torch.zeros(self.out_channels, dtype=a.dtype, device=a.device)
+            mask[out_idx] = 1
+            return _GateMask.apply(a, mask.view(1, -1, 1, 1), out_idx, self.utility, self.decay, track)
+        y_c = ops.gathered_conv2d(
+            x, self.weight, self.bias, in_idx, out_idx, self.stride, padding, self.dilation, self.groups,
+            backend=backend, layout="compact", validate=False,
+        )
+        self.last_output_hw = (y_c.shape[2], y_c.shape[3])
+        a_c = y_c if self.norm is None else self._batch_norm(y_c, out_idx, full=full_out)
+        if full_out:
+            return a_c
+        return _GateScatter.apply(a_c, out_idx, self.out_channels, self.utility, self.decay, track)
+
+    def _batch_norm(self, y: torch.Tensor, out_idx: torch.Tensor, *, full: bool) -> torch.Tensor:
+        """BatchNorm on ``y``, which holds either all channels (``full``) or only ``out_idx``.
+
+        Running statistics of unselected channels are left untouched, whatever the layout.
+        """
+        bn = self.norm
+        use_batch_stats = bn.training or bn.running_mean is None
+        update_stats = bn.training and bn.track_running_stats
+        factor = 0.0
+        if update_stats:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        keeps_all = out_idx.numel() == bn.num_features
+        compact = not full and not keeps_all
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.index_select(0, out_idx) if (t is not None and compact) else t
+
+        rm = rv = None
+        if bn.running_mean is not None and (not bn.training or bn.track_running_stats):
+            rm, rv = bn.running_mean, bn.running_var
+            if compact:
+                rm, rv = rm.index_select(0, out_idx), rv.index_select(0, out_idx)
+            elif update_stats and not keeps_all:
+                # Work on copies and write back only the selected entries below.
+                rm, rv = rm.clone(), rv.clone()
+        a = F.batch_norm(y, rm, rv, pick(bn.weight), pick(bn.bias), use_batch_stats, factor, bn.eps)
+        if update_stats and not keeps_all:
+            with torch.no_grad():
+                if compact:
+                    bn.running_mean.index_copy_(0, out_idx, rm)
+                    bn.running_var.index_copy_(0, out_idx, rv)
+                else:
+                    bn.running_mean.index_copy_(0, out_idx, rm.index_select(0, out_idx))
+                    bn.running_var.index_copy_(0, out_idx, rv.index_select(0, out_idx))
+        return a
+
+    # ----------------------------------------------------------------------------- accounting
+    def conv_flops(self) -> tuple[int, int]:
+        """(dense, active) multiply-accumulates per sample of the most recent forward's shape."""
+        if self.last_output_hw is None:
+            raise RuntimeError(f"{self._label()}: no forward has run yet")
+        h, w = self.last_output_hw
+        per_pair = self.kernel_size[0] * self.kernel_size[1] * h * w
+        k_out = int(self.selected.sum()) if self.prunable else self.out_channels
+        source = self.input_source
+        k_in = int(source.selected.sum()) if source is not None else self.in_channels
+        if self.groups == 1:
+            return self.out_channels * self.in_channels * per_pair, k_out * k_in * per_pair
+        return self.out_channels * per_pair, k_out * per_pair
+
+    def extra_repr(self) -> str:
+        extra = f", prunable={self.prunable}, backend={self.backend!r}"
+        if self.input_source is not None:
+            extra += f", input_source={self.input_source.dcp_name or 'set'!r}"
+        return super().extra_repr() + extra

@@ -1,0 +1,170 @@
+"""The one dispatch point for DCP kernels.
+
+Every backend implements the same op::
+
+    gathered_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups) -> y
+
+``x`` is full width (N, C_in, H, W) and only channels ``in_idx`` are read; ``weight`` is full size
+and only the ``out_idx x in_idx`` block is read; ``y`` is full width with exact zeros outside
+``out_idx``. Its backward returns grad-input non-zero only on ``in_idx`` and a full-size
+grad-weight non-zero only on the block. ``channel_utility`` is the utility reduction used by the
+gate's backward.
+
+Backends: ``reference`` (dense conv + masks, the oracle) and ``torch`` (compact PyTorch).
+``auto`` resolves to the fastest backend available for the tensor's device.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+
+from . import compact, reference
+
+logger = logging.getLogger("dcp_kernels")
+
+BACKENDS: tuple[str, ...] = ("reference", "torch")
+"""Backends this build knows. Later versions add ``triton`` and ``cuda`` here."""
+
+_AUTO_ORDER: tuple[str, ...] = ("torch",)
+
+
+def backends() -> dict[str, bool]:
+    """Which backends are usable in this process (name -> available)."""
+    return {name: True for name in BACKENDS}
+
+
+def resolve_backend(name: str, device: torch.device | None = None) -> str:
+    """Map a user-facing backend name (``auto`` included) to a concrete backend."""
+    if name == "auto":
+        available = backends()
+        for candidate in _AUTO_ORDER:
+            if available.get(candidate):
+                return candidate
+        return "reference"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    return name
+
+
+def _pair(value: int | tuple[int, int], arg: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise TypeError(f"{arg} must be an int or a pair of ints, got {value!r}")
+
+
+def _check_index(idx: torch.Tensor, arg: str, size: int, device: torch.device) -> None:
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor of int64 channel indices, got {type(idx).__name__}")
+    if idx.dtype != torch.int64 or idx.dim() != 1:
+        raise TypeError(f"{arg} must be a 1-D int64 tensor, got dtype {idx.dtype} with shape {tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"{arg} is on {idx.device} but the input is on {device}")
+    if idx.numel() == 0:
+        raise ValueError(f"{arg} is empty: at least one channel must be selected")
+    if int(idx.min()) < 0 or int(idx.max()) >= size:
+        raise IndexError(f"{arg} holds indices outside [0, {size}): min {int(idx.min())}, max {int(idx.max())}")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise ValueError(f"{arg} must be sorted in increasing order without repeats")
+
+
+def check_conv_arguments(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_idx: torch.Tensor,
+    out_idx: torch.Tensor,
+    groups: int,
+) -> None:
+    """Validate the op's arguments once, with errors that name the argument at fault."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got {shape}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (C_out, C_in/groups, kh, kw), got shape {tuple(weight.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device or bias.shape != (weight.shape[0],)):
+        raise ValueError(
+            f"bias must be a ({weight.shape[0]},) tensor of {x.dtype} on {x.device}, "
+            f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}"
+        )
+    c_in, c_out = x.shape[1], weight.shape[0]
+    if groups == 1:
+        if weight.shape[1] != c_in:
+            raise ValueError(f"x has {c_in} channels but weight expects {weight.shape[1]} (groups=1)")
+    elif not (groups == c_in == c_out and weight.shape[1] == 1):
+        raise NotImplementedError(
+            f"groups={groups} with {c_in} input and {c_out} output channels: only groups=1 and "
+            "depthwise (groups == in_channels == out_channels) are supported"
+        )
+    _check_index(in_idx, "in_idx", c_in, x.device)
+    _check_index(out_idx, "out_idx", c_out, x.device)
+
+
+def gathered_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_idx: torch.Tensor,
+    out_idx: torch.Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    backend: str = "auto",
+    layout: Literal["full", "compact"] = "full",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Convolution that reads only input channels ``in_idx`` and computes only outputs ``out_idx``.
+
+    Args:
+        x: input (N, C_in, H, W); channels outside ``in_idx`` are treated as zero and never read
+            by the compact backends.
+        weight, bias: the full-size parameters of the convolution.
+        in_idx, out_idx: sorted, unique int64 channel indices on ``x``'s device.
+        stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (integer padding;
+            groups must be 1 or depthwise).
+        backend: ``auto``, ``reference`` or ``torch``.
+        layout: ``full`` returns (N, C_out, H', W') with exact zeros outside ``out_idx``;
+            ``compact`` returns only the selected channels, (N, len(out_idx), H', W').
+        validate: check the arguments (turn off only for indices built by this library).
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if validate:
+        check_conv_arguments(x, weight, bias, in_idx, out_idx, groups)
+    if layout not in ("full", "compact"):
+        raise ValueError(f"layout must be 'full' or 'compact', got {layout!r}")
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        y = reference.gathered_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
+        return y if layout == "full" else y.index_select(1, out_idx)
+    if layout == "compact":
+        return compact.compact_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
+    return compact.gathered_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
+
+
+def scatter_channels(y_c: torch.Tensor, out_idx: torch.Tensor, channels: int) -> torch.Tensor:
+    """Place compact channels at ``out_idx`` of a zero (N, channels, H, W) tensor (differentiable)."""
+    return compact.scatter_channels(y_c, out_idx, channels)
+
+
+def channel_utility(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``sum_b |sum_hw g*a| / (B*H*W)`` in float32 (the DCP first-order importance)."""
+    if a.shape != g.shape or a.dim() != 4:
+        raise ValueError(f"a and g must be 4-D tensors of one shape, got {tuple(a.shape)} and {tuple(g.shape)}")
+    return reference.channel_utility(a, g)
+
+
+__all__ = [
+    "BACKENDS", "backends", "resolve_backend", "check_conv_arguments",
+    "gathered_conv2d", "scatter_channels", "channel_utility",
+]

@@ -1,0 +1,145 @@
+"""Compact PyTorch backend: gather the selected channels, convolve compact tensors, scatter back.
+
+Only the selected block of work is done, forward and backward: the input gather reads ``k_in``
+channels, the convolution runs at ``k_out x k_in``, and the backward computes grad-input only for
+the selected input channels and grad-weight only for the selected block (written into full-size
+zero tensors, so optimizers see ordinary full-size gradients).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _is_all(idx: torch.Tensor, size: int) -> bool:
+    # Indices are sorted and unique (validated by the dispatcher or built by the controller),
+    # so a full-length index vector is exactly arange(size): skip the gather/scatter copy.
+    return idx.numel() == size
+
+
+class _CompactConv2d(torch.autograd.Function):
+    """Convolution of the ``out_idx x in_idx`` block; returns the compact (N, k_out, H', W') output.
+
+    For depthwise convolutions (groups == C_in == C_out) output channel ``c`` reads only input
+    channel ``c``: the computed channels are ``out_idx`` and an input channel outside ``in_idx``
+    counts as zero (its output is the bias alone).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise):
+        c_in, c_out = x.shape[1], weight.shape[0]
+        full_out = _is_all(out_idx, c_out)
+        w_c = weight if full_out else weight.index_select(0, out_idx)
+        b_c = None if bias is None else (bias if full_out else bias.index_select(0, out_idx))
+        if depthwise:
+            read_idx, full_in = out_idx, full_out
+            groups = out_idx.numel()
+            input_scale = None
+            if not _is_all(in_idx, c_in):
+                live = torch.zeros(c_in, dtype=x.dtype, device=x.device)
+                live[in_idx] = 1
+                input_scale = live.index_select(0, out_idx).view(1, -1, 1, 1)
+        else:
+            read_idx, full_in = in_idx, _is_all(in_idx, c_in)
+            groups = 1
+            input_scale = None
+            if not full_in:
+                w_c = w_c.index_select(1, in_idx)
+        x_c = x if full_in else x.index_select(1, read_idx)
+        if input_scale is not None:
+            x_c = x_c * input_scale
+        y_c = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
+        ctx.save_for_backward(x_c, w_c, read_idx, out_idx, input_scale)
+        ctx.conf = (stride, padding, dilation, groups, full_in, full_out, bias is not None)
+        ctx.full_shapes = (x.shape, weight.shape)
+        ctx.x_memory_format = (
+            torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
+        return y_c
+
+    @staticmethod
+    def backward(ctx, grad_y_c):
+        x_c, w_c, read_idx, out_idx, input_scale = ctx.saved_tensors
+        stride, padding, dilation, groups, full_in, full_out, has_bias = ctx.conf
+        x_shape, w_shape = ctx.full_shapes
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx_c, gw_c, gb_c = torch.ops.aten.convolution_backward(
+            grad_y_c, x_c, w_c, [w_c.shape[0]] if has_bias else None,
+            list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [need_x, need_w, need_b and has_bias],
+        )
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            if input_scale is not None:
+                gx_c = gx_c * input_scale
+            if full_in:
+                grad_x = gx_c
+            else:
+                grad_x = torch.empty(
+                    x_shape, dtype=gx_c.dtype, device=gx_c.device, memory_format=ctx.x_memory_format
+                ).zero_()
+                grad_x.index_copy_(1, read_idx, gx_c)
+        if need_w:
+            if full_in and full_out:
+                grad_w = gw_c
+            else:
+                grad_w = gw_c.new_zeros(w_shape)
+                if groups == 1 and not full_in:
+                    rows = gw_c.new_zeros((gw_c.shape[0],) + tuple(w_shape[1:]))
+                    rows.index_copy_(1, read_idx, gw_c)
+                    gw_c = rows
+                grad_w.index_copy_(0, out_idx, gw_c)
+        if need_b and has_bias:
+            if full_out:
+                grad_b = gb_c
+            else:
+                grad_b = gb_c.new_zeros(w_shape[0])
+                grad_b.index_copy_(0, out_idx, gb_c)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def compact_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_idx: torch.Tensor,
+    out_idx: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """The selected block's output, compact: (N, len(out_idx), H', W')."""
+    depthwise = groups > 1
+    return _CompactConv2d.apply(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise)
+
+
+class _ScatterChannels(torch.autograd.Function):
+    """Place compact channels into a zero full-width tensor; backward gathers them back."""
+
+    @staticmethod
+    def forward(ctx, y_c, out_idx, channels):
+        ctx.save_for_backward(out_idx)
+        shape = (y_c.shape[0], channels) + tuple(y_c.shape[2:])
+        out = y_c.new_zeros(shape)
+        return out.index_copy_(1, out_idx, y_c)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (out_idx,) = ctx.saved_tensors
+        return grad_out.index_select(1, out_idx), None, None
+
+
+def scatter_channels(y_c: torch.Tensor, out_idx: torch.Tensor, channels: int) -> torch.Tensor:
+    """Full-width (N, channels, H, W) tensor holding ``y_c`` at ``out_idx`` and exact zeros elsewhere."""
+    if _is_all(out_idx, channels):
+        return y_c
+    return _ScatterChannels.apply(y_c, out_idx, channels)
+
+
+def gathered_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups) -> torch.Tensor:
+    """The op contract (full-width output) on the compact path."""
+    y_c = compact_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
+    return scatter_channels(y_c, out_idx, weight.shape[0])
+
