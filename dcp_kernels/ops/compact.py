@@ -50,7 +50,7 @@ class _CompactConv2d(torch.autograd.Function):
             x_c = x_c * input_scale
         y_c = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
         ctx.save_for_backward(x_c, w_c, read_idx, out_idx, input_scale)
-        ctx.conf = (stride, padding, dilation, groups, full_in, full_out, bias is not None)
+        ctx.conf = (stride, padding, dilation, groups, depthwise, full_in, full_out, bias is not None)
         ctx.full_shapes = (x.shape, weight.shape)
         ctx.x_memory_format = (
             torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -61,7 +61,7 @@ class _CompactConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y_c):
         x_c, w_c, read_idx, out_idx, input_scale = ctx.saved_tensors
-        stride, padding, dilation, groups, full_in, full_out, has_bias = ctx.conf
+        stride, padding, dilation, groups, depthwise, full_in, full_out, has_bias = ctx.conf
         x_shape, w_shape = ctx.full_shapes
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx_c, gw_c, gb_c = torch.ops.aten.convolution_backward(
@@ -85,7 +85,7 @@ class _CompactConv2d(torch.autograd.Function):
                 grad_w = gw_c
             else:
                 grad_w = gw_c.new_zeros(w_shape)
-                if groups == 1 and not full_in:
+                if not depthwise and not full_in:
                     rows = gw_c.new_zeros((gw_c.shape[0],) + tuple(w_shape[1:]))
                     rows.index_copy_(1, read_idx, gw_c)
                     gw_c = rows

@@ -1,0 +1,178 @@
+"""DCPConv2d: every fast backend against the reference (the paper's masked conv + BN + gate)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcp_kernels import DCPConv2d, ops
+from conftest import sorted_subset
+
+FAST_BACKENDS = [b for b in ops.BACKENDS if b != "reference"]
+
+
+def _pair(backend, **conv_kwargs):
+    """A reference layer and a fast layer with identical parameters, fed by a producer layer."""
+    cin, cout = conv_kwargs.pop("cin"), conv_kwargs.pop("cout")
+    norm = conv_kwargs.pop("norm", True)
+    layer = DCPConv2d(cin, cout, norm=nn.BatchNorm2d(cout) if norm else None, backend="reference", **conv_kwargs)
+    with torch.no_grad():
+        if norm:
+            layer.norm.weight.uniform_(0.5, 1.5)
+            layer.norm.bias.uniform_(-0.5, 0.5)
+            layer.norm.running_var.uniform_(0.5, 2)
+    fast = copy.deepcopy(layer)
+    fast.backend = backend
+    return layer, fast
+
+
+def _with_source(layer, cin, keep_in):
+    source = DCPConv2d(3, cin, 1)
+    source.set_selection(keep_in)
+    layer.set_input_source(source)
+
+
+def _step(layer, x, seed=5):
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    (y * g).sum().backward()
+    return y.detach(), x.grad
+
+
+CASES = [
+    dict(cin=6, cout=8, kernel_size=3, padding=1),
+    dict(cin=5, cout=7, kernel_size=3, stride=2, padding=1, bias=True),
+    dict(cin=4, cout=6, kernel_size=3, padding=2, dilation=2, bias=False),
+    dict(cin=6, cout=6, kernel_size=3, padding=1, groups=6),
+    dict(cin=3, cout=5, kernel_size=(1, 3), padding=(0, 1), norm=False),
+    dict(cin=4, cout=4, kernel_size=3, padding="same", bias=False),
+    dict(cin=4, cout=5, kernel_size=3, padding=1, padding_mode="reflect"),
+]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("keep", ["all", "half", "one"])
+def test_layer_matches_reference_over_steps(backend, case, keep):
+    ref, fast = _pair(backend, **dict(case))
+    cin, cout = case["cin"], case["cout"]
+    k = {"all": cout, "half": cout // 2, "one": 1}[keep]
+    out_mask = torch.zeros(cout, dtype=torch.bool)
+    out_mask[sorted_subset(cout, k, 4)] = True
+    in_mask = torch.zeros(cin, dtype=torch.bool)
+    in_mask[sorted_subset(cin, max(1, cin // 2), 9)] = True
+    for layer in (ref, fast):
+        layer.set_selection(out_mask)
+        if case.get("groups", 1) == 1:
+            _with_source(layer, cin, in_mask)
+        layer.decay = 0.7
+    initial_var = None if fast.norm is None else fast.norm.running_var.clone()
+    for step in range(3):
+        x = torch.randn(3, cin, 9, 8)
+        if case.get("groups", 1) == 1:
+            x = x * in_mask.view(1, -1, 1, 1)  # a producer's output: zeros outside its selection
+        y_ref, gx_ref = _step(ref, x, seed=step)
+        y_fast, gx_fast = _step(fast, x, seed=step)
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-5, atol=1e-5)
+        assert torch.count_nonzero(y_fast[:, ~out_mask]) == 0
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(fast.utility, ref.utility, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(fast.utility[~out_mask]) == 0  # unselected channels keep their utility (0)
+    assert float(fast.utility.max()) > 0
+    if ref.norm is not None:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(fast.norm, name), getattr(ref.norm, name))
+        # Running statistics of unselected channels are untouched.
+        assert torch.count_nonzero(fast.norm.running_mean[~out_mask]) == 0
+        assert torch.equal(fast.norm.running_var[~out_mask], initial_var[~out_mask])
+    # Eval mode uses running statistics; both backends agree and no utility moves.
+    ref.eval(), fast.eval()
+    before = fast.utility.clone()
+    x = torch.randn(2, cin, 9, 8)
+    if case.get("groups", 1) == 1:
+        x = x * in_mask.view(1, -1, 1, 1)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.utility, before)
+
+
+def test_utility_follows_the_definition():
+    layer = DCPConv2d(3, 4, 3, padding=1, norm=nn.BatchNorm2d(4), backend="torch")
+    layer.set_selection(torch.tensor([True, False, True, True]))
+    layer.utility.fill_(1.0)
+    layer.decay = 0.5
+    x = torch.randn(2, 3, 5, 5)
+    # Expected: a = BN(conv(x)); g = dL/da on the selected channels.
+    a = F.batch_norm(F.conv2d(x, layer.weight, layer.bias, padding=1), None, None,
+                     layer.norm.weight, layer.norm.bias, True).detach()
+    g = torch.randn(2, 4, 5, 5)
+    layer(x).mul(g).sum().backward()
+    v = (g * a).sum(dim=(2, 3)).abs().sum(0) / (2 * 5 * 5)
+    v[1] = 0
+    expected = 0.5 * torch.ones(4) + v / v.max()
+    expected[1] = 1.0
+    torch.testing.assert_close(layer.utility, expected)
+
+
+def test_drop_in_for_nn_conv2d():
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True)
+    layer = DCPConv2d(3, 8, 3, stride=2, padding=1)
+    layer.load_state_dict(conv.state_dict())  # strict: the DCP buffers are kept
+    x = torch.randn(2, 3, 10, 10)
+    torch.testing.assert_close(layer(x), conv(x))
+    assert set(conv.state_dict()) < set(layer.state_dict())
+    wrapped = DCPConv2d.from_modules(conv, nn.BatchNorm2d(8))
+    assert wrapped.weight is conv.weight and wrapped.bias is conv.bias
+
+
+def test_state_dict_holds_utilities_and_selection():
+    layer = DCPConv2d(3, 4, 3)
+    layer.utility.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    layer.set_selection(torch.tensor([True, False, True, False]))
+    other = DCPConv2d(3, 4, 3)
+    other.load_state_dict(layer.state_dict())
+    assert other.utility.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert other.selected_indices().tolist() == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: DCPConv2d(4, 8, 3, groups=2, name="blk"), NotImplementedError, "'blk'.*groups=2"),
+        (lambda: DCPConv2d(4, 8, 3, norm=nn.BatchNorm2d(4)), ValueError, "4 features"),
+        (lambda: DCPConv2d(4, 8, 3, norm=nn.LayerNorm(8)), TypeError, "BatchNorm2d"),
+        (lambda: DCPConv2d(4, 8, 3, backend="fast"), ValueError, "unknown backend"),
+    ],
+)
+def test_bad_construction(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.randn(3, 8, 8), ValueError, "4-D"),
+        (torch.randn(1, 5, 8, 8), ValueError, "expected 4 input channels"),
+        (torch.randn(1, 4, 8, 8, dtype=torch.float64), TypeError, "dtype"),
+        (torch.empty(1, 4, 8, 8, device="meta"), ValueError, "meta"),
+    ],
+)
+def test_bad_input(x, error, match):
+    layer = DCPConv2d(4, 8, 3, name="features.0")
+    with pytest.raises(error, match=match):
+        layer(x)
+
+
+def test_bad_selection():
+    layer = DCPConv2d(4, 3, 1)
+    with pytest.raises(ValueError, match="empty"):
+        layer.set_selection(torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shape"):
+        layer.set_selection(torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="3 outputs"):
+        DCPConv2d(4, 2, 1).set_input_source(layer)
+    assert layer.selected.all()

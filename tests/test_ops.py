@@ -1,0 +1,148 @@
+"""Every fast backend against the reference op: forward, grad-input, grad-weight, grad-bias."""
+import pytest
+import torch
+
+from dcp_kernels import ops
+from conftest import sorted_subset
+
+FAST_BACKENDS = [b for b in ops.BACKENDS if b != "reference"]
+
+# (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups, bias)
+SHAPES = [
+    (2, 8, 6, 9, 9, 3, 1, 1, 1, 1, True),
+    (3, 5, 7, 10, 7, 3, 2, 1, 1, 1, False),
+    (2, 6, 4, 11, 11, 3, 1, 2, 2, 1, True),
+    (1, 4, 9, 5, 6, 1, 1, 0, 1, 1, True),
+    (2, 7, 5, 8, 8, (3, 1), (2, 1), (1, 0), 1, 1, False),
+    (2, 6, 6, 9, 9, 3, 1, 1, 1, 6, True),   # depthwise
+    (2, 5, 5, 8, 7, 3, 2, 1, 1, 5, False),  # depthwise, strided
+]
+KEEPS = ["all", "half", "one"]
+
+
+def _keep(n: int, mode: str, seed: int) -> torch.Tensor:
+    k = {"all": n, "half": max(1, n // 2), "one": 1}[mode]
+    return sorted_subset(n, k, seed)
+
+
+def _run(backend, x, w, b, in_idx, out_idx, conf, layout="full"):
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    b = None if b is None else b.detach().clone().requires_grad_(True)
+    y = ops.gathered_conv2d(x, w, b, in_idx, out_idx, *conf, backend=backend, layout=layout)
+    # A logical-order gradient (randn_like would follow y's memory layout).
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y * g).sum().backward()
+    return y.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-g{s[9]}")
+@pytest.mark.parametrize("keep_in", KEEPS)
+@pytest.mark.parametrize("keep_out", KEEPS)
+def test_backend_matches_reference(backend, shape, keep_in, keep_out):
+    n, cin, cout, h, w_, k, stride, pad, dil, groups, has_bias = shape
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, cin, h, w_)
+    w = torch.randn(cout, cin // groups, kh, kw)
+    b = torch.randn(cout) if has_bias else None
+    in_idx, out_idx = _keep(cin, keep_in, 1), _keep(cout, keep_out, 2)
+    conf = (stride, pad, dil, groups)
+    ref = _run("reference", x, w, b, in_idx, out_idx, conf)
+    got = _run(backend, x, w, b, in_idx, out_idx, conf)
+    for name, r, o in zip(("y", "grad_x", "grad_w", "grad_b"), ref, got):
+        if r is None:
+            assert o is None
+            continue
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    # Exact zeros outside the selection, forward and backward.
+    dropped_out = torch.ones(cout, dtype=torch.bool)
+    dropped_out[out_idx] = False
+    assert torch.count_nonzero(got[0][:, dropped_out]) == 0
+    assert torch.count_nonzero(got[2][dropped_out]) == 0
+    if groups == 1:
+        dropped_in = torch.ones(cin, dtype=torch.bool)
+        dropped_in[in_idx] = False
+        assert torch.count_nonzero(got[1][:, dropped_in]) == 0
+        assert torch.count_nonzero(got[2][:, dropped_in]) == 0
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_compact_layout_is_the_selected_slice(backend):
+    x, w = torch.randn(2, 6, 7, 7), torch.randn(8, 6, 3, 3)
+    in_idx, out_idx = torch.tensor([0, 3, 5]), torch.tensor([1, 2, 6])
+    full = ops.gathered_conv2d(x, w, None, in_idx, out_idx, 1, 1, backend=backend)
+    compact = ops.gathered_conv2d(x, w, None, in_idx, out_idx, 1, 1, backend=backend, layout="compact")
+    assert compact.shape == (2, 3, 7, 7)
+    torch.testing.assert_close(compact, full[:, out_idx])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_channels_last_and_non_contiguous_inputs(backend):
+    x = torch.randn(2, 6, 9, 9)
+    w = torch.randn(5, 6, 3, 3)
+    in_idx, out_idx = torch.tensor([0, 2, 3]), torch.tensor([1, 4])
+    for variant in (x.contiguous(memory_format=torch.channels_last), torch.randn(2, 9, 9, 6).permute(0, 3, 1, 2)):
+        assert not variant.is_contiguous()
+        ref = _run("reference", variant.contiguous(), w, None, in_idx, out_idx, (1, 1, 1, 1))
+        got = _run(backend, variant, w, None, in_idx, out_idx, (1, 1, 1, 1))
+        for r, o in zip(ref[:3], got[:3]):
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_gradcheck_fp64(backend, groups):
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    in_idx, out_idx = torch.tensor([0, 2, 3]), torch.tensor([1, 3])
+
+    def f(x, w, b):
+        return ops.gathered_conv2d(x, w, b, in_idx, out_idx, 2, 1, 1, groups, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_channel_utility_definition():
+    a, g = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6)
+    expected = torch.tensor([
+        sum(abs(float((g[b, c] * a[b, c]).sum())) for b in range(3)) / (3 * 5 * 6) for c in range(4)
+    ])
+    torch.testing.assert_close(ops.channel_utility(a, g), expected)
+    assert ops.channel_utility(a.double(), g.double()).dtype == torch.float32
+
+
+def test_auto_resolves_to_a_fast_backend():
+    assert ops.resolve_backend("auto") in FAST_BACKENDS
+    assert ops.backends()["reference"] is True
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda a: a.update(x=torch.randn(6, 9, 9)), ValueError, "4-D"),
+        (lambda a: a.update(x=torch.randn(2, 5, 9, 9)), ValueError, "channels"),
+        (lambda a: a.update(x=a["x"].double()), TypeError, "dtype"),
+        (lambda a: a.update(x=a["x"].long()), TypeError, "floating-point"),
+        (lambda a: a.update(x=torch.empty(2, 6, 9, 9, device="meta")), ValueError, "meta"),
+        (lambda a: a.update(in_idx=torch.tensor([0, 6])), IndexError, "in_idx"),
+        (lambda a: a.update(out_idx=torch.tensor([], dtype=torch.long)), ValueError, "out_idx is empty"),
+        (lambda a: a.update(out_idx=torch.tensor([2, 1])), ValueError, "sorted"),
+        (lambda a: a.update(in_idx=torch.tensor([0, 1], dtype=torch.int32)), TypeError, "int64"),
+        (lambda a: a.update(bias=torch.randn(3)), ValueError, "bias"),
+        (lambda a: a.update(weight=torch.randn(4, 3, 3, 3), groups=2), NotImplementedError, "groups=2"),
+    ],
+)
+def test_bad_arguments_are_named(mutate, error, match):
+    args = dict(x=torch.randn(2, 6, 9, 9), weight=torch.randn(4, 6, 3, 3), bias=None,
+                in_idx=torch.tensor([0, 1]), out_idx=torch.tensor([0, 3]), groups=1)
+    mutate(args)
+    with pytest.raises(error, match=match):
+        ops.gathered_conv2d(args["x"], args["weight"], args["bias"], args["in_idx"], args["out_idx"],
+                            1, 1, 1, args["groups"], backend="torch")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.resolve_backend("cudnn")

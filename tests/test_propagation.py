@@ -1,0 +1,148 @@
+"""The selection rule, utility update and schedule on hand-made numbers."""
+
+import pytest
+import torch
+
+from dcp_kernels import DCPConv2d, DecaySchedule, Propagation
+from dcp_kernels.propagation import keep_count, select_channels, update_utilities
+
+
+def test_keep_count_rounds_half_up():
+    assert keep_count(10, 0.5) == 5
+    assert keep_count(10, 0.25) == 7   # round(2.5) = 3 pruned
+    assert keep_count(10, 0.0) == 10
+    assert keep_count(3, 0.5) == 1     # round(1.5) = 2 pruned
+    for bad in (-0.1, 1.0, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="prune_ratio"):
+            keep_count(10, bad)
+
+
+def test_selects_exactly_k_highest_globally():
+    u = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.7])
+    mask = select_channels(u, [3, 4], keep=4, min_channels=1)
+    assert mask.tolist() == [False, True, True, False, True, False, True]
+
+
+def test_ties_go_to_lower_global_index():
+    u = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    mask = select_channels(u, [2, 4], keep=3, min_channels=0)
+    assert mask.tolist() == [True, True, True, False, False, False]
+    u = torch.tensor([0.0, 2.0, 1.0, 2.0, 1.0])
+    assert select_channels(u, [5], keep=3, min_channels=0).tolist() == [False, True, True, True, False]
+
+
+def test_floors_then_global():
+    # Layer 0 would get nothing by rank; its floor of 2 keeps its two best channels.
+    u = torch.tensor([0.01, 0.03, 0.02, 5.0, 4.0, 3.0, 2.0])
+    mask = select_channels(u, [3, 4], keep=4, min_channels=2)
+    assert mask.tolist() == [False, True, True, True, True, False, False]
+    # Per-layer floors, capped at the layer size.
+    mask = select_channels(u, [3, 4], keep=5, min_channels=[5, 1])
+    assert mask.tolist() == [True, True, True, True, True, False, False]
+    with pytest.raises(ValueError, match="minimums"):
+        select_channels(u, [3, 4], keep=1, min_channels=1)
+
+
+def test_nan_utilities_rank_last():
+    u = torch.tensor([float("nan"), 0.1, 0.2])
+    assert select_channels(u, [3], keep=2, min_channels=0).tolist() == [False, True, True]
+
+
+def test_selection_matches_a_brute_force_rule_on_random_vectors():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(50):
+        sizes = torch.randint(1, 9, (4,), generator=g).tolist()
+        total = sum(sizes)
+        u = torch.randint(0, 4, (total,), generator=g).float()  # many ties
+        floor = int(torch.randint(0, 3, (1,), generator=g))
+        floors = sum(min(floor, s) for s in sizes)
+        keep = int(torch.randint(floors, total + 1, (1,), generator=g))
+        got = select_channels(u, sizes, keep, floor)
+        # Brute force: per layer take the best `floor` (ties lower index), then fill globally.
+        chosen, start = set(), 0
+        for s in sizes:
+            ranked = sorted(range(start, start + s), key=lambda i: (-float(u[i]), i))
+            chosen.update(ranked[: min(floor, s)])
+            start += s
+        rest = sorted((i for i in range(total) if i not in chosen), key=lambda i: (-float(u[i]), i))
+        chosen.update(rest[: keep - len(chosen)])
+        assert got.tolist() == [i in chosen for i in range(total)], trial
+        assert int(got.sum()) == keep
+
+
+def test_update_utilities_normalises_and_touches_only_selected():
+    u = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    update_utilities(u, torch.tensor([2.0, 4.0]), torch.tensor([1, 3]), decay=0.5)
+    assert u.tolist() == [1.0, 1.0, 1.0, 1.5]
+    # max(v) == 0: v = 0, never NaN.
+    update_utilities(u, torch.zeros(4), None, decay=0.5)
+    assert u.tolist() == [0.5, 0.5, 0.5, 0.75]
+
+
+def test_decay_schedule():
+    s = DecaySchedule(start=0.6, step=0.1, milestones=(100, 150), final=190)
+    assert [s.at(e) for e in (0, 99, 100, 149, 150, 189, 190, 199)] == pytest.approx(
+        [0.6, 0.6, 0.7, 0.7, 0.8, 0.8, 1.0, 1.0]
+    )
+    assert DecaySchedule(start=0.95, step=0.1, milestones=(1,)).at(1) == 1.0
+    with pytest.raises(ValueError):
+        DecaySchedule(start=1.5)
+
+
+def _layers(*sizes):
+    return {f"l{i}": DCPConv2d(2, s, 3, padding=1) for i, s in enumerate(sizes)}
+
+
+def test_controller_exploration_then_selection():
+    layers = _layers(4, 6)
+    prop = Propagation(layers, 0.5, explore_epochs=1)
+    layers["l0"].utility.copy_(torch.tensor([4.0, 3.0, 2.0, 1.0]))
+    layers["l1"].utility.copy_(torch.arange(6.0) / 10)
+    prop.step()
+    assert prop.kept() == {"l0": 4, "l1": 6}  # exploring: all selected
+    prop.epoch_end()
+    prop.step()
+    assert prop.kept() == {"l0": 4, "l1": 1}  # keep 5: the 4 of l0, then l1's best (its floor)
+    assert layers["l1"].selected.tolist() == [False] * 5 + [True]
+
+
+def test_controller_state_dict_round_trip():
+    prop = Propagation(_layers(4, 4), 0.25, explore_epochs=2, decay=DecaySchedule(0.6, 0.1, (1,), 3))
+    prop.epoch_end()
+    prop.step()
+    other = Propagation(_layers(4, 4), 0.5)
+    other.load_state_dict(prop.state_dict())
+    assert other.state_dict() == prop.state_dict()
+    assert other.decay == pytest.approx(0.7) and other.layers[0].decay == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="other layers"):
+        Propagation({"x": DCPConv2d(2, 4, 3)}).load_state_dict(prop.state_dict())
+
+
+def test_controller_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="prune_ratio"):
+        Propagation(_layers(4), 1.0)
+    with pytest.raises(ValueError, match="minimums"):
+        Propagation(_layers(4, 4), 0.9, min_channels=2)
+    with pytest.raises(ValueError, match="unknown layers"):
+        Propagation(_layers(4), 0.5, min_channels={"nope": 2})
+    with pytest.raises(ValueError, match="explore_epochs"):
+        Propagation(_layers(4), 0.5, explore_epochs=-1)
+    with pytest.raises(ValueError, match="at least one"):
+        Propagation({}, 0.5)
+
+
+def test_selection_is_cheap_for_a_large_network():
+    """Not a timing assertion: checks selection is vectorised (no per-channel Python work)
+    by counting the torch ops it issues, which must not grow with the channel count."""
+    from torch.profiler import profile
+
+    def count_ops(width):
+        layers = {f"l{i}": DCPConv2d(2, width, 1) for i in range(13)}
+        prop = Propagation(layers, 0.5, explore_epochs=0)
+        for layer in layers.values():
+            layer.utility.uniform_()
+        with profile() as p:
+            prop.select()
+        return len(p.events())
+
+    assert count_ops(512) == count_ops(64)
