@@ -1,0 +1,264 @@
+"""convert() + training + finalize() on VGG and ResNet, reference backend as the oracle."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcp_kernels
+from dcp_kernels import DCPConv2d, ops
+from dcp_kernels.models import resnet_cifar, vgg
+
+FAST_BACKENDS = [b for b in ops.BACKENDS if b != "reference"]
+SMALL_VGG = [8, "M", 16, 16, "M", 24]
+
+
+def small_vgg():
+    return vgg(SMALL_VGG, num_classes=5)
+
+
+def small_resnet():
+    return resnet_cifar(8, num_classes=5, width=6)
+
+
+def _train(model, prop, steps, seed=0, size=16, explore_steps=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    model.train()
+    for step in range(steps):
+        x = torch.randn(8, 3, size, size, generator=g)
+        y = torch.randint(0, 5, (8,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(torch.cat([l.selected for l in prop.layers]).clone())
+        if step + 1 == explore_steps:
+            prop.epoch_end()
+    return opt, history
+
+
+@pytest.mark.parametrize("make", [small_vgg, small_resnet], ids=["vgg", "resnet"])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_backends_train_to_the_same_weights(make, backend):
+    torch.manual_seed(0)
+    ref_model = make()
+    fast_model = copy.deepcopy(ref_model)
+    ref = dcp_kernels.convert(ref_model, 0.5, explore_epochs=1, backend="reference")
+    fast = dcp_kernels.convert(fast_model, 0.5, explore_epochs=1, backend=backend)
+    _, ref_hist = _train(ref_model, ref, 6)
+    _, fast_hist = _train(fast_model, fast, 6)
+    for a, b in zip(ref_hist, fast_hist):
+        assert torch.equal(a, b)
+    assert not ref_hist[-1].all(), "selection should prune after exploration"
+    for (name, p), q in zip(ref_model.state_dict().items(), fast_model.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("make", [small_vgg, small_resnet], ids=["vgg", "resnet"])
+def test_finalize_gives_a_smaller_plain_model_with_equal_outputs(make):
+    model = make()
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=1)
+    _train(model, prop, 4)
+    plain = prop.finalize()
+    assert not any(type(m).__module__ == "dcp_kernels.modules" for m in plain.modules())
+    assert not any(isinstance(m, DCPConv2d) for m in plain.modules())
+    assert not plain._forward_pre_hooks
+    n_params = lambda m: sum(p.numel() for p in m.parameters())
+    assert n_params(plain) < n_params(model)
+    model.eval(), plain.eval()
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-5)
+    # The finalized widths are the kept channel counts.
+    for name, kept in prop.kept().items():
+        assert plain.get_submodule(name).out_channels == kept
+    # Finalizing selects by utility (not by the last training selection) and is idempotent.
+    again = prop.finalize()
+    torch.testing.assert_close(again.eval()(x), plain(x))
+
+
+def test_resnet_prunes_only_channels_off_the_residual_path():
+    model = small_resnet()
+    prop = dcp_kernels.convert(model, 0.3)
+    assert prop.layer_names == [f"layer{i}.0.conv1" for i in (1, 2, 3)]
+    for name in ("conv1", "layer1.0.conv2", "layer2.0.shortcut.0"):
+        assert "combined" in prop.plan.skipped[name]
+    # conv2 reads only the live outputs of conv1.
+    assert model.layer1[0].conv2.input_source is model.layer1[0].conv1
+    assert isinstance(model.layer1[0].bn1, nn.Identity)
+
+
+def test_vgg_classifier_reads_kept_channels():
+    model = small_vgg()
+    prop = dcp_kernels.convert(model, 0.5)
+    assert prop.layer_names == ["0.0", "0.4", "0.7", "0.11"]
+    assert prop.plan.consumers["0.11"] == [("3", "linear", 1)]
+
+
+def test_torchvision_models_convert_train_finalize():
+    torchvision = pytest.importorskip("torchvision")
+    for make, size in ((lambda: torchvision.models.vgg11_bn(num_classes=5), 32),
+                       (lambda: torchvision.models.resnet18(num_classes=5), 32),
+                       (lambda: torchvision.models.resnet50(num_classes=5), 32)):
+        model = make()
+        prop = dcp_kernels.convert(model, 0.5, explore_epochs=1)
+        _train(model, prop, 2, size=size)
+        plain = prop.finalize()
+        model.eval(), plain.eval()
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-4, atol=1e-4)
+        assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in model.parameters())
+        assert 0 < prop.flops_ratio() < 1
+
+
+def test_vgg11_bn_classifier_slices_flattened_features():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.vgg11_bn(num_classes=5)
+    prop = dcp_kernels.convert(model, 0.5)
+    assert prop.plan.consumers["features.25"] == [("classifier.0", "linear", 49)]
+
+
+def test_resume_gives_identical_selection_and_utilities():
+    torch.manual_seed(0)
+    model = small_vgg()
+    start = copy.deepcopy(model)
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=1)
+    opt, _ = _train(model, prop, 3)
+    saved = {"model": copy.deepcopy(model.state_dict()), "prop": prop.state_dict(),
+             "opt": copy.deepcopy(opt.state_dict())}
+
+    def continue_training(model, prop, opt):
+        g = torch.Generator().manual_seed(42)
+        out = []
+        for _ in range(3):
+            x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append((torch.cat([l.selected for l in prop.layers]).clone(), prop.utility_vector().clone()))
+        return out
+
+    expected = continue_training(model, prop, opt)
+    fresh = copy.deepcopy(start)
+    fresh_prop = dcp_kernels.convert(fresh, 0.5, explore_epochs=1)
+    fresh.load_state_dict(saved["model"])
+    fresh_prop.load_state_dict(saved["prop"])
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    fresh_opt.load_state_dict(saved["opt"])
+    got = continue_training(fresh, fresh_prop, fresh_opt)
+    for (sel_a, u_a), (sel_b, u_b) in zip(expected, got):
+        assert torch.equal(sel_a, sel_b)
+        assert torch.equal(u_a, u_b)
+
+
+def _structure(model):
+    return [(n, type(m)) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(prune_ratio=1.0), ValueError, "prune_ratio"),
+        (dict(prune_ratio=-0.1), ValueError, "prune_ratio"),
+        (dict(prune_ratio=0.99, min_channels=2), ValueError, "minimums"),
+        (dict(min_channels={"nope": 1}), ValueError, "unknown layers"),
+        (dict(backend="nope"), ValueError, "unknown backend"),
+    ],
+)
+def test_bad_arguments_leave_the_model_untouched(kwargs, error, match):
+    model = small_vgg()
+    before = _structure(model)
+    with pytest.raises(error, match=match):
+        dcp_kernels.convert(model, **kwargs)
+    assert _structure(model) == before
+
+
+class _NoConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class _Dynamic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else x
+
+
+class _OnlyResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + x
+
+
+def test_bad_models():
+    with pytest.raises(ValueError, match="no prunable conv.*no Conv2d"):
+        dcp_kernels.convert(_NoConv())
+    with pytest.raises(ValueError, match="no prunable conv.*combined"):
+        dcp_kernels.convert(_OnlyResidual())
+    with pytest.raises(TypeError, match="could not trace"):
+        dcp_kernels.convert(_Dynamic())
+    model = small_vgg()
+    dcp_kernels.convert(model)
+    with pytest.raises(ValueError, match="already"):
+        dcp_kernels.convert(model)
+    with pytest.raises(TypeError, match="from_modules"):
+        dcp_kernels.convert(nn.Conv2d(3, 4, 3))
+
+
+def test_conv_without_batchnorm_is_gated_after_the_conv():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(1), nn.LazyLinear(5))
+    model(torch.randn(1, 3, 8, 8))  # materialise the lazy layer
+    prop = dcp_kernels.convert(model, 0.4, explore_epochs=0)
+    assert prop.layer_names == ["0", "2"] and model[0].norm is None
+    _train(model, prop, 2, size=8)
+    plain = prop.finalize()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(plain.eval()(x), model.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_forward_errors_name_the_layer():
+    model = small_vgg()
+    dcp_kernels.convert(model)
+    with pytest.raises(ValueError, match="'0.0'.*expected 3 input channels"):
+        model(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="'0.0'.*4-D"):
+        model(torch.randn(3, 16, 16))
+
+
+def test_report_and_accounting():
+    model = small_resnet()
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=0)
+    with pytest.raises(RuntimeError, match="forward"):
+        prop.flops_ratio()
+    _train(model, prop, 2)
+    assert 0 < prop.flops_ratio() < 1
+    assert sum(prop.kept().values()) == prop.keep
+    report = prop.report()
+    assert "layer1.0.conv1" in report and "left dense" in report
+    assert set(prop.utilities()) == set(prop.layer_names)
+
+
+def test_whole_model_pickles():
+    import io
+
+    model = small_vgg()
+    prop = dcp_kernels.convert(model, 0.5)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
