@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .ops.compact import _zeros_except
 from .propagation import update_utilities
 
 
@@ -26,8 +27,7 @@ class _GateScatter(torch.autograd.Function):
             # A new tensor even when nothing is dropped: a following in-place ReLU must not
             # overwrite the activation the utility update reads in backward.
             return a_c.clone()
-        out = a_c.new_zeros((a_c.shape[0], channels) + tuple(a_c.shape[2:]))
-        return out.index_copy_(1, out_idx, a_c)
+        return _zeros_except((a_c.shape[0], channels) + tuple(a_c.shape[2:]), out_idx, a_c)
 
     @staticmethod
     def backward(ctx, grad_out):

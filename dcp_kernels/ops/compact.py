@@ -11,6 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _zeros_except(shape, idx: torch.Tensor, values: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """A tensor of ``shape`` holding ``values`` at channels ``idx`` (dim 1) and zeros elsewhere."""
+    # Measured on CPU: a full memset plus index_copy_ beats index_fill_ on the complement.
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device).contiguous(memory_format=memory_format)
+    return out.index_copy_(1, idx, values)
+
+
 def _is_all(idx: torch.Tensor, size: int) -> bool:
     # Indices are sorted and unique (validated by the dispatcher or built by the controller),
     # so a full-length index vector is exactly arange(size): skip the gather/scatter copy.
@@ -76,10 +83,7 @@ class _CompactConv2d(torch.autograd.Function):
             if full_in:
                 grad_x = gx_c
             else:
-                grad_x = torch.empty(
-                    x_shape, dtype=gx_c.dtype, device=gx_c.device, memory_format=ctx.x_memory_format
-                ).zero_()
-                grad_x.index_copy_(1, read_idx, gx_c)
+                grad_x = _zeros_except(x_shape, read_idx, gx_c, ctx.x_memory_format)
         if need_w:
             if full_in and full_out:
                 grad_w = gw_c
@@ -121,9 +125,7 @@ class _ScatterChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_c, out_idx, channels):
         ctx.save_for_backward(out_idx)
-        shape = (y_c.shape[0], channels) + tuple(y_c.shape[2:])
-        out = y_c.new_zeros(shape)
-        return out.index_copy_(1, out_idx, y_c)
+        return _zeros_except((y_c.shape[0], channels) + tuple(y_c.shape[2:]), out_idx, y_c)
 
     @staticmethod
     def backward(ctx, grad_out):
