@@ -24,6 +24,7 @@ def convert(
     explore_epochs: int = 10,
     decay: float | DecaySchedule = 0.6,
     backend: str = "auto",
+    compact_activations: bool = True,
 ) -> Propagation:
     """Make ``model`` a DCP model in place and return its controller.
 
@@ -40,6 +41,11 @@ def convert(
         explore_epochs: epochs during which every channel is selected.
         decay: the utility decay factor, or a :class:`DecaySchedule`.
         backend: ``auto`` | ``reference`` | ``torch``.
+        compact_activations: when every reader of a prunable conv is a converted conv, pass only
+            its selected channels between them (the ReLU/pooling in between then also run at the
+            compact size). Model inputs and outputs are unchanged; forward hooks on those
+            intermediate modules see ``k`` channels instead of ``C``. ``False`` keeps every
+            activation full width with zeros. The reference backend always runs full width.
 
     Nothing is changed when an argument or the model is refused.
     """
@@ -70,6 +76,9 @@ def convert(
         )
     for reader, producer in readers.items():
         new_layers[reader].set_input_source(new_layers[producer])
+    if compact_activations:
+        for producer, rs in analysis.consumers.items():
+            new_layers[producer].compact_output = all(kind == "conv" for _, kind, _ in rs)
     plan = ConversionPlan(
         norm_homes={n: bn for n, bn in analysis.producers.items() if bn is not None},
         consumers=analysis.consumers,

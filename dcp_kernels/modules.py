@@ -8,35 +8,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .ops.compact import _zeros_except
+from .ops.compact import zeros_except
 from .propagation import update_utilities
 
 
-class _GateScatter(torch.autograd.Function):
-    """Compact gate: scatter the selected channels into a zero full-width output.
+class _CompactGate(torch.autograd.Function):
+    """Gate on the compact path: ``a_c`` holds only the selected channels.
 
-    Backward gathers the selected gradient and, in training, updates the layer's utilities from
-    the pre-gate activation ``a`` and its gradient ``g`` (both compact).
+    Forward returns them scattered into a zero full-width tensor (``scatter=True``) or as they are
+    (compact activations between converted layers). Backward, in training, updates the layer's
+    utilities from ``a`` and its gradient ``g``, both compact.
     """
 
     @staticmethod
-    def forward(ctx, a_c, out_idx, channels, utility, decay, track):
+    def forward(ctx, a_c, out_idx, channels, utility, decay, track, scatter):
         ctx.track, ctx.decay, ctx.full = track, decay, out_idx.numel() == channels
+        ctx.scatter = scatter and not ctx.full
         ctx.save_for_backward(a_c if track else None, out_idx, utility)
-        if ctx.full:
-            # A new tensor even when nothing is dropped: a following in-place ReLU must not
-            # overwrite the activation the utility update reads in backward.
-            return a_c.clone()
-        return _zeros_except((a_c.shape[0], channels) + tuple(a_c.shape[2:]), out_idx, a_c)
+        if ctx.scatter:
+            return zeros_except((a_c.shape[0], channels) + tuple(a_c.shape[2:]), out_idx, a_c)
+        # A new tensor even when nothing moves: a following in-place ReLU must not overwrite the
+        # activation the utility update reads in backward.
+        return a_c.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         a_c, out_idx, utility = ctx.saved_tensors
-        g_c = grad_out if ctx.full else grad_out.index_select(1, out_idx)
+        g_c = grad_out.index_select(1, out_idx) if ctx.scatter else grad_out
         if ctx.track:
             v = ops.channel_utility(a_c, g_c)
             update_utilities(utility, v, None if ctx.full else out_idx, ctx.decay)
-        return g_c, None, None, None, None, None
+        return g_c, None, None, None, None, None, None
 
 
 class _GateMask(torch.autograd.Function):
@@ -122,6 +124,9 @@ class DCPConv2d(nn.Conv2d):
         self.dcp_name = name or ""
         self.backend = backend
         self.prunable = bool(prunable)
+        # Set by convert() when every reader of this layer's output is a converted conv: the
+        # output then stays compact (only the selected channels) on the fast backends.
+        self.compact_output = False
         self.decay = 0.6
         self.last_output_hw: tuple[int, int] | None = None
         if norm is not None:
@@ -220,27 +225,31 @@ class DCPConv2d(nn.Conv2d):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ----------------------------------------------------------------------------- forward
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, in_idx: torch.Tensor | None) -> bool:
+        """Validate ``x``; return True when it is compact (only the source's selected channels)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{self._label()}: expected a 4-D (N, C, H, W) input, got {shape}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{self._label()}: expected {self.in_channels} input channels, got {x.shape[1]}")
+        compact = in_idx is not None and x.shape[1] == in_idx.numel() != self.in_channels
+        if x.shape[1] != self.in_channels and not compact:
+            also = f" (or the {in_idx.numel()} live channels of its input source)" if in_idx is not None else ""
+            raise ValueError(f"{self._label()}: expected {self.in_channels} input channels{also}, got {x.shape[1]}")
         if x.device != self.weight.device:
             raise ValueError(f"{self._label()}: input is on {x.device} but the weights are on {self.weight.device}")
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{self._label()}: input dtype {x.dtype} does not match weight dtype {self.weight.dtype}")
+        return compact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        source = self.input_source
+        in_idx = source.selected_indices() if source is not None else None
+        x_compact = self._check_input(x, in_idx)
         padding = self.padding
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             # 'same'/'valid' and non-zero padding modes: pad explicitly, then convolve unpadded.
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
             padding = (0, 0)
-        source = self.input_source
-        in_idx = source.selected_indices() if source is not None else None
         out_idx = self.selected_indices() if self.prunable else None
         if in_idx is None and out_idx is None:
             y = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
@@ -258,6 +267,8 @@ class DCPConv2d(nn.Conv2d):
             out_idx = _all_channels(self.out_channels, x.device)
         track = self.training and self.prunable and torch.is_grad_enabled()
         if backend == "reference":
+            if x_compact:
+                x = ops.scatter_channels(x, in_idx, self.in_channels)
             y = ops.gathered_conv2d(
                 x, self.weight, self.bias, in_idx, _all_channels(self.out_channels, x.device), self.stride,
                 padding, self.dilation, self.groups, backend="reference", validate=False,
@@ -271,13 +282,15 @@ class DCPConv2d(nn.Conv2d):
             return _GateMask.apply(a, mask.view(1, -1, 1, 1), out_idx, self.utility, self.decay, track)
         y_c = ops.gathered_conv2d(
             x, self.weight, self.bias, in_idx, out_idx, self.stride, padding, self.dilation, self.groups,
-            backend=backend, layout="compact", validate=False,
+            backend=backend, layout="compact", input_layout="compact" if x_compact else "full", validate=False,
         )
         self.last_output_hw = (y_c.shape[2], y_c.shape[3])
         a_c = y_c if self.norm is None else self._batch_norm(y_c, out_idx, full=full_out)
         if full_out:
             return a_c
-        return _GateScatter.apply(a_c, out_idx, self.out_channels, self.utility, self.decay, track)
+        return _CompactGate.apply(
+            a_c, out_idx, self.out_channels, self.utility, self.decay, track, not self.compact_output
+        )
 
     def _batch_norm(self, y: torch.Tensor, out_idx: torch.Tensor, *, full: bool) -> torch.Tensor:
         """BatchNorm on ``y``, which holds either all channels (``full``) or only ``out_idx``.

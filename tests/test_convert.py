@@ -42,12 +42,13 @@ def _train(model, prop, steps, seed=0, size=16, explore_steps=1):
 
 @pytest.mark.parametrize("make", [small_vgg, small_resnet], ids=["vgg", "resnet"])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_backends_train_to_the_same_weights(make, backend):
+@pytest.mark.parametrize("compact", [True, False], ids=["compact-activations", "full-activations"])
+def test_backends_train_to_the_same_weights(make, backend, compact):
     torch.manual_seed(0)
     ref_model = make()
     fast_model = copy.deepcopy(ref_model)
     ref = dcp_kernels.convert(ref_model, 0.5, explore_epochs=1, backend="reference")
-    fast = dcp_kernels.convert(fast_model, 0.5, explore_epochs=1, backend=backend)
+    fast = dcp_kernels.convert(fast_model, 0.5, explore_epochs=1, backend=backend, compact_activations=compact)
     _, ref_hist = _train(ref_model, ref, 6)
     _, fast_hist = _train(fast_model, fast, 6)
     for a, b in zip(ref_hist, fast_hist):
@@ -262,3 +263,20 @@ def test_whole_model_pickles():
     loaded = torch.load(buffer, weights_only=False)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_activations_between_converted_layers(compact):
+    model = small_vgg()
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, backend="torch", compact_activations=compact)
+    for layer in prop.layers:
+        layer.utility.uniform_()
+    prop.layers[0].utility[:6] = -1.0  # the first layer keeps at most 2 of its 8 channels
+    seen = {}
+    model[0][2].register_forward_hook(lambda m, i, o: seen.update(relu=o.shape[1]))
+    model(torch.randn(2, 3, 16, 16))
+    kept = prop.kept()["0.0"]
+    assert kept < 8
+    assert seen["relu"] == (kept if compact else 8)
+    # The last conv feeds the Linear classifier, so its output stays full width either way.
+    assert not model[0][11].compact_output

@@ -146,3 +146,20 @@ def test_bad_arguments_are_named(mutate, error, match):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         ops.resolve_backend("cudnn")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_compact_input_layout(backend):
+    """x holding only the channels in_idx: same output, and grad-input is the reference's on in_idx."""
+    x, w, b = torch.randn(2, 7, 8, 8), torch.randn(5, 7, 3, 3), torch.randn(5)
+    in_idx, out_idx = torch.tensor([1, 2, 6]), torch.tensor([0, 3])
+    ref = _run("reference", x * torch.isin(torch.arange(7), in_idx).view(1, -1, 1, 1).float(), w, b,
+               in_idx, out_idx, (2, 1, 1, 1))
+    x_c = x[:, in_idx].detach().requires_grad_(True)
+    y = ops.gathered_conv2d(x_c, w, b, in_idx, out_idx, 2, 1, backend=backend, input_layout="compact")
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y * g).sum().backward()
+    torch.testing.assert_close(y, ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_c.grad, ref[1][:, in_idx], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="len\\(in_idx\\)=3"):
+        ops.gathered_conv2d(x, w, b, in_idx, out_idx, backend=backend, input_layout="compact")

@@ -78,8 +78,12 @@ def check_conv_arguments(
     in_idx: torch.Tensor,
     out_idx: torch.Tensor,
     groups: int,
+    x_compact: bool = False,
 ) -> None:
-    """Validate the op's arguments once, with errors that name the argument at fault."""
+    """Validate the op's arguments once, with errors that name the argument at fault.
+
+    With ``x_compact`` the input holds only the channels ``in_idx`` (groups=1 only).
+    """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got {shape}")
@@ -96,7 +100,12 @@ def check_conv_arguments(
             f"bias must be a ({weight.shape[0]},) tensor of {x.dtype} on {x.device}, "
             f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}"
         )
-    c_in, c_out = x.shape[1], weight.shape[0]
+    c_in, c_out = (weight.shape[1] if x_compact else x.shape[1]), weight.shape[0]
+    if x_compact:
+        if groups != 1:
+            raise NotImplementedError("input_layout='compact' supports groups=1 only")
+        if x.shape[1] != in_idx.numel():
+            raise ValueError(f"input_layout='compact' needs x with len(in_idx)={in_idx.numel()} channels, got {x.shape[1]}")
     if groups == 1:
         if weight.shape[1] != c_in:
             raise ValueError(f"x has {c_in} channels but weight expects {weight.shape[1]} (groups=1)")
@@ -122,6 +131,7 @@ def gathered_conv2d(
     *,
     backend: str = "auto",
     layout: Literal["full", "compact"] = "full",
+    input_layout: Literal["full", "compact"] = "full",
     validate: bool = True,
 ) -> torch.Tensor:
     """Convolution that reads only input channels ``in_idx`` and computes only outputs ``out_idx``.
@@ -136,20 +146,25 @@ def gathered_conv2d(
         backend: ``auto``, ``reference`` or ``torch``.
         layout: ``full`` returns (N, C_out, H', W') with exact zeros outside ``out_idx``;
             ``compact`` returns only the selected channels, (N, len(out_idx), H', W').
+        input_layout: ``full`` (``x`` has C_in channels) or ``compact`` (``x`` holds exactly the
+            channels ``in_idx``, in order; groups=1 only). Its gradient has ``x``'s layout.
         validate: check the arguments (turn off only for indices built by this library).
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    for arg, value in (("layout", layout), ("input_layout", input_layout)):
+        if value not in ("full", "compact"):
+            raise ValueError(f"{arg} must be 'full' or 'compact', got {value!r}")
+    x_compact = input_layout == "compact"
     if validate:
-        check_conv_arguments(x, weight, bias, in_idx, out_idx, groups)
-    if layout not in ("full", "compact"):
-        raise ValueError(f"layout must be 'full' or 'compact', got {layout!r}")
+        check_conv_arguments(x, weight, bias, in_idx, out_idx, groups, x_compact=x_compact)
     name = resolve_backend(backend, x.device)
     if name == "reference":
+        if x_compact:
+            x = compact.scatter_channels(x, in_idx, weight.shape[1])
         y = reference.gathered_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
         return y if layout == "full" else y.index_select(1, out_idx)
-    if layout == "compact":
-        return compact.compact_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
-    return compact.gathered_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
+    y_c = compact.compact_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact)
+    return y_c if layout == "compact" else compact.scatter_channels(y_c, out_idx, weight.shape[0])
 
 
 def scatter_channels(y_c: torch.Tensor, out_idx: torch.Tensor, channels: int) -> torch.Tensor:

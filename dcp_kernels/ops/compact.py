@@ -4,6 +4,10 @@ Only the selected block of work is done, forward and backward: the input gather 
 channels, the convolution runs at ``k_out x k_in``, and the backward computes grad-input only for
 the selected input channels and grad-weight only for the selected block (written into full-size
 zero tensors, so optimizers see ordinary full-size gradients).
+
+The input may also arrive already compact (``x_compact=True``: ``x`` holds exactly the channels
+``in_idx``, in order), as it does between two converted layers; then there is no gather and the
+grad-input stays compact.
 """
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _zeros_except(shape, idx: torch.Tensor, values: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+def zeros_except(shape, idx: torch.Tensor, values: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
     """A tensor of ``shape`` holding ``values`` at channels ``idx`` (dim 1) and zeros elsewhere."""
     # Measured on CPU: a full memset plus index_copy_ beats index_fill_ on the complement.
-    out = torch.zeros(shape, dtype=values.dtype, device=values.device).contiguous(memory_format=memory_format)
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    if memory_format is not torch.contiguous_format:
+        out = out.contiguous(memory_format=memory_format)
     return out.index_copy_(1, idx, values)
 
 
@@ -22,6 +28,12 @@ def _is_all(idx: torch.Tensor, size: int) -> bool:
     # Indices are sorted and unique (validated by the dispatcher or built by the controller),
     # so a full-length index vector is exactly arange(size): skip the gather/scatter copy.
     return idx.numel() == size
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class _CompactConv2d(torch.autograd.Function):
@@ -33,42 +45,36 @@ class _CompactConv2d(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise):
-        c_in, c_out = x.shape[1], weight.shape[0]
+    def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact):
+        c_in, c_out = weight.shape[1] * (weight.shape[0] if depthwise else 1), weight.shape[0]
         full_out = _is_all(out_idx, c_out)
         w_c = weight if full_out else weight.index_select(0, out_idx)
         b_c = None if bias is None else (bias if full_out else bias.index_select(0, out_idx))
+        input_scale = None
         if depthwise:
-            read_idx, full_in = out_idx, full_out
-            groups = out_idx.numel()
-            input_scale = None
+            read_idx, full_in, groups = out_idx, full_out, out_idx.numel()
             if not _is_all(in_idx, c_in):
                 live = torch.zeros(c_in, dtype=x.dtype, device=x.device)
                 live[in_idx] = 1
                 input_scale = live.index_select(0, out_idx).view(1, -1, 1, 1)
         else:
-            read_idx, full_in = in_idx, _is_all(in_idx, c_in)
-            groups = 1
-            input_scale = None
+            read_idx, full_in, groups = in_idx, _is_all(in_idx, c_in), 1
             if not full_in:
                 w_c = w_c.index_select(1, in_idx)
-        x_c = x if full_in else x.index_select(1, read_idx)
+        x_c = x if (full_in or x_compact) else x.index_select(1, read_idx)
         if input_scale is not None:
             x_c = x_c * input_scale
         y_c = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
         ctx.save_for_backward(x_c, w_c, read_idx, out_idx, input_scale)
-        ctx.conf = (stride, padding, dilation, groups, depthwise, full_in, full_out, bias is not None)
+        ctx.conf = (stride, padding, dilation, groups, depthwise, full_in or x_compact, full_out, bias is not None)
         ctx.full_shapes = (x.shape, weight.shape)
-        ctx.x_memory_format = (
-            torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            else torch.contiguous_format
-        )
+        ctx.x_memory_format = _memory_format(x)
         return y_c
 
     @staticmethod
     def backward(ctx, grad_y_c):
         x_c, w_c, read_idx, out_idx, input_scale = ctx.saved_tensors
-        stride, padding, dilation, groups, depthwise, full_in, full_out, has_bias = ctx.conf
+        stride, padding, dilation, groups, depthwise, x_as_is, full_out, has_bias = ctx.conf
         x_shape, w_shape = ctx.full_shapes
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx_c, gw_c, gb_c = torch.ops.aten.convolution_backward(
@@ -80,27 +86,19 @@ class _CompactConv2d(torch.autograd.Function):
         if need_x:
             if input_scale is not None:
                 gx_c = gx_c * input_scale
-            if full_in:
-                grad_x = gx_c
-            else:
-                grad_x = _zeros_except(x_shape, read_idx, gx_c, ctx.x_memory_format)
+            grad_x = gx_c if x_as_is else zeros_except(x_shape, read_idx, gx_c, ctx.x_memory_format)
         if need_w:
+            full_in = depthwise or w_c.shape[1] == w_shape[1]
             if full_in and full_out:
                 grad_w = gw_c
             else:
-                grad_w = gw_c.new_zeros(w_shape)
-                if not depthwise and not full_in:
+                if not full_in:
                     rows = gw_c.new_zeros((gw_c.shape[0],) + tuple(w_shape[1:]))
-                    rows.index_copy_(1, read_idx, gw_c)
-                    gw_c = rows
-                grad_w.index_copy_(0, out_idx, gw_c)
+                    gw_c = rows.index_copy_(1, read_idx, gw_c)
+                grad_w = gw_c if full_out else gw_c.new_zeros(w_shape).index_copy_(0, out_idx, gw_c)
         if need_b and has_bias:
-            if full_out:
-                grad_b = gb_c
-            else:
-                grad_b = gb_c.new_zeros(w_shape[0])
-                grad_b.index_copy_(0, out_idx, gb_c)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+            grad_b = gb_c if full_out else gb_c.new_zeros(w_shape[0]).index_copy_(0, out_idx, gb_c)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def compact_conv2d(
@@ -113,10 +111,11 @@ def compact_conv2d(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
+    x_compact: bool = False,
 ) -> torch.Tensor:
     """The selected block's output, compact: (N, len(out_idx), H', W')."""
     depthwise = groups > 1
-    return _CompactConv2d.apply(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise)
+    return _CompactConv2d.apply(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact)
 
 
 class _ScatterChannels(torch.autograd.Function):
@@ -125,7 +124,7 @@ class _ScatterChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_c, out_idx, channels):
         ctx.save_for_backward(out_idx)
-        return _zeros_except((y_c.shape[0], channels) + tuple(y_c.shape[2:]), out_idx, y_c)
+        return zeros_except((y_c.shape[0], channels) + tuple(y_c.shape[2:]), out_idx, y_c)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -138,10 +137,4 @@ def scatter_channels(y_c: torch.Tensor, out_idx: torch.Tensor, channels: int) ->
     if _is_all(out_idx, channels):
         return y_c
     return _ScatterChannels.apply(y_c, out_idx, channels)
-
-
-def gathered_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups) -> torch.Tensor:
-    """The op contract (full-width output) on the compact path."""
-    y_c = compact_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
-    return scatter_channels(y_c, out_idx, weight.shape[0])
 

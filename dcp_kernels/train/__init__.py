@@ -1,0 +1,1 @@
+"""Training with DCP: the ``dcp-train`` command line and its data loaders."""
