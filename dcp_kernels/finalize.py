@@ -76,15 +76,17 @@ def _plain_linear(linear: nn.Linear, keep: torch.Tensor, block: int) -> nn.Linea
 def finalize(prop: "Propagation") -> nn.Module:
     """Return a copy of the converted model with the unselected channels removed.
 
-    First the final selection is made from the current utilities (even during exploration) and
-    written into the converted model, so ``model.eval()`` and the returned module compute the same
-    function. The copy contains no ``dcp_kernels`` classes and no DCP hooks: every DCPConv2d
+    The channels kept are the current selection: the one the last training steps used and the
+    converted model evaluates with. While still exploring (everything selected), a selection is
+    made from the current utilities first and written into the converted model. Either way
+    ``model.eval()`` and the returned module compute the same function. The copy contains no ``dcp_kernels`` classes and no DCP hooks: every DCPConv2d
     becomes an ``nn.Conv2d`` and its BatchNorm goes back to its original place, sliced.
     """
     model = prop.model
     if model is None or prop.plan is None:
         raise RuntimeError("finalize() needs a Propagation made by convert(model)")
-    prop.select(force=True)
+    if prop.exploring or all(bool(layer.selected.all()) for layer in prop.layers):
+        prop.select(force=True)
     with prop.without_hook():
         plain = copy.deepcopy(model)
     for name, module in list(plain.named_modules()):

@@ -75,7 +75,7 @@ def test_finalize_gives_a_smaller_plain_model_with_equal_outputs(make):
     # The finalized widths are the kept channel counts.
     for name, kept in prop.kept().items():
         assert plain.get_submodule(name).out_channels == kept
-    # Finalizing selects by utility (not by the last training selection) and is idempotent.
+    # Finalizing keeps the last training selection and is idempotent.
     again = prop.finalize()
     torch.testing.assert_close(again.eval()(x), plain(x))
 
@@ -280,3 +280,23 @@ def test_activations_between_converted_layers(compact):
     assert seen["relu"] == (kept if compact else 8)
     # The last conv feeds the Linear classifier, so its output stays full width either way.
     assert not model[0][11].compact_output
+
+
+def test_finalize_keeps_the_trained_selection_or_selects_when_exploring():
+    model = small_vgg()
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=1)
+    _train(model, prop, 3)
+    trained = torch.cat([l.selected for l in prop.layers]).clone()
+    for layer in prop.layers:  # utilities moved after the last selection; finalize must not reselect
+        layer.utility.uniform_()
+    prop.finalize()
+    assert torch.equal(torch.cat([l.selected for l in prop.layers]), trained)
+
+    exploring = small_vgg()
+    prop = dcp_kernels.convert(exploring, 0.5, explore_epochs=5)
+    _train(exploring, prop, 2, explore_steps=0)
+    assert all(l.selected.all() for l in prop.layers)
+    plain = prop.finalize()
+    assert sum(prop.kept().values()) == prop.keep
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(plain.eval()(x), exploring.eval()(x), atol=1e-5, rtol=0)
