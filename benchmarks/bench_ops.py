@@ -3,7 +3,10 @@
 Variants per shape (one pytest-benchmark group per shape and keep ratio, so ratios read off directly):
   dense      F.conv2d on the full tensors (what nn.Conv2d training costs)
   reference  the paper's masked implementation (dense conv + channel masks)
-  torch      our compact PyTorch backend (gather -> conv -> scatter, compact backward)
+  torch      our compact PyTorch backend on full-width tensors (the op contract: gather -> conv
+             -> scatter, compact backward)
+  torch-compact-io  the same backend with compact input and output, as between two layers of a
+             converted model (``compact_activations=True``): no gather/scatter copies
   ideal      a dense conv on tensors already of the compact size (perfect skipping)
 
 Gradients are taken with ``torch.autograd.grad`` so no variant pays for ``.grad`` accumulation.
@@ -18,7 +21,7 @@ from dcp_kernels import ops
 SHAPES = [(64, 128, 16), (64, 256, 8), (32, 64, 32)]
 QUICK_SHAPES = [(8, 32, 8)]
 KEEPS = [0.5]
-VARIANTS = ["dense", "reference", "torch", "ideal"]
+VARIANTS = ["dense", "reference", "torch", "torch-compact-io", "ideal"]
 
 
 def _case(n, c, h, keep):
@@ -35,11 +38,16 @@ def _case(n, c, h, keep):
 def _step_fn(variant, x, w, in_idx, out_idx, grad):
     if variant == "dense":
         return lambda: torch.autograd.grad(F.conv2d(x, w, padding=1), (x, w), grad)
+    xc = x.detach()[:, in_idx].clone().requires_grad_(True)
+    gc = grad[:, out_idx].contiguous()
     if variant == "ideal":
-        xc = x.detach()[:, in_idx].clone().requires_grad_(True)
         wc = w.detach()[out_idx][:, in_idx].clone().requires_grad_(True)
-        gc = grad[:, out_idx].contiguous()
         return lambda: torch.autograd.grad(F.conv2d(xc, wc, padding=1), (xc, wc), gc)
+    if variant == "torch-compact-io":
+        return lambda: torch.autograd.grad(
+            ops.gathered_conv2d(xc, w, None, in_idx, out_idx, 1, 1, backend="torch", layout="compact",
+                                input_layout="compact", validate=False), (xc, w), gc
+        )
     return lambda: torch.autograd.grad(
         ops.gathered_conv2d(x, w, None, in_idx, out_idx, 1, 1, backend=variant, validate=False), (x, w), grad
     )
