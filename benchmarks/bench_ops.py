@@ -53,17 +53,15 @@ def _step_fn(variant, x, w, in_idx, out_idx, grad):
     )
 
 
-def _params(quick_shapes=False):
-    return [pytest.param(s, id="N{}xC{}xH{}".format(*s)) for s in (QUICK_SHAPES if quick_shapes else SHAPES)]
+SHAPE_PARAMS = [pytest.param(s, id="N{}xC{}xH{}".format(*s)) for s in SHAPES] + [
+    pytest.param(s, id="quick-N{}xC{}xH{}".format(*s), marks=pytest.mark.quick) for s in QUICK_SHAPES
+]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("keep", KEEPS, ids=lambda k: f"keep{k}")
-@pytest.mark.parametrize("shape", _params() + [pytest.param(s, id="quick-N{}xC{}xH{}".format(*s)) for s in QUICK_SHAPES])
+@pytest.mark.parametrize("shape", SHAPE_PARAMS)
 def test_conv3x3_fwd_bwd(benchmark, quick, shape, keep, variant):
-    is_quick_shape = shape in QUICK_SHAPES
-    if quick != is_quick_shape:
-        pytest.skip("--quick runs only the quick shapes; the full run only the paper-scale shapes")
     n, c, h = shape
     benchmark.group = f"conv3x3 fwd+bwd N={n} C={c} H=W={h} keep_in=keep_out={keep}"
     benchmark.extra_info.update(shape=list(shape), keep=keep, variant=variant, threads=torch.get_num_threads())
