@@ -17,7 +17,7 @@ def test_digits_loader_is_embedded_and_deterministic():
 
 
 def test_short_run_writes_outputs_and_reports(tmp_path, capsys):
-    summary = cli.main(["--epochs", "3", "--explore-epochs", "1", "--image-size", "16", "--timing-steps", "2",
+    summary = cli.run(["--epochs", "3", "--explore-epochs", "1", "--image-size", "16", "--timing-steps", "2",
                         "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert "kept channels per layer" in out and "training step" in out
@@ -36,4 +36,9 @@ def test_short_run_writes_outputs_and_reports(tmp_path, capsys):
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--prune-ratio", "1.0"], ["--epochs", "2", "--explore-epochs", "2"]])
 def test_bad_arguments(argv, tmp_path):
     with pytest.raises(SystemExit):
-        cli.main(argv + ["--out", str(tmp_path)])
+        cli.run(argv + ["--out", str(tmp_path)])
+
+
+def test_console_entry_point_exits_zero(tmp_path):
+    assert cli.main(["--epochs", "1", "--explore-epochs", "0", "--image-size", "8", "--timing-steps", "1",
+                     "--out", str(tmp_path), "--no-progress"]) == 0

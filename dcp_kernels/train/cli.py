@@ -111,7 +111,14 @@ def compare_step_times(models: dict[str, nn.Module], x: torch.Tensor, y: torch.T
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (``dcp-train``): returns the process exit status."""
+    run(argv)
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv``, train, finalize, report; returns the summary that is also saved as JSON."""
     args = build_parser().parse_args(argv)
     _check_args(args)
     from tqdm.auto import tqdm
@@ -212,4 +219,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    raise SystemExit(main())
