@@ -24,7 +24,10 @@ class _CompactGate(torch.autograd.Function):
     def forward(ctx, a_c, out_idx, channels, utility, decay, track, scatter):
         ctx.track, ctx.decay, ctx.full = track, decay, out_idx.numel() == channels
         ctx.scatter = scatter and not ctx.full
-        ctx.save_for_backward(a_c if track else None, out_idx, utility)
+        # The utility buffer is held as a plain attribute, not saved: backward updates it in
+        # place, which would trip autograd's version check on a retained graph.
+        ctx.utility = utility
+        ctx.save_for_backward(a_c if track else None, out_idx)
         if ctx.scatter:
             return zeros_except((a_c.shape[0], channels) + tuple(a_c.shape[2:]), out_idx, a_c)
         # A new tensor even when nothing moves: a following in-place ReLU must not overwrite the
@@ -33,11 +36,11 @@ class _CompactGate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        a_c, out_idx, utility = ctx.saved_tensors
+        a_c, out_idx = ctx.saved_tensors
         g_c = grad_out.index_select(1, out_idx) if ctx.scatter else grad_out
         if ctx.track:
             v = ops.channel_utility(a_c, g_c)
-            update_utilities(utility, v, None if ctx.full else out_idx, ctx.decay)
+            update_utilities(ctx.utility, v, None if ctx.full else out_idx, ctx.decay)
         return g_c, None, None, None, None, None, None
 
 
@@ -47,16 +50,17 @@ class _GateMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, mask, out_idx, utility, decay, track):
         ctx.track, ctx.decay = track, decay
-        ctx.save_for_backward(a if track else None, mask, out_idx, utility)
+        ctx.utility = utility  # not saved: see _CompactGate
+        ctx.save_for_backward(a if track else None, mask, out_idx)
         return a * mask
 
     @staticmethod
     def backward(ctx, grad_out):
-        a, mask, out_idx, utility = ctx.saved_tensors
+        a, mask, out_idx = ctx.saved_tensors
         g = grad_out * mask
         if ctx.track:
             v = ops.channel_utility(a, g).index_select(0, out_idx)
-            update_utilities(utility, v, out_idx, ctx.decay)
+            update_utilities(ctx.utility, v, out_idx, ctx.decay)
         return g, None, None, None, None, None
 
 
@@ -216,6 +220,13 @@ class DCPConv2d(nn.Conv2d):
             cache = (key, idx)
             self.__dict__["_idx_cache"] = cache
         return cache[1]
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.double()/.to(dtype) convert floating buffers; utilities stay float32 by definition.
+        super()._apply(fn, recurse)
+        if self.prunable and self.utility.dtype != torch.float32:
+            self.utility = self.utility.float()
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # An nn.Conv2d state dict has no DCP buffers: keep the current ones instead of failing.

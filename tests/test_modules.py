@@ -176,3 +176,28 @@ def test_bad_selection():
     with pytest.raises(ValueError, match="3 outputs"):
         DCPConv2d(4, 2, 1).set_input_source(layer)
     assert layer.selected.all()
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("compact_output", [False, True])
+def test_layer_gradcheck_fp64(backend, compact_output):
+    """Conv + BN (batch statistics) + gate, with partial input and output selections."""
+    layer = DCPConv2d(4, 5, 3, padding=1, norm=nn.BatchNorm2d(5), backend=backend).double()
+    layer.set_selection(torch.tensor([True, False, True, True, False]))
+    _with_source(layer, 4, torch.tensor([True, True, False, True]))
+    layer.input_source.double()
+    layer.compact_output = compact_output
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, weight, bn_weight):
+        return torch.func.functional_call(layer, {"weight": weight, "norm.weight": bn_weight}, (x,))
+
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    bn_weight = layer.norm.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (x, weight, bn_weight))
+
+
+def test_utilities_stay_float32_under_dtype_casts():
+    layer = DCPConv2d(3, 4, 3, norm=nn.BatchNorm2d(4)).double()
+    assert layer.weight.dtype == torch.float64 and layer.utility.dtype == torch.float32
+    assert layer.half().utility.dtype == torch.float32

@@ -150,7 +150,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(range(0, len(order), args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=args.no_progress, leave=False)
+                   disable=True if args.no_progress else None, leave=False)  # None: off when not a terminal
         t0 = time.perf_counter()
         for i in bar:
             idx = order[i:i + args.batch_size]
