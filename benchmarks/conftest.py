@@ -1,7 +1,8 @@
-"""Benchmark options.
+"""Benchmark options and helpers shared by the op and step benchmarks.
 
 ``--quick`` runs only the benchmarks marked ``quick`` (small shapes: what CI runs to keep this
 suite from rotting); without it those are deselected and the full-size benchmarks run.
+``--device cuda`` runs on the GPU (see ``benchmarks/gpu.sh``); timings then synchronise the device.
 """
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", help="run only the small, fast benchmark subset")
+    parser.addoption("--device", default="cpu", help="device to benchmark on (cpu or cuda)")
 
 
 def pytest_configure(config):
@@ -27,6 +29,32 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def quick(request) -> bool:
     return bool(request.config.getoption("--quick"))
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--device cuda was given but no CUDA device is available", returncode=2)
+    return dev
+
+
+@pytest.fixture
+def timed(device):
+    """Wrap a step so the measured time includes the device's work, not only its launch."""
+
+    def wrap(fn):
+        if device.type != "cuda":
+            return fn
+
+        def synced():
+            out = fn()
+            torch.cuda.synchronize(device)
+            return out
+
+        return synced
+
+    return wrap
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,13 @@
-"""Turn a ``--benchmark-json`` file into a markdown table of speedups, one row per benchmark group.
+"""Turn a ``pytest benchmarks/ --benchmark-json=FILE`` result into markdown tables and a PNG plot.
 
-    python benchmarks/report.py bench.json
+    python benchmarks/report.py bench.json [--plot docs/benchmarks.png] > table.md
 
-For every group (one shape and keep ratio) it prints each variant's median time and the ratios
-``dense / variant`` (speedup over dense) and ``variant / ideal`` (overhead over perfect skipping).
+Op level, per group (one shape and keep ratio): each variant's median and ``dense / variant``
+(speedup over dense) and ``variant / ideal`` (cost over perfect skipping).
+Step level, per network and prune ratio: ``dcp/dense``, ``ideal/dense``, ``dcp/ideal`` for each DCP
+backend, and the selection's share of the ``torch`` step.
+The plot shows speedup over dense against keep ratio (op level, one panel per shape) and against
+prune ratio (step level, one panel per network), one line per variant.
 """
 from __future__ import annotations
 
@@ -12,34 +16,111 @@ import json
 from collections import defaultdict
 
 
-def table(data: dict) -> str:
-    groups: dict[str, dict[str, float]] = defaultdict(dict)
+def _collect(data: dict):
+    """{level: {group key: {variant: median seconds}}} plus the extra info of each group."""
+    levels: dict = defaultdict(lambda: defaultdict(dict))
+    info: dict = {}
     for bench in data["benchmarks"]:
-        variant = bench.get("extra_info", {}).get("variant") or bench["name"].rsplit("-", 1)[-1].rstrip("]")
-        groups[bench["group"]][variant] = bench["stats"]["median"]
-    lines = [
-        "| group | variant | median ms | dense / variant | variant / ideal |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for group, times in groups.items():
-        dense, ideal = times.get("dense"), times.get("ideal")
+        extra = bench.get("extra_info", {})
+        level = extra.get("level", "op")
+        if level == "op":
+            key = (extra.get("model", "?"), tuple(extra.get("shape", ())), extra.get("keep"))
+        else:
+            key = (extra.get("model", "?"), extra.get("prune_ratio"))
+        levels[level][key][extra.get("variant", bench["name"])] = bench["stats"]["median"]
+        info[(level, key)] = extra
+    return levels, info
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def op_table(groups: dict) -> str:
+    lines = ["| network | N, C, H, k | keep | variant | median ms | dense / variant | variant / ideal |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    for (model, shape, keep), times in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
         for variant, t in times.items():
-            speedup = f"{dense / t:.2f}x" if dense else "-"
-            overhead = f"{t / ideal:.2f}x" if ideal else "-"
-            lines.append(f"| {group} | {variant} | {t * 1e3:.1f} | {speedup} | {overhead} |")
+            lines.append(f"| {model} | {', '.join(map(str, shape))} | {keep} | {variant} | {t * 1e3:.1f} | "
+                         f"{_ratio(times.get('dense'), t)} | {_ratio(t, times.get('ideal'))} |")
     return "\n".join(lines)
+
+
+def step_table(groups: dict, selections: dict) -> str:
+    lines = ["| network | prune | dense ms | reference ms | torch ms | ideal ms | torch/dense | ideal/dense "
+             "| torch/ideal | reference/dense | selection / torch step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (model, ratio), t in sorted(groups.items()):
+        sel = selections.get((model, ratio), {}).get("selection")
+        ms = lambda v: f"{t[v] * 1e3:.0f}" if v in t else "-"
+        share = f"{100 * sel / t['torch']:.2f}%" if sel and t.get("torch") else "-"
+        lines.append(
+            f"| {model} | {ratio} | {ms('dense')} | {ms('reference')} | {ms('torch')} | {ms('ideal')} | "
+            f"{_ratio(t.get('torch'), t.get('dense'))} | {_ratio(t.get('ideal'), t.get('dense'))} | "
+            f"{_ratio(t.get('torch'), t.get('ideal'))} | {_ratio(t.get('reference'), t.get('dense'))} | {share} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(levels: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    by_shape: dict = defaultdict(dict)
+    for (model, shape, keep), times in levels.get("op", {}).items():
+        by_shape[(model, shape)][keep] = times
+    panels += [(f"op {m} N,C,H,k={','.join(map(str, s))}", "keep ratio (in = out)", v) for (m, s), v in by_shape.items()]
+    by_net: dict = defaultdict(dict)
+    for (model, ratio), times in levels.get("step", {}).items():
+        by_net[model][ratio] = times
+    panels += [(f"step {m}", "prune ratio", v) for m, v in by_net.items()]
+    if not panels:
+        return
+    cols = min(4, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, xlabel, series) in zip(axes.flat, panels):
+        xs = sorted(series)
+        variants = sorted({v for t in series.values() for v in t if v != "dense"})
+        for variant in variants:
+            ys = [series[x]["dense"] / series[x][variant] if variant in series[x] else float("nan") for x in xs]
+            ax.plot(xs, ys, marker="o", label=variant)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("speedup over dense", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_file")
+    parser.add_argument("--plot", help="write a PNG plot of speedups to this path")
     args = parser.parse_args()
     with open(args.json_file) as f:
         data = json.load(f)
-    info = data.get("machine_info", {})
-    print(f"Machine: {info.get('cpu', {}).get('brand_raw', '?')}, {info.get('cpu', {}).get('count', '?')} cores; "
-          f"python {info.get('python_version', '?')}\n")
-    print(table(data))
+    levels, _ = _collect(data)
+    machine = data.get("machine_info", {})
+    cpu = machine.get("cpu", {})
+    print(f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} logical cores; "
+          f"Python {machine.get('python_version', '?')}; run {data.get('datetime', '?')}\n")
+    if levels.get("op"):
+        print("### Op level\n")
+        print(op_table(levels["op"]) + "\n")
+    if levels.get("step"):
+        print("### Step level\n")
+        print(step_table(levels["step"], levels.get("selection", {})) + "\n")
+    if args.plot:
+        plot(levels, args.plot)
+        print(f"Plot: {args.plot}")
 
 
 if __name__ == "__main__":
