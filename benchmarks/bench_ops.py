@@ -1,4 +1,4 @@
-"""Op level: one conv, forward + backward, side by side in one run.
+"""Op level: one conv, forward alone and forward + backward, side by side in one run.
 
 Variants per shape and keep ratio (one pytest-benchmark group each, so ratios read off directly):
   dense      F.conv2d on the full tensors (what nn.Conv2d training costs)
@@ -36,34 +36,37 @@ QUICK_KEEPS = [0.5]
 VARIANTS = ["dense", "reference", "torch", "torch-compact-io", "ideal"]
 
 
-def _case(n, c, h, k, keep, device):
+def _case(n, c, h, k, keep, device, dtype):
     g = torch.Generator().manual_seed(0)
     kept = max(1, round(c * keep))
-    x = torch.randn(n, c, h, h, generator=g).to(device).requires_grad_(True)
-    w = torch.randn(c, c, k, k, generator=g).to(device).requires_grad_(True)
+    x = torch.randn(n, c, h, h, generator=g).to(device, dtype).requires_grad_(True)
+    w = torch.randn(c, c, k, k, generator=g).to(device, dtype).requires_grad_(True)
     in_idx = torch.randperm(c, generator=g)[:kept].sort().values.to(device)
     out_idx = torch.randperm(c, generator=g)[:kept].sort().values.to(device)
-    grad = torch.randn(n, c, h, h, generator=g).to(device)
+    grad = torch.randn(n, c, h, h, generator=g).to(device, dtype)
     return x, w, in_idx, out_idx, grad
 
 
-def _step_fn(variant, x, w, in_idx, out_idx, grad):
+def _step_fn(variant, backward, x, w, in_idx, out_idx, grad):
+    """The timed call: the variant's forward, and its backward via autograd.grad if ``backward``."""
     pad = w.shape[-1] // 2
-    if variant == "dense":
-        return lambda: torch.autograd.grad(F.conv2d(x, w, padding=pad), (x, w), grad)
     xc = x.detach()[:, in_idx].clone().requires_grad_(True)
     gc = grad[:, out_idx].contiguous()
-    if variant == "ideal":
-        wc = w.detach()[out_idx][:, in_idx].clone().requires_grad_(True)
-        return lambda: torch.autograd.grad(F.conv2d(xc, wc, padding=pad), (xc, wc), gc)
-    if variant == "torch-compact-io":
-        return lambda: torch.autograd.grad(
-            ops.gathered_conv2d(xc, w, None, in_idx, out_idx, 1, pad, backend="torch", layout="compact",
-                                input_layout="compact", validate=False), (xc, w), gc
-        )
-    return lambda: torch.autograd.grad(
-        ops.gathered_conv2d(x, w, None, in_idx, out_idx, 1, pad, backend=variant, validate=False), (x, w), grad
-    )
+    wc = w.detach()[out_idx][:, in_idx].clone().requires_grad_(True)
+    if variant == "dense":
+        inputs, g, forward = (x, w), grad, lambda: F.conv2d(x, w, padding=pad)
+    elif variant == "ideal":
+        inputs, g, forward = (xc, wc), gc, lambda: F.conv2d(xc, wc, padding=pad)
+    elif variant == "torch-compact-io":
+        inputs, g = (xc, w), gc
+        forward = lambda: ops.gathered_conv2d(xc, w, None, in_idx, out_idx, 1, pad, backend="torch",
+                                              layout="compact", input_layout="compact", validate=False)
+    else:
+        inputs, g = (x, w), grad
+        forward = lambda: ops.gathered_conv2d(x, w, None, in_idx, out_idx, 1, pad, backend=variant, validate=False)
+    if not backward:
+        return forward
+    return lambda: torch.autograd.grad(forward(), inputs, g)
 
 
 def _shape_id(s):
@@ -78,10 +81,13 @@ CASES = [pytest.param(s, keep, id=f"{_shape_id(s)}-keep{keep}") for s in SHAPES 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape, keep", CASES)
-def test_conv_fwd_bwd(benchmark, quick, device, timed, shape, keep, variant):
+@pytest.mark.parametrize("passes", ["fwd+bwd", "fwd"])
+def test_conv(benchmark, quick, device, dtype, timed, passes, shape, keep, variant):
     name, n, c, h, k = shape
-    benchmark.group = f"op {name} conv{k}x{k} fwd+bwd N={n} C={c} H=W={h} keep={keep}"
-    benchmark.extra_info.update(level="op", model=name, shape=[n, c, h, k], keep=keep, variant=variant,
-                                device=str(device), threads=torch.get_num_threads())
-    fn = timed(_step_fn(variant, *_case(n, c, h, k, keep, device)))
+    precision = str(dtype).replace("torch.", "")
+    benchmark.group = f"op {passes} {name} conv{k}x{k} N={n} C={c} H=W={h} keep={keep} {precision}"
+    benchmark.extra_info.update(level="op", passes=passes, model=name, shape=[n, c, h, k], keep=keep,
+                                variant=variant, dtype=precision, device=str(device),
+                                threads=torch.get_num_threads())
+    fn = timed(_step_fn(variant, passes == "fwd+bwd", *_case(n, c, h, k, keep, device, dtype)))
     benchmark.pedantic(fn, rounds=3 if quick else 10, warmup_rounds=1 if quick else 2, iterations=1)

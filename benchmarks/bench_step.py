@@ -9,9 +9,15 @@ Variants per network and prune ratio (one group each):
              unevenly, so this is not simply (1 - prune_ratio)**2 of dense.
 
 The selection comes from two exploration steps on random data, then one selecting step.
+Each variant's peak memory during one step (``extra_info["peak_bytes"]``) is measured once, outside
+the timed rounds (see ``peak_memory.py``).
 ``test_selection`` times ``prop.select()`` alone, to read its share of a step.
+``test_training_step_interleaved`` times the variants of a group in turn (the ratios to trust on a
+noisy machine); ``test_training_step`` times each variant on its own.
 """
 import copy
+import statistics
+import time
 
 import pytest
 import torch
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 
 import dcp_kernels
 from dcp_kernels.models import resnet_cifar, vgg
+from peak_memory import peak_bytes
 
 NETWORKS = {
     "vgg16-cifar": (lambda: vgg("vgg16"), 64, 32),  # (factory, batch, image size)
@@ -49,10 +56,18 @@ def _sgd_step(model, x, y):
     return step
 
 
-def _prepared(name, factory, batch, size, ratio, backend, device):
-    """A converted copy of the network after exploration, with its first selection made."""
-    key = (name, ratio, backend, str(device))
-    if key not in _CACHE:
+def _prepared(name, ratio, backend, device):
+    """A converted copy of the network after exploration, with its first selection made.
+
+    Cached per (network, ratio, device) group, so the variants of one group share it; the cache
+    keeps one group alive at a time (memory).
+    """
+    group = (name, ratio, str(device))
+    if _CACHE.get("group") != group:
+        _CACHE.clear()
+        _CACHE["group"] = group
+    if backend not in _CACHE:
+        factory, batch, size = ALL_NETWORKS[name]
         torch.manual_seed(0)
         model = factory().to(device)
         prop = dcp_kernels.convert(model, ratio, explore_epochs=1, backend=backend)
@@ -60,9 +75,19 @@ def _prepared(name, factory, batch, size, ratio, backend, device):
             _sgd_step(model, *_batch(batch, size, device, seed))()
         prop.epoch_end()
         _sgd_step(model, *_batch(batch, size, device, 3))()  # first selecting step
-        _CACHE.clear()  # keep at most one prepared network alive (memory)
-        _CACHE[key] = (model, prop)
-    return _CACHE[key]
+        _CACHE[backend] = (model, prop)
+    return _CACHE[backend]
+
+
+def _variant_model(name, ratio, variant, device):
+    """(model, controller or None) for one variant of a group."""
+    if variant == "dense":
+        torch.manual_seed(0)
+        return ALL_NETWORKS[name][0]().to(device), None
+    if variant == "ideal":
+        _, prop = _prepared(name, ratio, "torch", device)
+        return copy.deepcopy(prop.finalize()), prop
+    return _prepared(name, ratio, variant, device)
 
 
 def _networks(table, ratios, marks=()):
@@ -77,32 +102,54 @@ ALL_NETWORKS = {**NETWORKS, **QUICK_NETWORKS}
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name, ratio", CASES)
 def test_training_step(benchmark, quick, device, timed, name, ratio, variant):
-    factory, batch, size = ALL_NETWORKS[name]
-    x, y = _batch(batch, size, device, 4)
-    if variant == "dense":
-        torch.manual_seed(0)
-        model = factory().to(device)
-    elif variant == "ideal":
-        model, prop = _prepared(name, factory, batch, size, ratio, "torch", device)
-        model = copy.deepcopy(prop.finalize())
-    else:
-        model, prop = _prepared(name, factory, batch, size, ratio, variant, device)
+    """Each variant timed on its own (readable in pytest-benchmark's table; sensitive to drift)."""
+    _, batch, size = ALL_NETWORKS[name]
+    model, prop = _variant_model(name, ratio, variant, device)
     model.train()
     benchmark.group = f"step {name} batch={batch} {size}x{size} prune={ratio}"
     benchmark.extra_info.update(level="step", model=name, prune_ratio=ratio, variant=variant,
                                 device=str(device), threads=torch.get_num_threads())
-    if variant != "dense":
+    if prop is not None:
         benchmark.extra_info["kept"] = dict(prop.kept())
         benchmark.extra_info["flops_ratio"] = prop.flops_ratio()
-    benchmark.pedantic(timed(_sgd_step(model, x, y)), rounds=3 if quick else 6,
-                       warmup_rounds=1 if quick else 2, iterations=1)
+    step = _sgd_step(model, *_batch(batch, size, device, 4))
+    step()  # the optimizer's momentum buffers exist before memory is measured
+    benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)
+    benchmark.pedantic(timed(step), rounds=3 if quick else 4, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("name, ratio", CASES)
+def test_training_step_interleaved(benchmark, quick, device, timed, name, ratio):
+    """All variants of a group in turn: one round = one step of each. The per-variant medians over
+    the rounds (``extra_info["interleaved"]``, seconds) are what ``report.py`` computes ratios from:
+    a shared machine's slow spells then hit every variant alike."""
+    _, batch, size = ALL_NETWORKS[name]
+    x, y = _batch(batch, size, device, 4)
+    steps = {}
+    for variant in VARIANTS:
+        model, _ = _variant_model(name, ratio, variant, device)
+        model.train()
+        steps[variant] = timed(_sgd_step(model, x, y))
+    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+
+    def one_round():
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[variant].append(time.perf_counter() - start)
+
+    warmup, rounds = 1, 3 if quick else 5
+    benchmark.group = f"step-interleaved {name} batch={batch} {size}x{size} prune={ratio}"
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    medians = {v: statistics.median(t[warmup:]) for v, t in samples.items()}
+    benchmark.extra_info.update(level="step-interleaved", model=name, prune_ratio=ratio, interleaved=medians,
+                                device=str(device), threads=torch.get_num_threads())
 
 
 @pytest.mark.parametrize("name, ratio", [c for c in CASES if c.values[1] > 0])
 def test_selection(benchmark, quick, device, timed, name, ratio):
     """``prop.select()`` alone (one stable sort over all utilities + writing the masks)."""
-    factory, batch, size = ALL_NETWORKS[name]
-    _, prop = _prepared(name, factory, batch, size, ratio, "torch", device)
+    _, prop = _prepared(name, ratio, "torch", device)
     benchmark.group = f"selection {name} prune={ratio}"
     benchmark.extra_info.update(level="selection", model=name, prune_ratio=ratio, variant="selection",
                                 device=str(device), channels=prop.total_channels)

@@ -3,6 +3,7 @@
 ``--quick`` runs only the benchmarks marked ``quick`` (small shapes: what CI runs to keep this
 suite from rotting); without it those are deselected and the full-size benchmarks run.
 ``--device cuda`` runs on the GPU (see ``benchmarks/gpu.sh``); timings then synchronise the device.
+``--dtype bf16|fp16`` runs the op benchmarks in that precision (the step benchmarks stay fp32).
 """
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", help="run only the small, fast benchmark subset")
     parser.addoption("--device", default="cpu", help="device to benchmark on (cpu or cuda)")
+    parser.addoption("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                     help="data type of the op benchmarks (default fp32)")
 
 
 def pytest_configure(config):
@@ -37,6 +40,11 @@ def device(request) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         pytest.exit("--device cuda was given but no CUDA device is available", returncode=2)
     return dev
+
+
+@pytest.fixture
+def dtype(request) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[request.config.getoption("--dtype")]
 
 
 @pytest.fixture

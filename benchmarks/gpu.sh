@@ -14,4 +14,6 @@ print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CU
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 pytest benchmarks/ --benchmark-only --device cuda --benchmark-json="$out/bench.json" -q
+pytest benchmarks/bench_ops.py --benchmark-only --device cuda --dtype bf16 --benchmark-json="$out/bench-bf16.json" -q
 python benchmarks/report.py "$out/bench.json" --plot "$out/benchmarks.png" | tee "$out/benchmarks.md"
+python benchmarks/report.py "$out/bench-bf16.json" --plot "$out/benchmarks-bf16.png" | tee "$out/benchmarks-bf16.md"

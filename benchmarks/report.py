@@ -4,8 +4,8 @@
 
 Op level, per group (one shape and keep ratio): each variant's median and ``dense / variant``
 (speedup over dense) and ``variant / ideal`` (cost over perfect skipping).
-Step level, per network and prune ratio: ``dcp/dense``, ``ideal/dense``, ``dcp/ideal`` for each DCP
-backend, and the selection's share of the ``torch`` step.
+Step level, per network and prune ratio: the time ratios ``torch/dense``, ``ideal/dense``,
+``torch/ideal`` and ``reference/dense``, the selection's share of the ``torch`` step, and peak memory.
 The plot shows speedup over dense against keep ratio (op level, one panel per shape) and against
 prune ratio (step level, one panel per network), one line per variant.
 """
@@ -17,19 +17,25 @@ from collections import defaultdict
 
 
 def _collect(data: dict):
-    """{level: {group key: {variant: median seconds}}} plus the extra info of each group."""
+    """{level: {group key: {variant: median seconds}}} and the same for peak bytes, where measured."""
     levels: dict = defaultdict(lambda: defaultdict(dict))
-    info: dict = {}
+    peaks: dict = defaultdict(lambda: defaultdict(dict))
     for bench in data["benchmarks"]:
         extra = bench.get("extra_info", {})
         level = extra.get("level", "op")
         if level == "op":
-            key = (extra.get("model", "?"), tuple(extra.get("shape", ())), extra.get("keep"))
+            model = f"{extra.get('model', '?')} {extra.get('passes', 'fwd+bwd')} {extra.get('dtype', 'float32')}"
+            key = (model, tuple(extra.get("shape", ())), extra.get("keep"))
         else:
             key = (extra.get("model", "?"), extra.get("prune_ratio"))
-        levels[level][key][extra.get("variant", bench["name"])] = bench["stats"]["median"]
-        info[(level, key)] = extra
-    return levels, info
+        if level == "step-interleaved":
+            levels[level][key] = dict(extra["interleaved"])
+            continue
+        variant = extra.get("variant", bench["name"])
+        levels[level][key][variant] = bench["stats"]["median"]
+        if "peak_bytes" in extra:
+            peaks[level][key][variant] = extra["peak_bytes"]
+    return levels, peaks
 
 
 def _ratio(a, b) -> str:
@@ -37,7 +43,7 @@ def _ratio(a, b) -> str:
 
 
 def op_table(groups: dict) -> str:
-    lines = ["| network | N, C, H, k | keep | variant | median ms | dense / variant | variant / ideal |",
+    lines = ["| network, passes, dtype | N, C, H, k | keep | variant | median ms | dense / variant | variant / ideal |",
              "|---|---|---:|---|---:|---:|---:|"]
     for (model, shape, keep), times in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
         for variant, t in times.items():
@@ -46,18 +52,21 @@ def op_table(groups: dict) -> str:
     return "\n".join(lines)
 
 
-def step_table(groups: dict, selections: dict) -> str:
+def step_table(groups: dict, selections: dict, peaks: dict) -> str:
+    """Times are medians; the ratios are time ratios (lower is faster)."""
     lines = ["| network | prune | dense ms | reference ms | torch ms | ideal ms | torch/dense | ideal/dense "
-             "| torch/ideal | reference/dense | selection / torch step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| torch/ideal | reference/dense | selection / torch step | peak MB dense / torch / ideal |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (model, ratio), t in sorted(groups.items()):
         sel = selections.get((model, ratio), {}).get("selection")
         ms = lambda v: f"{t[v] * 1e3:.0f}" if v in t else "-"
         share = f"{100 * sel / t['torch']:.2f}%" if sel and t.get("torch") else "-"
+        mem = peaks.get((model, ratio), {})
+        mb = " / ".join(f"{mem[v] / 2**20:.1f}" if v in mem else "-" for v in ("dense", "torch", "ideal"))
         lines.append(
             f"| {model} | {ratio} | {ms('dense')} | {ms('reference')} | {ms('torch')} | {ms('ideal')} | "
             f"{_ratio(t.get('torch'), t.get('dense'))} | {_ratio(t.get('ideal'), t.get('dense'))} | "
-            f"{_ratio(t.get('torch'), t.get('ideal'))} | {_ratio(t.get('reference'), t.get('dense'))} | {share} |"
+            f"{_ratio(t.get('torch'), t.get('ideal'))} | {_ratio(t.get('reference'), t.get('dense'))} | {share} | {mb} |"
         )
     return "\n".join(lines)
 
@@ -74,7 +83,7 @@ def plot(levels: dict, path: str) -> None:
         by_shape[(model, shape)][keep] = times
     panels += [(f"op {m} N,C,H,k={','.join(map(str, s))}", "keep ratio (in = out)", v) for (m, s), v in by_shape.items()]
     by_net: dict = defaultdict(dict)
-    for (model, ratio), times in levels.get("step", {}).items():
+    for (model, ratio), times in (levels.get("step-interleaved") or levels.get("step", {})).items():
         by_net[model][ratio] = times
     panels += [(f"step {m}", "prune ratio", v) for m, v in by_net.items()]
     if not panels:
@@ -107,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.json_file) as f:
         data = json.load(f)
-    levels, _ = _collect(data)
+    levels, peaks = _collect(data)
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {})
     print(f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} logical cores; "
@@ -115,9 +124,13 @@ def main() -> None:
     if levels.get("op"):
         print("### Op level\n")
         print(op_table(levels["op"]) + "\n")
+    selections = levels.get("selection", {})
+    if levels.get("step-interleaved"):
+        print("### Step level, variants interleaved (one step of each in turn; medians)\n")
+        print(step_table(levels["step-interleaved"], selections, peaks.get("step", {})) + "\n")
     if levels.get("step"):
-        print("### Step level\n")
-        print(step_table(levels["step"], levels.get("selection", {})) + "\n")
+        print("### Step level, each variant timed on its own\n")
+        print(step_table(levels["step"], selections, peaks.get("step", {})) + "\n")
     if args.plot:
         plot(levels, args.plot)
         print(f"Plot: {args.plot}")

@@ -1,0 +1,47 @@
+"""The benchmark tooling itself: the report's arithmetic and the CPU peak-memory probe."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import report  # noqa: E402
+from peak_memory import peak_bytes  # noqa: E402
+
+
+def _bench(level, variant, median, **extra):
+    return {"name": f"t[{variant}]", "group": "g", "stats": {"median": median},
+            "extra_info": {"level": level, "variant": variant, **extra}}
+
+
+def test_report_ratios(tmp_path, capsys):
+    data = {"benchmarks": [
+        _bench("op", "dense", 0.4, model="m", shape=[1, 2, 3, 3], keep=0.5),
+        _bench("op", "torch", 0.125, model="m", shape=[1, 2, 3, 3], keep=0.5),
+        _bench("op", "ideal", 0.1, model="m", shape=[1, 2, 3, 3], keep=0.5),
+        _bench("step", "dense", 2.0, model="net", prune_ratio=0.5, peak_bytes=4 * 2**20),
+        _bench("step", "torch", 1.0, model="net", prune_ratio=0.5, peak_bytes=2 * 2**20),
+        _bench("step", "ideal", 0.8, model="net", prune_ratio=0.5),
+        _bench("selection", "selection", 0.01, model="net", prune_ratio=0.5),
+    ]}
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    sys.argv = ["report.py", str(path), "--plot", str(tmp_path / "p.png")]
+    report.main()
+    out = capsys.readouterr().out
+    assert "| m fwd+bwd float32 | 1, 2, 3, 3 | 0.5 | torch | 125.0 | 3.20x | 1.25x |" in out
+    assert "| net | 0.5 | 2000 | - | 1000 | 800 | 0.50x | 0.40x | 1.25x | - | 1.00% | 4.0 / 2.0 / - |" in out
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_peak_bytes_sees_a_known_allocation():
+    n = 4 * 2**20  # 16 MiB of float32
+
+    def allocate():
+        a = torch.ones(n)
+        b = a * 2  # both alive at once: at least 32 MiB
+        return float(b[0])
+
+    assert peak_bytes(allocate, torch.device("cpu")) >= 2 * 4 * n
+    assert peak_bytes(lambda: None, torch.device("cpu")) == 0
