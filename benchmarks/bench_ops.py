@@ -33,7 +33,10 @@ SHAPES = [
 QUICK_SHAPES = [("tiny", 8, 32, 8, 3)]
 KEEPS = [1.0, 0.75, 0.5, 0.25]
 QUICK_KEEPS = [0.5]
-VARIANTS = ["dense", "reference", "torch", "torch-compact-io", "ideal"]
+# Every backend the dispatch point reports as available joins automatically (Triton and the CUDA
+# extension when they land); "torch-compact-io" is the torch backend between converted layers.
+BACKENDS = [name for name, available in ops.backends().items() if available]
+VARIANTS = ["dense", *BACKENDS, "torch-compact-io", "ideal"]
 
 
 def _case(n, c, h, k, keep, device, dtype):

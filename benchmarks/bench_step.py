@@ -34,7 +34,7 @@ NETWORKS = {
 QUICK_NETWORKS = {"tiny-vgg": (lambda: vgg([16, "M", 32, 32, "M", 64]), 8, 16)}
 RATIOS = [0.0, 0.3, 0.5, 0.7]
 QUICK_RATIOS = [0.5]
-VARIANTS = ["dense", "reference", "torch", "ideal"]
+VARIANTS = ["dense", *(name for name, available in dcp_kernels.backends().items() if available), "ideal"]
 
 _CACHE: dict = {}
 
