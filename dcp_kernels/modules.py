@@ -9,6 +9,7 @@ from torch import nn
 
 from . import ops
 from .ops.compact import zeros_except
+from .ops.reference import channel_mask
 from .propagation import update_utilities
 
 
@@ -288,9 +289,8 @@ class DCPConv2d(nn.Conv2d):
             a = y if self.norm is None else self._batch_norm(y, out_idx, full=True)
             if full_out:
                 return a
-            mask = torch.zeros(self.out_channels, dtype=a.dtype, device=a.device)
-            mask[out_idx] = 1
-            return _GateMask.apply(a, mask.view(1, -1, 1, 1), out_idx, self.utility, self.decay, track)
+            mask = channel_mask(out_idx, self.out_channels, a.dtype).view(1, -1, 1, 1)
+            return _GateMask.apply(a, mask, out_idx, self.utility, self.decay, track)
         y_c = ops.gathered_conv2d(
             x, self.weight, self.bias, in_idx, out_idx, self.stride, padding, self.dilation, self.groups,
             backend=backend, layout="compact", input_layout="compact" if x_compact else "full", validate=False,

@@ -55,7 +55,7 @@ def test_backends_train_to_the_same_weights(make, backend, compact):
         assert torch.equal(a, b)
     assert not ref_hist[-1].all(), "selection should prune after exploration"
     for (name, p), q in zip(ref_model.state_dict().items(), fast_model.state_dict().values()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("make", [small_vgg, small_resnet], ids=["vgg", "resnet"])
@@ -256,7 +256,7 @@ def test_whole_model_pickles():
     import io
 
     model = small_vgg()
-    prop = dcp_kernels.convert(model, 0.5)
+    dcp_kernels.convert(model, 0.5)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)

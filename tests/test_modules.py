@@ -79,7 +79,7 @@ def test_layer_matches_reference_over_steps(backend, case, keep):
         torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-5, atol=1e-5)
         assert torch.count_nonzero(y_fast[:, ~out_mask]) == 0
     for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close(fast.utility, ref.utility, rtol=1e-5, atol=1e-6)
     assert torch.count_nonzero(fast.utility[~out_mask]) == 0  # unselected channels keep their utility (0)
     assert float(fast.utility.max()) > 0

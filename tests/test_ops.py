@@ -54,7 +54,7 @@ def test_backend_matches_reference(backend, shape, keep_in, keep_out):
         if r is None:
             assert o is None
             continue
-        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     # Exact zeros outside the selection, forward and backward.
     dropped_out = torch.ones(cout, dtype=torch.bool)
     dropped_out[out_idx] = False

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import channel_mask
+
 
 def zeros_except(shape, idx: torch.Tensor, values: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
     """A tensor of ``shape`` holding ``values`` at channels ``idx`` (dim 1) and zeros elsewhere."""
@@ -63,9 +65,7 @@ class _CompactConv2d(torch.autograd.Function):
         if depthwise:
             read_idx, full_in, groups = out_idx, full_out, out_idx.numel()
             if not _is_all(in_idx, c_in):
-                live = torch.zeros(c_in, dtype=x.dtype, device=x.device)
-                live[in_idx] = 1
-                input_scale = live.index_select(0, out_idx).view(1, -1, 1, 1)
+                input_scale = channel_mask(in_idx, c_in, x.dtype).index_select(0, out_idx).view(1, -1, 1, 1)
         else:
             read_idx, full_in, groups = in_idx, _is_all(in_idx, c_in), 1
             if not full_in:
