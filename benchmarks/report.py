@@ -52,6 +52,10 @@ def op_table(groups: dict) -> str:
     return "\n".join(lines)
 
 
+def _ms(times: dict, variant: str) -> str:
+    return f"{times[variant] * 1e3:.0f}" if variant in times else "-"
+
+
 def step_table(groups: dict, selections: dict, peaks: dict) -> str:
     """Times are medians; the ratios are time ratios (lower is faster)."""
     lines = ["| network | prune | dense ms | reference ms | torch ms | ideal ms | torch/dense | ideal/dense "
@@ -59,12 +63,11 @@ def step_table(groups: dict, selections: dict, peaks: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (model, ratio), t in sorted(groups.items()):
         sel = selections.get((model, ratio), {}).get("selection")
-        ms = lambda v: f"{t[v] * 1e3:.0f}" if v in t else "-"
         share = f"{100 * sel / t['torch']:.2f}%" if sel and t.get("torch") else "-"
         mem = peaks.get((model, ratio), {})
         mb = " / ".join(f"{mem[v] / 2**20:.1f}" if v in mem else "-" for v in ("dense", "torch", "ideal"))
         lines.append(
-            f"| {model} | {ratio} | {ms('dense')} | {ms('reference')} | {ms('torch')} | {ms('ideal')} | "
+            f"| {model} | {ratio} | {_ms(t, 'dense')} | {_ms(t, 'reference')} | {_ms(t, 'torch')} | {_ms(t, 'ideal')} | "
             f"{_ratio(t.get('torch'), t.get('dense'))} | {_ratio(t.get('ideal'), t.get('dense'))} | "
             f"{_ratio(t.get('torch'), t.get('ideal'))} | {_ratio(t.get('reference'), t.get('dense'))} | {share} | {mb} |"
         )
