@@ -269,9 +269,20 @@ class DCPConv2d(nn.Conv2d):
             return y if self.norm is None else self.norm(y)
         backend = ops.resolve_backend(self.backend, x.device)
         if backend != "reference" and torch.is_autocast_enabled(x.device.type):
-            raise NotImplementedError(
-                f"{self._label()}: autocast is not supported by backend {backend!r} yet; use backend='reference'"
-            )
+            # Autocast does not look inside custom autograd Functions: cast here what it would cast
+            # for a conv (input, weight, bias), then run the compact path with autocast off.
+            # BatchNorm takes the low-precision activation with fp32 statistics, as under autocast;
+            # utilities are reduced in fp32 by channel_utility.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward_fast(
+                    x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype),
+                    padding, in_idx, out_idx, x_compact, backend,
+                )
+        return self._forward_fast(x, self.weight, self.bias, padding, in_idx, out_idx, x_compact, backend)
+
+    def _forward_fast(self, x, weight, bias, padding, in_idx, out_idx, x_compact, backend) -> torch.Tensor:
+        """The conv + BN + gate of the reference or compact backends (arguments already cast)."""
         if in_idx is None:
             in_idx = _all_channels(self.in_channels, x.device)
         full_out = out_idx is None
@@ -282,7 +293,7 @@ class DCPConv2d(nn.Conv2d):
             if x_compact:
                 x = ops.scatter_channels(x, in_idx, self.in_channels)
             y = ops.gathered_conv2d(
-                x, self.weight, self.bias, in_idx, _all_channels(self.out_channels, x.device), self.stride,
+                x, weight, bias, in_idx, _all_channels(self.out_channels, x.device), self.stride,
                 padding, self.dilation, self.groups, backend="reference", validate=False,
             )
             self.last_output_hw = (y.shape[2], y.shape[3])
@@ -292,7 +303,7 @@ class DCPConv2d(nn.Conv2d):
             mask = channel_mask(out_idx, self.out_channels, a.dtype).view(1, -1, 1, 1)
             return _GateMask.apply(a, mask, out_idx, self.utility, self.decay, track)
         y_c = ops.gathered_conv2d(
-            x, self.weight, self.bias, in_idx, out_idx, self.stride, padding, self.dilation, self.groups,
+            x, weight, bias, in_idx, out_idx, self.stride, padding, self.dilation, self.groups,
             backend=backend, layout="compact", input_layout="compact" if x_compact else "full", validate=False,
         )
         self.last_output_hw = (y_c.shape[2], y_c.shape[3])

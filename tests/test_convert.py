@@ -300,3 +300,39 @@ def test_finalize_keeps_the_trained_selection_or_selects_when_exploring():
     assert sum(prop.kept().values()) == prop.keep
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(plain.eval()(x), exploring.eval()(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_bf16_autocast_matches_the_reference(backend):
+    """CPU bf16 autocast: the fast path computes in bf16 like autocast's conv, utilities stay fp32."""
+    torch.manual_seed(0)
+    ref_model = small_vgg()
+    fast_model = copy.deepcopy(ref_model)
+    ref = dcp_kernels.convert(ref_model, 0.5, explore_epochs=1, backend="reference")
+    fast = dcp_kernels.convert(fast_model, 0.5, explore_epochs=1, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
+        outs = []
+        for model in (ref_model, fast_model):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y)
+            loss.backward()
+            outs.append(out.float())
+        torch.testing.assert_close(outs[1], outs[0], rtol=0.05, atol=0.05)
+        if step == 0:
+            ref.epoch_end(), fast.epoch_end()
+    for a, b in zip(ref.layers, fast.layers):
+        assert b.utility.dtype == torch.float32 and torch.isfinite(b.utility).all()
+        torch.testing.assert_close(b.utility, a.utility, rtol=0.05, atol=0.05)
+    seen = []
+    fast.layers[1].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_model(torch.randn(2, 3, 16, 16))
+    assert seen == [torch.bfloat16]
+    agree = torch.cat([a.selected == b.selected for a, b in zip(ref.layers, fast.layers)]).float().mean()
+    assert agree >= 0.9  # bf16 rounding may flip near-ties, nothing more
+    for (name, p), q in zip(ref_model.named_parameters(), fast_model.parameters()):
+        assert q.grad.dtype == torch.float32
+        torch.testing.assert_close(q.grad, p.grad, rtol=0.1, atol=0.05, msg=lambda m, name=name: f"{name}: {m}")
