@@ -178,6 +178,9 @@ class Propagation:
         self.schedule = decay if isinstance(decay, DecaySchedule) else DecaySchedule(start=float(decay))
         self.epoch = 0
         self.steps = 0
+        # Under torch.distributed (DDP), average utilities over the ranks before each selection so
+        # every rank selects the same channels. Set by the training CLI; off by default.
+        self.distributed = False
         self.model: nn.Module | None = None
         self.plan = plan
         self._hook = None
@@ -247,9 +250,24 @@ class Propagation:
         for layer, part in zip(self.layers, torch.split(mask, [l.out_channels for l in self.layers])):
             layer.selected.copy_(part)
 
+    @torch.no_grad()
+    def sync_utilities(self) -> None:
+        """Average the utilities over all ranks of the default process group (in place)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        vector = self.utility_vector()
+        dist.all_reduce(vector)
+        vector /= dist.get_world_size()
+        for layer, part in zip(self.layers, torch.split(vector, [l.out_channels for l in self.layers])):
+            layer.utility.copy_(part)
+
     def step(self) -> None:
         """One training step's selection (called automatically before each training forward)."""
         self.steps += 1
+        if self.distributed:
+            self.sync_utilities()
         self.select()
 
     def epoch_end(self) -> None:

@@ -1,11 +1,20 @@
-"""The dcp-train command line on the embedded digits data (shortened schedule)."""
+"""dcp-train: data loaders on tiny fake datasets, recipes, resume, dense baseline, AMP, DDP."""
 import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from dcp_kernels.train import cli
-from dcp_kernels.train.data import load_digits
+from dcp_kernels.train.data import cifar10_spec, imagefolder_spec, load_digits
+from dcp_kernels.train.recipes import RECIPES
+
+FAST = ["--image-size", "8", "--timing-steps", "0", "--no-progress", "--no-plots"]
 
 
 def test_digits_loader_is_embedded_and_deterministic():
@@ -18,7 +27,7 @@ def test_digits_loader_is_embedded_and_deterministic():
 
 def test_short_run_writes_outputs_and_reports(tmp_path, capsys):
     summary = cli.run(["--epochs", "3", "--explore-epochs", "1", "--image-size", "16", "--timing-steps", "2",
-                        "--out", str(tmp_path), "--no-progress"])
+                       "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert "kept channels per layer" in out and "training step" in out
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -28,17 +37,151 @@ def test_short_run_writes_outputs_and_reports(tmp_path, capsys):
     assert saved["test_accuracy_finalized"] == pytest.approx(saved["test_accuracy_gated"])
     assert saved["test_accuracy_finalized"] > 0.5  # far above chance (0.1) after three epochs
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 4
+    for png in ("curves.png", "kept_channels.png", "utilities.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     model = torch.load(tmp_path / "finalized_model.pt", weights_only=False)
     assert not any(type(m).__module__.startswith("dcp_kernels.modules") for m in model.modules())
     assert summary["kept"] == saved["kept"]
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--prune-ratio", "1.0"], ["--epochs", "2", "--explore-epochs", "2"]])
+def test_console_entry_point_exits_zero(tmp_path):
+    assert cli.main(["--epochs", "1", "--explore-epochs", "0", "--out", str(tmp_path), *FAST]) == 0
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--prune-ratio", "1.0"], ["--epochs", "2", "--explore-epochs", "2"],
+                                  ["--recipe", "cifar10-vgg16"], ["--recipe", "nope"]])
 def test_bad_arguments(argv, tmp_path):
     with pytest.raises(SystemExit):
         cli.run(argv + ["--out", str(tmp_path)])
 
 
-def test_console_entry_point_exits_zero(tmp_path):
-    assert cli.main(["--epochs", "1", "--explore-epochs", "0", "--image-size", "8", "--timing-steps", "1",
-                     "--out", str(tmp_path), "--no-progress"]) == 0
+def test_recipes_follow_the_paper():
+    vgg16, resnet32 = RECIPES["cifar10-vgg16"], RECIPES["cifar10-resnet32"]
+    assert (vgg16.epochs, vgg16.milestones, vgg16.batch_size, vgg16.lr) == (200, (100, 150, 190), 64, 0.1)
+    assert (resnet32.epochs, resnet32.milestones) == (300, (150, 200, 250, 290))
+    for r in (vgg16, resnet32):
+        assert (r.momentum, r.weight_decay, r.decay, r.decay_step, r.explore_epochs) == (0.9, 1e-4, 0.6, 0.1, 10)
+    args = cli.build_parser().parse_args(["--recipe", "cifar10-vgg16", "--data", "x", "--epochs", "20"])
+    _, hp = cli.resolve(args)
+    assert hp["milestones"] == (10, 15, 19)  # scaled with the shortened schedule
+
+
+def _fake_cifar(root: Path, n: int = 16) -> None:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        with open(root / name, "wb") as f:
+            pickle.dump(entry, f)
+
+
+def test_cifar10_loader_reads_the_python_batches(tmp_path):
+    _fake_cifar(tmp_path / "cifar-10-batches-py")
+    spec = cifar10_spec(tmp_path, batch_size=8)  # the parent directory works too
+    assert (spec.train_size, spec.test_size, spec.num_classes) == (80, 16, 10)
+    x, y = next(spec.train_batches(0))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
+    # Shuffling is reproducible per epoch and differs between epochs.
+    order = lambda epoch: torch.cat([b[0].flatten(1)[:, 0] for b in spec.train_batches(epoch)])
+    assert torch.equal(order(3), order(3))
+    assert not torch.equal(order(0), order(1))
+    assert sum(len(b[1]) for b in spec.test_batches()) == 16
+
+
+def test_cifar10_loader_names_the_expected_layout(tmp_path):
+    (tmp_path / "data_batch_1").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="data_batch_2.*test_batch"):
+        cifar10_spec(tmp_path, 8)
+    bad = tmp_path / "bad"
+    _fake_cifar(bad)
+    with open(bad / "test_batch", "wb") as f:
+        pickle.dump({b"wrong": 1}, f)
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+        cifar10_spec(bad, 8)
+
+
+def test_imagefolder_loader(tmp_path):
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((40, 48, 3), 60 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    spec = imagefolder_spec(tmp_path, batch_size=4, image_size=32, workers=0)
+    assert (spec.num_classes, spec.train_size, spec.test_size) == (2, 6, 6)
+    x, y = next(spec.train_batches(0))
+    assert x.shape == (4, 3, 32, 32)
+    with pytest.raises(FileNotFoundError, match="train/train/<class name>"):
+        imagefolder_spec(tmp_path / "train", 4)
+
+
+def test_cifar_recipe_runs_on_fake_data(tmp_path):
+    _fake_cifar(tmp_path / "data")
+    summary = cli.run(["--recipe", "cifar10-resnet32", "--data", str(tmp_path / "data"), "--epochs", "2",
+                       "--explore-epochs", "1", "--batch-size", "16", "--out", str(tmp_path / "run"), *FAST])
+    assert summary["params_finalized"] < summary["params_dense"]
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Interrupt a run right after its epoch-2 checkpoint, resume it: bit-identical to an uninterrupted run."""
+    common = ["--epochs", "4", "--explore-epochs", "1", *FAST]
+    full = cli.run(common + ["--out", str(tmp_path / "full")])
+
+    class Interrupted(Exception):
+        pass
+
+    real_save = torch.save
+
+    def save_then_stop(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(cli.torch, "save", save_then_stop)
+    with pytest.raises(Interrupted):
+        cli.run(common + ["--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(cli.torch, "save", real_save)
+    resumed = cli.run(common + ["--out", str(tmp_path / "resumed"),
+                                "--resume", str(tmp_path / "resumed" / "checkpoint.pt")])
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 4
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["dcp"] == b["dcp"]
+    assert [r["loss"] for r in a["rows"]] == [r["loss"] for r in b["rows"]]
+    assert full["kept"] == resumed["kept"]
+
+
+def test_dense_baseline_and_bf16_amp(tmp_path):
+    dense = cli.run(["--epochs", "2", "--dense", "--out", str(tmp_path / "dense"), *FAST])
+    assert dense["kept"] is None and dense["params_finalized"] == dense["params_dense"]
+    amp = cli.run(["--epochs", "2", "--explore-epochs", "1", "--amp", "bf16", "--out", str(tmp_path / "amp"), *FAST])
+    rows = (tmp_path / "amp" / "metrics.csv").read_text()
+    assert "nan" not in rows.lower()
+    assert amp["test_accuracy_finalized"] == pytest.approx(amp["test_accuracy_gated"])
+
+
+def test_ddp_two_processes_select_identically(tmp_path):
+    """torchrun-style launch of 2 CPU processes (gloo): every rank ends with the same selection and weights."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from dcp_kernels.train import cli\n"
+        "cli.run(sys.argv[2:])\n"
+        "sel = torch.cat([l.selected.float() for l in cli.LAST_RUN['prop'].layers])\n"
+        "params = torch.cat([p.detach().flatten() for p in cli.LAST_RUN['model'].parameters()])\n"
+        "torch.save({'sel': sel, 'params': params}, sys.argv[1] + f'/rank{dist.get_rank()}.pt')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(script), str(tmp_path), "--epochs", "2", "--explore-epochs", "1", "--out", str(tmp_path / "run"),
+           *FAST]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    assert torch.equal(r0["sel"], r1["sel"]) and not bool(r0["sel"].all())
+    assert torch.equal(r0["params"], r1["params"])

@@ -3,14 +3,18 @@
 With no arguments it trains a small VGG-style CNN on the digits dataset bundled with
 scikit-learn (no downloads) at prune ratio 0.5, then prints accuracy, kept channels per layer,
 parameters and FLOPs dense vs finalized, and the time of one training step dense vs DCP.
+``--recipe cifar10-vgg16 --data DIR`` (and the other recipes) run the paper's settings.
+Runs under ``torchrun --nproc_per_node N`` with DistributedDataParallel.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
 import os
+import random
 import time
 from pathlib import Path
 from typing import Sequence
@@ -20,39 +24,93 @@ import torch.nn.functional as F
 from torch import nn
 
 import dcp_kernels
-from dcp_kernels.models import vgg
-from dcp_kernels.train.data import load_digits
+from dcp_kernels.models import resnet_cifar, vgg
+from dcp_kernels.propagation import DecaySchedule
+from dcp_kernels.train.data import DataSpec, cifar10_spec, digits_spec, imagefolder_spec
+from dcp_kernels.train.recipes import RECIPES, Recipe
 
 DIGITS_VGG = [32, 32, "M", 64, 64, "M", 128, 128]
+
+# The last run's model and controller, for callers in the same process (tests, notebooks).
+LAST_RUN: dict = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcp-train", description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
-    p.add_argument("--explore-epochs", type=int, default=2, help="epochs with every channel selected (default 2)")
-    p.add_argument("--prune-ratio", type=float, default=0.5, help="fraction of prunable channels switched off")
-    p.add_argument("--decay", type=float, default=0.6, help="utility decay factor (default 0.6)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--image-size", type=int, default=32, help="digits are upsampled from 8x8 to this size (default 32)")
+    p.add_argument("--recipe", default="digits", choices=sorted(RECIPES),
+                   help="preset of data, model and schedule (default: digits, the embedded run)")
+    p.add_argument("--data", help="dataset directory (CIFAR-10 python batches, or an ImageFolder tree)")
+    p.add_argument("--epochs", type=int, help="training epochs (recipe default)")
+    p.add_argument("--explore-epochs", type=int, help="epochs with every channel selected (recipe default)")
+    p.add_argument("--prune-ratio", type=float, help="fraction of prunable channels switched off")
+    p.add_argument("--decay", type=float, help="initial utility decay factor (recipe default 0.6)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--image-size", type=int, default=32, help="digits: upsampled from 8x8 to this size (default 32)")
     p.add_argument("--backend", default="auto", help="auto | reference | torch")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"], help="autocast precision")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timing-steps", type=int, default=10, help="steps timed for the dense-vs-DCP comparison")
-    p.add_argument("--out", default="runs/digits", help="directory for metrics, summary and the finalized model")
+    p.add_argument("--dense", action="store_true", help="train the same model without DCP (baseline)")
+    p.add_argument("--resume", help="checkpoint to continue from (a run directory's checkpoint.pt)")
+    p.add_argument("--timing-steps", type=int, default=10,
+                   help="steps timed for the dense-vs-DCP comparison at the end (0: skip)")
+    p.add_argument("--workers", type=int, default=4, help="data loader workers (ImageFolder only)")
+    p.add_argument("--out", default="runs/digits", help="directory for metrics, plots, checkpoint and models")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     return p
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.epochs < 1:
+def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
+    """The recipe, and the effective hyperparameters (recipe values overridden by flags)."""
+    recipe = RECIPES[args.recipe]
+    hp = {
+        "epochs": args.epochs if args.epochs is not None else recipe.epochs,
+        "explore_epochs": args.explore_epochs if args.explore_epochs is not None else recipe.explore_epochs,
+        "prune_ratio": args.prune_ratio if args.prune_ratio is not None else recipe.prune_ratio,
+        "decay": args.decay if args.decay is not None else recipe.decay,
+        "batch_size": args.batch_size if args.batch_size is not None else recipe.batch_size,
+        "lr": args.lr if args.lr is not None else recipe.lr,
+    }
+    if hp["epochs"] < 1:
         raise SystemExit("dcp-train: --epochs must be >= 1")
-    if not 0 <= args.explore_epochs < args.epochs:
-        raise SystemExit("dcp-train: --explore-epochs must be in [0, --epochs)")
-    if not 0 <= args.prune_ratio < 1:
+    if not 0 <= hp["explore_epochs"] < hp["epochs"] and not args.dense:
+        raise SystemExit("dcp-train: --explore-epochs must be in [0, epochs)")
+    if not 0 <= hp["prune_ratio"] < 1:
         raise SystemExit("dcp-train: --prune-ratio must be in [0, 1)")
-    if args.batch_size < 1 or args.lr <= 0:
+    if hp["batch_size"] < 1 or hp["lr"] <= 0:
         raise SystemExit("dcp-train: --batch-size must be >= 1 and --lr > 0")
+    if recipe.data != "digits" and not args.data:
+        raise SystemExit(f"dcp-train: recipe {recipe.name} needs --data DIR ({recipe.data} layout)")
+    # Milestones scale with a shortened schedule so --epochs keeps the recipe's shape.
+    scale = hp["epochs"] / recipe.epochs
+    hp["milestones"] = tuple(sorted({max(1, round(m * scale)) for m in recipe.milestones}))
+    return recipe, hp
+
+
+def load_data(recipe: Recipe, args: argparse.Namespace, batch_size: int) -> DataSpec:
+    if recipe.data == "digits":
+        return digits_spec(batch_size, args.image_size, seed=args.seed)
+    if recipe.data == "cifar10":
+        return cifar10_spec(args.data, batch_size, seed=args.seed)
+    return imagefolder_spec(args.data, batch_size, seed=args.seed, workers=args.workers)
+
+
+def build_model(name: str, spec: DataSpec) -> nn.Module:
+    if name == "digits-vgg":
+        return vgg(DIGITS_VGG, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    if name == "vgg16":
+        return vgg("vgg16", num_classes=spec.num_classes, in_channels=spec.in_channels)
+    if name == "resnet32":
+        return resnet_cifar(32, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    if name == "resnet50":
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise SystemExit("dcp-train: the resnet50 recipe needs torchvision") from exc
+        return torchvision.models.resnet50(num_classes=spec.num_classes)
+    raise ValueError(f"unknown model {name!r}")
 
 
 def conv_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -68,25 +126,27 @@ def conv_flops(model: nn.Module, x: torch.Tensor) -> int:
             total += module.in_features * module.out_features
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
     try:
+        model.eval()
         with torch.no_grad():
-            was_training = model.training
-            model.eval()
             model(x[:1])
-            model.train(was_training)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     return total
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+def accuracy(model: nn.Module, spec: DataSpec, device: torch.device) -> float:
     model.eval()
-    correct = 0
+    correct = seen = 0
     with torch.no_grad():
-        for i in range(0, len(y), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-    return correct / len(y)
+        for x, y in spec.test_batches():
+            x, y = x.to(device), y.to(device)
+            correct += int((model(x).argmax(1) == y).sum())
+            seen += len(y)
+    return correct / seen
 
 
 def compare_step_times(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, float]:
@@ -106,9 +166,36 @@ def compare_step_times(models: dict[str, nn.Module], x: torch.Tensor, y: torch.T
             optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[name].step()
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if world > 1:
+        return torch.distributed.get_rank(), world
+    return 0, 1
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,93 +207,163 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(argv: Sequence[str] | None = None) -> dict:
     """Parse ``argv``, train, finalize, report; returns the summary that is also saved as JSON."""
     args = build_parser().parse_args(argv)
-    _check_args(args)
+    recipe, hp = resolve(args)
     from tqdm.auto import tqdm
 
+    rank, world = _distributed()
+    is_main = rank == 0
     torch.manual_seed(args.seed)
+    random.seed(args.seed)
     device = torch.device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    x_train, y_train, x_test, y_test = (t.to(device) for t in load_digits(args.image_size, seed=args.seed))
-    model = vgg(DIGITS_VGG, num_classes=10, in_channels=1).to(device)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    spec = load_data(recipe, args, hp["batch_size"])
+    model = build_model(recipe.model, spec).to(device)
     dense_model = copy.deepcopy(model)  # same architecture and init, never converted
+    probe = next(spec.test_batches())[0][:1].to(device)
     dense_params = sum(p.numel() for p in model.parameters())
-    dense_flops = conv_flops(model, x_test)
+    dense_flops = conv_flops(model, probe)
 
-    prop = dcp_kernels.convert(
-        model, args.prune_ratio, explore_epochs=args.explore_epochs, decay=args.decay, backend=args.backend
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
-    print(f"dcp-train: digits {tuple(x_train.shape[1:])}, {len(y_train)} train / {len(y_test)} test images, "
-          f"{len(prop.layers)} prunable layers, prune ratio {args.prune_ratio}, backend "
-          f"{dcp_kernels.ops.resolve_backend(args.backend, device)}")
-    rows = []
-    g = torch.Generator().manual_seed(args.seed)
+    prop = None
+    if not args.dense:
+        schedule = DecaySchedule(hp["decay"], recipe.decay_step, hp["milestones"][:-1], hp["milestones"][-1])
+        prop = dcp_kernels.convert(model, hp["prune_ratio"], explore_epochs=hp["explore_epochs"], decay=schedule,
+                                   backend=args.backend)
+        prop.distributed = world > 1  # average utilities over ranks before each selection
+    opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(hp["milestones"]), gamma=0.1)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp)
+    train_model: nn.Module = model
+    if world > 1:
+        # Buffers are not broadcast from rank 0: utilities are averaged over ranks before every
+        # selection instead (Propagation.select), so every rank's gradients inform them.
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+
+    rows: list[dict] = []
+    kept_history: list[dict[str, int]] = []
+    start_epoch = 0
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location=device, weights_only=False)
+        if ckpt["dense"] != args.dense or ckpt["recipe"] != recipe.name:
+            raise SystemExit(f"dcp-train: {args.resume} is a checkpoint of another kind of run")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if prop is not None:
+            prop.load_state_dict(ckpt["dcp"])
+        _set_rng_state(ckpt["rng"])
+        rows, kept_history, start_epoch = ckpt["rows"], ckpt["kept_history"], ckpt["epoch"]
+        if is_main:
+            print(f"dcp-train: resumed from {args.resume} at epoch {start_epoch}")
+
+    if is_main:
+        mode = "dense baseline" if args.dense else (
+            f"{len(prop.layers)} prunable layers, prune ratio {hp['prune_ratio']}, backend "
+            f"{dcp_kernels.ops.resolve_backend(args.backend, device)}")
+        print(f"dcp-train: {recipe.name}: {spec.name} {spec.in_channels}x{spec.image_size}x{spec.image_size}, "
+              f"{spec.train_size} train / {spec.test_size} test images, {mode}, {world} process(es)")
     start_time = time.perf_counter()
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(y_train), generator=g).to(device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    for epoch in range(start_epoch, hp["epochs"]):
+        train_model.train()
         seen = correct = 0
         loss_sum = 0.0
-        bar = tqdm(range(0, len(order), args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=True if args.no_progress else None, leave=False)  # None: off when not a terminal
+        batches = list(spec.train_batches(epoch))
+        # Every rank takes the same number of batches (DDP's collectives must pair up); the last
+        # len % world batches of the epoch are dropped when training on several processes.
+        batches = batches[: len(batches) - len(batches) % world][rank::world]
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{hp['epochs']}", leave=False,
+                   disable=True if (args.no_progress or not is_main) else None)  # None: off when not a terminal
         t0 = time.perf_counter()
-        for i in bar:
-            idx = order[i:i + args.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+        for xb, yb in bar:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            with autocast():
+                logits = train_model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             seen += len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             loss_sum += float(loss.detach()) * len(yb)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            kept=sum(prop.kept().values()), img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{correct / seen:.3f}",
+                       "img_s": f"{seen * world / (time.perf_counter() - t0):.0f}"}
+            if prop is not None:
+                postfix["kept"] = sum(prop.kept().values())
+            bar.set_postfix(postfix)
         sched.step()
         row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
-               "test_acc": accuracy(model, x_test, y_test), "kept": sum(prop.kept().values()),
-               "decay": prop.decay, "seconds": time.perf_counter() - t0}
+               "test_acc": accuracy(model, spec, device), "lr": opt.param_groups[0]["lr"],
+               "kept": sum(prop.kept().values()) if prop else None, "decay": prop.decay if prop else None,
+               "seconds": time.perf_counter() - t0}
         rows.append(row)
-        print(f"epoch {epoch + 1:>3}: loss {row['loss']:.3f}  train {row['train_acc']:.3f}  "
-              f"test {row['test_acc']:.3f}  kept {row['kept']}/{prop.total_channels}  {row['seconds']:.1f}s")
-        prop.epoch_end()
+        if prop is not None:
+            kept_history.append(prop.kept())
+            prop.epoch_end()
+        if is_main:
+            kept = f"  kept {row['kept']}/{prop.total_channels}" if prop else ""
+            print(f"epoch {epoch + 1:>3}: loss {row['loss']:.3f}  train {row['train_acc']:.3f}  "
+                  f"test {row['test_acc']:.3f}{kept}  {row['seconds']:.1f}s")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "scaler": scaler.state_dict(), "dcp": prop.state_dict() if prop else None,
+                        "rng": _rng_state(), "epoch": epoch + 1, "rows": rows, "kept_history": kept_history,
+                        "dense": args.dense, "recipe": recipe.name, "hyperparameters": hp},
+                       out / "checkpoint.pt")
     train_seconds = time.perf_counter() - start_time
+    LAST_RUN.update(model=model, prop=prop)
+    summary = _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history, device, probe,
+                      dense_params, dense_flops, train_seconds, out, is_main, world)
+    if world > 1:
+        torch.distributed.barrier()
+    return summary
 
-    gated_acc = accuracy(model, x_test, y_test)
-    final = prop.finalize()
-    final_acc = accuracy(final, x_test, y_test)
-    final_params = sum(p.numel() for p in final.parameters())
-    final_flops = conv_flops(final, x_test)
 
-    # Dense vs DCP step time, measured side by side on one batch, after training (final selection).
-    xb, yb = x_train[: args.batch_size], y_train[: args.batch_size]
-    prop.explore_epochs = 0  # keep selecting (not exploring) while timing
-    timed = compare_step_times({"dense": dense_model, "dcp": model, "finalized": copy.deepcopy(final)},
-                               xb, yb, args.timing_steps)
-    dense_step, dcp_step, ideal_step = timed["dense"], timed["dcp"], timed["finalized"]
-
-    print("\nkept channels per layer:")
-    for name, layer in zip(prop.layer_names, prop.layers):
-        print(f"  {name:<10} {int(layer.selected.sum()):>4} / {layer.out_channels}")
+def _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history, device, probe,
+            dense_params, dense_flops, train_seconds, out, is_main, world) -> dict:
+    """Finalize, measure, print and save the run's results (rank 0 writes files)."""
+    gated_acc = accuracy(model, spec, device)
+    final = prop.finalize() if prop is not None else model
+    final_acc = accuracy(final, spec, device)
     summary = {
-        "test_accuracy_gated": gated_acc,
-        "test_accuracy_finalized": final_acc,
-        "params_dense": dense_params, "params_finalized": final_params,
-        "flops_dense": dense_flops, "flops_finalized": final_flops,
-        "step_seconds_dense": dense_step, "step_seconds_dcp": dcp_step, "step_seconds_finalized": ideal_step,
-        "train_seconds": train_seconds, "kept": prop.kept(), "args": vars(args),
-        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "recipe": recipe.name, "hyperparameters": hp, "dense_baseline": args.dense,
+        "test_accuracy_gated": gated_acc, "test_accuracy_finalized": final_acc,
+        "params_dense": dense_params, "params_finalized": sum(p.numel() for p in final.parameters()),
+        "flops_dense": dense_flops, "flops_finalized": conv_flops(final, probe),
+        "train_seconds": train_seconds, "kept": prop.kept() if prop else None, "args": vars(args),
+        "device": str(device), "processes": world, "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
+    if args.timing_steps > 0 and prop is not None and is_main:
+        # Dense vs DCP vs the finalized network, side by side on one batch (final selection).
+        xb, yb = next(spec.train_batches(0))
+        xb, yb = xb.to(device), yb.to(device)
+        prop.explore_epochs = 0  # keep selecting (not exploring) while timing
+        prop.distributed = False  # only this rank times: no collective calls
+        timed = compare_step_times({"dense": dense_model, "dcp": model, "finalized": copy.deepcopy(final)},
+                                   xb, yb, args.timing_steps)
+        summary.update(step_seconds_dense=timed["dense"], step_seconds_dcp=timed["dcp"],
+                       step_seconds_finalized=timed["finalized"], timing_batch=len(yb))
+    if not is_main:
+        return summary
+    if prop is not None:
+        print("\nkept channels per layer:")
+        for name, layer in zip(prop.layer_names, prop.layers):
+            print(f"  {name:<24} {int(layer.selected.sum()):>5} / {layer.out_channels}")
     print(f"\ntest accuracy: gated {gated_acc:.4f}, finalized {final_acc:.4f}")
-    print(f"parameters: dense {dense_params:,} -> finalized {final_params:,} ({final_params / dense_params:.2f}x)")
-    print(f"FLOPs/image: dense {dense_flops:,} -> finalized {final_flops:,} ({final_flops / dense_flops:.2f}x)")
-    print(f"training step (batch {len(yb)}, {device}, {torch.get_num_threads()} threads): dense {dense_step * 1e3:.1f} ms, "
-          f"DCP {dcp_step * 1e3:.1f} ms ({dense_step / dcp_step:.2f}x faster), "
-          f"finalized model {ideal_step * 1e3:.1f} ms")
-
+    p_d, p_f, f_d, f_f = (summary[k] for k in ("params_dense", "params_finalized", "flops_dense", "flops_finalized"))
+    print(f"parameters: dense {p_d:,} -> finalized {p_f:,} ({p_f / p_d:.2f}x)")
+    print(f"FLOPs/image: dense {f_d:,} -> finalized {f_f:,} ({f_f / f_d:.2f}x)")
+    if "step_seconds_dcp" in summary:
+        d, c, f = summary["step_seconds_dense"], summary["step_seconds_dcp"], summary["step_seconds_finalized"]
+        print(f"training step (batch {summary['timing_batch']}, {device}, {torch.get_num_threads()} threads): "
+              f"dense {d * 1e3:.1f} ms, DCP {c * 1e3:.1f} ms ({d / c:.2f}x faster), finalized model {f * 1e3:.1f} ms")
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -214,7 +371,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     torch.save(final, out / "finalized_model.pt")
     torch.save(final.state_dict(), out / "finalized_state_dict.pt")
-    print(f"outputs: {os.fspath(out)}/ (metrics.csv, summary.json, finalized_model.pt, finalized_state_dict.pt)")
+    written = ["metrics.csv", "summary.json", "checkpoint.pt", "finalized_model.pt", "finalized_state_dict.pt"]
+    if not args.no_plots:
+        from dcp_kernels.train.plots import save_plots
+
+        paths = save_plots(rows, kept_history, prop.utilities() if prop else {}, out)
+        written += [p.name for p in paths]
+    print(f"outputs: {os.fspath(out)}/ ({', '.join(written)})")
     return summary
 
 
