@@ -156,12 +156,30 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert full["kept"] == resumed["kept"]
 
 
-def test_dense_baseline_and_bf16_amp(tmp_path):
-    dense = cli.run(["--epochs", "2", "--dense", "--out", str(tmp_path / "dense"), *FAST])
+def test_dcp_accuracy_close_to_dense_on_digits(tmp_path):
+    """Shortened schedule (5 epochs, 16x16): DCP at prune 0.5 within 2 points of the dense run.
+    (The default 10-epoch schedule is recorded in docs/results.md: 0.83 points apart.)"""
+    args = ["--epochs", "5", "--explore-epochs", "1", "--image-size", "16", "--timing-steps", "0", "--no-progress",
+            "--no-plots"]
+    dense = cli.run(args + ["--dense", "--out", str(tmp_path / "dense")])
+    dcp = cli.run(args + ["--out", str(tmp_path / "dcp")])
     assert dense["kept"] is None and dense["params_finalized"] == dense["params_dense"]
-    amp = cli.run(["--epochs", "2", "--explore-epochs", "1", "--amp", "bf16", "--out", str(tmp_path / "amp"), *FAST])
-    rows = (tmp_path / "amp" / "metrics.csv").read_text()
-    assert "nan" not in rows.lower()
+    assert dcp["test_accuracy_finalized"] >= dense["test_accuracy_finalized"] - 0.02
+    assert dcp["flops_finalized"] < 0.6 * dcp["flops_dense"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_amp_selects_like_fp32(tmp_path, precision):
+    """CPU autocast (fp16 with a GradScaler): no NaN, fp32 utilities, selections near the fp32 run's."""
+    args = ["--epochs", "2", "--explore-epochs", "1", *FAST]
+    cli.run(args + ["--out", str(tmp_path / "fp32")])
+    fp32 = torch.cat([l.selected for l in cli.LAST_RUN["prop"].layers])
+    amp = cli.run(args + ["--amp", precision, "--out", str(tmp_path / "amp")])
+    low = torch.cat([l.selected for l in cli.LAST_RUN["prop"].layers])
+    assert "nan" not in (tmp_path / "amp" / "metrics.csv").read_text().lower()
+    assert all(torch.isfinite(l.utility).all() and l.utility.dtype == torch.float32
+               for l in cli.LAST_RUN["prop"].layers)
+    assert (fp32 == low).float().mean() >= 0.8  # low-precision rounding moves near-ties only
     assert amp["test_accuracy_finalized"] == pytest.approx(amp["test_accuracy_gated"])
 
 
