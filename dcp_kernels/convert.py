@@ -1,6 +1,8 @@
 """``convert(model)``: plan the whole conversion first, then swap modules in place."""
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Mapping
 
 from torch import nn
@@ -9,6 +11,8 @@ from . import ops
 from .graph import analyze
 from .modules import DCPConv2d
 from .propagation import ConversionPlan, DecaySchedule, Propagation, check_prune_ratio
+
+logger = logging.getLogger("dcp_kernels")
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -94,4 +98,14 @@ def convert(
     for bn_name in plan.norm_homes.values():
         _set_submodule(model, bn_name, nn.Identity())
     prop.attach(model)
+    unexpected = {n: r for n, r in analysis.skipped.items() if n not in analysis.coupled}
+    if unexpected:
+        warnings.warn(
+            f"convert({type(model).__name__}): {len(unexpected)} conv(s) left dense because DCP does not handle "
+            "them yet: " + "; ".join(f"{n}: {r}" for n, r in unexpected.items()),
+            stacklevel=2,
+        )
+    if analysis.coupled:
+        logger.info("convert: %d conv(s) left dense because their channels are combined with other tensors "
+                    "(residual sums, concats): %s", len(analysis.coupled), ", ".join(sorted(analysis.coupled)))
     return prop

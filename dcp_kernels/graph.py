@@ -38,12 +38,15 @@ class ChannelAnalysis:
     ``producers``: prunable conv name -> name of the BatchNorm it owns (or None: gate after conv).
     ``consumers``: prunable conv name -> [(reader name, "conv" | "linear", features per channel)].
     ``skipped``: conv name -> why its outputs stay dense.
+    ``coupled``: the skipped convs whose channels are combined with other tensors (residual sums,
+    concats, products): dense by design in this version, as the paper keeps residual channels dense.
     """
 
     convs: list[str] = field(default_factory=list)
     producers: dict[str, str | None] = field(default_factory=dict)
     consumers: dict[str, list[tuple[str, str, int]]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    coupled: set[str] = field(default_factory=set)
 
 
 def trace(model: nn.Module) -> fx.Graph:
@@ -90,17 +93,23 @@ def analyze(model: nn.Module) -> ChannelAnalysis:
             bn = modules[users[0].target]
             if type(bn) is nn.BatchNorm2d and bn.num_features == conv.out_channels and calls[users[0].target] == 1:
                 tail, bn_name = users[0], users[0].target
-        readers, reason = _readers(tail, conv.out_channels, modules, calls, conv_set)
+        readers, reason, coupled = _readers(tail, conv.out_channels, modules, calls, conv_set)
         if reason is not None:
             result.skipped[name] = reason
+            if coupled:
+                result.coupled.add(name)
             continue
         result.producers[name] = bn_name
         result.consumers[name] = readers
     return result
 
 
-def _readers(start: fx.Node, channels: int, modules, calls, conv_set) -> tuple[list[tuple[str, str, int]], str | None]:
-    """Follow zero-preserving ops from ``start``; return the readers, or a reason to stay dense."""
+def _readers(start: fx.Node, channels: int, modules, calls, conv_set) -> tuple[list[tuple[str, str, int]], str | None, bool]:
+    """Follow zero-preserving ops from ``start``.
+
+    Returns (readers, None, False), or ([], reason to stay dense, whether the reason is that the
+    channels are combined with other tensors).
+    """
     readers: list[tuple[str, str, int]] = []
     frontier = [(start, False)]  # (node, flattened?)
     seen: set[fx.Node] = set()
@@ -113,18 +122,18 @@ def _readers(start: fx.Node, channels: int, modules, calls, conv_set) -> tuple[l
             if _is_shape_query(user):
                 continue
             if _tensor_args(user) != [node] or user.args[:1] != (node,):
-                return [], f"its output is combined with other tensors in {_describe(user)}"
+                return [], f"its output is combined with other tensors in {_describe(user)}", True
             step = _classify(user, flat, channels, modules, calls, conv_set)
             if isinstance(step, str):
-                return [], step
+                return [], step, False
             kind, payload = step
             if kind == "pass":
                 frontier.append((user, payload))
             else:
                 readers.append((user.target, kind, payload))
     if not readers:
-        return [], "no conv or linear layer reads its output"
-    return readers, None
+        return [], "no conv or linear layer reads its output", False
+    return readers, None, False
 
 
 def _classify(user: fx.Node, flat: bool, channels: int, modules, calls, conv_set):

@@ -336,3 +336,28 @@ def test_bf16_autocast_matches_the_reference(backend):
     for (name, p), q in zip(ref_model.named_parameters(), fast_model.parameters()):
         assert q.grad.dtype == torch.float32
         torch.testing.assert_close(q.grad, p.grad, rtol=0.1, atol=0.05, msg=lambda m, name=name: f"{name}: {m}")
+
+
+class _WithUnknownOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.sigmoid(self.bn2(self.conv2(x)))  # sigmoid(0) != 0: conv2 cannot be pruned
+        return self.conv3(x).mean((2, 3))
+
+
+def test_convs_not_understood_are_left_dense_with_a_warning(recwarn):
+    model = _WithUnknownOp()
+    prop = dcp_kernels.convert(model, 0.3)
+    assert prop.layer_names == ["conv1"]
+    messages = [str(w.message) for w in recwarn.list]
+    assert any("conv2" in m and "sigmoid" in m for m in messages)
+    # Residual channels are dense by design, not a surprise: no warning for them.
+    recwarn.clear()
+    dcp_kernels.convert(small_resnet(), 0.3)
+    assert not [w for w in recwarn.list if "left dense" in str(w.message)]
