@@ -202,7 +202,7 @@ class Propagation:
 
     @property
     def total_channels(self) -> int:
-        return sum(layer.out_channels for layer in self.layers)
+        return sum(self._layer_sizes())
 
     @property
     def decay(self) -> float:
@@ -231,6 +231,14 @@ class Propagation:
         return [m for m in self.model.modules() if isinstance(m, DCPConv2d)]
 
     # ----------------------------------------------------------------------------- selection
+    def _layer_sizes(self) -> list[int]:
+        return [layer.out_channels for layer in self.layers]
+
+    def _scatter_to_layers(self, vector: torch.Tensor, buffer: str) -> None:
+        """Copy consecutive slices of a network-wide vector into each layer's ``buffer``."""
+        for layer, part in zip(self.layers, torch.split(vector, self._layer_sizes())):
+            getattr(layer, buffer).copy_(part)
+
     def utility_vector(self) -> torch.Tensor:
         return torch.cat([layer.utility for layer in self.layers])
 
@@ -244,11 +252,8 @@ class Propagation:
             for layer in self.layers:
                 layer.selected.fill_(True)
             return
-        mask = select_channels(
-            self.utility_vector(), [l.out_channels for l in self.layers], self.keep, self.min_channels
-        )
-        for layer, part in zip(self.layers, torch.split(mask, [l.out_channels for l in self.layers])):
-            layer.selected.copy_(part)
+        mask = select_channels(self.utility_vector(), self._layer_sizes(), self.keep, self.min_channels)
+        self._scatter_to_layers(mask, "selected")
 
     @torch.no_grad()
     def sync_utilities(self) -> None:
@@ -260,8 +265,7 @@ class Propagation:
         vector = self.utility_vector()
         dist.all_reduce(vector)
         vector /= dist.get_world_size()
-        for layer, part in zip(self.layers, torch.split(vector, [l.out_channels for l in self.layers])):
-            layer.utility.copy_(part)
+        self._scatter_to_layers(vector, "utility")
 
     def step(self) -> None:
         """One training step's selection (called automatically before each training forward)."""
