@@ -79,8 +79,9 @@ def finalize(prop: "Propagation") -> nn.Module:
     The channels kept are the current selection: the one the last training steps used and the
     converted model evaluates with. While still exploring (everything selected), a selection is
     made from the current utilities first and written into the converted model. Either way
-    ``model.eval()`` and the returned module compute the same function. The copy contains no ``dcp_kernels`` classes and no DCP hooks: every DCPConv2d
-    becomes an ``nn.Conv2d`` and its BatchNorm goes back to its original place, sliced.
+    ``model.eval()`` and the returned module compute the same function. The copy contains no
+    ``dcp_kernels`` classes and no DCP hooks: every DCPConv2d becomes an ``nn.Conv2d`` and its
+    BatchNorm goes back to its original place, sliced.
     """
     model = prop.model
     if model is None or prop.plan is None:

@@ -20,9 +20,7 @@ from .reference import channel_mask
 def zeros_except(shape, idx: torch.Tensor, values: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
     """A tensor of ``shape`` holding ``values`` at channels ``idx`` (dim 1) and zeros elsewhere."""
     # Measured on CPU: a full memset plus index_copy_ beats index_fill_ on the complement.
-    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
-    if memory_format is not torch.contiguous_format:
-        out = out.contiguous(memory_format=memory_format)
+    out = torch.empty(shape, dtype=values.dtype, device=values.device, memory_format=memory_format).zero_()
     return out.index_copy_(1, idx, values)
 
 
