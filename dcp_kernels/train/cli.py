@@ -173,12 +173,14 @@ def compare_step_times(models: dict[str, nn.Module], x: torch.Tensor, y: torch.T
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
+def _distributed(device_type: str) -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun.
+
+    NCCL only for CUDA training: a ``--device cpu`` run on a GPU machine must use gloo.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo")
     if world > 1:
         return torch.distributed.get_rank(), world
     return 0, 1
@@ -210,7 +212,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     recipe, hp = resolve(args)
     from tqdm.auto import tqdm
 
-    rank, world = _distributed()
+    rank, world = _distributed(torch.device(args.device).type)
     is_main = rank == 0
     torch.manual_seed(args.seed)
     random.seed(args.seed)
