@@ -5,16 +5,20 @@ Variants per shape and keep ratio (one pytest-benchmark group each, so ratios re
   reference  the paper's masked implementation (dense conv + channel masks)
   torch      our compact PyTorch backend on full-width tensors (the op contract: gather -> conv
              -> scatter, compact backward)
-  torch-compact-io  the same backend with compact input and output, as between two layers of a
+  triton     our fused gather implicit-GEMM Triton kernels (CUDA only; skipped elsewhere)
+  <backend>-compact-io  that backend with compact input and output, as between two layers of a
              converted model (``compact_activations=True``): no gather/scatter copies
   ideal      a dense conv on tensors already of the compact size (perfect skipping)
 
 ``keep`` is the fraction of input and of output channels kept (the FLOPs scale with keep**2).
 Gradients are taken with ``torch.autograd.grad`` so no variant pays for ``.grad`` accumulation.
 """
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import backend_skip_reason
 
 from dcp_kernels import ops
 
@@ -33,10 +37,12 @@ SHAPES = [
 QUICK_SHAPES = [("tiny", 8, 32, 8, 3)]
 KEEPS = [1.0, 0.75, 0.5, 0.25]
 QUICK_KEEPS = [0.5]
-# Every backend the dispatch point reports as available joins automatically (Triton and the CUDA
-# extension when they land); "torch-compact-io" is the torch backend between converted layers.
-BACKENDS = [name for name, available in ops.backends().items() if available]
-VARIANTS = ["dense", *BACKENDS, "torch-compact-io", "ideal"]
+# Every backend the dispatch point knows joins automatically; one that cannot run on --device is
+# collected and skipped with the reason (Triton without a GPU). "<backend>-compact-io" is that
+# backend between converted layers (compact input and output).
+BACKENDS = [name for name in ops.BACKENDS if name != "triton" or importlib.util.find_spec("triton")]
+COMPACT_IO = [f"{name}-compact-io" for name in BACKENDS if name != "reference"]
+VARIANTS = ["dense", *BACKENDS, *COMPACT_IO, "ideal"]
 
 
 def _case(n, c, h, k, keep, device, dtype):
@@ -60,9 +66,9 @@ def _step_fn(variant, backward, x, w, in_idx, out_idx, grad):
         inputs, g, forward = (x, w), grad, lambda: F.conv2d(x, w, padding=pad)
     elif variant == "ideal":
         inputs, g, forward = (xc, wc), gc, lambda: F.conv2d(xc, wc, padding=pad)
-    elif variant == "torch-compact-io":
-        inputs, g = (xc, w), gc
-        forward = lambda: ops.gathered_conv2d(xc, w, None, in_idx, out_idx, 1, pad, backend="torch",
+    elif variant.endswith("-compact-io"):
+        inputs, g, backend = (xc, w), gc, variant.removesuffix("-compact-io")
+        forward = lambda: ops.gathered_conv2d(xc, w, None, in_idx, out_idx, 1, pad, backend=backend,
                                               layout="compact", input_layout="compact", validate=False)
     else:
         inputs, g = (x, w), grad
@@ -86,6 +92,9 @@ CASES = [pytest.param(s, keep, id=f"{_shape_id(s)}-keep{keep}") for s in SHAPES 
 @pytest.mark.parametrize("shape, keep", CASES)
 @pytest.mark.parametrize("passes", ["fwd+bwd", "fwd"])
 def test_conv(benchmark, quick, device, dtype, timed, passes, shape, keep, variant):
+    reason = backend_skip_reason(variant.removesuffix("-compact-io"), device)
+    if reason:
+        pytest.skip(reason)
     name, n, c, h, k = shape
     precision = str(dtype).replace("torch.", "")
     benchmark.group = f"op {passes} {name} conv{k}x{k} N={n} C={c} H=W={h} keep={keep} {precision}"

@@ -4,6 +4,7 @@ Variants per network and prune ratio (one group each):
   dense      the network as built (nn.Conv2d), trained normally
   reference  converted with the paper's masked implementation
   torch      converted with our compact backend (compact activations between layers)
+  triton     converted with the Triton kernels (CUDA only; skipped elsewhere)
   ideal      the same network built dense with exactly the per-layer widths the selection kept
              (the finalized model): what perfect skipping costs. Global selection keeps layers
              unevenly, so this is not simply (1 - prune_ratio)**2 of dense.
@@ -16,16 +17,19 @@ the timed rounds (see ``peak_memory.py``).
 noisy machine); ``test_training_step`` times each variant on its own.
 """
 import copy
+import importlib.util
 import statistics
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import backend_skip_reason
+from peak_memory import peak_bytes
 
 import dcp_kernels
+from dcp_kernels import ops
 from dcp_kernels.models import resnet_cifar, vgg
-from peak_memory import peak_bytes
 
 NETWORKS = {
     "vgg16-cifar": (lambda: vgg("vgg16"), 64, 32),  # (factory, batch, image size)
@@ -34,7 +38,8 @@ NETWORKS = {
 QUICK_NETWORKS = {"tiny-vgg": (lambda: vgg([16, "M", 32, 32, "M", 64]), 8, 16)}
 RATIOS = [0.0, 0.3, 0.5, 0.7]
 QUICK_RATIOS = [0.5]
-VARIANTS = ["dense", *(name for name, available in dcp_kernels.backends().items() if available), "ideal"]
+VARIANTS = ["dense", *(name for name in ops.BACKENDS if name != "triton" or importlib.util.find_spec("triton")),
+            "ideal"]
 
 _CACHE: dict = {}
 
@@ -103,6 +108,9 @@ ALL_NETWORKS = {**NETWORKS, **QUICK_NETWORKS}
 @pytest.mark.parametrize("name, ratio", CASES)
 def test_training_step(benchmark, quick, device, timed, name, ratio, variant):
     """Each variant timed on its own (readable in pytest-benchmark's table; sensitive to drift)."""
+    reason = backend_skip_reason(variant, device)
+    if reason:
+        pytest.skip(reason)
     _, batch, size = ALL_NETWORKS[name]
     model, prop = _variant_model(name, ratio, variant, device)
     model.train()
@@ -126,11 +134,12 @@ def test_training_step_interleaved(benchmark, quick, device, timed, name, ratio)
     _, batch, size = ALL_NETWORKS[name]
     x, y = _batch(batch, size, device, 4)
     steps = {}
-    for variant in VARIANTS:
+    variants = [v for v in VARIANTS if backend_skip_reason(v, device) is None]
+    for variant in variants:
         model, _ = _variant_model(name, ratio, variant, device)
         model.train()
         steps[variant] = timed(_sgd_step(model, x, y))
-    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    samples: dict[str, list[float]] = {v: [] for v in variants}
 
     def one_round():
         for variant, step in steps.items():

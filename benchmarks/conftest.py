@@ -8,6 +8,17 @@ suite from rotting); without it those are deselected and the full-size benchmark
 import pytest
 import torch
 
+from dcp_kernels import ops
+
+
+def backend_skip_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` is not benchmarked on ``device`` (None when it is)."""
+    if backend == "triton" and device.type != "cuda":
+        return "the Triton backend runs on CUDA devices only (its CPU interpreter is for tests, not timing)"
+    if backend in ops.BACKENDS and not ops.backends(device)[backend]:
+        return f"backend {backend!r} is not available on {device}"
+    return None
+
 
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", help="run only the small, fast benchmark subset")

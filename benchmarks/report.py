@@ -5,7 +5,8 @@
 Op level, per group (one shape and keep ratio): each variant's median and ``dense / variant``
 (speedup over dense) and ``variant / ideal`` (cost over perfect skipping).
 Step level, per network and prune ratio: the time ratios ``torch/dense``, ``ideal/dense``,
-``torch/ideal`` and ``reference/dense``, the selection's share of the ``torch`` step, and peak memory.
+``torch/ideal`` and ``reference/dense``, the selection's share of the ``torch`` step, and peak memory
+(plus ``triton/dense``, ``triton/ideal``, ``triton/torch`` when the Triton backend was measured).
 The plot shows speedup over dense against keep ratio (op level, one panel per shape) and against
 prune ratio (step level, one panel per network), one line per variant.
 """
@@ -71,6 +72,12 @@ def step_table(groups: dict, selections: dict, peaks: dict) -> str:
             f"{_ratio(t.get('torch'), t.get('dense'))} | {_ratio(t.get('ideal'), t.get('dense'))} | "
             f"{_ratio(t.get('torch'), t.get('ideal'))} | {_ratio(t.get('reference'), t.get('dense'))} | {share} | {mb} |"
         )
+    if any("triton" in t for t in groups.values()):
+        lines += ["", "| network | prune | triton ms | triton/dense | triton/ideal | triton/torch |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for (model, ratio), t in sorted(groups.items()):
+            lines.append(f"| {model} | {ratio} | {_ms(t, 'triton')} | {_ratio(t.get('triton'), t.get('dense'))} | "
+                         f"{_ratio(t.get('triton'), t.get('ideal'))} | {_ratio(t.get('triton'), t.get('torch'))} |")
     return "\n".join(lines)
 
 

@@ -22,8 +22,9 @@ class _CompactGate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a_c, out_idx, channels, utility, decay, track, scatter):
+    def forward(ctx, a_c, out_idx, channels, utility, decay, track, scatter, backend):
         ctx.track, ctx.decay, ctx.full = track, decay, out_idx.numel() == channels
+        ctx.backend = backend
         ctx.scatter = scatter and not ctx.full
         # The utility buffer is held as a plain attribute, not saved: backward updates it in
         # place, which would trip autograd's version check on a retained graph.
@@ -40,9 +41,9 @@ class _CompactGate(torch.autograd.Function):
         a_c, out_idx = ctx.saved_tensors
         g_c = grad_out.index_select(1, out_idx) if ctx.scatter else grad_out
         if ctx.track:
-            v = ops.channel_utility(a_c, g_c)
+            v = ops.channel_utility(a_c, g_c, backend=ctx.backend)
             update_utilities(ctx.utility, v, None if ctx.full else out_idx, ctx.decay)
-        return g_c, None, None, None, None, None, None
+        return g_c, None, None, None, None, None, None, None
 
 
 class _GateMask(torch.autograd.Function):
@@ -87,7 +88,7 @@ class DCPConv2d(nn.Conv2d):
             ``gate(BN(conv(x)))``: the gate sits after the BN, as in the paper.
         prunable: whether output channels carry utilities and can be switched off. A
             non-prunable layer still reads only the live channels of its input source.
-        backend: ``auto`` | ``reference`` | ``torch`` (see :func:`dcp_kernels.backends`).
+        backend: ``auto`` | ``reference`` | ``torch`` | ``triton`` (see :func:`dcp_kernels.backends`).
         name: a label used in error messages (``convert`` sets the module path).
 
     Input and output are full-width NCHW tensors; unselected output channels are exact zeros.
@@ -156,7 +157,7 @@ class DCPConv2d(nn.Conv2d):
         prunable: bool = True,
         backend: str = "auto",
         name: str | None = None,
-    ) -> "DCPConv2d":
+    ) -> DCPConv2d:
         """Wrap an existing conv (and the BN after it); the same Parameter objects are reused."""
         if not isinstance(conv, nn.Conv2d) or isinstance(conv, DCPConv2d):
             raise TypeError(f"from_modules expects a plain nn.Conv2d, got {type(conv).__name__}")
@@ -183,10 +184,10 @@ class DCPConv2d(nn.Conv2d):
 
     # ----------------------------------------------------------------------------- selection state
     @property
-    def input_source(self) -> "DCPConv2d | None":
+    def input_source(self) -> DCPConv2d | None:
         return self.__dict__["_input_source"]
 
-    def set_input_source(self, producer: "DCPConv2d | None") -> None:
+    def set_input_source(self, producer: DCPConv2d | None) -> None:
         """Read only the channels ``producer`` selects (``None``: read all input channels)."""
         if producer is not None:
             if not isinstance(producer, DCPConv2d) or not producer.prunable:
@@ -311,7 +312,7 @@ class DCPConv2d(nn.Conv2d):
         if full_out:
             return a_c
         return _CompactGate.apply(
-            a_c, out_idx, self.out_channels, self.utility, self.decay, track, not self.compact_output
+            a_c, out_idx, self.out_channels, self.utility, self.decay, track, not self.compact_output, backend
         )
 
     def _batch_norm(self, y: torch.Tensor, out_idx: torch.Tensor, *, full: bool) -> torch.Tensor:

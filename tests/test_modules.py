@@ -4,12 +4,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import sorted_subset
 from torch import nn
 
 from dcp_kernels import DCPConv2d, ops
-from conftest import sorted_subset
 
-FAST_BACKENDS = [b for b in ops.BACKENDS if b != "reference"]
+# Every backend that runs on CPU tensors here (Triton through its interpreter).
+FAST_BACKENDS = [b for b, usable in ops.backends("cpu").items() if usable and b != "reference"]
 
 
 def _pair(backend, **conv_kwargs):
@@ -52,9 +53,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def _layer_cases():
+    """(backend, keep) pairs. Triton's CPU interpreter is slow, so without a GPU it runs the layer
+    cases at keep "half" only; tests/test_ops.py runs its kernels at every keep."""
+    interpreted = not torch.cuda.is_available()
+    for backend in FAST_BACKENDS:
+        for keep in ("all", "half", "one"):
+            if backend == "triton" and interpreted and keep != "half":
+                continue
+            yield pytest.param(backend, keep, id=f"{keep}-{backend}")
+
+
+@pytest.mark.parametrize("backend, keep", list(_layer_cases()))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-@pytest.mark.parametrize("keep", ["all", "half", "one"])
 def test_layer_matches_reference_over_steps(backend, case, keep):
     ref, fast = _pair(backend, **dict(case))
     cin, cout = case["cin"], case["cout"]
@@ -79,7 +90,10 @@ def test_layer_matches_reference_over_steps(backend, case, keep):
         torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-5, atol=1e-5)
         assert torch.count_nonzero(y_fast[:, ~out_mask]) == 0
     for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        # A conv bias followed by BN has a true gradient of 0 (BN removes the mean): both sides
+        # hold only fp32 rounding noise of a 200-term sum, which differs between kernels.
+        atol = 5e-5 if (name == "bias" and ref.norm is not None) else 1e-5
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-5, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close(fast.utility, ref.utility, rtol=1e-5, atol=1e-6)
     assert torch.count_nonzero(fast.utility[~out_mask]) == 0  # unselected channels keep their utility (0)
     assert float(fast.utility.max()) > 0
@@ -194,7 +208,8 @@ def test_layer_gradcheck_fp64(backend, compact_output):
 
     weight = layer.weight.detach().clone().requires_grad_(True)
     bn_weight = layer.norm.weight.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(f, (x, weight, bn_weight))
+    # Triton runs in its interpreter here: fast mode (random projections) keeps it to seconds.
+    assert torch.autograd.gradcheck(f, (x, weight, bn_weight), fast_mode=backend == "triton")
 
 
 def test_utilities_stay_float32_under_dtype_casts():

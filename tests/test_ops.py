@@ -1,11 +1,12 @@
 """Every fast backend against the reference op: forward, grad-input, grad-weight, grad-bias."""
 import pytest
 import torch
-
-from dcp_kernels import ops
 from conftest import sorted_subset
 
-FAST_BACKENDS = [b for b in ops.BACKENDS if b != "reference"]
+from dcp_kernels import ops
+
+# Every backend that runs on CPU tensors here (Triton through its interpreter).
+FAST_BACKENDS = [b for b, usable in ops.backends("cpu").items() if usable and b != "reference"]
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups, bias)
 SHAPES = [
@@ -101,7 +102,8 @@ def test_gradcheck_fp64(backend, groups):
     def f(x, w, b):
         return ops.gathered_conv2d(x, w, b, in_idx, out_idx, 2, 1, 1, groups, backend=backend)
 
-    assert torch.autograd.gradcheck(f, (x, w, b))
+    # Triton runs in its interpreter here: fast mode (random projections) keeps it to seconds.
+    assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=backend == "triton")
 
 
 def test_channel_utility_definition():

@@ -10,12 +10,18 @@ and only the ``out_idx x in_idx`` block is read; ``y`` is full width with exact 
 grad-weight non-zero only on the block. ``channel_utility`` is the utility reduction used by the
 gate's backward.
 
-Backends: ``reference`` (dense conv + masks, the oracle) and ``torch`` (compact PyTorch).
-``auto`` resolves to the fastest backend available for the tensor's device.
+Backends: ``reference`` (dense conv + masks, the oracle), ``torch`` (compact PyTorch: gather,
+cuDNN/oneDNN conv, scatter) and ``triton`` (fused gather implicit-GEMM kernels; CUDA, or CPU under
+``TRITON_INTERPRET=1`` for testing). ``auto`` resolves to the fastest backend measured for the
+tensor's device: ``torch`` everywhere for now, because the Triton kernels have not yet been timed
+against it on a GPU (docs/benchmarks.md); choose ``backend="triton"`` explicitly to use them.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -24,28 +30,75 @@ from . import compact, reference
 
 logger = logging.getLogger("dcp_kernels")
 
-BACKENDS: tuple[str, ...] = ("reference", "torch")
-"""Backends this build knows. Later versions add ``triton`` and ``cuda`` here."""
+BACKENDS: tuple[str, ...] = ("reference", "torch", "triton")
+"""Backends this build knows (whether each is usable here: :func:`backends`)."""
 
-_AUTO_ORDER: tuple[str, ...] = ("torch",)
+# auto's preference per device type. Triton joins the CUDA list once a GPU run shows it beating
+# the compact PyTorch path (docs/benchmarks.md records what has been measured where).
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("torch",), "cpu": ("torch",)}
 
 
-def backends() -> dict[str, bool]:
-    """Which backends are usable in this process (name -> available)."""
-    return {name: True for name in BACKENDS}
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_usable(device_type: str | None) -> bool:
+    if not _triton_installed():
+        return False
+    if _triton_interpreting():
+        return True  # the interpreter runs kernels on CPU tensors (slowly): for tests
+    return device_type in (None, "cuda") and torch.cuda.is_available()
+
+
+def backends(device: torch.device | str | None = None) -> dict[str, bool]:
+    """Which backends are usable (name -> available), for tensors on ``device`` if given.
+
+    ``triton`` needs Triton and a CUDA device, or ``TRITON_INTERPRET=1`` (CPU, for testing).
+    """
+    device_type = None if device is None else torch.device(device).type
+    return {"reference": True, "torch": True, "triton": _triton_usable(device_type)}
 
 
 def resolve_backend(name: str, device: torch.device | None = None) -> str:
-    """Map a user-facing backend name (``auto`` included) to a concrete backend."""
+    """Map a user-facing backend name (``auto`` included) to a concrete backend.
+
+    An explicitly named backend that cannot run on ``device`` raises instead of falling back, so a
+    result never silently comes from another path than the one asked for.
+    """
     if name == "auto":
-        available = backends()
-        for candidate in _AUTO_ORDER:
+        available = backends(device)
+        for candidate in _AUTO_ORDER.get("cpu" if device is None else torch.device(device).type, ("torch",)):
             if available.get(candidate):
                 return candidate
         return "reference"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    if name == "triton" and device is not None and not backends(device)["triton"]:
+        why = "Triton is not installed" if not _triton_installed() else (
+            f"its kernels need CUDA tensors (got {torch.device(device)}); set TRITON_INTERPRET=1 "
+            "before importing dcp_kernels to run them in Triton's CPU interpreter (slow, for testing)"
+        )
+        raise RuntimeError(f"backend 'triton' is unavailable: {why}")
     return name
+
+
+_TRITON_MODULE: ModuleType | None = None
+
+
+def _triton_backend() -> ModuleType:
+    """Import the Triton kernels on first use (Triton reads TRITON_INTERPRET when they are defined)."""
+    global _TRITON_MODULE
+    if _TRITON_MODULE is None:
+        from . import triton as triton_backend
+
+        mode = "interpreter (CPU)" if _triton_interpreting() else "compiled"
+        logger.info("dcp_kernels: Triton backend loaded, %s mode", mode)
+        _TRITON_MODULE = triton_backend
+    return _TRITON_MODULE
 
 
 def _pair(value: int | tuple[int, int], arg: str) -> tuple[int, int]:
@@ -143,7 +196,7 @@ def gathered_conv2d(
         in_idx, out_idx: sorted, unique int64 channel indices on ``x``'s device.
         stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (integer padding;
             groups must be 1 or depthwise).
-        backend: ``auto``, ``reference`` or ``torch``.
+        backend: ``auto``, ``reference``, ``torch`` or ``triton``.
         layout: ``full`` returns (N, C_out, H', W') with exact zeros outside ``out_idx``;
             ``compact`` returns only the selected channels, (N, len(out_idx), H', W').
         input_layout: ``full`` (``x`` has C_in channels) or ``compact`` (``x`` holds exactly the
@@ -163,6 +216,11 @@ def gathered_conv2d(
             x = compact.scatter_channels(x, in_idx, weight.shape[1])
         y = reference.gathered_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
         return y if layout == "full" else y.index_select(1, out_idx)
+    if name == "triton":
+        return _triton_backend().gathered_conv2d(
+            x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
+            x_compact=x_compact, y_compact=layout == "compact",
+        )
     y_c = compact.compact_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact)
     return y_c if layout == "compact" else compact.scatter_channels(y_c, out_idx, weight.shape[0])
 
@@ -172,14 +230,24 @@ def scatter_channels(y_c: torch.Tensor, out_idx: torch.Tensor, channels: int) ->
     return compact.scatter_channels(y_c, out_idx, channels)
 
 
-def channel_utility(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-channel ``sum_b |sum_hw g*a| / (B*H*W)`` in float32 (the DCP first-order importance)."""
+def channel_utility(a: torch.Tensor, g: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Per-channel ``sum_b |sum_hw g*a| / (B*H*W)`` in float32 (the DCP first-order importance).
+
+    ``triton`` runs a deterministic one-pass kernel; the other backends use PyTorch reductions.
+    """
     if a.shape != g.shape or a.dim() != 4:
         raise ValueError(f"a and g must be 4-D tensors of one shape, got {tuple(a.shape)} and {tuple(g.shape)}")
+    if resolve_backend(backend, a.device) == "triton":
+        return _triton_backend().channel_utility(a, g)
     return reference.channel_utility(a, g)
 
 
 __all__ = [
-    "BACKENDS", "backends", "resolve_backend", "check_conv_arguments",
-    "gathered_conv2d", "scatter_channels", "channel_utility",
+    "BACKENDS",
+    "backends",
+    "channel_utility",
+    "check_conv_arguments",
+    "gathered_conv2d",
+    "resolve_backend",
+    "scatter_channels",
 ]

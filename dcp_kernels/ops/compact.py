@@ -30,7 +30,7 @@ def _is_all(idx: torch.Tensor, size: int) -> bool:
     return idx.numel() == size
 
 
-def _block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, c_in: int) -> torch.Tensor:
+def block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, c_in: int) -> torch.Tensor:
     """Rows of the (C_out * C_in, kh * kw) weight view that form the ``out_idx x in_idx`` block.
 
     One gather/scatter over this flat index is several times faster on CPU than two
@@ -67,7 +67,7 @@ class _CompactConv2d(torch.autograd.Function):
         else:
             read_idx, full_in, groups = in_idx, _is_all(in_idx, c_in), 1
             if not full_in:
-                w_c = weight.reshape(c_out * c_in, -1).index_select(0, _block_rows(out_idx, in_idx, c_in))
+                w_c = weight.reshape(c_out * c_in, -1).index_select(0, block_rows(out_idx, in_idx, c_in))
                 w_c = w_c.view(out_idx.numel(), in_idx.numel(), *weight.shape[2:])
         x_c = x if (full_in or x_compact) else x.index_select(1, read_idx)
         if input_scale is not None:
@@ -102,7 +102,7 @@ class _CompactConv2d(torch.autograd.Function):
             else:
                 grad_w = gw_c.new_zeros(w_shape)
                 grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(
-                    0, _block_rows(out_idx, read_idx, w_shape[1]), gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1)
+                    0, block_rows(out_idx, read_idx, w_shape[1]), gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1)
                 )
         if need_b and has_bias:
             grad_b = gb_c if full_out else gb_c.new_zeros(w_shape[0]).index_copy_(0, out_idx, gb_c)

@@ -1,0 +1,176 @@
+"""Triton backend: fused channel-gather convolution kernels, forward and backward.
+
+Each kernel reads the selected channels through index vectors straight from the full-width (or
+compact) tensors and writes only the selected channels: no gathered copies, no im2col buffer.
+
+The kernels are exposed as two PyTorch custom ops with an autograd formula, so they compose with
+``torch.compile``:
+
+* ``dcp_triton::conv2d(x, weight, bias, in_idx, out_idx, ...) -> y``
+* ``dcp_triton::conv2d_backward(grad_y, x, weight, in_idx, out_idx, ...) -> (grad_x, grad_w, grad_b)``
+* ``dcp_triton::channel_utility(a, g) -> v``
+
+On a GPU they are registered with ``torch.library.triton_op`` (Inductor sees the Triton kernels
+themselves). Under ``TRITON_INTERPRET=1`` (how the test suite runs them on CPU) the interpreted
+kernels cannot be traced, so the same functions are registered as opaque ``custom_op``s with an
+explicit fake kernel instead.
+
+This module imports Triton: import it only after deciding the backend is wanted (``TRITON_INTERPRET``
+is read when the kernels are defined).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..reference import channel_mask
+from ._common import interpreting
+from .depthwise import depthwise_forward, depthwise_grad_input, depthwise_grad_weight
+from .forward import conv_forward
+from .grad_input import conv_grad_input
+from .grad_weight import conv_grad_weight
+from .utility import channel_utility as _utility_kernel
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _output(x: Tensor, weight: Tensor, out_idx: Tensor, stride, padding, dilation, y_compact: bool) -> Tensor:
+    """The output tensor: compact (uninitialised, every element gets written) or full-width zeros."""
+    n, _, h, w = x.shape
+    oh = _out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
+    ow = _out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
+    channels = out_idx.shape[0] if y_compact else weight.shape[0]
+    y = torch.empty((n, channels, oh, ow), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return y if y_compact else y.zero_()
+
+
+def _conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, in_idx: Tensor, out_idx: Tensor,
+    stride: list[int], padding: list[int], dilation: list[int],
+    depthwise: bool, x_compact: bool, y_compact: bool,
+) -> Tensor:
+    y = _output(x, weight, out_idx, stride, padding, dilation, y_compact)
+    if y.numel() == 0:
+        return y
+    if depthwise:
+        in_keep = channel_mask(in_idx, weight.shape[0], torch.float32)
+        return depthwise_forward(x, weight, bias, in_keep, out_idx, y, stride, padding, dilation, y_compact=y_compact)
+    return conv_forward(x, weight, bias, in_idx, out_idx, y, stride, padding, dilation,
+                        x_compact=x_compact, y_compact=y_compact)
+
+
+def _conv2d_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, in_idx: Tensor, out_idx: Tensor,
+    stride: list[int], padding: list[int], dilation: list[int],
+    depthwise: bool, x_compact: bool, y_compact: bool, output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_w, grad_b); a gradient not asked for in ``output_mask`` comes back empty (0,)."""
+    need_x, need_w, need_b = output_mask
+    # Custom-op outputs may not alias each other: one fresh empty tensor per gradient not asked for.
+    grad_x, grad_w, grad_b = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    in_keep = channel_mask(in_idx, weight.shape[0], torch.float32) if depthwise else None
+    work = grad_y.numel() > 0
+    if need_x:
+        grad_x = torch.zeros_like(x, memory_format=_memory_format(x))
+        if work and depthwise:
+            depthwise_grad_input(grad_y, weight, in_keep, out_idx, grad_x, stride, padding, dilation,
+                                 gy_compact=y_compact)
+        elif work:
+            conv_grad_input(grad_y, weight, in_idx, out_idx, grad_x, stride, padding, dilation,
+                            gy_compact=y_compact, gx_compact=x_compact)
+    if need_w:
+        grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        if work and depthwise:
+            depthwise_grad_weight(grad_y, x, in_keep, out_idx, grad_w, stride, padding, dilation,
+                                  gy_compact=y_compact)
+        elif work:
+            conv_grad_weight(grad_y, x, in_idx, out_idx, grad_w, stride, padding, dilation,
+                             gy_compact=y_compact, x_compact=x_compact)
+    if need_b:
+        selected = grad_y if y_compact else grad_y.index_select(1, out_idx)
+        grad_b = weight.new_zeros(weight.shape[0])
+        grad_b.index_copy_(0, out_idx, selected.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype))
+    return grad_x, grad_w, grad_b
+
+
+def _channel_utility(a: Tensor, g: Tensor) -> Tensor:
+    if a.numel() == 0:
+        return torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
+    return _utility_kernel(a, g)
+
+
+def _fake_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact, y_compact):
+    return _output(x, weight, out_idx, stride, padding, dilation, y_compact)
+
+
+def _fake_conv2d_backward(grad_y, x, weight, in_idx, out_idx, stride, padding, dilation, depthwise,
+                          x_compact, y_compact, output_mask):
+    need_x, need_w, need_b = output_mask
+    return (
+        torch.empty_like(x, memory_format=_memory_format(x)) if need_x else x.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else x.new_empty(0),
+        weight.new_empty(weight.shape[0]) if need_b else x.new_empty(0),
+    )
+
+
+def _fake_channel_utility(a, g):
+    return a.new_empty(a.shape[1], dtype=torch.float32)
+
+
+def _register(name: str, fn, fake):
+    if interpreting():
+        op = torch.library.custom_op(f"dcp_triton::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(f"dcp_triton::{name}", fn, mutates_args=())
+
+
+conv2d_op = _register("conv2d", _conv2d, _fake_conv2d)
+conv2d_backward_op = _register("conv2d_backward", _conv2d_backward, _fake_conv2d_backward)
+channel_utility_op = _register("channel_utility", _channel_utility, _fake_channel_utility)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact, y_compact = inputs
+    ctx.save_for_backward(x, weight, in_idx, out_idx)
+    ctx.conf = (stride, padding, dilation, depthwise, x_compact, y_compact)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, weight, in_idx, out_idx = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x, grad_w, grad_b = conv2d_backward_op(
+        grad_y, x, weight, in_idx, out_idx, *ctx.conf, [need_x, need_w, need_b and ctx.has_bias],
+    )
+    return (
+        grad_x if need_x else None, grad_w if need_w else None,
+        grad_b if (need_b and ctx.has_bias) else None,
+        None, None, None, None, None, None, None, None,
+    )
+
+
+conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gathered_conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, in_idx: Tensor, out_idx: Tensor,
+    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+    *, x_compact: bool = False, y_compact: bool = False,
+) -> Tensor:
+    """The op contract on Triton kernels; arguments are validated by the dispatcher."""
+    return conv2d_op(x, weight, bias, in_idx, out_idx, list(stride), list(padding), list(dilation),
+                     groups > 1, x_compact, y_compact)
+
+
+def channel_utility(a: Tensor, g: Tensor) -> Tensor:
+    """``sum_b |sum_hw g*a| / (B*H*W)`` per channel, float32, by the deterministic Triton kernel."""
+    return channel_utility_op(a, g)

@@ -1,0 +1,83 @@
+"""Shared pieces of the Triton kernels: launch configurations and small index helpers.
+
+Autotuning: on a GPU each kernel is tuned over a handful of tile shapes, keyed on the problem
+sizes. The configurations follow what works for implicit-GEMM convolutions on Ampere (A100) and
+Hopper (H100): 64-128 wide tiles in M and N, K steps of 32 (fp32/TF32) or 64 (16-bit inputs),
+4-8 warps and 3-4 pipeline stages. They have not been tuned on real hardware by this project yet
+(see docs/benchmarks.md). Under ``TRITON_INTERPRET=1`` (CPU testing) autotuning would only repeat
+the same exact computation, so a single configuration is used.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gemm_configs(interpret_blocks: tuple[int, int, int] = (32, 32, 32)) -> list[triton.Config]:
+    """Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K) for the implicit-GEMM kernels."""
+    if interpreting():
+        bm, bn, bk = interpret_blocks
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4)]
+    shapes = [
+        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (32, 64, 32, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+def elementwise_configs(interpret_blocks: tuple[int, int] = (32, 16)) -> list[triton.Config]:
+    """Tile shapes (BLOCK_M, BLOCK_C) for the depthwise and reduction kernels."""
+    if interpreting():
+        bm, bc = interpret_blocks
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=4)]
+    shapes = [(64, 32, 4), (128, 32, 4), (64, 64, 4), (256, 16, 8), (32, 128, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w) for m, c, w in shapes]
+
+
+def accumulator(dtype: torch.dtype):
+    """Accumulation type: float64 for float64 inputs (gradcheck), float32 for every other dtype."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_mode(dtype: torch.dtype) -> str:
+    """How :func:`dot_acc` multiplies tiles of ``dtype``: ``tf32``, ``ieee`` or ``upcast``.
+
+    fp32 uses TF32 exactly when PyTorch lets cuDNN use it (dense ``nn.Conv2d`` on CUDA runs fp32
+    convolutions in TF32 unless ``torch.backends.cudnn.allow_tf32`` is False), so the Triton
+    backend's numerics match the dense model it replaces; fp64 is always exact (``ieee``).
+    ``upcast``: Triton 3.8's CPU interpreter returns garbage for ``tl.dot`` on bf16 operands, so
+    there bf16 tiles are widened to fp32 first (exact: a bf16 product fits in fp32), which is the
+    arithmetic a GPU's bf16 MMA with fp32 accumulation does.
+    """
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+@triton.jit
+def dot_acc(a, b, acc, MODE: tl.constexpr):
+    """``acc + a @ b`` on a tile pair (see :func:`dot_mode`)."""
+    if MODE == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=MODE)
+
+
+@triton.jit
+def split_pixels(offs, OH, OW):
+    """Flat pixel index over (N, OH, OW) -> (n, oh, ow); ``n`` widened to int64 for addressing."""
+    n = offs // (OH * OW)
+    rem = offs % (OH * OW)
+    return n.to(tl.int64), rem // OW, rem % OW

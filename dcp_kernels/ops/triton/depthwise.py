@@ -1,0 +1,201 @@
+"""Depthwise convolution (groups == C_in == C_out) over the selected channels: forward, grad-input,
+grad-weight.
+
+Output channel ``c`` reads only input channel ``c``, so only the channels ``out_idx`` are computed;
+an input channel outside ``in_idx`` counts as zero (``in_keep[c]`` is 0.0 then), exactly as in the
+reference. Each kernel is a direct loop over the kernel taps on a (pixels x channels) tile: there is
+no channel reduction to hand to a matrix unit. The grad-weight kernel reduces all pixels of a
+channel block in one program, in a fixed order (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import accumulator, elementwise_configs, split_pixels
+
+
+@triton.autotune(configs=elementwise_configs(), key=["M", "K_OUT", "KH", "KW"])
+@triton.jit
+def _depthwise_forward_kernel(
+    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, in_keep_ptr, y_ptr, out_idx_ptr,
+    M, H, W, OH, OW, K_OUT,
+    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
+    Y_COMPACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    n_img, oh, ow = split_pixels(offs_m, OH, OW)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < K_OUT
+    c = tl.load(out_idx_ptr + offs_c, mask=c_ok, other=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xv = tl.load(x_ptr + (n_img * sxn + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                         mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + c * swo + kh * swh + kw * sww, mask=c_ok, other=0.0)
+            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    acc *= tl.load(in_keep_ptr + c, mask=c_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    if HAS_AFFINE:
+        scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        acc = acc * scale[None, :] + shift[None, :]
+    y_chan = offs_c if Y_COMPACT else c
+    y_off = (n_img * syn + oh * syh + ow * syw)[:, None] + y_chan[None, :] * syc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.autotune(configs=elementwise_configs(), key=["M", "K_OUT", "KH", "KW"])
+@triton.jit
+def _depthwise_grad_input_kernel(
+    gy_ptr, w_ptr, in_keep_ptr, gx_ptr, out_idx_ptr,
+    M, H, W, OH, OW, K_OUT,
+    sgn, sgc, sgh, sgw, swo, swh, sww, sxn, sxc, sxh, sxw,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, GY_COMPACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    n_img, ih, iw = split_pixels(offs_m, H, W)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < K_OUT
+    c = tl.load(out_idx_ptr + offs_c, mask=c_ok, other=0)
+    c_gy = offs_c if GY_COMPACT else c
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            th = ih + PAD_H - kh * DIL_H
+            tw = iw + PAD_W - kw * DIL_W
+            th_c = tl.where(th >= 0, th, 0)
+            tw_c = tl.where(tw >= 0, tw, 0)
+            oh = th_c // STRIDE_H
+            ow = tw_c // STRIDE_W
+            pix_ok = (m_ok & (th >= 0) & (tw >= 0) & (th_c % STRIDE_H == 0) & (tw_c % STRIDE_W == 0)
+                      & (oh < OH) & (ow < OW))
+            gv = tl.load(gy_ptr + (n_img * sgn + oh * sgh + ow * sgw)[:, None] + c_gy[None, :] * sgc,
+                         mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + c * swo + kh * swh + kw * sww, mask=c_ok, other=0.0)
+            acc += gv.to(ACC) * wv.to(ACC)[None, :]
+    acc *= tl.load(in_keep_ptr + c, mask=c_ok, other=0.0)[None, :]
+    gx_off = (n_img * sxn + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc
+    tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.autotune(configs=elementwise_configs(), key=["P", "K_OUT", "KH", "KW"])
+@triton.jit
+def _depthwise_grad_weight_kernel(
+    gy_ptr, x_ptr, in_keep_ptr, gw_ptr, out_idx_ptr,
+    P, H, W, OH, OW, K_OUT,
+    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, swo, swh, sww,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, GY_COMPACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tap = tl.program_id(1)
+    kh = tap // KW
+    kw = tap % KW
+    c_ok = offs_c < K_OUT
+    c = tl.load(out_idx_ptr + offs_c, mask=c_ok, other=0)
+    c_gy = offs_c if GY_COMPACT else c
+    total = tl.zeros((BLOCK_C,), dtype=ACC)
+    for p0 in range(0, P, BLOCK_M):
+        offs_p = p0 + tl.arange(0, BLOCK_M)
+        p_ok = offs_p < P
+        n_img, oh, ow = split_pixels(offs_p, OH, OW)
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        gv = tl.load(gy_ptr + (n_img * sgn + oh * sgh + ow * sgw)[:, None] + c_gy[None, :] * sgc,
+                     mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+        xv = tl.load(x_ptr + (n_img * sxn + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                     mask=x_ok[:, None] & c_ok[None, :], other=0.0)
+        total += tl.sum(gv.to(ACC) * xv.to(ACC), axis=0)
+    total *= tl.load(in_keep_ptr + c, mask=c_ok, other=0.0)
+    tl.store(gw_ptr + c * swo + kh * swh + kw * sww, total.to(gw_ptr.dtype.element_ty), mask=c_ok)
+
+
+def _taps(weight: torch.Tensor) -> tuple[int, int]:
+    return weight.shape[2], weight.shape[3]
+
+
+def depthwise_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_keep: torch.Tensor,
+    out_idx: torch.Tensor, y: torch.Tensor, stride, padding, dilation, *, y_compact: bool,
+    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Channels ``out_idx`` of the depthwise conv into ``y`` (full width or compact)."""
+    n, _, h, w = x.shape
+    oh, ow = y.shape[2:]
+    kh, kw = _taps(weight)
+    m, k_out = n * oh * ow, out_idx.numel()
+    dummy = weight
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k_out, meta["BLOCK_C"]))
+
+    wrap_triton(_depthwise_forward_kernel)[grid](
+        x, weight, bias if bias is not None else dummy, scale if scale is not None else dummy,
+        shift if shift is not None else dummy, in_keep, y, out_idx,
+        m, h, w, oh, ow, k_out,
+        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(),
+        *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(x.dtype),
+        Y_COMPACT=y_compact, HAS_BIAS=bias is not None, HAS_AFFINE=scale is not None,
+    )
+    return y
+
+
+def depthwise_grad_input(
+    grad_y: torch.Tensor, weight: torch.Tensor, in_keep: torch.Tensor, out_idx: torch.Tensor,
+    grad_x: torch.Tensor, stride, padding, dilation, *, gy_compact: bool,
+) -> torch.Tensor:
+    """Grad-input of channels ``out_idx`` (times ``in_keep``) into the zeroed full-width ``grad_x``."""
+    n, _, h, w = grad_x.shape
+    oh, ow = grad_y.shape[2:]
+    kh, kw = _taps(weight)
+    m, k_out = n * h * w, out_idx.numel()
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k_out, meta["BLOCK_C"]))
+
+    wrap_triton(_depthwise_grad_input_kernel)[grid](
+        grad_y, weight, in_keep, grad_x, out_idx,
+        m, h, w, oh, ow, k_out,
+        *grad_y.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *grad_x.stride(),
+        *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(grad_y.dtype), GY_COMPACT=gy_compact,
+    )
+    return grad_x
+
+
+def depthwise_grad_weight(
+    grad_y: torch.Tensor, x: torch.Tensor, in_keep: torch.Tensor, out_idx: torch.Tensor,
+    grad_w: torch.Tensor, stride, padding, dilation, *, gy_compact: bool,
+) -> torch.Tensor:
+    """Grad of the selected channels' filters into the zeroed full-size ``grad_w``."""
+    n, _, h, w = x.shape
+    oh, ow = grad_y.shape[2:]
+    kh, kw = _taps(grad_w)
+    p, k_out = n * oh * ow, out_idx.numel()
+
+    def grid(meta):
+        return (triton.cdiv(k_out, meta["BLOCK_C"]), kh * kw)
+
+    wrap_triton(_depthwise_grad_weight_kernel)[grid](
+        grad_y, x, in_keep, grad_w, out_idx,
+        p, h, w, oh, ow, k_out,
+        *grad_y.stride(), *x.stride(), grad_w.stride(0), grad_w.stride(2), grad_w.stride(3),
+        *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(x.dtype), GY_COMPACT=gy_compact,
+    )
+    return grad_w

@@ -1,0 +1,126 @@
+"""Backward weight: grad of the ``out_idx x in_idx`` weight block only (groups=1), implicit GEMM.
+
+GEMM view: M = the k_out selected output channels, N = k_in selected input channels x kh x kw,
+K = N*OH*OW output pixels (the reduction). Deterministic: each program reduces its own pixel range
+in a fixed order; when the tile grid is too small to fill the GPU the pixel range is split
+(split-K) into fp32 partial sums in a scratch buffer that are added in a fixed order afterwards,
+never with atomics. With one split the kernel writes straight into the full-size grad-weight.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ..compact import block_rows
+from ._common import (
+    accumulator,
+    dot_acc,
+    dot_mode,
+    gemm_configs,
+    interpreting,
+    split_pixels,
+)
+
+
+@triton.autotune(configs=gemm_configs(), key=["P", "K_IN", "K_OUT", "KH", "KW", "SPLIT"])
+@triton.jit
+def _conv_grad_weight_kernel(
+    gy_ptr, x_ptr, dst_ptr, in_idx_ptr, out_idx_ptr,
+    P, H, W, OH, OW, K_IN, K_OUT, PIXELS_PER_SPLIT,
+    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+    sdo, sdi, sdh, sdw, sd_split,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr,
+    GY_COMPACT: tl.constexpr, X_COMPACT: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < K_OUT
+    co = tl.load(out_idx_ptr + offs_m, mask=m_ok, other=0)
+    co_gy = offs_m if GY_COMPACT else co
+    # Columns: r = selected input channel * KH*KW + tap.
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < K_IN * KH * KW
+    ci_sel = offs_n // (KH * KW)
+    tap = offs_n % (KH * KW)
+    kh = tap // KW
+    kw = tap % KW
+    ci = tl.load(in_idx_ptr + ci_sel, mask=n_ok, other=0)
+    ci_x = ci_sel if X_COMPACT else ci
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    p_start = pid_k * PIXELS_PER_SPLIT
+    p_end = tl.minimum(p_start + PIXELS_PER_SPLIT, P)
+    for p0 in range(p_start, p_end, BLOCK_K):
+        offs_p = p0 + tl.arange(0, BLOCK_K)
+        p_ok = offs_p < p_end
+        n_img, oh, ow = split_pixels(offs_p, OH, OW)
+        a = tl.load(gy_ptr + co_gy[:, None] * sgc + (n_img * sgn + oh * sgh + ow * sgw)[None, :],
+                    mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        ih = oh[:, None] * STRIDE_H - PAD_H + kh[None, :] * DIL_H
+        iw = ow[:, None] * STRIDE_W - PAD_W + kw[None, :] * DIL_W
+        x_ok = p_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load(x_ptr + (n_img * sxn)[:, None] + ci_x[None, :] * sxc + ih * sxh + iw * sxw,
+                    mask=x_ok, other=0.0)
+        acc = dot_acc(a, b, acc, DOT)
+    if SPLIT == 1:
+        # Straight into the full-size grad-weight, at (out_idx, in_idx, kh, kw).
+        d_off = co[:, None] * sdo + (ci * sdi + kh * sdh + kw * sdw)[None, :]
+        tl.store(dst_ptr + d_off, acc.to(dst_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        # Partial sums of this split, in the accumulator type: (SPLIT, K_OUT, K_IN*KH*KW) scratch.
+        d_off = pid_k * sd_split + offs_m[:, None] * sdo + offs_n[None, :] * sdi
+        tl.store(dst_ptr + d_off, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def choose_split(k_out: int, columns: int, pixels: int, device: torch.device) -> int:
+    """How many pixel ranges to reduce separately so the grid fills the GPU (1 on CPU/interpreter)."""
+    if interpreting() or device.type != "cuda":
+        return 1
+    tiles = triton.cdiv(k_out, 64) * triton.cdiv(columns, 64)
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    split = max(1, target // max(tiles, 1))
+    # Keep at least 16 K-steps of 64 pixels per split so partial sums stay worth their traffic.
+    return int(min(split, max(1, pixels // 1024), 64))
+
+
+def conv_grad_weight(
+    grad_y: torch.Tensor, x: torch.Tensor, in_idx: torch.Tensor, out_idx: torch.Tensor,
+    grad_w: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+    *, gy_compact: bool, x_compact: bool, split: int | None = None,
+) -> torch.Tensor:
+    """Write the grad of the ``out_idx x in_idx`` block into the full-size ``grad_w`` (zeroed by
+    the caller). ``split`` forces the number of pixel ranges (tests); default: :func:`choose_split`."""
+    n, _, h, w = x.shape
+    _, _, oh, ow = grad_y.shape
+    kh, kw = grad_w.shape[2:]
+    p, k_in, k_out = n * oh * ow, in_idx.numel(), out_idx.numel()
+    columns = k_in * kh * kw
+    if split is None:
+        split = choose_split(k_out, columns, p, x.device)
+    pixels_per_split = triton.cdiv(p, split)
+    if split == 1:
+        dst, dst_strides = grad_w, (*grad_w.stride(), 0)
+    else:
+        dst = torch.empty((split, k_out, columns), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        dst_strides = (dst.stride(1), dst.stride(2), 0, 0, dst.stride(0))
+
+    def grid(meta):
+        return (triton.cdiv(k_out, meta["BLOCK_M"]), triton.cdiv(columns, meta["BLOCK_N"]), split)
+
+    wrap_triton(_conv_grad_weight_kernel)[grid](
+        grad_y, x, dst, in_idx, out_idx,
+        p, h, w, oh, ow, k_in, k_out, pixels_per_split,
+        *grad_y.stride(), *x.stride(), *dst_strides,
+        *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(x.dtype), SPLIT=split,
+        GY_COMPACT=gy_compact, X_COMPACT=x_compact, DOT=dot_mode(x.dtype),
+    )
+    if split > 1:
+        block = dst.sum(0).view(k_out, k_in, kh, kw).to(grad_w.dtype)  # fixed-order reduction
+        rows = block_rows(out_idx, in_idx, grad_w.shape[1])
+        grad_w.view(grad_w.shape[0] * grad_w.shape[1], -1).index_copy_(0, rows, block.view(-1, kh * kw))
+    return grad_w

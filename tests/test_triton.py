@@ -1,0 +1,186 @@
+"""Triton kernels beyond the shared backend grid (tests/test_ops.py runs that grid on them too).
+
+Without a GPU these run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1):
+exact kernel semantics, slow, so the shapes are small. Tests marked ``cuda`` run the compiled kernels
+and are skipped only when no CUDA device exists.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import sorted_subset
+
+from dcp_kernels import ops
+
+pytestmark = pytest.mark.skipif(not ops.backends("cpu")["triton"] and not torch.cuda.is_available(),
+                                reason="Triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _kernels():
+    return ops._triton_backend()
+
+
+def _reference(x, w, b, in_idx, out_idx, stride, padding, dilation, groups, grad):
+    x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    b = None if b is None else b.detach().requires_grad_(True)
+    y = ops.gathered_conv2d(x, w, b, in_idx, out_idx, stride, padding, dilation, groups, backend="reference")
+    (y * grad).sum().backward()
+    return y, x.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_grad_weight_split_k_is_the_single_pass_result(split):
+    """Split-K partial sums (used on GPUs when the tile grid is small) add up to the one-pass grad."""
+    x, gy = torch.randn(3, 7, 9, 9), torch.randn(3, 5, 5, 5)
+    in_idx, out_idx = sorted_subset(7, 4, 1), sorted_subset(6, 5, 2)
+    one = torch.zeros(6, 7, 3, 3)
+    many = torch.zeros(6, 7, 3, 3)
+    from dcp_kernels.ops.triton.grad_weight import conv_grad_weight
+    conv_grad_weight(gy, x, in_idx, out_idx, one, (2, 2), (1, 1), (1, 1), gy_compact=True, x_compact=False, split=1)
+    conv_grad_weight(gy, x, in_idx, out_idx, many, (2, 2), (1, 1), (1, 1), gy_compact=True, x_compact=False,
+                     split=split)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+    grad = torch.zeros(3, 6, 5, 5)
+    grad[:, out_idx] = gy
+    ref = _reference(x, torch.randn(6, 7, 3, 3), None, in_idx, out_idx, 2, 1, 1, 1, grad)
+    torch.testing.assert_close(many, ref[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 40])
+def test_several_tiles_in_every_dimension(groups):
+    """Channel counts above the tile sizes (several N tiles, several K steps, ragged last tiles)."""
+    x = torch.randn(1, 40, 5, 6)
+    w = torch.randn(40, 40 // groups, 3, 3)
+    in_idx, out_idx = sorted_subset(40, 37, 5), sorted_subset(40, 35, 6)
+    grad = torch.randn(1, 40, 5, 6)
+    ref = _reference(x, w, None, in_idx, out_idx, 1, 1, 1, groups, grad)
+    xt, wt = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = ops.gathered_conv2d(xt, wt, None, in_idx, out_idx, 1, 1, 1, groups, backend="triton")
+    (y * grad).sum().backward()
+    for got, want in zip((y, xt.grad, wt.grad), ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)])
+@pytest.mark.parametrize("groups", [1, 6])
+def test_half_precision_against_fp32_reference(dtype, tol, groups):
+    """16-bit inputs, fp32 accumulation: within ``tol`` (relative to the values' scale) of the fp32
+    reference computed from the same rounded inputs. fp16 keeps 11 mantissa bits, bf16 8."""
+    x = torch.randn(2, 6, 8, 8).to(dtype)
+    w = (torch.randn(6, 6 // groups, 3, 3) / 3).to(dtype)
+    in_idx, out_idx = sorted_subset(6, 4, 3), sorted_subset(6, 3, 4)
+    grad = torch.randn(2, 6, 8, 8).to(dtype)
+    ref = _reference(x.float(), w.float(), None, in_idx, out_idx, 1, 1, 1, groups, grad.float())
+    xt, wt = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = ops.gathered_conv2d(xt, wt, None, in_idx, out_idx, 1, 1, 1, groups, backend="triton")
+    (y * grad).sum().backward()
+    assert y.dtype == xt.grad.dtype == wt.grad.dtype == dtype
+    for name, got, want in (("y", y, ref[0]), ("grad_x", xt.grad, ref[1]), ("grad_w", wt.grad, ref[2])):
+        scale = float(want.detach().abs().max())
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * scale, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("groups", [1, 5])
+def test_folded_batchnorm_epilogue(groups):
+    """The forward epilogue applies a folded BatchNorm (eval): y = conv(x) * scale + shift."""
+    from dcp_kernels.ops.reference import channel_mask
+    from dcp_kernels.ops.triton.depthwise import depthwise_forward
+    from dcp_kernels.ops.triton.forward import conv_forward
+
+    x, w, b = torch.randn(2, 5, 7, 7), torch.randn(5, 5 // groups, 3, 3), torch.randn(5)
+    scale, shift = torch.rand(5) + 0.5, torch.randn(5)
+    in_idx, out_idx = torch.tensor([0, 1, 3]) if groups == 1 else torch.arange(5), torch.tensor([1, 2, 4])
+    y = torch.zeros(2, 3, 7, 7)
+    if groups == 1:
+        conv_forward(x, w, b, in_idx, out_idx, y, (1, 1), (1, 1), (1, 1), x_compact=False, y_compact=True,
+                     scale=scale, shift=shift)
+    else:
+        depthwise_forward(x, w, b, channel_mask(in_idx, 5, torch.float32), out_idx, y, (1, 1), (1, 1), (1, 1),
+                          y_compact=True, scale=scale, shift=shift)
+    mask = channel_mask(in_idx, 5, x.dtype).view(1, -1, 1, 1)
+    want = F.conv2d(x * mask, w, b, 1, 1, 1, groups) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    torch.testing.assert_close(y, want[:, out_idx], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_utility_kernel_matches_reference_and_is_deterministic(layout):
+    a, g = torch.randn(5, 19, 6, 7), torch.randn(5, 19, 6, 7)
+    if layout == "channels_last":
+        a, g = a.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+    v = ops.channel_utility(a, g, backend="triton")
+    torch.testing.assert_close(v, ops.channel_utility(a, g, backend="reference"), rtol=1e-5, atol=1e-7)
+    assert torch.equal(v, ops.channel_utility(a, g, backend="triton"))
+    assert v.dtype == torch.float32
+    half = ops.channel_utility(a.half(), g.half(), backend="triton")
+    assert half.dtype == torch.float32
+
+
+def test_empty_batch():
+    x, w = torch.randn(0, 4, 5, 5, requires_grad=True), torch.randn(3, 4, 3, 3, requires_grad=True)
+    y = ops.gathered_conv2d(x, w, None, torch.tensor([1, 2]), torch.tensor([0, 2]), 1, 1, backend="triton")
+    assert y.shape == (0, 3, 5, 5)
+    y.sum().backward()
+    assert torch.count_nonzero(w.grad) == 0
+
+
+def test_opcheck_registered_ops():
+    """Schema, fake kernels, autograd registration and dispatch of the custom ops (torch.library.opcheck)."""
+    k = _kernels()
+    x, w, b = torch.randn(2, 5, 6, 6, requires_grad=True), torch.randn(4, 5, 3, 3, requires_grad=True), torch.randn(4)
+    in_idx, out_idx = torch.tensor([0, 2, 4]), torch.tensor([1, 3])
+    for y_compact in (False, True):
+        torch.library.opcheck(k.conv2d_op, (x, w, b, in_idx, out_idx, [1, 1], [1, 1], [1, 1], False, False, y_compact))
+    xd, wd = torch.randn(2, 4, 6, 6, requires_grad=True), torch.randn(4, 1, 3, 3, requires_grad=True)
+    torch.library.opcheck(k.conv2d_op, (xd, wd, None, in_idx[:2], out_idx, [2, 2], [1, 1], [1, 1], True, False, True))
+    gy = torch.randn(2, 2, 6, 6)
+    torch.library.opcheck(k.conv2d_backward_op,
+                          (gy, x.detach(), w.detach(), in_idx, out_idx, [1, 1], [1, 1], [1, 1], False, False, True,
+                           [True, True, True]))
+    torch.library.opcheck(k.channel_utility_op, (torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)))
+
+
+def test_torch_compile_traces_the_op_without_graph_breaks():
+    """fullgraph=True fails on any graph break; aot_eager runs the fake kernels and the autograd formula."""
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    in_idx, out_idx = torch.tensor([0, 3]), torch.tensor([1, 2, 4])
+
+    def f(x, w):
+        y = ops.gathered_conv2d(x, w, None, in_idx, out_idx, 1, 1, backend="triton", layout="compact", validate=False)
+        return torch.relu(y).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    compiled(xs, ws).backward()
+    f(xe, we).backward()
+    torch.testing.assert_close(xs.grad, xe.grad)
+    torch.testing.assert_close(ws.grad, we.grad)
+
+
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ops.backends("cpu")["triton"] is False
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        ops.resolve_backend("triton", torch.device("cpu"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_compiled_kernels_on_cuda(groups, stride):
+    """The compiled (not interpreted) kernels against the reference on a GPU, fp32 without TF32."""
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    x = torch.randn(4, 8, 17, 15, device=dev)
+    w = torch.randn(24 if groups == 1 else 8, 8 // groups, 3, 3, device=dev)
+    b = torch.randn(w.shape[0], device=dev)
+    in_idx = sorted_subset(8, 5, 1).to(dev) if groups == 1 else torch.arange(8, device=dev)
+    out_idx = sorted_subset(w.shape[0], w.shape[0] // 2, 2).to(dev)
+    y_ref = ops.gathered_conv2d(x, w, b, in_idx, out_idx, stride, 1, 1, groups, backend="reference")
+    grad = torch.randn_like(y_ref)
+    ref = _reference(x, w, b, in_idx, out_idx, stride, 1, 1, groups, grad)
+    xt, wt, bt = (t.clone().requires_grad_(True) for t in (x, w, b))
+    y = ops.gathered_conv2d(xt, wt, bt, in_idx, out_idx, stride, 1, 1, groups, backend="triton")
+    (y * grad).sum().backward()
+    for got, want in zip((y, xt.grad, wt.grad, bt.grad), ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
