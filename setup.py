@@ -1,15 +1,38 @@
 """Build script. Metadata lives in pyproject.toml; this file only decides about the C++/CUDA extension.
 
-The extension in ``csrc/`` is optional: the package works without it (pure PyTorch backends).
-It is built when ``csrc/`` has sources, torch is importable at build time and
-``DCP_NO_EXTENSION`` is not set; ``CUDAExtension`` when nvcc is found, ``CppExtension`` otherwise.
+The extension in ``csrc/`` (``dcp_kernels._C``) is optional: the package works without it (PyTorch
+and Triton backends) and logs that it is missing. It is built when torch is importable at build
+time and ``DCP_NO_EXTENSION`` is not ``1``:
+
+* ``CUDAExtension`` (CPU + CUDA kernels) when a CUDA toolkit is found: ``CUDA_HOME``, else the
+  toolkit of the ``nvcc`` on PATH, else ``/usr/local/cuda``; GPU architectures from
+  ``TORCH_CUDA_ARCH_LIST`` (default ``"8.0;9.0"``: A100 and H100);
+* ``CppExtension`` (CPU kernels only) otherwise, or with ``DCP_NO_CUDA=1``.
+
+A failing extension build prints a loud warning and installs the package without it, unless
+``DCP_REQUIRE_EXTENSION=1`` (then the install fails: what CI's compile check wants).
 """
 from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 from setuptools import setup
+
+
+def _cuda_home() -> str | None:
+    """The CUDA toolkit to build against (a directory holding include/cuda_runtime.h), or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # /usr/local/bin/nvcc may be a lone link or wrapper: its toolkit is found through realpath.
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return os.path.realpath(home)
+    return None
 
 
 def _extension_kwargs() -> dict:
@@ -17,18 +40,38 @@ def _extension_kwargs() -> dict:
         return {}
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     if not sources:
-        return {}  # no C++ sources yet: nothing to build
+        return {}
+    cuda_home = None if os.environ.get("DCP_NO_CUDA") == "1" else _cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     try:
         from torch.utils import cpp_extension
     except ImportError:
-        print("dcp_kernels: torch is not importable at build time; building without the extension")
+        print("dcp_kernels: WARNING: torch is not importable at build time; building without the extension")
         return {}
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
-    if cuda_sources and cpp_extension.CUDA_HOME is not None:
-        ext = cpp_extension.CUDAExtension("dcp_kernels._C", sources + cuda_sources)
+    cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension sets (C++20 for torch 2.14)
+    if cuda_home and cuda_sources:
+        ext = cpp_extension.CUDAExtension(
+            "dcp_kernels._C", sources + cuda_sources, define_macros=[("DCP_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        )
     else:
-        ext = cpp_extension.CppExtension("dcp_kernels._C", sources)
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+        ext = cpp_extension.CppExtension("dcp_kernels._C", sources, extra_compile_args={"cxx": cxx})
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as error:  # noqa: BLE001 - any build failure leaves the pure-Python package
+                if os.environ.get("DCP_REQUIRE_EXTENSION") == "1":
+                    raise
+                print(f"\n{'!' * 78}\ndcp_kernels: WARNING: building the C++/CUDA extension failed ({error}).\n"
+                      "Installing without it: backend 'extension' will be unavailable.\n"
+                      f"Set DCP_REQUIRE_EXTENSION=1 to make this an error.\n{'!' * 78}\n")
+
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
 
 
 setup(**_extension_kwargs())

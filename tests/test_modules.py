@@ -90,10 +90,11 @@ def test_layer_matches_reference_over_steps(backend, case, keep):
         torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-5, atol=1e-5)
         assert torch.count_nonzero(y_fast[:, ~out_mask]) == 0
     for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
-        # A conv bias followed by BN has a true gradient of 0 (BN removes the mean): both sides
-        # hold only fp32 rounding noise of a 200-term sum, which differs between kernels.
-        atol = 5e-5 if (name == "bias" and ref.norm is not None) else 1e-5
-        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-5, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+        # Parameter gradients are fp32 sums of ~200 products per step, over 3 steps; kernels that
+        # sum in another order than the reference's (im2col GEMM, Triton) differ by that rounding
+        # (measured up to 4e-5 on values ~0.6). A conv bias followed by BN has a true gradient of 0
+        # (BN removes the mean): both sides hold only that rounding noise.
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-4, atol=5e-5, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close(fast.utility, ref.utility, rtol=1e-5, atol=1e-6)
     assert torch.count_nonzero(fast.utility[~out_mask]) == 0  # unselected channels keep their utility (0)
     assert float(fast.utility.max()) > 0

@@ -11,10 +11,11 @@ grad-weight non-zero only on the block. ``channel_utility`` is the utility reduc
 gate's backward.
 
 Backends: ``reference`` (dense conv + masks, the oracle), ``torch`` (compact PyTorch: gather,
-cuDNN/oneDNN conv, scatter) and ``triton`` (fused gather implicit-GEMM kernels; CUDA, or CPU under
-``TRITON_INTERPRET=1`` for testing). ``auto`` resolves to the fastest backend measured for the
-tensor's device: ``torch`` everywhere for now, because the Triton kernels have not yet been timed
-against it on a GPU (docs/benchmarks.md); choose ``backend="triton"`` explicitly to use them.
+cuDNN/oneDNN conv, scatter), ``triton`` (fused gather implicit-GEMM kernels; CUDA, or CPU under
+``TRITON_INTERPRET=1`` for testing) and ``extension`` (the compiled C++/CUDA library from ``csrc/``:
+its CPU kernels on CPU tensors, its CUDA kernels on GPU tensors; present only when it was built).
+``auto`` resolves to the fastest backend measured for the tensor's device (``_AUTO_ORDER``); choose
+another explicitly to use it.
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ from typing import Literal
 
 import torch
 
-from . import compact, reference
+from . import compact, extension, reference
 
 logger = logging.getLogger("dcp_kernels")
 
-BACKENDS: tuple[str, ...] = ("reference", "torch", "triton")
+BACKENDS: tuple[str, ...] = ("reference", "torch", "triton", "extension")
 """Backends this build knows (whether each is usable here: :func:`backends`)."""
 
 # auto's preference per device type. Triton joins the CUDA list once a GPU run shows it beating
@@ -57,10 +58,12 @@ def _triton_usable(device_type: str | None) -> bool:
 def backends(device: torch.device | str | None = None) -> dict[str, bool]:
     """Which backends are usable (name -> available), for tensors on ``device`` if given.
 
-    ``triton`` needs Triton and a CUDA device, or ``TRITON_INTERPRET=1`` (CPU, for testing).
+    ``triton`` needs Triton and a CUDA device, or ``TRITON_INTERPRET=1`` (CPU, for testing);
+    ``extension`` needs the compiled library, built with CUDA for CUDA tensors.
     """
     device_type = None if device is None else torch.device(device).type
-    return {"reference": True, "torch": True, "triton": _triton_usable(device_type)}
+    extension_usable = extension.AVAILABLE and (device_type != "cuda" or extension.CUDA_BUILT)
+    return {"reference": True, "torch": True, "triton": _triton_usable(device_type), "extension": extension_usable}
 
 
 def resolve_backend(name: str, device: torch.device | None = None) -> str:
@@ -83,6 +86,10 @@ def resolve_backend(name: str, device: torch.device | None = None) -> str:
             "before importing dcp_kernels to run them in Triton's CPU interpreter (slow, for testing)"
         )
         raise RuntimeError(f"backend 'triton' is unavailable: {why}")
+    if name == "extension" and not backends(device)["extension"]:
+        why = (f"the C++/CUDA extension is not built ({extension.LOAD_ERROR})" if not extension.AVAILABLE
+               else "it was built without CUDA (no nvcc at build time), so it takes CPU tensors only")
+        raise RuntimeError(f"backend 'extension' is unavailable: {why}; see docs/building.md")
     return name
 
 
@@ -196,7 +203,7 @@ def gathered_conv2d(
         in_idx, out_idx: sorted, unique int64 channel indices on ``x``'s device.
         stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (integer padding;
             groups must be 1 or depthwise).
-        backend: ``auto``, ``reference``, ``torch`` or ``triton``.
+        backend: ``auto``, ``reference``, ``torch``, ``triton`` or ``extension``.
         layout: ``full`` returns (N, C_out, H', W') with exact zeros outside ``out_idx``;
             ``compact`` returns only the selected channels, (N, len(out_idx), H', W').
         input_layout: ``full`` (``x`` has C_in channels) or ``compact`` (``x`` holds exactly the
@@ -216,8 +223,9 @@ def gathered_conv2d(
             x = compact.scatter_channels(x, in_idx, weight.shape[1])
         y = reference.gathered_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
         return y if layout == "full" else y.index_select(1, out_idx)
-    if name == "triton":
-        return _triton_backend().gathered_conv2d(
+    if name in ("triton", "extension"):
+        module = _triton_backend() if name == "triton" else extension
+        return module.gathered_conv2d(
             x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
             x_compact=x_compact, y_compact=layout == "compact",
         )
@@ -233,12 +241,15 @@ def scatter_channels(y_c: torch.Tensor, out_idx: torch.Tensor, channels: int) ->
 def channel_utility(a: torch.Tensor, g: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Per-channel ``sum_b |sum_hw g*a| / (B*H*W)`` in float32 (the DCP first-order importance).
 
-    ``triton`` runs a deterministic one-pass kernel; the other backends use PyTorch reductions.
+    ``triton`` and ``extension`` run deterministic one-pass kernels; the others use PyTorch reductions.
     """
     if a.shape != g.shape or a.dim() != 4:
         raise ValueError(f"a and g must be 4-D tensors of one shape, got {tuple(a.shape)} and {tuple(g.shape)}")
-    if resolve_backend(backend, a.device) == "triton":
+    name = resolve_backend(backend, a.device)
+    if name == "triton":
         return _triton_backend().channel_utility(a, g)
+    if name == "extension":
+        return extension.channel_utility(a, g)
     return reference.channel_utility(a, g)
 
 

@@ -24,6 +24,14 @@ import torch
 from torch import Tensor
 
 from ..reference import channel_mask
+from ..registration import (
+    empty_conv_output,
+    fake_channel_utility,
+    fake_conv2d,
+    fake_conv2d_backward,
+    memory_format_of,
+    register_conv_autograd,
+)
 from ._common import interpreting
 from .depthwise import depthwise_forward, depthwise_grad_input, depthwise_grad_weight
 from .forward import conv_forward
@@ -32,23 +40,9 @@ from .grad_weight import conv_grad_weight
 from .utility import channel_utility as _utility_kernel
 
 
-def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _output(x: Tensor, weight: Tensor, out_idx: Tensor, stride, padding, dilation, y_compact: bool) -> Tensor:
-    """The output tensor: compact (uninitialised, every element gets written) or full-width zeros."""
-    n, _, h, w = x.shape
-    oh = _out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
-    ow = _out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
-    channels = out_idx.shape[0] if y_compact else weight.shape[0]
-    y = torch.empty((n, channels, oh, ow), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    """The output tensor: compact (every element gets written) or full width, zeroed."""
+    y = empty_conv_output(x, weight, out_idx, stride, padding, dilation, y_compact)
     return y if y_compact else y.zero_()
 
 
@@ -79,7 +73,7 @@ def _conv2d_backward(
     in_keep = channel_mask(in_idx, weight.shape[0], torch.float32) if depthwise else None
     work = grad_y.numel() > 0
     if need_x:
-        grad_x = torch.zeros_like(x, memory_format=_memory_format(x))
+        grad_x = torch.zeros_like(x, memory_format=memory_format_of(x))
         if work and depthwise:
             depthwise_grad_input(grad_y, weight, in_keep, out_idx, grad_x, stride, padding, dilation,
                                  gy_compact=y_compact)
@@ -97,7 +91,8 @@ def _conv2d_backward(
     if need_b:
         selected = grad_y if y_compact else grad_y.index_select(1, out_idx)
         grad_b = weight.new_zeros(weight.shape[0])
-        grad_b.index_copy_(0, out_idx, selected.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype))
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        grad_b.index_copy_(0, out_idx, selected.sum(dim=(0, 2, 3), dtype=accumulate).to(weight.dtype))
     return grad_x, grad_w, grad_b
 
 
@@ -105,24 +100,6 @@ def _channel_utility(a: Tensor, g: Tensor) -> Tensor:
     if a.numel() == 0:
         return torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
     return _utility_kernel(a, g)
-
-
-def _fake_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact, y_compact):
-    return _output(x, weight, out_idx, stride, padding, dilation, y_compact)
-
-
-def _fake_conv2d_backward(grad_y, x, weight, in_idx, out_idx, stride, padding, dilation, depthwise,
-                          x_compact, y_compact, output_mask):
-    need_x, need_w, need_b = output_mask
-    return (
-        torch.empty_like(x, memory_format=_memory_format(x)) if need_x else x.new_empty(0),
-        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else x.new_empty(0),
-        weight.new_empty(weight.shape[0]) if need_b else x.new_empty(0),
-    )
-
-
-def _fake_channel_utility(a, g):
-    return a.new_empty(a.shape[1], dtype=torch.float32)
 
 
 def _register(name: str, fn, fake):
@@ -133,32 +110,12 @@ def _register(name: str, fn, fake):
     return torch.library.triton_op(f"dcp_triton::{name}", fn, mutates_args=())
 
 
-conv2d_op = _register("conv2d", _conv2d, _fake_conv2d)
-conv2d_backward_op = _register("conv2d_backward", _conv2d_backward, _fake_conv2d_backward)
-channel_utility_op = _register("channel_utility", _channel_utility, _fake_channel_utility)
+conv2d_op = _register("conv2d", _conv2d, fake_conv2d)
+conv2d_backward_op = _register("conv2d_backward", _conv2d_backward, fake_conv2d_backward)
+channel_utility_op = _register("channel_utility", _channel_utility, fake_channel_utility)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact, y_compact = inputs
-    ctx.save_for_backward(x, weight, in_idx, out_idx)
-    ctx.conf = (stride, padding, dilation, depthwise, x_compact, y_compact)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_y):
-    x, weight, in_idx, out_idx = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_x, grad_w, grad_b = conv2d_backward_op(
-        grad_y, x, weight, in_idx, out_idx, *ctx.conf, [need_x, need_w, need_b and ctx.has_bias],
-    )
-    return (
-        grad_x if need_x else None, grad_w if need_w else None,
-        grad_b if (need_b and ctx.has_bias) else None,
-        None, None, None, None, None, None, None, None,
-    )
-
-
-conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+register_conv_autograd(conv2d_op, conv2d_backward_op)
 
 
 def gathered_conv2d(

@@ -1,0 +1,67 @@
+"""The compiled C++/CUDA extension (``dcp_kernels._C``, built from ``csrc/``), if it was built.
+
+Importing ``_C`` registers the ``dcp::gathered_conv2d``, ``dcp::gathered_conv2d_backward`` and
+``dcp::channel_utility`` ops (schemas in ``csrc/dcp_ops.cpp``, CPU kernels in ``csrc/cpu/``, CUDA
+kernels in ``csrc/cuda/``); this module adds their fake kernels and autograd formula and is the
+``extension`` backend's entry point. Without a built extension the package works on its PyTorch and
+Triton backends, and says so in the log.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import Tensor
+
+from .registration import (
+    fake_channel_utility,
+    fake_conv2d,
+    fake_conv2d_backward,
+    register_conv_autograd,
+)
+
+logger = logging.getLogger("dcp_kernels")
+
+try:
+    from .. import _C  # loading the library registers the ops
+    LOAD_ERROR: str | None = None
+except ImportError as error:  # not built, or built against another torch
+    _C = None
+    LOAD_ERROR = str(error)
+
+AVAILABLE = LOAD_ERROR is None
+# A CPU-only build registers CUDA kernels that only raise a clear error; this says which build it is.
+CUDA_BUILT = AVAILABLE and bool(_C.WITH_CUDA)
+if AVAILABLE:
+
+    # The C++ kernels return NCHW-contiguous tensors whatever the input layout; so do the fakes.
+    torch.library.register_fake("dcp::gathered_conv2d")(
+        functools.partial(fake_conv2d, memory_format=torch.contiguous_format))
+    torch.library.register_fake("dcp::gathered_conv2d_backward")(
+        functools.partial(fake_conv2d_backward, x_memory_format=torch.contiguous_format))
+    torch.library.register_fake("dcp::channel_utility")(fake_channel_utility)
+    register_conv_autograd("dcp::gathered_conv2d", torch.ops.dcp.gathered_conv2d_backward)
+else:
+    logger.warning(
+        "dcp_kernels: the C++/CUDA extension is not built (%s): backend 'extension' is unavailable; "
+        "'auto' and the other backends use the PyTorch and Triton paths. Reinstall with a C++ compiler "
+        "(and nvcc for CUDA) to build it: docs/building.md.", LOAD_ERROR,
+    )
+
+
+def gathered_conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, in_idx: Tensor, out_idx: Tensor,
+    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+    *, x_compact: bool = False, y_compact: bool = False,
+) -> Tensor:
+    """The op contract on the extension's kernels (NCHW; other layouts are made contiguous first)."""
+    return torch.ops.dcp.gathered_conv2d(
+        x.contiguous(), weight.contiguous(), bias, in_idx, out_idx, list(stride), list(padding), list(dilation),
+        groups > 1, x_compact, y_compact,
+    )
+
+
+def channel_utility(a: Tensor, g: Tensor) -> Tensor:
+    """``sum_b |sum_hw g*a| / (B*H*W)`` per channel, float32, deterministic for any thread count."""
+    return torch.ops.dcp.channel_utility(a, g)
