@@ -7,10 +7,10 @@ CUDA story. CUDA tests run only where a GPU exists.
 """
 import pytest
 import torch
+from conftest import sorted_subset
 
 from dcp_kernels import ops
 from dcp_kernels.ops import extension
-from conftest import sorted_subset
 
 pytestmark = pytest.mark.skipif(
     not extension.AVAILABLE,
@@ -118,24 +118,6 @@ def test_gradcheck_fp64(depthwise):
         return ops.gathered_conv2d(x, w, b, in_idx, out_idx, 2, 1, 1, groups, backend="extension")
 
     assert torch.autograd.gradcheck(f, (x, w, b))
-
-
-def test_torch_compile_fullgraph():
-    x, w = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3)
-    in_idx, out_idx = torch.tensor([0, 3]), torch.tensor([1, 2, 4])
-
-    def f(x, w):
-        y = ops.gathered_conv2d(x, w, None, in_idx, out_idx, 1, 1, backend="extension", layout="compact",
-                                validate=False)
-        return torch.relu(y).sum()
-
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    compiled(xs, ws).backward()
-    f(xe, we).backward()
-    torch.testing.assert_close(xs.grad, xe.grad)
-    torch.testing.assert_close(ws.grad, we.grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

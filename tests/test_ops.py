@@ -165,3 +165,23 @@ def test_compact_input_layout(backend):
     torch.testing.assert_close(x_c.grad, ref[1][:, in_idx], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="len\\(in_idx\\)=3"):
         ops.gathered_conv2d(x, w, b, in_idx, out_idx, backend=backend, input_layout="compact")
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b in ("triton", "extension")])
+def test_torch_compile_fullgraph(backend):
+    """The compiled backends are custom ops: fullgraph=True fails on any graph break, and aot_eager
+    runs their fake kernels and autograd formula."""
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    in_idx, out_idx = torch.tensor([0, 3]), torch.tensor([1, 2, 4])
+
+    def f(x, w):
+        y = ops.gathered_conv2d(x, w, None, in_idx, out_idx, 1, 1, backend=backend, layout="compact", validate=False)
+        return torch.relu(y).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    compiled(xs, ws).backward()
+    f(xe, we).backward()
+    torch.testing.assert_close(xs.grad, xe.grad)
+    torch.testing.assert_close(ws.grad, we.grad)

@@ -139,24 +139,6 @@ def test_opcheck_registered_ops():
     torch.library.opcheck(k.channel_utility_op, (torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)))
 
 
-def test_torch_compile_traces_the_op_without_graph_breaks():
-    """fullgraph=True fails on any graph break; aot_eager runs the fake kernels and the autograd formula."""
-    x, w = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3)
-    in_idx, out_idx = torch.tensor([0, 3]), torch.tensor([1, 2, 4])
-
-    def f(x, w):
-        y = ops.gathered_conv2d(x, w, None, in_idx, out_idx, 1, 1, backend="triton", layout="compact", validate=False)
-        return torch.relu(y).sum()
-
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    compiled(xs, ws).backward()
-    f(xe, we).backward()
-    torch.testing.assert_close(xs.grad, xe.grad)
-    torch.testing.assert_close(ws.grad, we.grad)
-
-
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert ops.backends("cpu")["triton"] is False

@@ -11,10 +11,34 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../checks.h"
 
 namespace dcp {
 namespace {
+
+// Calls fn(tap, input offset within the plane) for every tap of output pixel (oy, ox) that lands
+// inside the input (taps in the padding contribute nothing).
+template <typename Fn>
+inline void for_each_tap_inside(const ConvGeometry& g, int64_t oy, int64_t ox, Fn&& fn) {
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
+    if (iy < 0 || iy >= g.h) continue;
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const int64_t ix = ox * g.stride_w - g.pad_w + kx * g.dil_w;
+      if (ix >= 0 && ix < g.w) fn(ky * g.kw + kx, iy * g.w + ix);
+    }
+  }
+}
+
+// Images per GEMM: enough output pixels (~2048 columns) for an efficient GEMM, few enough that the
+// packed columns of one chunk stay cache-sized instead of materialising kh*kw copies of the batch.
+inline int64_t images_per_chunk(const ConvGeometry& g) {
+  const int64_t plane = std::max<int64_t>(1, g.oh * g.ow);
+  return std::clamp<int64_t>((2048 + plane - 1) / plane, 1, std::max<int64_t>(1, g.n));
+}
 
 // cols (k_in*kh*kw, N*OH*OW): row (i, tap) holds input channel in_idx[i] shifted by the tap; zeros
 // where the tap falls into the padding.
@@ -84,14 +108,7 @@ void depthwise_forward(const scalar_t* x, const scalar_t* w, const scalar_t* bia
       for (int64_t oy = 0; oy < g.oh; ++oy) {
         for (int64_t ox = 0; ox < g.ow; ++ox) {
           acc_t acc = 0;
-          for (int64_t ky = 0; ky < g.kh; ++ky) {
-            const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
-            if (iy < 0 || iy >= g.h) continue;
-            for (int64_t kx = 0; kx < g.kw; ++kx) {
-              const int64_t ix = ox * g.stride_w - g.pad_w + kx * g.dil_w;
-              if (ix >= 0 && ix < g.w) acc += acc_t(src[iy * g.w + ix]) * acc_t(filt[ky * g.kw + kx]);
-            }
-          }
+          for_each_tap_inside(g, oy, ox, [&](int64_t tap, int64_t at) { acc += acc_t(src[at]) * acc_t(filt[tap]); });
           dst[oy * g.ow + ox] = scalar_t(acc * acc_t(keep[c]) + b);
         }
       }
@@ -118,14 +135,7 @@ void depthwise_backward(const scalar_t* gy, const scalar_t* x, const scalar_t* w
           for (int64_t oy = 0; oy < g.oh; ++oy)
             for (int64_t ox = 0; ox < g.ow; ++ox) {
               const acc_t go = grad[oy * g.ow + ox];
-              for (int64_t ky = 0; ky < g.kh; ++ky) {
-                const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
-                if (iy < 0 || iy >= g.h) continue;
-                for (int64_t kx = 0; kx < g.kw; ++kx) {
-                  const int64_t ix = ox * g.stride_w - g.pad_w + kx * g.dil_w;
-                  if (ix >= 0 && ix < g.w) acc[ky * g.kw + kx] += go * acc_t(src[iy * g.w + ix]);
-                }
-              }
+              for_each_tap_inside(g, oy, ox, [&](int64_t tap, int64_t at) { acc[tap] += go * acc_t(src[at]); });
             }
         }
         for (int64_t t = 0; t < taps; ++t) gw[c * taps + t] = scalar_t(acc[t] * acc_t(keep[c]));
@@ -145,14 +155,7 @@ void depthwise_backward(const scalar_t* gy, const scalar_t* x, const scalar_t* w
         for (int64_t oy = 0; oy < g.oh; ++oy)
           for (int64_t ox = 0; ox < g.ow; ++ox) {
             const acc_t go = grad[oy * g.ow + ox];
-            for (int64_t ky = 0; ky < g.kh; ++ky) {
-              const int64_t iy = oy * g.stride_h - g.pad_h + ky * g.dil_h;
-              if (iy < 0 || iy >= g.h) continue;
-              for (int64_t kx = 0; kx < g.kw; ++kx) {
-                const int64_t ix = ox * g.stride_w - g.pad_w + kx * g.dil_w;
-                if (ix >= 0 && ix < g.w) plane[iy * g.w + ix] += go * acc_t(filt[ky * g.kw + kx]);
-              }
-            }
+            for_each_tap_inside(g, oy, ox, [&](int64_t tap, int64_t at) { plane[at] += go * acc_t(filt[tap]); });
           }
         scalar_t* dst = gx + (n * g.c_out + c) * g.h * g.w;
         for (int64_t p = 0; p < g.h * g.w; ++p) dst[p] = scalar_t(plane[p]);
@@ -209,13 +212,21 @@ at::Tensor gathered_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, co
     });
     return y;
   }
-  auto out = at::mm(weight_block(weight, in_idx, out_idx), columns(x, in_idx, x_compact, g));  // (k_out, N*L)
-  if (bias.has_value()) out.add_(bias->index_select(0, out_idx).unsqueeze(1));
-  auto y_c = out.view({k_out, g.n, g.oh, g.ow}).transpose(0, 1);
-  if (y_compact) {
-    y.copy_(y_c);
-  } else {
-    y.index_copy_(1, out_idx, y_c);
+  const auto w_block = weight_block(weight, in_idx, out_idx);
+  const auto b_block = bias.has_value() ? bias->index_select(0, out_idx).unsqueeze(1) : at::Tensor();
+  const int64_t chunk = images_per_chunk(g);
+  for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
+    ConvGeometry part = g;
+    part.n = std::min(chunk, g.n - n0);
+    auto out = at::mm(w_block, columns(x.narrow(0, n0, part.n), in_idx, x_compact, part));  // (k_out, n*L)
+    if (b_block.defined()) out.add_(b_block);
+    auto y_c = out.view({k_out, part.n, g.oh, g.ow}).transpose(0, 1);
+    auto y_part = y.narrow(0, n0, part.n);
+    if (y_compact) {
+      y_part.copy_(y_c);
+    } else {
+      y_part.index_copy_(1, out_idx, y_c);
+    }
   }
   return y;
 }
@@ -253,18 +264,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_conv2d_backward_cpu(
     });
     return {grad_x, grad_w, grad_b};
   }
-  auto gy = gather_rows(grad_y, out_idx, y_compact);  // (k_out, N*L)
-  if (need_w) {
-    auto block = at::mm(gy, columns(x, in_idx, x_compact, g).t());  // (k_out, k_in*taps)
-    auto rows = (out_idx.unsqueeze(1) * g.c_in + in_idx.unsqueeze(0)).flatten();
-    grad_w.view({g.c_out * g.c_in, -1}).index_copy_(0, rows, block.reshape({k_out * k_in, -1}));
+  // Chunks of images in a fixed order (the result does not depend on the thread count).
+  // The weight block accumulates over chunks in fp32 for 16-bit inputs.
+  const auto accumulate = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  auto block = need_w ? at::zeros({k_out, k_in * g.kh * g.kw}, accumulate) : at::Tensor();
+  const auto w_block_t = need_x ? weight_block(weight, in_idx, out_idx).t() : at::Tensor();
+  const int64_t chunk = images_per_chunk(g);
+  for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
+    ConvGeometry part = g;
+    part.n = std::min(chunk, g.n - n0);
+    auto gy = gather_rows(grad_y.narrow(0, n0, part.n), out_idx, y_compact);  // (k_out, n*L)
+    if (need_w) {
+      auto cols_t = columns(x.narrow(0, n0, part.n), in_idx, x_compact, part).t();
+      if (block.scalar_type() == x.scalar_type()) {
+        block.addmm_(gy, cols_t);
+      } else {
+        block.add_(at::mm(gy, cols_t));
+      }
+    }
+    if (need_x) {
+      auto cols = at::mm(w_block_t, gy);  // (k_in*taps, n*L)
+      auto grad_x_part = grad_x.narrow(0, n0, part.n);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dcp_unpack_columns", [&] {
+        unpack_columns<scalar_t>(cols.const_data_ptr<scalar_t>(), in_idx.const_data_ptr<int64_t>(), k_in,
+                                 x_compact, x.size(1), part, grad_x_part.mutable_data_ptr<scalar_t>());
+      });
+    }
   }
-  if (need_x) {
-    auto cols = at::mm(weight_block(weight, in_idx, out_idx).t(), gy);  // (k_in*taps, N*L)
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dcp_unpack_columns", [&] {
-      unpack_columns<scalar_t>(cols.const_data_ptr<scalar_t>(), in_idx.const_data_ptr<int64_t>(), k_in, x_compact,
-                               x.size(1), g, grad_x.mutable_data_ptr<scalar_t>());
-    });
+  if (need_w) {
+    auto rows = (out_idx.unsqueeze(1) * g.c_in + in_idx.unsqueeze(0)).flatten();
+    grad_w.view({g.c_out * g.c_in, -1}).index_copy_(0, rows, block.to(x.scalar_type()).reshape({k_out * k_in, -1}));
   }
   return {grad_x, grad_w, grad_b};
 }

@@ -81,3 +81,19 @@ def split_pixels(offs, OH, OW):
     n = offs // (OH * OW)
     rem = offs % (OH * OW)
     return n.to(tl.int64), rem // OW, rem % OW
+
+
+@triton.jit
+def reading_output_pixel(ih, iw, kh, kw, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W):
+    """The output pixel (oh, ow) whose kernel tap (kh, kw) read input pixel (ih, iw), and whether
+    one exists (the backward-data index map: taps that fall between strides or outside the output
+    are masked)."""
+    th = ih + PAD_H - kh * DIL_H
+    tw = iw + PAD_W - kw * DIL_W
+    # Clamp before dividing so negative offsets never reach integer division.
+    th_c = tl.where(th >= 0, th, 0)
+    tw_c = tl.where(tw >= 0, tw, 0)
+    oh = th_c // STRIDE_H
+    ow = tw_c // STRIDE_W
+    ok = (th >= 0) & (tw >= 0) & (th_c % STRIDE_H == 0) & (tw_c % STRIDE_W == 0) & (oh < OH) & (ow < OW)
+    return oh, ow, ok

@@ -14,7 +14,12 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import accumulator, elementwise_configs, split_pixels
+from ._common import (
+    accumulator,
+    elementwise_configs,
+    reading_output_pixel,
+    split_pixels,
+)
 
 
 @triton.autotune(configs=elementwise_configs(), key=["M", "K_OUT", "KH", "KW"])
@@ -76,14 +81,8 @@ def _depthwise_grad_input_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
-            th = ih + PAD_H - kh * DIL_H
-            tw = iw + PAD_W - kw * DIL_W
-            th_c = tl.where(th >= 0, th, 0)
-            tw_c = tl.where(tw >= 0, tw, 0)
-            oh = th_c // STRIDE_H
-            ow = tw_c // STRIDE_W
-            pix_ok = (m_ok & (th >= 0) & (tw >= 0) & (th_c % STRIDE_H == 0) & (tw_c % STRIDE_W == 0)
-                      & (oh < OH) & (ow < OW))
+            oh, ow, tap_ok = reading_output_pixel(ih, iw, kh, kw, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            pix_ok = m_ok & tap_ok
             gv = tl.load(gy_ptr + (n_img * sgn + oh * sgh + ow * sgw)[:, None] + c_gy[None, :] * sgc,
                          mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
             wv = tl.load(w_ptr + c * swo + kh * swh + kw * sww, mask=c_ok, other=0.0)

@@ -13,7 +13,14 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import accumulator, dot_acc, dot_mode, gemm_configs, split_pixels
+from ._common import (
+    accumulator,
+    dot_acc,
+    dot_mode,
+    gemm_configs,
+    reading_output_pixel,
+    split_pixels,
+)
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "K_IN", "K_OUT", "KH", "KW"])
@@ -39,15 +46,8 @@ def _conv_grad_input_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
-            th = ih + PAD_H - kh * DIL_H
-            tw = iw + PAD_W - kw * DIL_W
-            # Clamp before dividing so negative offsets never reach integer division.
-            th_c = tl.where(th >= 0, th, 0)
-            tw_c = tl.where(tw >= 0, tw, 0)
-            oh = th_c // STRIDE_H
-            ow = tw_c // STRIDE_W
-            pix_ok = (m_ok & (th >= 0) & (tw >= 0) & (th_c % STRIDE_H == 0) & (tw_c % STRIDE_W == 0)
-                      & (oh < OH) & (ow < OW))
+            oh, ow, tap_ok = reading_output_pixel(ih, iw, kh, kw, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            pix_ok = m_ok & tap_ok
             gy_pix = n_img * sgn + oh * sgh + ow * sgw
             for k0 in range(0, K_OUT, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
