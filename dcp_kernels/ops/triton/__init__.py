@@ -3,7 +3,7 @@
 Each kernel reads the selected channels through index vectors straight from the full-width (or
 compact) tensors and writes only the selected channels: no gathered copies, no im2col buffer.
 
-The kernels are exposed as two PyTorch custom ops with an autograd formula, so they compose with
+The kernels are exposed as three PyTorch custom ops (autograd on the first), so they compose with
 ``torch.compile``:
 
 * ``dcp_triton::conv2d(x, weight, bias, in_idx, out_idx, ...) -> y``
