@@ -39,18 +39,24 @@ BACKENDS: tuple[str, ...] = ("reference", "torch", "triton", "extension")
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("torch",), "cpu": ("torch",)}
 
 
+# Looked up once: resolve_backend("auto") runs in every layer's forward, and find_spec scans sys.path
+# until Triton is imported.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
-def _triton_interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton_usable(device_type: str | None) -> bool:
     if not _triton_installed():
         return False
-    if _triton_interpreting():
+    if triton_interpreting():
         return True  # the interpreter runs kernels on CPU tensors (slowly): for tests
     return device_type in (None, "cuda") and torch.cuda.is_available()
 
@@ -102,7 +108,7 @@ def _triton_backend() -> ModuleType:
     if _TRITON_MODULE is None:
         from . import triton as triton_backend
 
-        mode = "interpreter (CPU)" if _triton_interpreting() else "compiled"
+        mode = "interpreter (CPU)" if triton_interpreting() else "compiled"
         logger.info("dcp_kernels: Triton backend loaded, %s mode", mode)
         _TRITON_MODULE = triton_backend
     return _TRITON_MODULE

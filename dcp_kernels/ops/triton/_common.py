@@ -9,16 +9,11 @@ the same exact computation, so a single configuration is used.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .. import triton_interpreting as interpreting
 
 
 def gemm_configs(interpret_blocks: tuple[int, int, int] = (32, 32, 32)) -> list[triton.Config]:
