@@ -19,6 +19,7 @@ from ._common import (
     elementwise_configs,
     reading_output_pixel,
     split_pixels,
+    store_output,
 )
 
 
@@ -50,15 +51,8 @@ def _depthwise_forward_kernel(
             wv = tl.load(w_ptr + c * swo + kh * swh + kw * sww, mask=c_ok, other=0.0)
             acc += xv.to(ACC) * wv.to(ACC)[None, :]
     acc *= tl.load(in_keep_ptr + c, mask=c_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
-    if HAS_AFFINE:
-        scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(ACC)
-        shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(ACC)
-        acc = acc * scale[None, :] + shift[None, :]
-    y_chan = offs_c if Y_COMPACT else c
-    y_off = (n_img * syn + oh * syh + ow * syw)[:, None] + y_chan[None, :] * syc
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs_c, c, c_ok, b_ptr, scale_ptr, shift_ptr,
+                 syn, syc, syh, syw, ACC, Y_COMPACT, HAS_BIAS, HAS_AFFINE)
 
 
 @triton.autotune(configs=elementwise_configs(), key=["M", "K_OUT", "KH", "KW"])

@@ -13,7 +13,14 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import accumulator, dot_acc, dot_mode, gemm_configs, split_pixels
+from ._common import (
+    accumulator,
+    dot_acc,
+    dot_mode,
+    gemm_configs,
+    split_pixels,
+    store_output,
+)
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "K_IN", "K_OUT", "KH", "KW"])
@@ -54,15 +61,8 @@ def _conv_forward_kernel(
                 b = tl.load(w_ptr + ci[:, None] * swi + w_out[None, :] + kh * swh + kw * sww,
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = dot_acc(a, b, acc, DOT)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(ACC)[None, :]
-    if HAS_AFFINE:
-        scale = tl.load(scale_ptr + co, mask=n_ok, other=0.0).to(ACC)
-        shift = tl.load(shift_ptr + co, mask=n_ok, other=0.0).to(ACC)
-        acc = acc * scale[None, :] + shift[None, :]
-    y_chan = offs_n if Y_COMPACT else co
-    y_off = (n_img * syn + oh * syh + ow * syw)[:, None] + y_chan[None, :] * syc
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs_n, co, n_ok, b_ptr, scale_ptr, shift_ptr,
+                 syn, syc, syh, syw, ACC, Y_COMPACT, HAS_BIAS, HAS_AFFINE)
 
 
 def conv_forward(
