@@ -76,14 +76,17 @@ at::Tensor weight_block(const at::Tensor& weight, const at::Tensor& in_idx, cons
       .reshape({out_idx.numel(), in_idx.numel(), weight.size(2), weight.size(3)});
 }
 
-// The compact input of the convolution and the weight it runs with.
+// Depthwise: per computed channel out_idx[j], 1 when its input channel is selected, else 0.
+at::Tensor depthwise_input_keep(const at::Tensor& x, const at::Tensor& in_idx, const at::Tensor& out_idx) {
+  return at::zeros({x.size(1)}, x.options()).index_fill_(0, in_idx, 1.0).index_select(0, out_idx);
+}
+
+// The compact input of the convolution and the weight it runs with (`keep`: depthwise only).
 std::pair<at::Tensor, at::Tensor> compact_operands(const at::Tensor& x, const at::Tensor& weight,
                                                    const at::Tensor& in_idx, const at::Tensor& out_idx,
-                                                   bool depthwise, bool x_compact) {
+                                                   const at::Tensor& keep, bool depthwise, bool x_compact) {
   if (depthwise) {
-    auto keep = at::zeros({weight.size(0)}, x.options()).index_fill_(0, in_idx, 1.0);
-    auto x_c = gather(x, out_idx).mul_(keep.index_select(0, out_idx).view({1, -1, 1, 1}));
-    return {x_c, weight.index_select(0, out_idx)};
+    return {gather(x, out_idx).mul_(keep.view({1, -1, 1, 1})), weight.index_select(0, out_idx)};
   }
   return {x_compact ? x : gather(x, in_idx), weight_block(weight, in_idx, out_idx)};
 }
@@ -94,7 +97,8 @@ at::Tensor gathered_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, c
                                 bool y_compact) {
   const auto g = check_conv(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [x_c, w_c] = compact_operands(x, weight, in_idx, out_idx, depthwise, x_compact);
+  const auto keep = depthwise ? depthwise_input_keep(x, in_idx, out_idx) : at::Tensor();
+  auto [x_c, w_c] = compact_operands(x, weight, in_idx, out_idx, keep, depthwise, x_compact);
   c10::optional<at::Tensor> b_c;
   if (bias.has_value()) b_c = bias->index_select(0, out_idx);
   const int64_t groups = depthwise ? out_idx.numel() : 1;
@@ -110,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_conv2d_backward_cuda(
   TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(1) == (y_compact ? out_idx.numel() : g.c_out),
               "grad_y has shape ", grad_y.sizes(), ", which does not match the convolution's output");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [x_c, w_c] = compact_operands(x, weight, in_idx, out_idx, depthwise, x_compact);
+  const auto keep = depthwise ? depthwise_input_keep(x, in_idx, out_idx) : at::Tensor();
+  auto [x_c, w_c] = compact_operands(x, weight, in_idx, out_idx, keep, depthwise, x_compact);
   auto gy_c = y_compact ? grad_y.contiguous() : gather(grad_y.contiguous(), out_idx);
   const int64_t groups = depthwise ? out_idx.numel() : 1;
   auto [gx_c, gw_c, gb_c] = at::convolution_backward(
@@ -120,8 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_conv2d_backward_cuda(
              grad_b = at::empty({0}, x.options());
   if (output_mask[0]) {
     if (depthwise) {
-      auto keep = at::zeros({g.c_out}, x.options()).index_fill_(0, in_idx, 1.0);
-      grad_x = scatter_into_zeros(gx_c.mul_(keep.index_select(0, out_idx).view({1, -1, 1, 1})), out_idx, g.c_out);
+      grad_x = scatter_into_zeros(gx_c.mul_(keep.view({1, -1, 1, 1})), out_idx, g.c_out);
     } else {
       grad_x = x_compact ? gx_c : scatter_into_zeros(gx_c, in_idx, g.c_in);
     }
@@ -129,8 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_conv2d_backward_cuda(
   if (output_mask[1]) {
     grad_w = at::zeros_like(weight);
     if (depthwise) {
-      auto keep = at::zeros({g.c_out}, x.options()).index_fill_(0, in_idx, 1.0);
-      grad_w.index_copy_(0, out_idx, gw_c.mul_(keep.index_select(0, out_idx).view({-1, 1, 1, 1})));
+      grad_w.index_copy_(0, out_idx, gw_c.mul_(keep.view({-1, 1, 1, 1})));
     } else {
       auto rows = (out_idx.unsqueeze(1) * g.c_in + in_idx.unsqueeze(0)).flatten();
       grad_w.view({g.c_out * g.c_in, -1}).index_copy_(0, rows, gw_c.reshape({rows.numel(), -1}));
