@@ -8,10 +8,36 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from dcp_kernels import ops  # noqa: E402  (after TRITON_INTERPRET is decided)
+
+# Devices the shared correctness grids run on: the CPU always, a CUDA GPU when one is visible.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def fast_backends(device: str) -> list[str]:
+    """Every backend other than the reference that runs on ``device`` here (on CPU: Triton through
+    its interpreter)."""
+    return [b for b, usable in ops.backends(device).items() if usable and b != "reference"]
+
+
+def device_backend_params() -> list:
+    """(device, backend) pairs for every fast backend on every device in DEVICES."""
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in fast_backends(d)]
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_on_cuda():
+    """fp32 comparisons against the reference are exact-arithmetic ones: no TF32 on the GPU (cuDNN and
+    the Triton kernels both follow these flags)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def sorted_subset(n: int, k: int, generator_seed: int = 0) -> torch.Tensor:

@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import DEVICES, fast_backends
+
 import dcp_kernels
-from dcp_kernels import DCPConv2d, ops
+from dcp_kernels import DCPConv2d
 from dcp_kernels.models import resnet_cifar, vgg
 
 # Every backend that runs on CPU tensors here (Triton through its interpreter).
-FAST_BACKENDS = [b for b, usable in ops.backends("cpu").items() if usable and b != "reference"]
+FAST_BACKENDS = fast_backends("cpu")
 SMALL_VGG = [8, "M", 16, 16, "M", 24]
 
 
@@ -23,14 +25,14 @@ def small_resnet():
     return resnet_cifar(8, num_classes=5, width=6)
 
 
-def _train(model, prop, steps, seed=0, size=16, explore_steps=1):
+def _train(model, prop, steps, seed=0, size=16, explore_steps=1, device="cpu"):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     history = []
     model.train()
     for step in range(steps):
-        x = torch.randn(8, 3, size, size, generator=g)
-        y = torch.randint(0, 5, (8,), generator=g)
+        x = torch.randn(8, 3, size, size, generator=g).to(device)
+        y = torch.randint(0, 5, (8,), generator=g).to(device)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -42,29 +44,32 @@ def _train(model, prop, steps, seed=0, size=16, explore_steps=1):
 
 
 def _model_cases():
-    """(make, backend, compact) cases. Triton's CPU interpreter is slow: it trains VGG with compact
-    activations and ResNet with full ones (the op tests cover both layouts of every kernel)."""
-    for backend in FAST_BACKENDS:
-        for make, name in ((small_vgg, "vgg"), (small_resnet, "resnet")):
-            for compact in (True, False):
-                if backend == "triton" and not torch.cuda.is_available() and compact != (name == "vgg"):
-                    continue
-                layout = "compact-activations" if compact else "full-activations"
-                yield pytest.param(make, backend, compact, id=f"{layout}-{backend}-{name}")
+    """(device, make, backend, compact) cases. Triton's CPU interpreter is slow: on CPU it trains VGG
+    with compact activations and ResNet with full ones (the op tests cover both layouts of every
+    kernel)."""
+    for device in DEVICES:
+        for backend in fast_backends(device):
+            for make, name in ((small_vgg, "vgg"), (small_resnet, "resnet")):
+                for compact in (True, False):
+                    if backend == "triton" and device == "cpu" and compact != (name == "vgg"):
+                        continue
+                    layout = "compact-activations" if compact else "full-activations"
+                    yield pytest.param(device, make, backend, compact, id=f"{device}-{layout}-{backend}-{name}")
 
 
-@pytest.mark.parametrize("make, backend, compact", list(_model_cases()))
-def test_backends_train_to_the_same_weights(make, backend, compact):
+@pytest.mark.parametrize("device, make, backend, compact", list(_model_cases()))
+def test_backends_train_to_the_same_weights(device, make, backend, compact):
+    """The reference backend on the same device is the oracle."""
     # Triton's CPU interpreter is ~100x slower than the kernels it emulates: smaller images there
     # (every layer and both activation layouts are still exercised).
-    size = 8 if (backend == "triton" and not torch.cuda.is_available()) else 16
+    size = 8 if (backend == "triton" and device == "cpu") else 16
     torch.manual_seed(0)
-    ref_model = make()
+    ref_model = make().to(device)
     fast_model = copy.deepcopy(ref_model)
     ref = dcp_kernels.convert(ref_model, 0.5, explore_epochs=1, backend="reference")
     fast = dcp_kernels.convert(fast_model, 0.5, explore_epochs=1, backend=backend, compact_activations=compact)
-    _, ref_hist = _train(ref_model, ref, 6, size=size)
-    _, fast_hist = _train(fast_model, fast, 6, size=size)
+    _, ref_hist = _train(ref_model, ref, 6, size=size, device=device)
+    _, fast_hist = _train(fast_model, fast, 6, size=size, device=device)
     for a, b in zip(ref_hist, fast_hist):
         assert torch.equal(a, b)
     assert not ref_hist[-1].all(), "selection should prune after exploration"

@@ -135,7 +135,6 @@ def test_half_precision_on_cpu(dtype):
 @needs_cuda
 @pytest.mark.parametrize("groups", [1, 8])
 def test_cuda_kernels_match_the_reference(groups):
-    torch.backends.cudnn.allow_tf32 = False
     dev = torch.device("cuda")
     x = torch.randn(4, 8, 17, 15, device=dev, requires_grad=True)
     w = torch.randn(24 if groups == 1 else 8, 8 // groups, 3, 3, device=dev, requires_grad=True)

@@ -1,12 +1,12 @@
 """Every fast backend against the reference op: forward, grad-input, grad-weight, grad-bias."""
 import pytest
 import torch
-from conftest import sorted_subset
+from conftest import device_backend_params, fast_backends, sorted_subset
 
 from dcp_kernels import ops
 
 # Every backend that runs on CPU tensors here (Triton through its interpreter).
-FAST_BACKENDS = [b for b, usable in ops.backends("cpu").items() if usable and b != "reference"]
+FAST_BACKENDS = fast_backends("cpu")
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups, bias)
 SHAPES = [
@@ -32,22 +32,23 @@ def _run(backend, x, w, b, in_idx, out_idx, conf, layout="full"):
     b = None if b is None else b.detach().clone().requires_grad_(True)
     y = ops.gathered_conv2d(x, w, b, in_idx, out_idx, *conf, backend=backend, layout=layout)
     # A logical-order gradient (randn_like would follow y's memory layout).
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
     (y * g).sum().backward()
     return y.detach(), x.grad, w.grad, None if b is None else b.grad
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("device, backend", device_backend_params())
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-g{s[9]}")
 @pytest.mark.parametrize("keep_in", KEEPS)
 @pytest.mark.parametrize("keep_out", KEEPS)
-def test_backend_matches_reference(backend, shape, keep_in, keep_out):
+def test_backend_matches_reference(device, backend, shape, keep_in, keep_out):
+    """The reference on the same device is the oracle (on CUDA: cuDNN with TF32 off)."""
     n, cin, cout, h, w_, k, stride, pad, dil, groups, has_bias = shape
     kh, kw = (k, k) if isinstance(k, int) else k
-    x = torch.randn(n, cin, h, w_)
-    w = torch.randn(cout, cin // groups, kh, kw)
-    b = torch.randn(cout) if has_bias else None
-    in_idx, out_idx = _keep(cin, keep_in, 1), _keep(cout, keep_out, 2)
+    x = torch.randn(n, cin, h, w_, device=device)
+    w = torch.randn(cout, cin // groups, kh, kw, device=device)
+    b = torch.randn(cout, device=device) if has_bias else None
+    in_idx, out_idx = _keep(cin, keep_in, 1).to(device), _keep(cout, keep_out, 2).to(device)
     conf = (stride, pad, dil, groups)
     ref = _run("reference", x, w, b, in_idx, out_idx, conf)
     got = _run(backend, x, w, b, in_idx, out_idx, conf)
@@ -57,12 +58,12 @@ def test_backend_matches_reference(backend, shape, keep_in, keep_out):
             continue
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     # Exact zeros outside the selection, forward and backward.
-    dropped_out = torch.ones(cout, dtype=torch.bool)
+    dropped_out = torch.ones(cout, dtype=torch.bool, device=device)
     dropped_out[out_idx] = False
     assert torch.count_nonzero(got[0][:, dropped_out]) == 0
     assert torch.count_nonzero(got[2][dropped_out]) == 0
     if groups == 1:
-        dropped_in = torch.ones(cin, dtype=torch.bool)
+        dropped_in = torch.ones(cin, dtype=torch.bool, device=device)
         dropped_in[in_idx] = False
         assert torch.count_nonzero(got[1][:, dropped_in]) == 0
         assert torch.count_nonzero(got[2][:, dropped_in]) == 0
@@ -78,12 +79,13 @@ def test_compact_layout_is_the_selected_slice(backend):
     torch.testing.assert_close(compact, full[:, out_idx])
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_channels_last_and_non_contiguous_inputs(backend):
-    x = torch.randn(2, 6, 9, 9)
-    w = torch.randn(5, 6, 3, 3)
-    in_idx, out_idx = torch.tensor([0, 2, 3]), torch.tensor([1, 4])
-    for variant in (x.contiguous(memory_format=torch.channels_last), torch.randn(2, 9, 9, 6).permute(0, 3, 1, 2)):
+@pytest.mark.parametrize("device, backend", device_backend_params())
+def test_channels_last_and_non_contiguous_inputs(device, backend):
+    x = torch.randn(2, 6, 9, 9, device=device)
+    w = torch.randn(5, 6, 3, 3, device=device)
+    in_idx, out_idx = torch.tensor([0, 2, 3], device=device), torch.tensor([1, 4], device=device)
+    permuted = torch.randn(2, 9, 9, 6, device=device).permute(0, 3, 1, 2)
+    for variant in (x.contiguous(memory_format=torch.channels_last), permuted):
         assert not variant.is_contiguous()
         ref = _run("reference", variant.contiguous(), w, None, in_idx, out_idx, (1, 1, 1, 1))
         got = _run(backend, variant, w, None, in_idx, out_idx, (1, 1, 1, 1))

@@ -151,7 +151,6 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_compiled_kernels_on_cuda(groups, stride):
     """The compiled (not interpreted) kernels against the reference on a GPU, fp32 without TF32."""
-    torch.backends.cudnn.allow_tf32 = False
     dev = torch.device("cuda")
     x = torch.randn(4, 8, 17, 15, device=dev)
     w = torch.randn(24 if groups == 1 else 8, 8 // groups, 3, 3, device=dev)

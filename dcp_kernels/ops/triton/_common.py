@@ -5,9 +5,13 @@ sizes. The configurations follow what works for implicit-GEMM convolutions on Am
 Hopper (H100): 64-128 wide tiles in M and N, K steps of 32 (fp32/TF32) or 64 (16-bit inputs),
 4-8 warps and 3-4 pipeline stages. They have not been tuned on real hardware by this project yet
 (see docs/benchmarks.md). Under ``TRITON_INTERPRET=1`` (CPU testing) autotuning would only repeat
-the same exact computation, so a single configuration is used.
+the same exact computation, so a single configuration is used; ``DCP_TRITON_AUTOTUNE=0`` does the
+same on a GPU (correctness runs: one compile per kernel instead of one per configuration, and tiles
+small enough that the test shapes span several of them).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -16,10 +20,14 @@ import triton.language as tl
 from .. import triton_interpreting as interpreting
 
 
-def gemm_configs(interpret_blocks: tuple[int, int, int] = (32, 32, 32)) -> list[triton.Config]:
+def _single_config() -> bool:
+    return interpreting() or os.environ.get("DCP_TRITON_AUTOTUNE", "1") == "0"
+
+
+def gemm_configs(single_blocks: tuple[int, int, int] = (32, 32, 32)) -> list[triton.Config]:
     """Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K) for the implicit-GEMM kernels."""
-    if interpreting():
-        bm, bn, bk = interpret_blocks
+    if _single_config():
+        bm, bn, bk = single_blocks
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4)]
     shapes = [
         (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
@@ -31,10 +39,10 @@ def gemm_configs(interpret_blocks: tuple[int, int, int] = (32, 32, 32)) -> list[
     ]
 
 
-def elementwise_configs(interpret_blocks: tuple[int, int] = (32, 16)) -> list[triton.Config]:
+def elementwise_configs(single_blocks: tuple[int, int] = (32, 16)) -> list[triton.Config]:
     """Tile shapes (BLOCK_M, BLOCK_C) for the depthwise and reduction kernels."""
-    if interpreting():
-        bm, bc = interpret_blocks
+    if _single_config():
+        bm, bc = single_blocks
         return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=4)]
     shapes = [(64, 32, 4), (128, 32, 4), (64, 64, 4), (256, 16, 8), (32, 128, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w) for m, c, w in shapes]

@@ -14,7 +14,7 @@ from torch.library import wrap_triton
 from ._common import elementwise_configs
 
 
-@triton.autotune(configs=elementwise_configs(interpret_blocks=(64, 16)), key=["B", "C", "HW"])
+@triton.autotune(configs=elementwise_configs(single_blocks=(64, 16)), key=["B", "C", "HW"])
 @triton.jit
 def _channel_utility_kernel(
     a_ptr, g_ptr, v_ptr, B, C, HW, W,
