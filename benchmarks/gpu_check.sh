@@ -24,30 +24,30 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torc
 
 stage "extension build (background)"
 (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 DCP_REQUIRE_EXTENSION=1 \
-  timeout 300 python3 setup.py -q build_ext --inplace --build-temp /tmp/dcp_build >"$out/build.txt" 2>&1;
+  timeout 240 python3 setup.py -q build_ext --inplace --build-temp /tmp/dcp_build >"$out/build.txt" 2>&1;
   echo "build exit $?" >>"$out/build.txt") &
 build_pid=$!
 
 stage "Triton CUDA tests" | tee "$out/gpu-tests.txt"
-DCP_TRITON_AUTOTUNE=0 timeout 200 python3 -m pytest -q -p no:cacheprovider --maxfail=25 \
+DCP_TRITON_AUTOTUNE=0 timeout 180 python3 -m pytest -q -p no:cacheprovider --maxfail=25 \
   tests/test_ops.py tests/test_convert.py tests/test_triton.py -k "cuda and not extension" 2>&1 \
   | tail -40 | tee -a "$out/gpu-tests.txt"
 
 wait $build_pid
 tail -3 "$out/build.txt"
 stage "extension CUDA tests" | tee -a "$out/gpu-tests.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider --maxfail=25 \
+timeout 100 python3 -m pytest -q -p no:cacheprovider --maxfail=25 \
   tests/test_ops.py tests/test_convert.py tests/test_extension.py -k "cuda and extension" 2>&1 \
   | tail -40 | tee -a "$out/gpu-tests.txt"
 python3 -c "import dcp_kernels; print('backends on cuda:', dcp_kernels.backends('cuda'))" | tee -a "$out/gpu.txt"
 
 stage "op benchmarks"
-timeout 170 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py --benchmark-only --device cuda \
+timeout 150 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py --benchmark-only --device cuda \
   -k "fwd+bwd and (keep0.5 or keep1.0) and not reference" --benchmark-json="$out/bench-ops.json" 2>&1 | tail -5
 python3 benchmarks/report.py "$out/bench-ops.json" > "$out/bench-ops.md" 2>&1
 
 stage "step benchmarks"
-DCP_TRITON_AUTOTUNE=0 timeout 120 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_step.py --benchmark-only \
+DCP_TRITON_AUTOTUNE=0 timeout 100 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_step.py --benchmark-only \
   --device cuda -k "interleaved and prune0.5" --benchmark-json="$out/bench-step.json" 2>&1 | tail -5
 python3 benchmarks/report.py "$out/bench-step.json" > "$out/bench-step.md" 2>&1
 stage done
