@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Mapping
+from typing import Iterable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from . import ops
-from .graph import analyze
-from .modules import DCPConv2d
+from .graph import ChannelAnalysis, Segment, analyze
+from .modules import ConcatSource, DCPConv2d, DCPLinear
 from .propagation import ConversionPlan, DecaySchedule, Propagation, check_prune_ratio
 
 logger = logging.getLogger("dcp_kernels")
@@ -20,11 +21,62 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert() expects an nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, (DCPConv2d, DCPLinear)) for m in model.modules()):
+        raise ValueError("this model already contains DCP layers: it was converted before (convert it once; "
+                         "to start over, convert a fresh copy of the original model)")
+    if isinstance(model, nn.Conv2d):
+        raise TypeError("convert() needs a network; wrap a single conv with DCPConv2d.from_modules(conv, bn)")
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d: there are no channels for DCP to prune")
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"{type(model).__name__} has tensors on the meta device ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): "
+            "convert() runs the model once to learn its shapes and DCP trains real weights. Materialise it first "
+            "(model.to_empty(device=...) and initialise, or load a checkpoint)."
+        )
+
+
+def _ignored_names(model: nn.Module, ignore: Iterable[str | nn.Module]) -> set[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    known = set(names.values())
+    out: set[str] = set()
+    for item in ignore:
+        if isinstance(item, nn.Module):
+            if id(item) not in names:
+                raise ValueError(f"ignore= holds a {type(item).__name__} that is not part of the model")
+            out.add(names[id(item)])
+        elif isinstance(item, str):
+            if item not in known:
+                raise ValueError(f"ignore= names {item!r}, which is not a submodule of the model")
+            out.add(item)
+        else:
+            raise TypeError(f"ignore= takes module names or modules, got {type(item).__name__}")
+    return out
+
+
+def _source(segments: Sequence[Segment], analysis: ChannelAnalysis, layers: Mapping[str, DCPConv2d], name: str):
+    """What a reader reads: one group's layer, or a ConcatSource over several segments."""
+    def producer(seg: Segment) -> DCPConv2d | None:
+        return None if seg.group is None else layers[analysis.groups[seg.group].producers[0]]
+
+    if len(segments) == 1:
+        return producer(segments[0])
+    return ConcatSource([(producer(s), s.width) for s in segments], name=f"concat read by {name}")
+
+
 def convert(
     model: nn.Module,
     prune_ratio: float = 0.5,
     *,
     min_channels: int | Mapping[str, int] = 1,
+    layer_prune_ratios: Mapping[str, float] | None = None,
+    prune_residual: bool = False,
+    ignore: Iterable[str | nn.Module] = (),
+    example_inputs: Sequence[torch.Tensor] | None = None,
     explore_epochs: int = 10,
     decay: float | DecaySchedule = 0.6,
     backend: str = "auto",
@@ -32,80 +84,103 @@ def convert(
 ) -> Propagation:
     """Make ``model`` a DCP model in place and return its controller.
 
-    Every ``Conv2d`` (groups=1 or depthwise) becomes a :class:`DCPConv2d`. Convs whose output
-    channels only flow, through ReLU/pooling/flatten, into convs or Linear layers become prunable
-    and own the BatchNorm that follows them (its old place holds an ``nn.Identity``); the convs
-    and Linears that read them skip the unselected channels. Convs whose outputs reach a residual
-    sum, a concat or anything not understood stay dense (see ``prop.report()``).
+    The model is traced (``torch.fx``) and run once on an example input in eval mode (shapes only;
+    no statistics move) to build its channel dependency graph (:mod:`dcp_kernels.graph`). Every
+    ``Conv2d`` (groups=1 or depthwise) becomes a :class:`DCPConv2d`. Convs whose output channels
+    reach only readers that can skip channels (convs, Linear layers after a flatten), through
+    channel-wise operations, become prunable and own the BatchNorm right after them (its old place
+    holds an ``nn.Identity``). Channels that are summed or multiplied together (residual sums,
+    squeeze-excitation scales) form one coupled group with one selection; concats are read segment
+    by segment; depthwise convs and BatchNorms inside a group follow its channels. Anything not
+    understood stays dense with its reason in ``prop.report()`` (and a warning).
 
     Args:
-        model: the network; traced with ``torch.fx``.
+        model: the network (any ``nn.Module`` torch.fx can trace).
         prune_ratio: the fraction of all prunable channels switched off each step, in [0, 1).
-        min_channels: channels every layer keeps at least (an int, or per layer name).
+        min_channels: channels every layer keeps at least (an int, or per layer name; coupled
+            layers take the largest of their values).
+        layer_prune_ratios: layer name -> its own prune ratio; that layer's group keeps exactly
+            its share, chosen by utility within the layer, outside the global selection.
+        prune_residual: ``False`` (the paper's choice): channels on a residual sum stay dense.
+            ``True``: they are pruned jointly (one selection for every conv summed into them).
+        ignore: modules or module names to leave alone: a conv in it is never pruned and a layer
+            in it reads all its input channels (e.g. the first conv, the classifier).
+        example_inputs: a batch the model accepts, used once for shapes (default: image batches of
+            32, 64, then 224 pixels with the first conv's input channels).
         explore_epochs: epochs during which every channel is selected.
         decay: the utility decay factor, or a :class:`DecaySchedule`.
-        backend: ``auto`` | ``reference`` | ``torch``.
-        compact_activations: when every reader of a prunable conv is a converted conv, pass only
-            its selected channels between them (the ReLU/pooling in between then also run at the
-            compact size). Model inputs and outputs are unchanged; forward hooks on those
-            intermediate modules see ``k`` channels instead of ``C``. ``False`` keeps every
-            activation full width with zeros. The reference backend always runs full width.
+        backend: ``auto`` | ``reference`` | ``torch`` | ``triton`` | ``extension``.
+        compact_activations: when every reader of a prunable conv is a converted conv reading it
+            alone, pass only its selected channels between them (the ReLU/pooling in between
+            then also run at the compact size). Model inputs and outputs are unchanged; forward
+            hooks on those intermediate modules see ``k`` channels instead of ``C``. ``False``
+            keeps every activation full width. The reference backend always runs full width.
 
     Nothing is changed when an argument or the model is refused.
     """
     check_prune_ratio(prune_ratio)
     ops.resolve_backend(backend)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert() expects an nn.Module, got {type(model).__name__}")
-    if any(isinstance(m, DCPConv2d) for m in model.modules()):
-        raise ValueError("this model already contains DCPConv2d layers: it was converted before")
-    if isinstance(model, nn.Conv2d):
-        raise TypeError("convert() needs a network; wrap a single conv with DCPConv2d.from_modules(conv, bn)")
-    analysis = analyze(model)
-    if not analysis.producers:
-        reasons = "; ".join(f"{n}: {r}" for n, r in analysis.skipped.items()) or "the model has no Conv2d"
+    _check_model(model)
+    ignored = _ignored_names(model, ignore)
+    analysis = analyze(model, example_inputs, prune_residual=prune_residual, ignore=ignored)
+    if not analysis.groups:
+        reasons = "; ".join(f"{n}: {r}" for n, r in analysis.skipped.items())
         raise ValueError(f"no prunable conv layer found in {type(model).__name__} ({reasons})")
 
     # Plan: build every new layer without touching the model, validate, then swap.
-    readers = {reader: producer for producer, rs in analysis.consumers.items() for reader, kind, _ in rs if kind == "conv"}
+    group_of = {p: g for g in analysis.groups for p in g.producers}
     new_layers: dict[str, DCPConv2d] = {}
     for name in analysis.convs:
-        bn_name = analysis.producers.get(name)
+        if name in ignored:
+            continue  # left exactly as it is
+        group = group_of.get(name)
+        bn_name = group.norms.get(name) if group is not None else None
         new_layers[name] = DCPConv2d.from_modules(
             model.get_submodule(name),
             model.get_submodule(bn_name) if bn_name else None,
-            prunable=name in analysis.producers,
+            prunable=group is not None,
             backend=backend,
             name=name,
         )
-    for reader, producer in readers.items():
-        new_layers[reader].set_input_source(new_layers[producer])
+    for reader, segments in analysis.conv_inputs.items():
+        new_layers[reader].set_input_source(_source(segments, analysis, new_layers, reader))
+    new_linears: dict[str, DCPLinear] = {}
+    for reader, (segments, block) in analysis.linear_inputs.items():
+        linear = DCPLinear.from_linear(model.get_submodule(reader), block=block, name=reader)
+        linear.set_input_source(_source(segments, analysis, new_layers, reader))
+        new_linears[reader] = linear
     if compact_activations:
-        for producer, rs in analysis.consumers.items():
-            new_layers[producer].compact_output = all(kind == "conv" for _, kind, _ in rs)
+        for group in analysis.groups:
+            new_layers[group.producers[0]].compact_output = group.compact
     plan = ConversionPlan(
-        norm_homes={n: bn for n, bn in analysis.producers.items() if bn is not None},
-        consumers=analysis.consumers,
-        skipped=analysis.skipped,
+        norm_homes={p: bn for g in analysis.groups for p, bn in g.norms.items()},
+        channelwise={
+            name: [(None if s.group is None else analysis.groups[s.group].producers[0], s.width) for s in segments]
+            for name, segments in analysis.channelwise.items()
+        },
+        groups=[list(g.producers) for g in analysis.groups],
+        skipped=dict(analysis.skipped),
+        policy=set(analysis.policy),
     )
-    prunable = {n: new_layers[n] for n in analysis.convs if n in analysis.producers}
+    order = [n for n in analysis.convs if n in group_of]
     prop = Propagation(
-        prunable, prune_ratio, min_channels=min_channels, explore_epochs=explore_epochs, decay=decay, plan=plan,
+        {n: new_layers[n] for n in order}, prune_ratio, min_channels=min_channels, explore_epochs=explore_epochs,
+        decay=decay, plan=plan, groups=plan.groups, layer_prune_ratios=layer_prune_ratios,
     )
 
-    for name, layer in new_layers.items():
+    for name, layer in {**new_layers, **new_linears}.items():
         _set_submodule(model, name, layer)
     for bn_name in plan.norm_homes.values():
         _set_submodule(model, bn_name, nn.Identity())
     prop.attach(model)
-    unexpected = {n: r for n, r in analysis.skipped.items() if n not in analysis.coupled}
+    unexpected = {n: r for n, r in analysis.skipped.items() if n not in analysis.policy}
     if unexpected:
         warnings.warn(
             f"convert({type(model).__name__}): {len(unexpected)} conv(s) left dense because DCP does not handle "
-            "them yet: " + "; ".join(f"{n}: {r}" for n, r in unexpected.items()),
+            "them: " + "; ".join(f"{n}: {r}" for n, r in unexpected.items()) + " (see prop.report())",
             stacklevel=2,
         )
-    if analysis.coupled:
-        logger.info("convert: %d conv(s) left dense because their channels are combined with other tensors "
-                    "(residual sums, concats): %s", len(analysis.coupled), ", ".join(sorted(analysis.coupled)))
+    if analysis.policy:
+        logger.info("convert: %d conv(s) left dense by policy (prune_residual=False, ignore=): %s",
+                    len(analysis.policy), ", ".join(sorted(analysis.policy)))
     return prop

@@ -2,35 +2,53 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import nn
 
 from .convert import _set_submodule
-from .modules import DCPConv2d
+from .modules import DCPConv2d, DCPLinear
 
 if TYPE_CHECKING:  # pragma: no cover
     from .propagation import Propagation
 
 
-def _kept(layer: DCPConv2d | None) -> torch.Tensor | None:
-    return None if layer is None or not layer.prunable else layer.selected.nonzero().squeeze(1)
+def _kept(source) -> torch.Tensor | None:
+    """Indices a layer keeps: its own selection, or its input source's (None: all)."""
+    if source is None or not source.prunable:
+        return None
+    idx = source.selected_indices()
+    return None if idx.numel() == source.out_channels else idx
 
 
-def _plain_conv(layer: DCPConv2d, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None) -> nn.Conv2d:
-    if layer.groups != 1 and (in_keep is not None or out_keep is not None):
-        raise NotImplementedError(f"{layer._label()}: cutting channels of a depthwise conv is not supported yet")
+def _segment_keep(segments, layers: Mapping[str, DCPConv2d], device: torch.device) -> torch.Tensor:
+    """Kept indices over a concat of segments ``(producer name or None, width)``."""
+    parts, offset = [], 0
+    for producer, width in segments:
+        idx = layers[producer].selected_indices() if producer is not None else torch.arange(width, device=device)
+        parts.append(idx + offset)
+        offset += width
+    return torch.cat(parts)
+
+
+def _plain_conv(layer: nn.Conv2d, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` holding the kept rows/columns of ``layer``'s weight. For a depthwise
+    conv ``in_keep`` and ``out_keep`` are the same channels (channel c reads only channel c)."""
+    depthwise = layer.groups != 1
+    if depthwise and in_keep is not None and out_keep is not None and not torch.equal(in_keep, out_keep):
+        raise ValueError(f"{layer}: a depthwise conv keeps the same input and output channels")
     weight = layer.weight.detach()
     bias = None if layer.bias is None else layer.bias.detach()
     if out_keep is not None:
         weight = weight.index_select(0, out_keep)
         bias = None if bias is None else bias.index_select(0, out_keep)
-    if in_keep is not None:
+    if in_keep is not None and not depthwise:
         weight = weight.index_select(1, in_keep)
+    groups = weight.shape[0] if depthwise else 1
     conv = nn.Conv2d(
-        weight.shape[1] * layer.groups, weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
-        layer.dilation, layer.groups, bias is not None, layer.padding_mode,
+        weight.shape[1] * groups, weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
+        layer.dilation, groups, bias is not None, layer.padding_mode,
         device=weight.device, dtype=weight.dtype,
     )
     with torch.no_grad():
@@ -61,12 +79,13 @@ def _plain_norm(bn: nn.BatchNorm2d, keep: torch.Tensor | None) -> nn.BatchNorm2d
     return new
 
 
-def _plain_linear(linear: nn.Linear, keep: torch.Tensor, block: int) -> nn.Linear:
-    columns = (keep.unsqueeze(1) * block + torch.arange(block, device=keep.device)).flatten()
-    new = nn.Linear(columns.numel(), linear.out_features, linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
+def _plain_linear(linear: DCPLinear) -> nn.Linear:
+    columns = linear.selected_features()
+    weight = linear.weight.detach() if columns is None else linear.weight.detach().index_select(1, columns)
+    new = nn.Linear(weight.shape[1], linear.out_features, linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        new.weight.copy_(linear.weight.index_select(1, columns))
+        new.weight.copy_(weight)
         if linear.bias is not None:
             new.bias.copy_(linear.bias)
     new.train(linear.training)
@@ -80,8 +99,9 @@ def finalize(prop: "Propagation") -> nn.Module:
     converted model evaluates with. While still exploring (everything selected), a selection is
     made from the current utilities first and written into the converted model. Either way
     ``model.eval()`` and the returned module compute the same function. The copy contains no
-    ``dcp_kernels`` classes and no DCP hooks: every DCPConv2d becomes an ``nn.Conv2d`` and its
-    BatchNorm goes back to its original place, sliced.
+    ``dcp_kernels`` classes and no DCP hooks: every ``DCPConv2d`` becomes an ``nn.Conv2d`` (its
+    BatchNorm goes back to its original place, sliced), every ``DCPLinear`` an ``nn.Linear``, and
+    the BatchNorms and depthwise convs inside a pruned group are cut to its kept channels.
     """
     model = prop.model
     if model is None or prop.plan is None:
@@ -90,19 +110,31 @@ def finalize(prop: "Propagation") -> nn.Module:
         prop.select(force=True)
     with prop.without_hook():
         plain = copy.deepcopy(model)
-    for name, module in list(plain.named_modules()):
-        if not isinstance(module, DCPConv2d):
-            continue
-        out_keep = _kept(module)
-        in_keep = _kept(module.input_source)
-        _set_submodule(plain, name, _plain_conv(module, in_keep, out_keep))
-        if module.norm is not None:
-            norm = _plain_norm(module.norm, out_keep)
-            home = prop.plan.norm_homes.get(name)
-            if home is None:
-                raise RuntimeError(f"{module._label()} owns a BatchNorm but convert() recorded no place for it")
-            _set_submodule(plain, home, norm)
-        for reader, kind, block in prop.plan.consumers.get(name, []):
-            if kind == "linear" and out_keep is not None:
-                _set_submodule(plain, reader, _plain_linear(plain.get_submodule(reader), out_keep, block))
+    plan = prop.plan
+    modules = dict(plain.named_modules())
+    layers = {n: m for n, m in modules.items() if isinstance(m, DCPConv2d)}
+    device = next(iter(layers.values())).weight.device
+    for name, module in modules.items():
+        channel_keep = None
+        if name in plan.channelwise:
+            channel_keep = _segment_keep(plan.channelwise[name], layers, device)
+        if isinstance(module, DCPConv2d):
+            out_keep = _kept(module) if module.prunable else channel_keep
+            in_keep = channel_keep if module.groups != 1 else _kept(module.input_source)
+            _set_submodule(plain, name, _plain_conv(module, in_keep, out_keep))
+            if module.norm is not None:
+                home = plan.norm_homes.get(name)
+                if home is None:
+                    raise RuntimeError(f"{module._label()} owns a BatchNorm but convert() recorded no place for it")
+                _set_submodule(plain, home, _plain_norm(module.norm, out_keep))
+        elif isinstance(module, DCPLinear):
+            _set_submodule(plain, name, _plain_linear(module))
+        elif channel_keep is not None:
+            if isinstance(module, nn.BatchNorm2d):
+                _set_submodule(plain, name, _plain_norm(module, channel_keep))
+            elif isinstance(module, nn.Conv2d):  # a depthwise conv convert() left alone (ignore=)
+                _set_submodule(plain, name, _plain_conv(module, channel_keep, channel_keep))
+            else:
+                raise RuntimeError(f"finalize: {name!r} ({type(module).__name__}) holds pruned channels "
+                                   "but DCP does not know how to cut it")
     return plain

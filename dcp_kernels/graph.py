@@ -1,178 +1,569 @@
-"""Which conv output channels can be pruned, and who reads them: found by tracing, not hand-coded.
+"""The channel dependency graph: which conv output channels can be pruned, and who reads them.
 
-A conv's output channels are prunable when every path from its (BatchNorm-ed) output goes
-through operations that map a zero channel to a zero channel (ReLU-like activations, pooling,
-dropout, flatten) and ends in a reader that can skip the channel: a ``groups=1`` conv, or a
-``Linear`` after flattening. Any other use (a residual add, a concat, a multiply, the model
-output, an unknown op) leaves the conv dense, with the reason recorded. This is what makes
-ResNets come out as the paper prunes them: only channels not summed into a residual.
+Found by tracing the model with ``torch.fx`` and propagating tensor shapes through the trace
+(``ShapeProp`` on a small example input), not hand-coded per architecture.
+
+Every ``groups=1`` conv output starts a *channel space*. Channel-wise operations carry a space on
+unchanged: activations, pooling, dropout, BatchNorm, depthwise convs, multiplication by a
+per-sample scalar (stochastic depth), spatial means. An element-wise sum or product of two tensors
+merges their spaces (a residual sum, a squeeze-excitation scale): merged spaces are *coupled* and
+form one **group**, selected or dropped channel by channel as a whole (its utility is the sum of
+its producers' utilities, see ``docs/algorithm.md``). A concat along channels makes a tensor whose
+channels are segments of several spaces. *Readers* skip the unselected channels of what they read:
+``groups=1`` convs and ``Linear`` layers after a flatten. Anything else a space reaches (the model
+output, a grouped conv, an unknown op, a parameter it is multiplied with) keeps that group dense,
+with the reason recorded.
+
+Unselected channels need not hold zeros: every path from them ends in a reader that skips them,
+and channel-wise operations never mix channels. So a group stays correct through BatchNorm over a
+concat (DenseNet) or a sigmoid-scaled product (squeeze-excitation), and ``finalize()`` can cut
+exactly the coupled tensors the analysis recorded.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
-# Operations f with f(0) == 0 channel-wise, that keep the (N, C, H, W) channel layout.
-_ZERO_PRESERVING_MODULES = (
+# Channel-wise modules without parameters; the second tuple changes no shape either, so a compact
+# tensor (only the selected channels) can pass through them.
+_SHAPE_AGNOSTIC_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Tanh,
-    nn.Dropout, nn.Dropout2d, nn.Identity,
+    nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
 )
-_ZERO_PRESERVING_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_ZERO_PRESERVING_FUNCTIONS = {
+_CHANNELWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.PReLU)
+_SHAPE_AGNOSTIC_FUNCTIONS = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish,
-    F.mish, torch.tanh, F.dropout, F.dropout2d,
+    F.mish, torch.tanh, F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
 }
-_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-_ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", "tanh_", "contiguous"}
+_CHANNELWISE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_SHAPE_AGNOSTIC_METHODS = {"relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "float", "to"}
+_CHANNELWISE_METHODS = {"sigmoid", "sigmoid_"}
+_SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+_PRODUCTS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
+_SUM_METHODS = {"add", "add_", "sub", "sub_"}
+_PRODUCT_METHODS = {"mul", "mul_", "div", "div_"}
+
+
+def _stochastic_depth_functions() -> set:
+    try:  # torchvision wraps it for fx, so it appears as one call in the trace
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is optional
+        return set()
+    return {stochastic_depth}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``width`` consecutive channels of a tensor: the channels of group ``group`` (an index into
+    :attr:`ChannelAnalysis.groups`), or channels that stay dense (``group is None``)."""
+
+    group: int | None
+    width: int
+
+
+@dataclass
+class Group:
+    """Coupled output channels that share one selection.
+
+    ``producers``: the convs whose outputs are these channels (several when summed or multiplied).
+    ``norms``: producer -> the BatchNorm right after it, which moves into its ``DCPConv2d``.
+    ``residual``: formed by a sum (a residual connection).
+    ``compact``: one producer read only by convs through shape-agnostic ops, so the channels can
+    travel compact (only the selected ones) between the layers.
+    """
+
+    producers: list[str]
+    channels: int
+    norms: dict[str, str] = field(default_factory=dict)
+    residual: bool = False
+    compact: bool = False
 
 
 @dataclass
 class ChannelAnalysis:
     """The result of :func:`analyze`.
 
-    ``convs``: every conv that ``DCPConv2d`` supports, in registration order.
-    ``producers``: prunable conv name -> name of the BatchNorm it owns (or None: gate after conv).
-    ``consumers``: prunable conv name -> [(reader name, "conv" | "linear", features per channel)].
-    ``skipped``: conv name -> why its outputs stay dense.
-    ``coupled``: the skipped convs whose channels are combined with other tensors (residual sums,
-    concats, products): dense by design in this version, as the paper keeps residual channels dense.
+    ``convs``: every conv ``DCPConv2d`` supports (groups=1 or depthwise), in registration order.
+    ``groups``: the prunable groups.
+    ``conv_inputs``: reader conv -> the segments of its input (only readers of a prunable group).
+    ``linear_inputs``: reader Linear -> (segments of the flattened channels, features per channel).
+    ``channelwise``: module with per-channel parameters inside a prunable group (a BatchNorm not
+    owned by a producer, a depthwise conv) -> the segments of its channels; ``finalize`` slices it.
+    ``skipped``: conv name -> why its outputs stay dense. ``policy``: the subset of ``skipped`` left
+    dense by choice (``prune_residual=False``, ``ignore``), reported at info level, not warned about.
     """
 
     convs: list[str] = field(default_factory=list)
-    producers: dict[str, str | None] = field(default_factory=dict)
-    consumers: dict[str, list[tuple[str, str, int]]] = field(default_factory=dict)
+    groups: list[Group] = field(default_factory=list)
+    conv_inputs: dict[str, list[Segment]] = field(default_factory=dict)
+    linear_inputs: dict[str, tuple[list[Segment], int]] = field(default_factory=dict)
+    channelwise: dict[str, list[Segment]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-    coupled: set[str] = field(default_factory=set)
+    policy: set[str] = field(default_factory=set)
 
 
-def trace(model: nn.Module) -> fx.Graph:
+def supported_conv(module: nn.Module) -> bool:
+    """Convs ``DCPConv2d`` can stand in for: ``groups=1`` and depthwise."""
+    return type(module) is nn.Conv2d and (
+        module.groups == 1 or module.groups == module.in_channels == module.out_channels
+    )
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.Tracer().trace(model)
+        graph = fx.Tracer().trace(model)
     except Exception as exc:  # fx raises many types; name the model and the cause
         raise TypeError(
             f"convert() could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). "
-            "Models with data-dependent control flow are not supported yet."
+            "Models with data-dependent control flow are not supported: make that part a leaf module or "
+            "convert the traceable submodules one by one."
         ) from exc
+    return fx.GraphModule(model, graph)
 
 
-def analyze(model: nn.Module) -> ChannelAnalysis:
-    """Trace ``model`` and decide, for every conv, whether its outputs are prunable."""
-    graph = trace(model)
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
+def _example_inputs(model: nn.Module) -> Iterable[tuple[torch.Tensor, ...]]:
+    """Guesses at an input when the caller gives none: image batches of a few common sizes."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first.in_channels if first is not None else 3
+    param = next(model.parameters(), None)
+    kwargs = {} if param is None else {"device": param.device, "dtype": param.dtype}
+    for size in (32, 64, 224):
+        yield (torch.randn(2, channels, size, size, **kwargs),)
+
+
+@torch.no_grad()
+def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> None:
+    """Annotate every node with its output shape: one forward in eval mode (no statistics move)."""
+    modes = {m: m.training for m in model.modules()}
+    candidates = [tuple(example_inputs)] if example_inputs is not None else _example_inputs(model)
+    errors = []
+    try:
+        model.eval()
+        for inputs in candidates:
+            try:
+                ShapeProp(gm).propagate(*inputs)
+                return
+            except Exception as exc:  # the model decides which inputs it accepts
+                errors.append(f"{tuple(inputs[0].shape) if inputs else ()}: {type(exc).__name__}: {exc}")
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    raise ValueError(
+        f"convert() could not run {type(model).__name__} on an example input to learn its tensor shapes "
+        f"({'; '.join(errors)}). Pass example_inputs=(a batch the model accepts,)."
+    )
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+@dataclass
+class _Space:
+    producer: str  # the conv that computes these channels
+    channels: int
+    blocked: list[str] = field(default_factory=list)
+    residual: bool = False
+    simple: bool = True  # only shape-agnostic ops between producer and readers, no linear reader
+    norm: str | None = None
+
+
+@dataclass(frozen=True)
+class _Chan:
+    """What the channel dimension of a traced tensor holds: segments ``(space id | None, width)``;
+    ``block`` is the number of features per channel once flattened (None: still (N, C, ...))."""
+
+    segs: tuple[tuple[int | None, int], ...]
+    block: int | None = None
+
+
+class _Analyzer:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, prune_residual: bool, ignore: set[str]):
+        self.model = model
+        self.gm = gm
+        self.modules = dict(model.named_modules())
+        self.prune_residual = prune_residual
+        self.ignore = ignore
+        self.spaces: list[_Space] = []
+        self.parent: list[int] = []
+        self.values: dict[fx.Node, _Chan | None] = {}
+        self.calls: dict[str, int] = {}
+        self.conv_readers: dict[str, _Chan] = {}
+        self.linear_readers: dict[str, tuple[_Chan, int]] = {}
+        self.channelwise: dict[str, _Chan] = {}
+        self.out_space: dict[str, int] = {}  # conv name -> the space it produces
+        self.policy_blocked: set[str] = set()  # producers left dense by the caller's choice
+        self.stochastic_depth = _stochastic_depth_functions()
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+
+    # ------------------------------------------------------------------ union-find over spaces
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def new_space(self, producer: str, channels: int, blocked: str | None = None) -> int:
+        self.spaces.append(_Space(producer, channels))
+        self.parent.append(len(self.spaces) - 1)
+        if blocked:
+            self.spaces[-1].blocked.append(blocked)
+        return len(self.spaces) - 1
+
+    def merge(self, a: int, b: int, residual: bool) -> None:
+        ra, rb = self.find(a), self.find(b)
+        for r in (ra, rb):
+            self.spaces[r].simple = False
+            self.spaces[r].residual |= residual
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def block(self, chan: _Chan | None, reason: str) -> None:
+        if chan is None:
+            return
+        for s, _ in chan.segs:
+            if s is not None:
+                self.spaces[s].blocked.append(reason)
+
+    def unsimple(self, chan: _Chan | None) -> None:
+        if chan is not None:
+            for s, _ in chan.segs:
+                if s is not None:
+                    self.spaces[s].simple = False
+
+    # ------------------------------------------------------------------ the walk
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.values[node] = self.visit(node)
+
+    def chans(self, node: fx.Node) -> list[tuple[Any, _Chan | None]]:
+        out: list[tuple[Any, _Chan | None]] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: out.append((n, self.values.get(n))))
+        return out
+
+    def block_inputs(self, node: fx.Node, reason: str) -> None:
+        for _, chan in self.chans(node):
+            self.block(chan, reason)
+
+    def visit(self, node: fx.Node) -> _Chan | None:
+        if node.op in ("placeholder", "get_attr"):
+            return None
+        if node.op == "output":
+            self.block_inputs(node, "its channels reach the model output")
+            return None
+        if _is_shape_query(node):
+            return None
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    result = ChannelAnalysis()
-    for name, module in model.named_modules():
-        if type(module) is not nn.Conv2d:
-            continue
-        if module.groups != 1 and not (module.groups == module.in_channels == module.out_channels):
-            result.skipped[name] = f"grouped conv (groups={module.groups}) is not supported yet"
-            continue
-        result.convs.append(name)
-    conv_set = set(result.convs)
-    for node in graph.nodes:
-        if node.op != "call_module" or node.target not in conv_set:
-            continue
+            return self.visit_module(node)
+        return self.visit_function(node)
+
+    def first_chan(self, node: fx.Node) -> _Chan | None:
+        arg = node.args[0] if node.args else None
+        return self.values.get(arg) if isinstance(arg, fx.Node) else None
+
+    def visit_module(self, node: fx.Node) -> _Chan | None:
         name = node.target
-        conv = modules[name]
-        if calls[name] > 1:
-            result.skipped[name] = "module is called more than once (shared weights)"
-            continue
-        if conv.groups != 1:
-            result.skipped[name] = "depthwise conv: its input and output channels are coupled (not supported yet)"
-            continue
-        tail, bn_name = node, None
-        users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module":
-            bn = modules[users[0].target]
-            if type(bn) is nn.BatchNorm2d and bn.num_features == conv.out_channels and calls[users[0].target] == 1:
-                tail, bn_name = users[0], users[0].target
-        readers, reason, coupled = _readers(tail, conv.out_channels, modules, calls, conv_set)
-        if reason is not None:
-            result.skipped[name] = reason
-            if coupled:
-                result.coupled.add(name)
-            continue
-        result.producers[name] = bn_name
-        result.consumers[name] = readers
-    return result
+        mod = self.modules[name]
+        x = self.first_chan(node)
+        stateful = any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False))
+        if self.calls[name] > 1 and (stateful or isinstance(mod, nn.Conv2d)):  # a reused ReLU is harmless
+            self.block_inputs(node, f"read by {name!r}, which is called more than once (shared module)")
+            if isinstance(mod, nn.Conv2d):
+                return self.produced(node, mod, blocked=f"{name!r} is called more than once (shared module)")
+            return None
+        if name in self.ignore:
+            for _, chan in self.chans(node):
+                for s, _ in chan.segs if chan is not None else ():
+                    if s is not None:
+                        self.policy_blocked.add(self.spaces[s].producer)
+            self.block_inputs(node, f"read by {name!r}, which is in ignore=")
+            if isinstance(mod, nn.Conv2d) and supported_conv(mod):
+                return self.produced(node, mod, blocked="in ignore=", policy=True)
+            return None
+        if isinstance(mod, nn.Conv2d):
+            if type(mod) is not nn.Conv2d:
+                self.block(x, f"read by {name!r} ({type(mod).__name__}), a conv subclass DCP does not know")
+                return self.produced(node, mod, blocked=f"{type(mod).__name__} is not a plain nn.Conv2d")
+            if mod.groups == 1:
+                self.read(node, name, x, "conv")
+                return self.produced(node, mod)
+            if mod.groups == mod.in_channels == mod.out_channels and x is not None and x.block is None:
+                self.channelwise[name] = x  # depthwise: channel c reads only channel c
+                self.unsimple(x)
+                return x
+            if mod.groups == mod.in_channels == mod.out_channels:
+                return self.produced(node, mod, blocked="a depthwise conv produces it from a dense input")
+            self.block(x, f"read by {name!r}, a grouped conv (groups={mod.groups}) whose channels cannot be cut one by one")
+            return self.produced(node, mod, blocked=f"grouped conv (groups={mod.groups})")
+        if isinstance(mod, nn.BatchNorm2d):
+            producer = node.args[0] if node.args else None
+            owner = self.owned_norm(producer, mod, name)
+            if owner is not None:
+                self.spaces[self.out_space[owner]].norm = name
+            elif x is not None:
+                self.channelwise[name] = x
+                self.unsimple(x)
+            return x
+        if isinstance(mod, _SHAPE_AGNOSTIC_MODULES):
+            return x
+        if isinstance(mod, _CHANNELWISE_MODULES):
+            if isinstance(mod, nn.PReLU) and mod.num_parameters != 1:
+                self.block(x, f"read by {name!r}, a PReLU with a parameter per channel")
+                return None
+            self.unsimple(x)
+            return x
+        if isinstance(mod, nn.Flatten):
+            if x is not None and mod.start_dim == 1 and mod.end_dim == -1:
+                return self.flattened(node, x)
+            self.block(x, f"flattened by {name!r} in a way DCP does not follow")
+            return None
+        if isinstance(mod, nn.Linear):
+            self.read(node, name, x, "linear", mod.in_features)
+            return None
+        self.block_inputs(node, f"read by {name!r} ({type(mod).__name__}), which DCP does not understand")
+        return None
 
+    def owned_norm(self, producer: Any, bn: nn.BatchNorm2d, bn_name: str) -> str | None:
+        """The conv whose output this BatchNorm directly normalises, when it can move into it."""
+        if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
+            return None
+        conv = self.modules.get(producer.target)
+        if not (type(conv) is nn.Conv2d and conv.groups == 1 and producer.target in self.out_space):
+            return None
+        if len(producer.users) != 1 or type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
+            return None
+        return producer.target
 
-def _readers(start: fx.Node, channels: int, modules, calls, conv_set) -> tuple[list[tuple[str, str, int]], str | None, bool]:
-    """Follow zero-preserving ops from ``start``.
+    def produced(self, node: fx.Node, mod: nn.Conv2d, blocked: str | None = None, policy: bool = False) -> _Chan:
+        """A new space: the output channels of conv ``node`` (never pruned when ``blocked``)."""
+        space = self.new_space(node.target, mod.out_channels, blocked)
+        if policy:
+            self.policy_blocked.add(node.target)
+        self.out_space[node.target] = space
+        return _Chan(((space, mod.out_channels),))
 
-    Returns (readers, None, False), or ([], reason to stay dense, whether the reason is that the
-    channels are combined with other tensors).
-    """
-    readers: list[tuple[str, str, int]] = []
-    frontier = [(start, False)]  # (node, flattened?)
-    seen: set[fx.Node] = set()
-    while frontier:
-        node, flat = frontier.pop()
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if _is_shape_query(user):
-                continue
-            if _tensor_args(user) != [node] or user.args[:1] != (node,):
-                return [], f"its output is combined with other tensors in {_describe(user)}", True
-            step = _classify(user, flat, channels, modules, calls, conv_set)
-            if isinstance(step, str):
-                return [], step, False
-            kind, payload = step
-            if kind == "pass":
-                frontier.append((user, payload))
+    def read(self, node: fx.Node, name: str, x: _Chan | None, kind: str, in_features: int = 0) -> None:
+        if x is None:
+            return
+        if kind == "conv":
+            if x.block is not None:
+                self.block(x, f"read by {name!r} after a flatten")
+                return
+            self.conv_readers[name] = x
+            return
+        width = sum(w for _, w in x.segs)
+        block = x.block
+        if block is None:
+            shape = _shape(node.args[0])
+            block = 1 if shape is not None and len(shape) == 2 else None
+        if block is None or width * block != in_features:
+            self.block(x, f"read by {name!r} (Linear) in a layout DCP does not follow")
+            return
+        self.unsimple(x)
+        self.linear_readers[name] = (x, block)
+
+    def flattened(self, node: fx.Node, x: _Chan) -> _Chan | None:
+        shape = _shape(node.args[0])
+        if x.block is not None or shape is None or len(shape) < 2:
+            self.block(x, "flattened in a way DCP does not follow")
+            return None
+        return _Chan(x.segs, math.prod(shape[2:]))
+
+    def visit_function(self, node: fx.Node) -> _Chan | None:
+        target = node.target
+        x = self.first_chan(node)
+        if node.op == "call_function":
+            if target in _SHAPE_AGNOSTIC_FUNCTIONS:
+                return x
+            if target in _CHANNELWISE_FUNCTIONS or target in self.stochastic_depth:
+                self.unsimple(x)
+                return x
+            if target is torch.flatten:
+                if x is not None and _flatten_from_dim1(node.args[1:], node.kwargs):
+                    return self.flattened(node, x)
+            elif target in _SUMS or target in _PRODUCTS:
+                return self.combine(node, residual=target in _SUMS)
+            elif target is torch.cat:
+                return self.concat(node)
+            elif target is torch.mean:
+                return self.mean(node, x)
+        elif node.op == "call_method":
+            if target in _SHAPE_AGNOSTIC_METHODS:
+                return x
+            if target in _CHANNELWISE_METHODS:
+                self.unsimple(x)
+                return x
+            if target == "flatten" and x is not None and _flatten_from_dim1(node.args[1:], node.kwargs):
+                return self.flattened(node, x)
+            if target in ("view", "reshape") and x is not None and _is_batch_flatten(node.args[1:]):
+                return self.flattened(node, x)
+            if target in _SUM_METHODS or target in _PRODUCT_METHODS:
+                return self.combine(node, residual=target in _SUM_METHODS)
+            if target == "mean":
+                return self.mean(node, x)
+        self.block_inputs(node, f"its channels go to {_describe(node)}, which DCP does not understand")
+        return None
+
+    def mean(self, node: fx.Node, x: _Chan | None) -> _Chan | None:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+        if x is not None and x.block is None and set(d % 4 for d in dims if isinstance(d, int)) == {2, 3} and len(dims) == 2:
+            self.unsimple(x)
+            return x if keepdim else _Chan(x.segs, 1)
+        self.block(x, f"its channels go to {_describe(node)}, a reduction DCP does not follow")
+        return None
+
+    def combine(self, node: fx.Node, residual: bool) -> _Chan | None:
+        """Element-wise sum or product: merges the spaces of two channel tensors."""
+        operands = [a for a in list(node.args) + list(node.kwargs.values())]
+        with_chan = [(a, self.values.get(a)) for a in operands if isinstance(a, fx.Node) and self.values.get(a) is not None]
+        others = [a for a in operands if not (isinstance(a, fx.Node) and self.values.get(a) is not None)]
+        if not with_chan:
+            return None
+        out_shape = _shape(node)
+        for other in others:
+            if not isinstance(other, fx.Node):
+                continue  # a Python number
+            shape = _shape(other)
+            if shape is None or out_shape is None or len(out_shape) < 2:
+                self.block_inputs(node, f"combined with a tensor of unknown shape in {_describe(node)}")
+                return None
+            aligned = (1,) * (len(out_shape) - len(shape)) + shape
+            if aligned[1] != 1:
+                self.block_inputs(node, f"combined per channel with a tensor DCP does not prune, in {_describe(node)}")
+                return None
+        first = with_chan[0][1]
+        for _, chan in with_chan[1:]:
+            if chan.block != first.block or [w for _, w in chan.segs] != [w for _, w in first.segs]:
+                self.block_inputs(node, f"combined with differently laid out channels in {_describe(node)}")
+                return None
+            for (sa, _), (sb, _) in zip(first.segs, chan.segs):
+                if sa is None or sb is None:
+                    if sa is not None or sb is not None:
+                        reason = f"combined with channels that stay dense in {_describe(node)}"
+                        self.spaces[sa if sa is not None else sb].blocked.append(reason)
+                    continue
+                self.merge(sa, sb, residual)
+        if len(with_chan) == 1 and others and any(isinstance(o, fx.Node) for o in others):
+            self.unsimple(first)  # scaled by a per-sample tensor (stochastic depth): full width only
+        return first
+
+    def concat(self, node: fx.Node) -> _Chan | None:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out_shape = _shape(node)
+        if not isinstance(tensors, (list, tuple)) or out_shape is None or len(out_shape) != 4 or dim % 4 != 1:
+            self.block_inputs(node, f"concatenated along a dimension other than channels in {_describe(node)}")
+            return None
+        segs: list[tuple[int | None, int]] = []
+        for t in tensors:
+            chan = self.values.get(t) if isinstance(t, fx.Node) else None
+            if chan is not None and chan.block is None:
+                segs.extend(chan.segs)
+                self.unsimple(chan)
             else:
-                readers.append((user.target, kind, payload))
-    if not readers:
-        return [], "no conv or linear layer reads its output", False
-    return readers, None, False
+                shape = _shape(t)
+                if shape is None or len(shape) != 4:
+                    self.block_inputs(node, f"concatenated with a tensor of unknown shape in {_describe(node)}")
+                    return None
+                segs.append((None, shape[1]))
+        return _Chan(tuple(segs))
+
+    # ------------------------------------------------------------------ the result
+    def result(self, prune_residual: bool) -> ChannelAnalysis:
+        roots: dict[int, list[int]] = {}
+        for s in range(len(self.spaces)):
+            roots.setdefault(self.find(s), []).append(s)
+        analysis = ChannelAnalysis()
+        group_of_root: dict[int, int] = {}
+        for root, members in roots.items():
+            spaces = [self.spaces[s] for s in members]
+            producers = [sp.producer for sp in spaces]
+            reasons = [r for sp in spaces for r in sp.blocked]
+            residual = any(sp.residual for sp in spaces)
+            if residual and not prune_residual and not reasons:
+                reasons = ["its channels are summed into a residual path (prune_residual=False)"]
+                self.policy_blocked.update(p for p in producers if p is not None)
+            if reasons:
+                for sp in spaces:  # each producer's own reason first, else the group's
+                    if sp.producer is not None:
+                        analysis.skipped.setdefault(sp.producer, (sp.blocked or reasons)[0])
+                continue
+            norms = {sp.producer: sp.norm for sp in spaces if sp.norm is not None}
+            compact = len(spaces) == 1 and spaces[0].simple
+            group_of_root[root] = len(analysis.groups)
+            analysis.groups.append(Group(producers, spaces[0].channels, norms, residual, compact))
+        analysis.policy = {n for n in analysis.skipped if n in self.policy_blocked}
+
+        def segments(chan: _Chan) -> list[Segment]:
+            segs = [Segment(group_of_root.get(self.find(s)) if s is not None else None, w) for s, w in chan.segs]
+            merged: list[Segment] = []
+            for seg in segs:  # adjacent dense segments read the same way: one segment
+                if merged and seg.group is None and merged[-1].group is None:
+                    merged[-1] = Segment(None, merged[-1].width + seg.width)
+                else:
+                    merged.append(seg)
+            return merged
+
+        def prunable(chan: _Chan) -> bool:
+            return any(s is not None and self.find(s) in group_of_root for s, _ in chan.segs)
+
+        for name, chan in self.conv_readers.items():
+            if prunable(chan):
+                analysis.conv_inputs[name] = segments(chan)
+        for name, (chan, block) in self.linear_readers.items():
+            if prunable(chan):
+                analysis.linear_inputs[name] = (segments(chan), block)
+        for name, chan in self.channelwise.items():
+            if prunable(chan):
+                analysis.channelwise[name] = segments(chan)
+        for group in analysis.groups:  # compact only when every reader is a conv reading the group alone
+            if group.compact:
+                index = analysis.groups.index(group)
+                readers = [segs for segs in analysis.conv_inputs.values() if any(s.group == index for s in segs)]
+                group.compact = all(len(segs) == 1 for segs in readers) and not any(
+                    any(s.group == index for s in segs) for segs, _ in analysis.linear_inputs.values()
+                )
+        return analysis
 
 
-def _classify(user: fx.Node, flat: bool, channels: int, modules, calls, conv_set):
-    if user.op == "call_module":
-        mod = modules[user.target]
-        if isinstance(mod, _ZERO_PRESERVING_MODULES):
-            return ("pass", flat)
-        if isinstance(mod, _ZERO_PRESERVING_POOLS) and not flat:
-            return ("pass", flat)
-        if isinstance(mod, nn.Flatten) and not flat and mod.start_dim == 1 and mod.end_dim == -1:
-            return ("pass", True)
-        if type(mod) is nn.Conv2d and not flat:
-            if user.target not in conv_set or mod.groups != 1:
-                return f"read by {user.target!r}, a conv that cannot skip input channels (groups={mod.groups})"
-            if calls[user.target] > 1:
-                return f"read by {user.target!r}, which is called more than once"
-            return ("conv", 1)
-        if type(mod) is nn.Linear and flat:
-            if mod.in_features % channels:
-                return f"read by {user.target!r} whose {mod.in_features} features are not a multiple of {channels}"
-            if calls[user.target] > 1:
-                return f"read by {user.target!r}, which is called more than once"
-            return ("linear", mod.in_features // channels)
-        return f"read by {user.target!r} ({type(mod).__name__}), which DCP does not understand yet"
-    if user.op == "call_function":
-        if user.target in _ZERO_PRESERVING_FUNCTIONS:
-            return ("pass", flat)
-        if user.target in _POOL_FUNCTIONS and not flat:
-            return ("pass", flat)
-        if user.target is torch.flatten and not flat and _flatten_from_dim1(user.args[1:], user.kwargs):
-            return ("pass", True)
-    if user.op == "call_method":
-        if user.target in _ZERO_PRESERVING_METHODS:
-            return ("pass", flat)
-        if user.target == "flatten" and not flat and _flatten_from_dim1(user.args[1:], user.kwargs):
-            return ("pass", True)
-        if user.target in ("view", "reshape") and not flat and _is_batch_flatten(user.args[1:]):
-            return ("pass", True)
-    return f"its output goes to {_describe(user)}, which DCP does not understand yet"
+def analyze(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    prune_residual: bool = False,
+    ignore: Iterable[str] = (),
+) -> ChannelAnalysis:
+    """Trace ``model``, propagate shapes, and find the prunable groups and their readers."""
+    gm = trace(model)
+    _propagate_shapes(gm, model, example_inputs)
+    analyzer = _Analyzer(model, gm, prune_residual, set(ignore))
+    analyzer.run()
+    analysis = analyzer.result(prune_residual)
+    modules = dict(model.named_modules())
+    analysis.convs = [n for n, m in model.named_modules() if supported_conv(m)]
+    for name, module in modules.items():
+        if isinstance(module, nn.Conv2d) and not supported_conv(module) and name not in analysis.skipped:
+            analysis.skipped[name] = f"groups={module.groups} conv: not supported"
+    # Depthwise convs are channel-wise ops, never producers: they are not "skipped".
+    for name in list(analysis.skipped):
+        m = modules.get(name)
+        if m is not None and m.groups != 1 and m.groups == m.in_channels == m.out_channels and name in analyzer.channelwise:
+            del analysis.skipped[name]
+    return analysis
 
 
 def _flatten_from_dim1(args, kwargs) -> bool:
@@ -198,18 +589,12 @@ def _is_batch_flatten(shape_args) -> bool:
 def _is_shape_query(node: fx.Node) -> bool:
     if node.op == "call_method" and node.target in ("size", "dim"):
         return True
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+    if node.op == "call_function" and node.target is getattr and node.args[1:] in (("shape",), ("ndim",)):
         return True
     if node.op == "call_function" and node.target is operator.getitem:
         parent = node.args[0]
         return isinstance(parent, fx.Node) and _is_shape_query(parent)
     return False
-
-
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if not _is_shape_query(n) else None)
-    return found
 
 
 def _describe(node: fx.Node) -> str:

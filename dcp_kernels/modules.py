@@ -77,6 +77,58 @@ def _all_channels(n: int, device: torch.device) -> torch.Tensor:
     return idx
 
 
+class ConcatSource:
+    """The input source of a layer that reads a channel concat (DenseNet): segments of channels,
+    each the output of a prunable ``DCPConv2d`` group (read through its selection) or dense.
+
+    Duck-types the parts of a prunable ``DCPConv2d`` a reader uses: ``out_channels``,
+    ``selected``, ``selected_indices()``, ``dcp_name``. Not an ``nn.Module``: it owns nothing.
+    """
+
+    prunable = True
+
+    def __init__(self, segments: list[tuple["DCPConv2d | None", int]], name: str = "") -> None:
+        if not segments or any(width < 1 for _, width in segments):
+            raise ValueError("a ConcatSource needs at least one segment, each at least one channel wide")
+        for layer, width in segments:
+            if layer is not None and (not getattr(layer, "prunable", False) or layer.out_channels != width):
+                raise ValueError(f"segment {layer!r} must be a prunable DCPConv2d with {width} outputs")
+        self.segments = list(segments)
+        self.out_channels = sum(width for _, width in segments)
+        self.dcp_name = name or "concat"
+        self._cache: tuple[Any, torch.Tensor] | None = None
+
+    def _device(self) -> torch.device:
+        return next(layer.selected.device for layer, _ in self.segments if layer is not None)
+
+    @property
+    def selected(self) -> torch.Tensor:
+        device = self._device()
+        return torch.cat([layer.selected if layer is not None else torch.ones(width, dtype=torch.bool, device=device)
+                          for layer, width in self.segments])
+
+    def selected_indices(self) -> torch.Tensor:
+        key = tuple((layer.selected.data_ptr(), layer.selected._version, layer.selected.device)
+                    for layer, _ in self.segments if layer is not None)
+        if self._cache is None or self._cache[0] != key:
+            device, offset, parts = self._device(), 0, []
+            for layer, width in self.segments:
+                idx = layer.selected_indices() if layer is not None else _all_channels(width, device)
+                parts.append(idx + offset)
+                offset += width
+            self._cache = (key, torch.cat(parts))
+        return self._cache[1]
+
+
+def _check_source(label: str, source: Any, channels: int, what: str) -> None:
+    if source is None:
+        return
+    if not isinstance(source, (DCPConv2d, ConcatSource)) or not source.prunable:
+        raise TypeError(f"{label}: the input source must be a prunable DCPConv2d or a ConcatSource")
+    if source.out_channels != channels:
+        raise ValueError(f"{label}: input source has {source.out_channels} outputs, this layer reads {channels} {what}")
+
+
 class DCPConv2d(nn.Conv2d):
     """``nn.Conv2d`` with Dynamic Channel Propagation: unselected channels are skipped, not masked.
 
@@ -184,19 +236,12 @@ class DCPConv2d(nn.Conv2d):
 
     # ----------------------------------------------------------------------------- selection state
     @property
-    def input_source(self) -> DCPConv2d | None:
+    def input_source(self) -> DCPConv2d | ConcatSource | None:
         return self.__dict__["_input_source"]
 
-    def set_input_source(self, producer: DCPConv2d | None) -> None:
+    def set_input_source(self, producer: DCPConv2d | ConcatSource | None) -> None:
         """Read only the channels ``producer`` selects (``None``: read all input channels)."""
-        if producer is not None:
-            if not isinstance(producer, DCPConv2d) or not producer.prunable:
-                raise TypeError(f"{self._label()}: the input source must be a prunable DCPConv2d")
-            if producer.out_channels != self.in_channels:
-                raise ValueError(
-                    f"{self._label()}: input source has {producer.out_channels} outputs, "
-                    f"this layer reads {self.in_channels} channels"
-                )
+        _check_source(self._label(), producer, self.in_channels, "channels")
         self.__dict__["_input_source"] = producer
 
     @torch.no_grad()
@@ -370,4 +415,77 @@ class DCPConv2d(nn.Conv2d):
         extra = f", prunable={self.prunable}, backend={self.backend!r}"
         if self.input_source is not None:
             extra += f", input_source={self.input_source.dcp_name or 'set'!r}"
+        return super().extra_repr() + extra
+
+
+class DCPLinear(nn.Linear):
+    """``nn.Linear`` after a flatten of pruned channels: reads only the features of the selected ones.
+
+    ``block`` is the number of input features per channel (H*W of the flattened map). The input
+    stays full width; the columns of unselected channels are neither read nor multiplied, so their
+    content does not matter (it need not be zero). ``finalize()`` turns this into a plain
+    ``nn.Linear`` without those columns.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
+                 dtype: Any = None, *, block: int = 1, name: str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if block < 1 or in_features % block:
+            raise ValueError(f"DCPLinear: block={block} does not divide in_features={in_features}")
+        self.block = block
+        self.dcp_name = name or ""
+        self.__dict__["_input_source"] = None
+        self.__dict__["_col_cache"] = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, block: int = 1, name: str | None = None) -> "DCPLinear":
+        """Wrap an existing ``nn.Linear``; the same Parameter objects are reused."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"from_linear expects a plain nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, block=block, name=name)
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.train(linear.training)
+        return layer
+
+    def _label(self) -> str:
+        return f"DCPLinear {self.dcp_name!r}" if self.dcp_name else "DCPLinear"
+
+    @property
+    def input_source(self) -> DCPConv2d | ConcatSource | None:
+        return self.__dict__["_input_source"]
+
+    def set_input_source(self, source: DCPConv2d | ConcatSource | None) -> None:
+        """Read only the features of the channels ``source`` selects (``None``: all features)."""
+        _check_source(self._label(), source, self.in_features // self.block, f"channels (block={self.block})")
+        self.__dict__["_input_source"] = source
+
+    def selected_features(self) -> torch.Tensor | None:
+        """Indices of the input features read (None: all)."""
+        source = self.input_source
+        if source is None:
+            return None
+        idx = source.selected_indices()
+        if idx.numel() == source.out_channels:
+            return None
+        cache = self.__dict__["_col_cache"]
+        if cache is None or cache[0] is not idx:
+            cols = (idx.unsqueeze(1) * self.block + torch.arange(self.block, device=idx.device)).flatten()
+            cache = (idx, cols)
+            self.__dict__["_col_cache"] = cache
+        return cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self._label()}: expected {self.in_features} input features, got {x.shape[-1]}")
+        cols = self.selected_features()
+        if cols is None:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x.index_select(-1, cols), self.weight.index_select(1, cols), self.bias)
+
+    def extra_repr(self) -> str:
+        source = self.input_source
+        extra = f", block={self.block}"
+        if source is not None:
+            extra += f", input_source={source.dcp_name or 'set'!r}"
         return super().extra_repr() + extra

@@ -125,15 +125,21 @@ class DecaySchedule:
 class ConversionPlan:
     """What ``convert`` decided, kept so ``finalize`` cuts exactly the coupled tensors.
 
-    ``norm_homes`` maps a prunable conv's name to where its BatchNorm sat before the BN moved into
-    the DCPConv2d (an ``nn.Identity`` holds that place now); ``consumers`` maps a prunable conv's
-    name to ``(consumer name, kind, block)`` with ``kind`` in ``{"conv", "linear"}`` and ``block``
-    the number of Linear input features per channel after flattening.
+    ``norm_homes``: prunable conv -> where its BatchNorm sat before the BN moved into the
+    DCPConv2d (an ``nn.Identity`` holds that place now).
+    ``channelwise``: module with per-channel parameters inside a pruned group (a BatchNorm over a
+    concat, a depthwise conv) -> the segments of its channels, ``(producer conv or None, width)``:
+    ``finalize`` keeps the channels the producer selects (all of a ``None`` segment).
+    ``groups``: the names of the prunable convs that share one selection.
+    ``skipped``: conv -> why it stays dense; ``policy``: those left dense by choice
+    (``prune_residual=False``, ``ignore``).
     """
 
     norm_homes: dict[str, str] = field(default_factory=dict)
-    consumers: dict[str, list[tuple[str, str, int]]] = field(default_factory=dict)
+    channelwise: dict[str, list[tuple[str | None, int]]] = field(default_factory=dict)
+    groups: list[list[str]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    policy: set[str] = field(default_factory=set)
 
 
 class Propagation:
@@ -154,6 +160,8 @@ class Propagation:
         explore_epochs: int = 10,
         decay: float | DecaySchedule = 0.6,
         plan: ConversionPlan | None = None,
+        groups: Sequence[Sequence[str]] | None = None,
+        layer_prune_ratios: Mapping[str, float] | None = None,
     ) -> None:
         check_prune_ratio(prune_ratio)
         if not layers:
@@ -165,15 +173,11 @@ class Propagation:
         for name, layer in layers.items():
             if not layer.prunable:
                 raise ValueError(f"layer {name!r} is not prunable (it has no utilities)")
+        self.groups = self._resolve_groups(groups)
         self.min_channels = self._resolve_min_channels(min_channels)
+        self.group_ratios = self._resolve_layer_ratios(layer_prune_ratios or {})
         self.prune_ratio = float(prune_ratio)
-        self.keep = keep_count(self.total_channels, self.prune_ratio)
-        floors = sum(min(m, l.out_channels) for m, l in zip(self.min_channels, self.layers))
-        if self.keep < floors:
-            raise ValueError(
-                f"prune_ratio={prune_ratio} keeps {self.keep} of {self.total_channels} channels, fewer than "
-                f"the per-layer minimums ({floors}); lower prune_ratio or min_channels"
-            )
+        self._set_keep()
         self.explore_epochs = explore_epochs
         self.schedule = decay if isinstance(decay, DecaySchedule) else DecaySchedule(start=float(decay))
         self.epoch = 0
@@ -187,6 +191,66 @@ class Propagation:
         self._apply_decay()
 
     # ----------------------------------------------------------------------------- configuration
+    def _resolve_groups(self, groups: Sequence[Sequence[str]] | None) -> list[list[int]]:
+        """Layer indices per selection group (every layer alone when ``groups`` is None)."""
+        if groups is None:
+            return [[i] for i in range(len(self.layers))]
+        position = {n: i for i, n in enumerate(self.layer_names)}
+        resolved, seen = [], set()
+        for group in groups:
+            unknown = [n for n in group if n not in position]
+            if unknown or not group:
+                raise ValueError(f"groups names unknown layers: {unknown or group}")
+            idx = [position[n] for n in group]
+            widths = {self.layers[i].out_channels for i in idx}
+            if len(widths) != 1:
+                raise ValueError(f"the layers of group {list(group)} have different widths {sorted(widths)}")
+            if seen & set(idx):
+                raise ValueError(f"a layer of group {list(group)} is in another group too")
+            seen |= set(idx)
+            resolved.append(idx)
+        missing = [self.layer_names[i] for i in range(len(self.layers)) if i not in seen]
+        if missing:
+            raise ValueError(f"layers {missing} are in no group")
+        return resolved
+
+    def _resolve_layer_ratios(self, ratios: Mapping[str, float]) -> dict[int, float]:
+        """Group index -> its own prune ratio, for the groups a layer of which is named."""
+        unknown = set(ratios) - set(self.layer_names)
+        if unknown:
+            raise ValueError(f"layer_prune_ratios names unknown layers: {sorted(unknown)}")
+        by_group: dict[int, float] = {}
+        for g, members in enumerate(self.groups):
+            named = {float(ratios[self.layer_names[i]]) for i in members if self.layer_names[i] in ratios}
+            if len(named) > 1:
+                raise ValueError(f"coupled layers {[self.layer_names[i] for i in members]} were given different "
+                                 f"prune ratios {sorted(named)}; they share one selection")
+            for r in named:
+                check_prune_ratio(r)
+                by_group[g] = r
+        return by_group
+
+    def _set_keep(self) -> None:
+        """Channels kept in total: the groups with their own ratio keep theirs, the rest share
+        ``prune_ratio`` of their channels through the global selection."""
+        sizes, floors = self._group_sizes(), self._group_floors()
+        free = [g for g in range(len(sizes)) if g not in self.group_ratios]
+        free_total = sum(sizes[g] for g in free)
+        self.keep_free = keep_count(free_total, self.prune_ratio) if free else 0
+        free_floors = sum(floors[g] for g in free)
+        if self.keep_free < free_floors:
+            raise ValueError(
+                f"prune_ratio={self.prune_ratio} keeps {self.keep_free} of {free_total} channels, fewer than "
+                f"the per-layer minimums ({free_floors}); lower prune_ratio or min_channels"
+            )
+        self.fixed_keep = {g: max(floors[g], keep_count(sizes[g], r)) for g, r in self.group_ratios.items()}
+        self.keep = self.keep_free + sum(self.fixed_keep.values())
+
+    def _group_floors(self) -> list[int]:
+        """Per group: the largest ``min_channels`` of its members, capped at its width."""
+        sizes = self._group_sizes()
+        return [min(max(self.min_channels[i] for i in members), size) for members, size in zip(self.groups, sizes)]
+
     def _resolve_min_channels(self, min_channels: int | Mapping[str, int]) -> list[int]:
         if isinstance(min_channels, Mapping):
             unknown = set(min_channels) - set(self.layer_names)
@@ -202,7 +266,8 @@ class Propagation:
 
     @property
     def total_channels(self) -> int:
-        return sum(self._layer_sizes())
+        """Selectable channels: coupled channels count once."""
+        return sum(self._group_sizes())
 
     @property
     def decay(self) -> float:
@@ -231,16 +296,36 @@ class Propagation:
         return [m for m in self.model.modules() if isinstance(m, DCPConv2d)]
 
     # ----------------------------------------------------------------------------- selection
-    def _layer_sizes(self) -> list[int]:
-        return [layer.out_channels for layer in self.layers]
-
-    def _scatter_to_layers(self, vector: torch.Tensor, buffer: str) -> None:
-        """Copy consecutive slices of a network-wide vector into each layer's ``buffer``."""
-        for layer, part in zip(self.layers, torch.split(vector, self._layer_sizes())):
-            getattr(layer, buffer).copy_(part)
+    def _group_sizes(self) -> list[int]:
+        return [self.layers[members[0]].out_channels for members in self.groups]
 
     def utility_vector(self) -> torch.Tensor:
-        return torch.cat([layer.utility for layer in self.layers])
+        """One utility per selectable channel: groups in order, a group's channel utility being the
+        sum of its members' (coupled channels are kept or dropped together)."""
+        parts = []
+        for members in self.groups:
+            u = self.layers[members[0]].utility
+            for i in members[1:]:
+                u = u + self.layers[i].utility
+            parts.append(u)
+        return torch.cat(parts)
+
+    def _selection_mask(self) -> torch.Tensor:
+        """The network-wide selection over :meth:`utility_vector` (see :func:`select_channels`)."""
+        u, sizes, floors = self.utility_vector(), self._group_sizes(), self._group_floors()
+        if not self.group_ratios:
+            return select_channels(u, sizes, self.keep, floors)
+        parts = list(torch.split(u, sizes))
+        masks: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
+        for g, k in self.fixed_keep.items():
+            masks[g] = select_channels(parts[g], [sizes[g]], k, floors[g])
+        free = [g for g in range(len(sizes)) if g not in self.group_ratios]
+        if free:
+            chosen = select_channels(torch.cat([parts[g] for g in free]), [sizes[g] for g in free], self.keep_free,
+                                     [floors[g] for g in free])
+            for g, m in zip(free, torch.split(chosen, [sizes[g] for g in free])):
+                masks[g] = m
+        return torch.cat(masks)
 
     @torch.no_grad()
     def select(self, *, force: bool = False) -> None:
@@ -252,8 +337,10 @@ class Propagation:
             for layer in self.layers:
                 layer.selected.fill_(True)
             return
-        mask = select_channels(self.utility_vector(), self._layer_sizes(), self.keep, self.min_channels)
-        self._scatter_to_layers(mask, "selected")
+        mask = self._selection_mask()
+        for members, part in zip(self.groups, torch.split(mask, self._group_sizes())):
+            for i in members:
+                self.layers[i].selected.copy_(part)
 
     @torch.no_grad()
     def sync_utilities(self) -> None:
@@ -262,10 +349,11 @@ class Propagation:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        vector = self.utility_vector()
+        vector = torch.cat([layer.utility for layer in self.layers])
         dist.all_reduce(vector)
         vector /= dist.get_world_size()
-        self._scatter_to_layers(vector, "utility")
+        for layer, part in zip(self.layers, torch.split(vector, [layer.out_channels for layer in self.layers])):
+            layer.utility.copy_(part)
 
     def step(self) -> None:
         """One training step's selection (called automatically before each training forward)."""
@@ -303,17 +391,35 @@ class Propagation:
         return active / dense
 
     def report(self) -> str:
-        """A table of prunable layers: channels, kept, utility range."""
-        rows = [f"{'layer':<32} {'channels':>8} {'kept':>6} {'min U':>9} {'max U':>9}"]
-        for name, layer in zip(self.layer_names, self.layers):
-            u = layer.utility
-            rows.append(
-                f"{name:<32} {layer.out_channels:>8} {int(layer.selected.sum()):>6} "
-                f"{float(u.min()):>9.4f} {float(u.max()):>9.4f}"
-            )
-        if self.plan is not None:
-            for name, reason in self.plan.skipped.items():
-                rows.append(f"{name:<32} left dense: {reason}")
+        """A table of every conv: channels, kept, share of the model's conv FLOPs, and why a layer
+        stays dense. Coupled layers (one selection) are listed together; FLOPs shares need one
+        forward pass first (they read output sizes), else they print as ``-``."""
+        convs = {m.dcp_name: m for m in self._all_dcp_layers()}
+        flops = {n: m.conv_flops()[0] for n, m in convs.items() if m.last_output_hw is not None}
+        total = sum(flops.values()) if len(flops) == len(convs) else 0
+
+        def share(names: Sequence[str]) -> str:
+            return f"{100 * sum(flops.get(n, 0) for n in names) / total:.1f}%" if total else "-"
+
+        width = max([len(n) for n in convs] + [len(n) for n in self.layer_names] + [5]) + 2
+        rows = [f"{'layer':<{width}} {'channels':>8} {'kept':>6} {'FLOPs':>7}  note"]
+        listed: set[str] = set()
+        for members in self.groups:
+            names = [self.layer_names[i] for i in members]
+            layer = self.layers[members[0]]
+            note = f"coupled with {', '.join(names[1:])}" if len(names) > 1 else ""
+            rows.append(f"{names[0]:<{width}} {layer.out_channels:>8} {int(layer.selected.sum()):>6} "
+                        f"{share(names):>7}  {note}".rstrip())
+            listed.update(names)
+        skipped = self.plan.skipped if self.plan is not None else {}
+        for name, conv in convs.items():
+            if name in listed:
+                continue
+            reason = skipped.get(name, "depthwise: follows the channels of its input" if conv.groups != 1 else "dense")
+            rows.append(f"{name:<{width}} {conv.out_channels:>8} {'-':>6} {share([name]):>7}  left dense: {reason}")
+        for name, reason in skipped.items():
+            if name not in convs and name not in listed:
+                rows.append(f"{name:<{width}} {'':>8} {'-':>6} {'-':>7}  left dense: {reason}")
         return "\n".join(rows)
 
     # ----------------------------------------------------------------------------- persistence
@@ -327,6 +433,8 @@ class Propagation:
             "explore_epochs": self.explore_epochs,
             "schedule": asdict(self.schedule),
             "layers": list(self.layer_names),
+            "groups": [[self.layer_names[i] for i in members] for members in self.groups],
+            "layer_prune_ratios": {self.layer_names[self.groups[g][0]]: r for g, r in self.group_ratios.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -335,10 +443,14 @@ class Propagation:
                 "this state_dict was saved for other layers: "
                 f"saved {state.get('layers')}, this model has {self.layer_names}"
             )
+        groups = [[self.layer_names[i] for i in members] for members in self.groups]
+        if "groups" in state and [list(g) for g in state["groups"]] != groups:
+            raise ValueError(f"this state_dict was saved with other coupled groups: saved {state['groups']}")
         check_prune_ratio(state["prune_ratio"])
         self.prune_ratio = float(state["prune_ratio"])
-        self.keep = keep_count(self.total_channels, self.prune_ratio)
         self.min_channels = [int(m) for m in state["min_channels"]]
+        self.group_ratios = self._resolve_layer_ratios(state.get("layer_prune_ratios", {}))
+        self._set_keep()
         self.explore_epochs = int(state["explore_epochs"])
         sched = dict(state["schedule"])
         self.schedule = DecaySchedule(**sched)
