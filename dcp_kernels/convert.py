@@ -105,8 +105,9 @@ def convert(
             ``True``: they are pruned jointly (one selection for every conv summed into them).
         ignore: modules or module names to leave alone: a conv in it is never pruned and a layer
             in it reads all its input channels (e.g. the first conv, the classifier).
-        example_inputs: a batch the model accepts, used once for shapes (default: image batches of
-            32, 64, then 224 pixels with the first conv's input channels).
+        example_inputs: a batch the model accepts, used once for shapes (default: the first image
+            batch of 32, 224, 64, 28, 16 or 8 pixels, with the first conv's input channels, that the
+            model accepts).
         explore_epochs: epochs during which every channel is selected.
         decay: the utility decay factor, or a :class:`DecaySchedule`.
         backend: ``auto`` | ``reference`` | ``torch`` | ``triton`` | ``extension``.

@@ -131,12 +131,13 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def _example_inputs(model: nn.Module) -> Iterable[tuple[torch.Tensor, ...]]:
-    """Guesses at an input when the caller gives none: image batches of a few common sizes."""
+    """Guesses at an input when the caller gives none: image batches of common sizes (CIFAR,
+    ImageNet, then smaller ones); the first the model accepts wins."""
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     channels = first.in_channels if first is not None else 3
     param = next(model.parameters(), None)
     kwargs = {} if param is None else {"device": param.device, "dtype": param.dtype}
-    for size in (32, 64, 224):
+    for size in (32, 224, 64, 28, 16, 8):
         yield (torch.randn(2, channels, size, size, **kwargs),)
 
 
