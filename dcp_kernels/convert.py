@@ -176,9 +176,11 @@ def convert(
     prop.attach(model)
     unexpected = {n: r for n, r in analysis.skipped.items() if n not in analysis.policy}
     if unexpected:
+        listed = "; ".join(f"{n}: {r}" for n, r in list(unexpected.items())[:5])
+        more = f"; and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         warnings.warn(
             f"convert({type(model).__name__}): {len(unexpected)} conv(s) left dense because DCP does not handle "
-            "them: " + "; ".join(f"{n}: {r}" for n, r in unexpected.items()) + " (see prop.report())",
+            f"them: {listed}{more} (prop.report() lists them all)",
             stacklevel=2,
         )
     if analysis.policy:

@@ -204,6 +204,7 @@ class _Analyzer:
         self.channelwise: dict[str, _Chan] = {}
         self.out_space: dict[str, int] = {}  # conv name -> the space it produces
         self.policy_blocked: set[str] = set()  # producers left dense by the caller's choice
+        self.policy_reasons: set[str] = set()  # reasons that are the caller's choice (ignore=)
         self.stochastic_depth = _stochastic_depth_functions()
         for node in gm.graph.nodes:
             if node.op == "call_module":
@@ -289,8 +290,10 @@ class _Analyzer:
                 for s, _ in chan.segs if chan is not None else ():
                     if s is not None:
                         self.policy_blocked.add(self.spaces[s].producer)
+            self.policy_reasons.add(f"read by {name!r}, which is in ignore=")
             self.block_inputs(node, f"read by {name!r}, which is in ignore=")
             if isinstance(mod, nn.Conv2d) and supported_conv(mod):
+                self.policy_reasons.add("in ignore=")
                 return self.produced(node, mod, blocked="in ignore=", policy=True)
             return None
         if isinstance(mod, nn.Conv2d):
@@ -498,6 +501,8 @@ class _Analyzer:
             if residual and not prune_residual and not reasons:
                 reasons = ["its channels are summed into a residual path (prune_residual=False)"]
                 self.policy_blocked.update(p for p in producers if p is not None)
+            if reasons and all(r in self.policy_reasons for r in reasons):
+                self.policy_blocked.update(producers)
             if reasons:
                 for sp in spaces:  # each producer's own reason first, else the group's
                     if sp.producer is not None:

@@ -1,0 +1,202 @@
+"""convert() on models it was not written for: the torchvision zoo and hand-written graphs.
+
+Each model: convert -> 3 training steps (one exploring, two selecting) -> finalize. The finalized
+model must be a plain ``nn.Module`` (no dcp_kernels classes, no hooks) with fewer parameters and
+FLOPs whose eval output equals the converted model's (fp32, atol 1e-4). Small images and batches
+keep the whole file to about a minute on 2 cores.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcp_kernels
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def conv_linear_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of every Conv2d and Linear for one forward of ``x``."""
+    total = 0
+
+    def hook(module, args, out):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_out = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += out.numel() * per_out
+        else:
+            total += out.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def convert_train_finalize(model, size=32, classes=5, batch=4, **kwargs):
+    """The round trip every model must survive; returns (converted model, controller, plain model)."""
+    torch.manual_seed(0)
+    dense_flops = conv_linear_flops(model.eval(), torch.randn(1, 3, size, size))
+    dense_params = n_params(model)
+    prop = dcp_kernels.convert(model, kwargs.pop("prune_ratio", 0.5), explore_epochs=1, **kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for step in range(3):
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == 0:
+            prop.epoch_end()
+    assert torch.isfinite(loss)
+    plain = prop.finalize()
+    assert not any(type(m).__module__.startswith("dcp_kernels") for m in plain.modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in plain.modules())
+    model.eval(), plain.eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-4)
+    assert n_params(plain) < dense_params
+    assert conv_linear_flops(plain, x[:1]) < dense_flops
+    return model, prop, plain
+
+
+ZOO = [
+    pytest.param("vgg11_bn", {}, id="vgg11_bn"),
+    pytest.param("resnet18", {}, id="resnet18"),
+    pytest.param("resnet18", {"prune_residual": True}, id="resnet18-prune_residual"),
+    pytest.param("resnet50", {}, id="resnet50"),
+    pytest.param("mobilenet_v2", {}, id="mobilenet_v2"),
+    pytest.param("mobilenet_v3_small", {}, id="mobilenet_v3_small"),
+    pytest.param("efficientnet_b0", {}, id="efficientnet_b0", marks=pytest.mark.slow),
+    pytest.param("densenet121", {}, id="densenet121", marks=pytest.mark.slow),
+    pytest.param("regnet_x_400mf", {}, id="regnet_x_400mf"),
+    pytest.param("regnet_x_400mf", {"prune_residual": True}, id="regnet_x_400mf-prune_residual"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", ZOO)
+def test_torchvision_model_round_trip(name, kwargs):
+    model = getattr(torchvision.models, name)(num_classes=5)
+    convert_train_finalize(model, **kwargs)
+
+
+def test_residual_groups_share_one_selection():
+    # A per-layer ratio on one member applies to its whole group (the global selection could keep
+    # all of a group: its summed utility ranks high).
+    model, prop, _ = convert_train_finalize(torchvision.models.resnet18(num_classes=5), prune_residual=True,
+                                            layer_prune_ratios={"layer1.1.conv2": 0.5})
+    group = next(g for g in prop.plan.groups if "conv1" in g)
+    assert group == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    masks = [model.get_submodule(n).selected for n in group]
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
+    assert int(masks[0].sum()) == 32
+    # The group's utility is the sum of its members' (the documented choice).
+    u = prop.utility_vector()
+    start = sum(prop.layers[g[0]].out_channels for g in prop.groups[: prop.plan.groups.index(group)])
+    expected = sum(model.get_submodule(n).utility for n in group)
+    torch.testing.assert_close(u[start:start + 64], expected)
+
+
+def test_squeeze_excitation_couples_the_scale_with_its_input():
+    model, prop, plain = convert_train_finalize(torchvision.models.mobilenet_v3_small(num_classes=5))
+    # features.1: conv 16ch -> SE (fc1 16->8, fc2 8->16) -> project. fc2's outputs scale the
+    # stem's channels (the block has no expand conv), so they are one group.
+    assert ["features.0.0", "features.1.block.1.fc2"] in prop.plan.groups
+    kept = int(model.get_submodule("features.0.0").selected.sum())
+    se = plain.features[1].block[1]
+    assert se.fc1.in_channels == kept and se.fc2.out_channels == kept
+    assert plain.features[1].block[0][0].groups == kept  # the depthwise conv follows the channels
+
+
+def test_densenet_concat_readers_and_batchnorm_follow_segments():
+    # densenet121 itself is in the zoo test; a small DenseNet here to look inside.
+    net = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
+                                      num_classes=5)
+    model, prop, plain = convert_train_finalize(net)
+    reader = model.features.denseblock1.denselayer2.conv1
+    assert type(reader.input_source).__name__ == "ConcatSource"
+    kept = reader.input_source.selected_indices().numel()
+    assert plain.features.denseblock1.denselayer2.norm1.num_features == kept
+    assert plain.features.denseblock1.denselayer2.conv1.in_channels == kept
+
+
+class BranchConcat(nn.Module):
+    """Two branches, a concat, a residual sum, a conv without BN and a view-flatten head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.left = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.right = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU6())
+        self.merge_bn = nn.BatchNorm2d(12)
+        self.mix = nn.Conv2d(12, 10, 3, padding=1)  # no BatchNorm: gated after the conv
+        self.skip = nn.Conv2d(8, 10, 1, bias=False)
+        self.head = nn.Linear(10 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(x)))
+        both = torch.cat([self.left(x), self.right(x)], dim=1)
+        y = self.mix(F.relu(self.merge_bn(both))) + self.skip(x)
+        y = F.adaptive_avg_pool2d(F.relu(y), 4)
+        return self.head(y.view(y.size(0), -1))
+
+
+@pytest.mark.parametrize("prune_residual", [False, True])
+def test_hand_written_branch_and_concat(prune_residual):
+    model, prop, plain = convert_train_finalize(BranchConcat(), size=16, prune_residual=prune_residual)
+    assert ["left.0"] in prop.plan.groups and ["right.0"] in prop.plan.groups
+    assert set(prop.plan.channelwise) == {"merge_bn"}
+    assert plain.merge_bn.num_features == plain.mix.in_channels
+    if prune_residual:
+        assert ["mix", "skip"] in prop.plan.groups
+        assert plain.head.in_features == plain.mix.out_channels * 16
+    else:
+        assert "residual" in prop.plan.skipped["mix"]
+        assert plain.mix.out_channels == 10
+
+
+def test_ignore_and_per_layer_ratios():
+    model = torchvision.models.resnet18(num_classes=5)
+    prop = dcp_kernels.convert(model, 0.5, ignore=["conv1", model.layer4[1].conv1],
+                               layer_prune_ratios={"layer1.0.conv1": 0.25}, min_channels={"layer2.0.conv1": 100})
+    assert "conv1" not in prop.layer_names and "layer4.1.conv1" not in prop.layer_names
+    assert type(model.layer4[1].conv1) is nn.Conv2d  # ignored modules are left exactly as they were
+    prop.select(force=True)
+    assert prop.kept()["layer1.0.conv1"] == 48
+    assert prop.kept()["layer2.0.conv1"] >= 100
+    assert sum(prop.kept().values()) == prop.keep
+
+
+def test_report_lists_every_conv_with_a_reason():
+    model, prop, _ = convert_train_finalize(torchvision.models.mobilenet_v2(num_classes=5))
+    report = prop.report()
+    lines = report.splitlines()
+    assert lines[0].split()[:4] == ["layer", "channels", "kept", "FLOPs"]
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            assert any(line.startswith(name + " ") for line in lines), name
+    assert "prune_residual=False" in report and "depthwise" in report
+    shares = [float(tok[:-1]) for line in lines[1:] for tok in line.split() if tok.endswith("%")]
+    assert 99.0 < sum(shares) < 101.0
+
+
+def test_resnet18_finalized_exports_with_jit_trace_and_onnx(tmp_path):
+    _, _, plain = convert_train_finalize(torchvision.models.resnet18(num_classes=5))
+    x = torch.randn(2, 3, 32, 32)
+    traced = torch.jit.trace(plain, x)
+    torch.testing.assert_close(traced(x), plain(x))
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed: the ONNX half of this test needs it")
+    path = tmp_path / "resnet18.onnx"
+    torch.onnx.export(plain, (x,), str(path), dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)))
