@@ -108,6 +108,8 @@ class ConcatSource:
                           for layer, width in self.segments])
 
     def selected_indices(self) -> torch.Tensor:
+        if self._cache is not None and torch.compiler.is_compiling():
+            return self._cache[1]  # refreshed eagerly before each forward (see DCPConv2d.selected_indices)
         key = tuple((layer.selected.data_ptr(), layer.selected._version, layer.selected.device)
                     for layer, _ in self.segments if layer is not None)
         if self._cache is None or self._cache[0] != key:
@@ -256,10 +258,17 @@ class DCPConv2d(nn.Conv2d):
         self.selected.copy_(selected)
 
     def selected_indices(self) -> torch.Tensor:
-        """Sorted int64 indices of the selected output channels (cached until ``selected`` changes)."""
+        """Sorted int64 indices of the selected output channels (cached until ``selected`` changes).
+
+        Under ``torch.compile`` the cached indices are used as they are (``nonzero`` has a
+        data-dependent shape and the cache check compares data pointers, both graph breaks): the
+        controller's forward pre-hook refreshes every cache eagerly before each forward.
+        """
+        cache = self.__dict__["_idx_cache"]
+        if cache is not None and torch.compiler.is_compiling():
+            return cache[1]
         sel = self.selected
         key = (sel.data_ptr(), sel._version, sel.device)
-        cache = self.__dict__["_idx_cache"]
         if cache is None or cache[0] != key:
             idx = sel.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -468,6 +477,8 @@ class DCPLinear(nn.Linear):
         idx = source.selected_indices()
         if idx.numel() == source.out_channels:
             return None
+        if torch.compiler.is_compiling():  # plain tensor ops; no identity check on tensors
+            return (idx.unsqueeze(1) * self.block + torch.arange(self.block, device=idx.device)).flatten()
         cache = self.__dict__["_col_cache"]
         if cache is None or cache[0] is not idx:
             cols = (idx.unsqueeze(1) * self.block + torch.arange(self.block, device=idx.device)).flatten()

@@ -362,6 +362,19 @@ class Propagation:
             self.sync_utilities()
         self.select()
 
+    def refresh_indices(self) -> None:
+        """Bring every converted layer's cached index vectors up to date with its selection."""
+        for layer in self._all_dcp_layers():
+            if layer.prunable:
+                layer.selected_indices()
+            source = layer.input_source
+            if source is not None:
+                source.selected_indices()
+        if self.model is not None:
+            for module in self.model.modules():
+                if getattr(module, "input_source", None) is not None and not hasattr(module, "prunable"):
+                    module.input_source.selected_indices()
+
     def epoch_end(self) -> None:
         """Advance the epoch counter: ends exploration and moves the decay schedule."""
         self.epoch += 1
@@ -500,6 +513,10 @@ class _SelectBeforeForward:
     def __init__(self, propagation: Propagation) -> None:
         self.propagation = propagation
 
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: Iterable[Any]) -> None:
+        # Runs eagerly even inside torch.compile: the selection (a sort and a few masks) and the
+        # index vectors it implies are computed here, so the compiled forward only reads them.
         if module.training:
             self.propagation.step()
+        self.propagation.refresh_indices()
