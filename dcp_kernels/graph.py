@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -49,6 +50,7 @@ _SHAPE_AGNOSTIC_METHODS = {"relu", "relu_", "tanh", "tanh_", "contiguous", "clon
 _CHANNELWISE_METHODS = {"sigmoid", "sigmoid_"}
 _SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 _PRODUCTS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 _SUM_METHODS = {"add", "add_", "sub", "sub_"}
 _PRODUCT_METHODS = {"mul", "mul_", "div", "div_"}
 
@@ -123,11 +125,119 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = fx.Tracer().trace(model)
     except Exception as exc:  # fx raises many types; name the model and the cause
         raise TypeError(
-            f"convert() could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). "
-            "Models with data-dependent control flow are not supported: make that part a leaf module or "
-            "convert the traceable submodules one by one."
+            f"convert() could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc})."
         ) from exc
     return fx.GraphModule(model, graph)
+
+
+class _ShapeMeta:
+    """What ``ShapeProp`` would put in ``node.meta["tensor_meta"]``, as far as the analysis reads it."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(shape)
+
+
+_OPERATOR_METHODS = {
+    "__add__": operator.add, "__radd__": operator.add, "__iadd__": operator.iadd,
+    "__sub__": operator.sub, "__isub__": operator.isub, "__mul__": operator.mul, "__rmul__": operator.mul,
+    "__imul__": operator.imul, "__truediv__": operator.truediv, "__itruediv__": operator.itruediv,
+}
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    """torch.fx's default: modules of torch.nn itself are called as a whole, others are entered."""
+    return (module.__module__.startswith("torch.nn") or module.__module__.startswith("torch.ao.nn")) and not isinstance(
+        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    )
+
+
+@torch.no_grad()
+def record(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Graph:
+    """A graph of one run of ``model`` on ``example_inputs``, in the form ``torch.fx`` would trace.
+
+    The fallback for models fx cannot trace: forward hooks on the leaf modules record
+    ``call_module`` nodes, a ``TorchFunctionMode`` records the torch functions and tensor methods
+    called between them, and every node gets its output shape. Control flow is followed as this
+    input takes it. Runs in eval mode (no running statistic moves).
+    """
+    from torch.overrides import TorchFunctionMode
+
+    graph = fx.Graph()
+    nodes: dict[int, fx.Node] = {}
+    alive: list[Any] = []  # keep recorded tensors alive so their ids stay unique
+    names = {id(m): n for n, m in model.named_modules()}
+    params = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    depth = [0]
+
+    def remember(value: Any, node: fx.Node) -> None:
+        if isinstance(value, torch.Tensor):
+            nodes[id(value)] = node
+            alive.append(value)
+            node.meta["tensor_meta"] = _ShapeMeta(value.shape)
+
+    def as_arg(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in nodes:
+                node = graph.get_attr(params.get(id(value), f"_constant_{len(alive)}"))
+                remember(value, node)
+            return nodes[id(value)]
+        if isinstance(value, (list, tuple)):
+            return type(value)(as_arg(v) for v in value)
+        if isinstance(value, dict):
+            return {k: as_arg(v) for k, v in value.items()}
+        return value
+
+    class Recorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            produces_tensor = isinstance(out, torch.Tensor) or (
+                isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in out))
+            if depth[0] or not produces_tensor:  # inside a leaf module, or a shape/size query
+                return out
+            name = getattr(func, "__name__", "")
+            if name in _OPERATOR_METHODS:
+                node = graph.call_function(_OPERATOR_METHODS[name], as_arg(args), as_arg(kwargs))
+            elif getattr(func, "__objclass__", None) is torch._C.TensorBase or (
+                    name and getattr(torch.Tensor, name, None) is func):
+                node = graph.call_method(name, as_arg(args), as_arg(kwargs))
+            else:
+                node = graph.call_function(func, as_arg(args), as_arg(kwargs))
+            if isinstance(out, (tuple, list)):
+                for i, item in enumerate(out):
+                    remember(item, graph.call_function(operator.getitem, (node, i)))
+            remember(out, node)
+            return out
+
+    def pre_hook(module, args):
+        if depth[0] == 0:
+            module.__dict__["_dcp_record_args"] = as_arg(args)
+        depth[0] += 1
+
+    def post_hook(module, args, out):
+        depth[0] -= 1
+        if depth[0] == 0:
+            node = graph.call_module(names[id(module)], module.__dict__.pop("_dcp_record_args"))
+            remember(out, node)
+
+    modes = {m: m.training for m in model.modules()}
+    handles = []
+    for m in model.modules():
+        if m is not model and _is_leaf(m) and id(m) in names:
+            handles += [m.register_forward_pre_hook(pre_hook), m.register_forward_hook(post_hook)]
+    try:
+        model.eval()
+        for i, t in enumerate(example_inputs):
+            remember(t, graph.placeholder(f"input_{i}"))
+        with Recorder():
+            out = model(*example_inputs)
+        graph.output(as_arg(out))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return graph
 
 
 def _example_inputs(model: nn.Module) -> Iterable[tuple[torch.Tensor, ...]]:
@@ -164,6 +274,18 @@ def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> N
     )
 
 
+def _record_any(model: nn.Module, example_inputs, trace_error: Exception) -> fx.Graph:
+    candidates = [tuple(example_inputs)] if example_inputs is not None else _example_inputs(model)
+    errors = []
+    for inputs in candidates:
+        try:
+            return record(model, inputs)
+        except Exception as exc:  # the model decides which inputs it accepts
+            errors.append(f"{tuple(inputs[0].shape) if inputs else ()}: {type(exc).__name__}: {exc}")
+    raise TypeError(f"{trace_error} A recorded run failed too ({'; '.join(errors)}); pass example_inputs=(a batch "
+                    "the model accepts,).") from trace_error
+
+
 def _shape(node: Any) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -189,9 +311,9 @@ class _Chan:
 
 
 class _Analyzer:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, prune_residual: bool, ignore: set[str]):
+    def __init__(self, model: nn.Module, graph: fx.Graph, prune_residual: bool, ignore: set[str]):
         self.model = model
-        self.gm = gm
+        self.graph = graph
         self.modules = dict(model.named_modules())
         self.prune_residual = prune_residual
         self.ignore = ignore
@@ -206,7 +328,7 @@ class _Analyzer:
         self.policy_blocked: set[str] = set()  # producers left dense by the caller's choice
         self.policy_reasons: set[str] = set()  # reasons that are the caller's choice (ignore=)
         self.stochastic_depth = _stochastic_depth_functions()
-        for node in gm.graph.nodes:
+        for node in graph.nodes:
             if node.op == "call_module":
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
 
@@ -247,7 +369,7 @@ class _Analyzer:
 
     # ------------------------------------------------------------------ the walk
     def run(self) -> None:
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             self.values[node] = self.visit(node)
 
     def chans(self, node: fx.Node) -> list[tuple[Any, _Chan | None]]:
@@ -411,7 +533,8 @@ class _Analyzer:
                 return x
             if target == "flatten" and x is not None and _flatten_from_dim1(node.args[1:], node.kwargs):
                 return self.flattened(node, x)
-            if target in ("view", "reshape") and x is not None and _is_batch_flatten(node.args[1:]):
+            if target in ("view", "reshape") and x is not None and (
+                    _is_batch_flatten(node.args[1:]) or _flattens_per_sample(node)):
                 return self.flattened(node, x)
             if target in _SUM_METHODS or target in _PRODUCT_METHODS:
                 return self.combine(node, residual=target in _SUM_METHODS)
@@ -553,10 +676,25 @@ def analyze(
     prune_residual: bool = False,
     ignore: Iterable[str] = (),
 ) -> ChannelAnalysis:
-    """Trace ``model``, propagate shapes, and find the prunable groups and their readers."""
-    gm = trace(model)
-    _propagate_shapes(gm, model, example_inputs)
-    analyzer = _Analyzer(model, gm, prune_residual, set(ignore))
+    """Trace ``model``, propagate shapes, and find the prunable groups and their readers.
+
+    When torch.fx cannot trace the model, a recorded run of the example input stands in for the
+    trace (:func:`record`), with a warning: data-dependent control flow is then followed as that
+    input takes it.
+    """
+    try:
+        gm = trace(model)
+    except TypeError as exc:
+        graph = _record_any(model, example_inputs, exc)
+        warnings.warn(
+            f"{exc.__cause__ or exc}: torch.fx could not trace {type(model).__name__}; convert() analysed a recorded "
+            "run of the example input instead (control flow that depends on the data is followed as that input "
+            "took it)", stacklevel=3)
+    else:
+        _propagate_shapes(gm, model, example_inputs)
+        graph = gm.graph
+    _drop_dead_ends(graph)
+    analyzer = _Analyzer(model, graph, prune_residual, set(ignore))
     analyzer.run()
     analysis = analyzer.result(prune_residual)
     modules = dict(model.named_modules())
@@ -564,6 +702,9 @@ def analyze(
     for name, module in modules.items():
         if isinstance(module, nn.Conv2d) and not supported_conv(module) and name not in analysis.skipped:
             analysis.skipped[name] = f"groups={module.groups} conv: not supported"
+    for name in analysis.convs:
+        if name not in analyzer.calls and name not in analysis.skipped:
+            analysis.skipped[name] = "never called in the traced (or recorded) forward pass"
     # Depthwise convs are channel-wise ops, never producers: they are not "skipped".
     for name in list(analysis.skipped):
         m = modules.get(name)
@@ -590,6 +731,30 @@ def _is_batch_flatten(shape_args) -> bool:
         or (first.op == "call_function" and first.target is operator.getitem and first.args[1] == 0)
     )
     return (batch_size and second == -1) or (first == -1 and isinstance(second, int))
+
+
+def _drop_dead_ends(graph: fx.Graph) -> None:
+    """Remove functions and methods whose results nothing uses (e.g. ``float(x.abs().sum())`` in a
+    condition): they cannot change the output, so they should not keep channels dense. In-place
+    ops stay (their effect is the point)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op not in ("call_function", "call_method") or node.users:
+                continue
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            if name.endswith("_") or node.target in _IN_PLACE_OPERATORS:  # add_, relu_, +=, *=: in place
+                continue
+            graph.erase_node(node)
+            changed = True
+
+
+def _flattens_per_sample(node: fx.Node) -> bool:
+    """A view/reshape from (N, C, H, W) to (N, C*H*W), read off the recorded shapes."""
+    before, after = _shape(node.args[0]), _shape(node)
+    return (before is not None and after is not None and len(before) == 4 and len(after) == 2
+            and after[0] == before[0] and after[1] == math.prod(before[1:]))
 
 
 def _is_shape_query(node: fx.Node) -> bool:

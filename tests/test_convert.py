@@ -230,7 +230,8 @@ def test_bad_models():
         dcp_kernels.convert(_NoConv())
     with pytest.raises(ValueError, match="no prunable conv.*combined"):
         dcp_kernels.convert(_OnlyResidual())
-    with pytest.raises(TypeError, match="could not trace"):
+    # fx cannot trace it; the recorded run of the example input finds no prunable conv either.
+    with pytest.warns(UserWarning, match="could not trace"), pytest.raises(ValueError, match="model output|never called"):
         dcp_kernels.convert(_Dynamic())
     model = small_vgg()
     dcp_kernels.convert(model)

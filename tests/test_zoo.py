@@ -200,3 +200,104 @@ def test_resnet18_finalized_exports_with_jit_trace_and_onnx(tmp_path):
     path = tmp_path / "resnet18.onnx"
     torch.onnx.export(plain, (x,), str(path), dynamo=False)
     onnx.checker.check_model(onnx.load(str(path)))
+
+
+class SharedConv(nn.Module):
+    """One conv called twice (weights shared between two places)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head_conv = nn.Conv2d(8, 6, 1)
+        self.out_conv = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(self.shared(torch.relu(self.shared(x))))
+        return self.out_conv(torch.relu(self.head_conv(x))).mean((2, 3))
+
+
+def test_shared_modules_stay_dense_with_the_reason():
+    model = SharedConv()
+    with pytest.warns(UserWarning, match="called more than once"):
+        prop = dcp_kernels.convert(model, 0.5)
+    assert prop.layer_names == ["head_conv"]
+    assert "called more than once" in prop.plan.skipped["shared"]
+    assert "called more than once" in prop.plan.skipped["stem"]  # its only reader is the shared conv
+    assert "shared" in prop.report()
+
+
+def test_model_on_meta_device_is_refused_untouched():
+    with torch.device("meta"):
+        model = torchvision.models.resnet18(num_classes=5)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="meta device.*to_empty"):
+        dcp_kernels.convert(model)
+    assert [type(m) for m in model.modules()] == before
+
+
+def test_nothing_changes_when_the_example_input_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(),
+                          nn.Linear(4 * 3 * 3, 2))  # accepts 7x7 images only
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="example_inputs"):
+        dcp_kernels.convert(model)
+    assert [type(m) for m in model.modules()] == before
+    prop = dcp_kernels.convert(model, example_inputs=(torch.randn(2, 3, 7, 7),))
+    assert prop.layer_names == ["0", "3"]
+
+
+def test_already_converted_and_bad_policy_arguments():
+    model = torchvision.models.resnet18(num_classes=5)
+    with pytest.raises(ValueError, match="not a submodule"):
+        dcp_kernels.convert(model, ignore=["no.such.layer"])
+    with pytest.raises(ValueError, match="not part of the model"):
+        dcp_kernels.convert(model, ignore=[nn.Conv2d(1, 1, 1)])
+    with pytest.raises(ValueError, match="unknown layers"):
+        dcp_kernels.convert(model, layer_prune_ratios={"nope": 0.5})
+    with pytest.raises(ValueError, match="prune_ratio"):
+        dcp_kernels.convert(model, layer_prune_ratios={"layer1.0.conv1": 1.0})
+    assert not any(type(m).__module__.startswith("dcp_kernels") for m in model.modules())
+    dcp_kernels.convert(model)
+    with pytest.raises(ValueError, match="converted before"):
+        dcp_kernels.convert(model)
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        if float(x.detach().abs().sum()) >= 0:  # always true, but fx cannot know
+            x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_untraceable_model_falls_back_to_a_recorded_run():
+    with pytest.warns(UserWarning, match="could not trace.*recorded run"):
+        model, prop, plain = convert_train_finalize(DataDependent(), size=16)
+    assert prop.layer_names == ["conv1", "conv2"]
+    assert isinstance(model.fc, dcp_kernels.modules.DCPLinear)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121"])
+def test_recorded_run_finds_the_same_graph_as_fx(name, monkeypatch):
+    from dcp_kernels import graph
+
+    model = getattr(torchvision.models, name)(num_classes=5)
+    for prune_residual in (False, True):
+        traced = graph.analyze(model, prune_residual=prune_residual)
+        with monkeypatch.context() as m:
+            m.setattr(graph, "trace", lambda model: (_ for _ in ()).throw(TypeError("fx refused")))
+            with pytest.warns(UserWarning, match="recorded run"):
+                recorded = graph.analyze(model, prune_residual=prune_residual)
+        for field in ("groups", "conv_inputs", "linear_inputs", "channelwise", "skipped"):
+            assert getattr(recorded, field) == getattr(traced, field), field
