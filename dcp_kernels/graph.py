@@ -32,22 +32,25 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-# Channel-wise modules without parameters; the second tuple changes no shape either, so a compact
-# tensor (only the selected channels) can pass through them.
-_SHAPE_AGNOSTIC_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Tanh,
+# Element-wise (per channel) modules, functions and tensor methods without per-channel parameters.
+# They work on any channel count, so a compact tensor (only the selected channels) passes through.
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish,
+    nn.Tanh, nn.Hardtanh, nn.Sigmoid, nn.Hardsigmoid, nn.LogSigmoid, nn.Softplus, nn.Softsign,
     nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
 )
-_CHANNELWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.PReLU)
-_SHAPE_AGNOSTIC_FUNCTIONS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish,
-    F.mish, torch.tanh, F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
+    F.hardswish, F.mish, torch.tanh, F.hardtanh, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus,
+    F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+    F.interpolate,
 }
-_CHANNELWISE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
-_SHAPE_AGNOSTIC_METHODS = {"relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "float", "to"}
-_CHANNELWISE_METHODS = {"sigmoid", "sigmoid_"}
+_ELEMENTWISE_METHODS = {
+    "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "contiguous", "clone", "float", "to",
+}
+# Reductions over H and W keep one value per channel.
+_SPATIAL_REDUCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax"}
 _SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 _PRODUCTS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
 _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
@@ -442,13 +445,7 @@ class _Analyzer:
                 self.channelwise[name] = x
                 self.unsimple(x)
             return x
-        if isinstance(mod, _SHAPE_AGNOSTIC_MODULES):
-            return x
-        if isinstance(mod, _CHANNELWISE_MODULES):
-            if isinstance(mod, nn.PReLU) and mod.num_parameters != 1:
-                self.block(x, f"read by {name!r}, a PReLU with a parameter per channel")
-                return None
-            self.unsimple(x)
+        if isinstance(mod, _ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1):
             return x
         if isinstance(mod, nn.Flatten):
             if x is not None and mod.start_dim == 1 and mod.end_dim == -1:
@@ -511,9 +508,9 @@ class _Analyzer:
         target = node.target
         x = self.first_chan(node)
         if node.op == "call_function":
-            if target in _SHAPE_AGNOSTIC_FUNCTIONS:
+            if target in _ELEMENTWISE_FUNCTIONS:
                 return x
-            if target in _CHANNELWISE_FUNCTIONS or target in self.stochastic_depth:
+            if target in self.stochastic_depth:  # times a per-sample scalar
                 self.unsimple(x)
                 return x
             if target is torch.flatten:
@@ -523,13 +520,10 @@ class _Analyzer:
                 return self.combine(node, residual=target in _SUMS)
             elif target is torch.cat:
                 return self.concat(node)
-            elif target is torch.mean:
-                return self.mean(node, x)
+            elif target in _SPATIAL_REDUCTIONS:
+                return self.spatial_reduction(node, x)
         elif node.op == "call_method":
-            if target in _SHAPE_AGNOSTIC_METHODS:
-                return x
-            if target in _CHANNELWISE_METHODS:
-                self.unsimple(x)
+            if target in _ELEMENTWISE_METHODS:
                 return x
             if target == "flatten" and x is not None and _flatten_from_dim1(node.args[1:], node.kwargs):
                 return self.flattened(node, x)
@@ -538,16 +532,20 @@ class _Analyzer:
                 return self.flattened(node, x)
             if target in _SUM_METHODS or target in _PRODUCT_METHODS:
                 return self.combine(node, residual=target in _SUM_METHODS)
-            if target == "mean":
-                return self.mean(node, x)
+            if target in _SPATIAL_REDUCTIONS.values():
+                return self.spatial_reduction(node, x)
         self.block_inputs(node, f"its channels go to {_describe(node)}, which DCP does not understand")
         return None
 
-    def mean(self, node: fx.Node, x: _Chan | None) -> _Chan | None:
+    def spatial_reduction(self, node: fx.Node, x: _Chan | None) -> _Chan | None:
+        """mean/sum/amax over H and W: one value per channel (kept 4-D with keepdim, else (N, C))."""
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
-        if x is not None and x.block is None and set(d % 4 for d in dims if isinstance(d, int)) == {2, 3} and len(dims) == 2:
+        shape = _shape(node.args[0])
+        spatial = shape is not None and len(shape) == 4 and len(dims) == 2 and all(isinstance(d, int) for d in dims) \
+            and {d % 4 for d in dims} == {2, 3}
+        if x is not None and x.block is None and spatial:
             self.unsimple(x)
             return x if keepdim else _Chan(x.segs, 1)
         self.block(x, f"its channels go to {_describe(node)}, a reduction DCP does not follow")
@@ -598,7 +596,10 @@ class _Analyzer:
         segs: list[tuple[int | None, int]] = []
         for t in tensors:
             chan = self.values.get(t) if isinstance(t, fx.Node) else None
-            if chan is not None and chan.block is None:
+            if chan is not None and chan.block is not None:
+                self.block_inputs(node, f"flattened channels concatenated in {_describe(node)}")
+                return None
+            if chan is not None:
                 segs.extend(chan.segs)
                 self.unsimple(chan)
             else:

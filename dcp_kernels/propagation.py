@@ -188,6 +188,7 @@ class Propagation:
         self.model: nn.Module | None = None
         self.plan = plan
         self._hook = None
+        self._index_holders: list | None = None  # what refresh_indices() updates (found at first use)
         self._apply_decay()
 
     # ----------------------------------------------------------------------------- configuration
@@ -363,17 +364,15 @@ class Propagation:
         self.select()
 
     def refresh_indices(self) -> None:
-        """Bring every converted layer's cached index vectors up to date with its selection."""
-        for layer in self._all_dcp_layers():
-            if layer.prunable:
-                layer.selected_indices()
-            source = layer.input_source
-            if source is not None:
-                source.selected_indices()
-        if self.model is not None:
-            for module in self.model.modules():
-                if getattr(module, "input_source", None) is not None and not hasattr(module, "prunable"):
-                    module.input_source.selected_indices()
+        """Bring every cached index vector of the model up to date with the selection: each
+        prunable layer's own and each reader's input source (a layer or a concat)."""
+        if self._index_holders is None:
+            holders = list(self.layers)
+            if self.model is not None:
+                holders += [m.input_source for m in self.model.modules() if getattr(m, "input_source", None) is not None]
+            self._index_holders = list({id(h): h for h in holders}.values())
+        for holder in self._index_holders:
+            holder.selected_indices()
 
     def epoch_end(self) -> None:
         """Advance the epoch counter: ends exploration and moves the decay schedule."""
@@ -482,6 +481,7 @@ class Propagation:
         """Select automatically before every training-mode forward of ``model``."""
         self.detach()
         self.model = model
+        self._index_holders = None
         self._hook = model.register_forward_pre_hook(_SelectBeforeForward(self))
 
     @contextlib.contextmanager

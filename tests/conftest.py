@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dcp_kernels import ops  # noqa: E402  (after TRITON_INTERPRET is decided)
+from dcp_kernels import ops  # imported only after TRITON_INTERPRET is decided
 
 # Devices the shared correctness grids run on: the CPU always, a CUDA GPU when one is visible.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

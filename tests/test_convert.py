@@ -4,14 +4,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from conftest import DEVICES, fast_backends
+from torch import nn
 
 import dcp_kernels
 from dcp_kernels import DCPConv2d
-from dcp_kernels.modules import DCPLinear
 from dcp_kernels.models import resnet_cifar, vgg
+from dcp_kernels.modules import DCPLinear
 
 # Every backend that runs on CPU tensors here (Triton through its interpreter).
 FAST_BACKENDS = fast_backends("cpu")

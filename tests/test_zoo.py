@@ -122,7 +122,7 @@ def test_densenet_concat_readers_and_batchnorm_follow_segments():
     # densenet121 itself is in the zoo test; a small DenseNet here to look inside.
     net = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
                                       num_classes=5)
-    model, prop, plain = convert_train_finalize(net)
+    model, _, plain = convert_train_finalize(net)
     reader = model.features.denseblock1.denselayer2.conv1
     assert type(reader.input_source).__name__ == "ConcatSource"
     kept = reader.input_source.selected_indices().numel()
@@ -154,7 +154,7 @@ class BranchConcat(nn.Module):
 
 @pytest.mark.parametrize("prune_residual", [False, True])
 def test_hand_written_branch_and_concat(prune_residual):
-    model, prop, plain = convert_train_finalize(BranchConcat(), size=16, prune_residual=prune_residual)
+    _, prop, plain = convert_train_finalize(BranchConcat(), size=16, prune_residual=prune_residual)
     assert ["left.0"] in prop.plan.groups and ["right.0"] in prop.plan.groups
     assert set(prop.plan.channelwise) == {"merge_bn"}
     assert plain.merge_bn.num_features == plain.mix.in_channels
@@ -283,7 +283,7 @@ class DataDependent(nn.Module):
 
 def test_untraceable_model_falls_back_to_a_recorded_run():
     with pytest.warns(UserWarning, match="could not trace.*recorded run"):
-        model, prop, plain = convert_train_finalize(DataDependent(), size=16)
+        model, prop, _ = convert_train_finalize(DataDependent(), size=16)
     assert prop.layer_names == ["conv1", "conv2"]
     assert isinstance(model.fc, dcp_kernels.modules.DCPLinear)
 
