@@ -240,6 +240,7 @@ def record(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Graph
             h.remove()
         for m, mode in modes.items():
             m.training = mode
+            m.__dict__.pop("_dcp_record_args", None)  # left behind when the forward raised
     return graph
 
 
