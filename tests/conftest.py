@@ -43,4 +43,6 @@ def _exact_fp32_on_cuda():
 def sorted_subset(n: int, k: int, generator_seed: int = 0) -> torch.Tensor:
     """k distinct channel indices of n, sorted (a reproducible random selection)."""
     g = torch.Generator().manual_seed(generator_seed)
-    return torch.randperm(n, generator=g)[:k].sort().values
+    # Drawn on the CPU (the generator's device), then moved to the default device (CUDA inside the
+    # GPU-only fixtures of test_triton.py).
+    return torch.randperm(n, generator=g, device="cpu")[:k].sort().values.to(torch.get_default_device())

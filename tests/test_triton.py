@@ -1,8 +1,8 @@
 """Triton kernels beyond the shared backend grid (tests/test_ops.py runs that grid on them too).
 
 Without a GPU these run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1):
-exact kernel semantics, slow, so the shapes are small. Tests marked ``cuda`` run the compiled kernels
-and are skipped only when no CUDA device exists.
+exact kernel semantics, slow, so the shapes are small. On a GPU machine the same tests create CUDA
+tensors and run the compiled kernels; tests named ``cuda`` need a GPU and are skipped without one.
 """
 import pytest
 import torch
@@ -14,6 +14,17 @@ from dcp_kernels import ops
 pytestmark = pytest.mark.skipif(not ops.backends("cpu")["triton"] and not torch.cuda.is_available(),
                                 reason="Triton is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_tensors_when_a_gpu_exists():
+    """Compiled Triton kernels need CUDA tensors: on a GPU machine every test here creates its
+    tensors there (without a GPU they stay on the CPU, in the interpreter). Not yet run on a GPU."""
+    if torch.cuda.is_available():
+        with torch.device("cuda"):
+            yield
+    else:
+        yield
 
 
 def _kernels():
