@@ -106,6 +106,36 @@ def test_controller_exploration_then_selection():
     assert layers["l1"].selected.tolist() == [False] * 5 + [True]
 
 
+def test_coupled_layers_share_one_selection_by_summed_utility():
+    layers = _layers(4, 4, 3)
+    prop = Propagation(layers, 0.5, explore_epochs=0, groups=[["l0", "l1"], ["l2"]])
+    assert prop.total_channels == 7 and prop.keep == 3  # coupled channels count once
+    layers["l0"].utility.copy_(torch.tensor([1.0, 0.0, 0.0, 0.2]))
+    layers["l1"].utility.copy_(torch.tensor([0.0, 0.9, 0.0, 0.2]))
+    layers["l2"].utility.copy_(torch.tensor([0.5, 0.45, 0.1]))
+    assert prop.utility_vector().tolist() == pytest.approx([1.0, 0.9, 0.0, 0.4, 0.5, 0.45, 0.1])
+    prop.step()
+    # The group ranks by the sums (1.0, 0.9, 0.0, 0.4): its two best beat l2's 0.45 for the last slot.
+    assert layers["l0"].selected.tolist() == layers["l1"].selected.tolist() == [True, True, False, False]
+    assert layers["l2"].selected.tolist() == [True, False, False]
+
+
+def test_per_layer_ratio_is_kept_within_its_group():
+    layers = _layers(4, 4, 6)
+    prop = Propagation(layers, 0.5, explore_epochs=0, groups=[["l0", "l1"], ["l2"]],
+                       layer_prune_ratios={"l1": 0.25})
+    assert prop.keep == 3 + 3  # the group keeps 4 - round(1) = 3; l2 keeps 6 - 3 = 3 on its own
+    layers["l2"].utility.copy_(torch.full((6,), 10.0))  # would win every global slot
+    prop.step()
+    assert prop.kept() == {"l0": 3, "l1": 3, "l2": 3}
+    with pytest.raises(ValueError, match="different prune ratios"):
+        Propagation(_layers(4, 4), 0.5, groups=[["l0", "l1"]], layer_prune_ratios={"l0": 0.25, "l1": 0.5})
+    with pytest.raises(ValueError, match="different widths"):
+        Propagation(_layers(4, 3), 0.5, groups=[["l0", "l1"]])
+    with pytest.raises(ValueError, match="in no group"):
+        Propagation(_layers(4, 4), 0.5, groups=[["l0"]])
+
+
 def test_controller_state_dict_round_trip():
     prop = Propagation(_layers(4, 4), 0.25, explore_epochs=2, decay=DecaySchedule(0.6, 0.1, (1,), 3))
     prop.epoch_end()
