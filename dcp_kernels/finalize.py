@@ -132,9 +132,7 @@ def finalize(prop: "Propagation") -> nn.Module:
         elif channel_keep is not None:
             if isinstance(module, nn.BatchNorm2d):
                 _set_submodule(plain, name, _plain_norm(module, channel_keep))
-            elif isinstance(module, nn.Conv2d):  # a depthwise conv convert() left alone (ignore=)
-                _set_submodule(plain, name, _plain_conv(module, channel_keep, channel_keep))
-            else:
+            else:  # depthwise convs inside a group are DCPConv2d (above)
                 raise RuntimeError(f"finalize: {name!r} ({type(module).__name__}) holds pruned channels "
                                    "but DCP does not know how to cut it")
     return plain

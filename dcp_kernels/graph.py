@@ -316,7 +316,6 @@ class _Chan:
 
 class _Analyzer:
     def __init__(self, model: nn.Module, graph: fx.Graph, prune_residual: bool, ignore: set[str]):
-        self.model = model
         self.graph = graph
         self.modules = dict(model.named_modules())
         self.prune_residual = prune_residual
@@ -612,7 +611,7 @@ class _Analyzer:
         return _Chan(tuple(segs))
 
     # ------------------------------------------------------------------ the result
-    def result(self, prune_residual: bool) -> ChannelAnalysis:
+    def result(self) -> ChannelAnalysis:
         roots: dict[int, list[int]] = {}
         for s in range(len(self.spaces)):
             roots.setdefault(self.find(s), []).append(s)
@@ -623,7 +622,7 @@ class _Analyzer:
             producers = [sp.producer for sp in spaces]
             reasons = [r for sp in spaces for r in sp.blocked]
             residual = any(sp.residual for sp in spaces)
-            if residual and not prune_residual and not reasons:
+            if residual and not self.prune_residual and not reasons:
                 reasons = ["its channels are summed into a residual path (prune_residual=False)"]
                 self.policy_blocked.update(p for p in producers if p is not None)
             if reasons and all(r in self.policy_reasons for r in reasons):
@@ -698,7 +697,7 @@ def analyze(
     _drop_dead_ends(graph)
     analyzer = _Analyzer(model, graph, prune_residual, set(ignore))
     analyzer.run()
-    analysis = analyzer.result(prune_residual)
+    analysis = analyzer.result()
     modules = dict(model.named_modules())
     analysis.convs = [n for n, m in model.named_modules() if supported_conv(m)]
     for name, module in modules.items():
