@@ -58,14 +58,20 @@ def _ignored_names(model: nn.Module, ignore: Iterable[str | nn.Module]) -> set[s
     return out
 
 
+def _producer(seg: Segment, analysis: ChannelAnalysis) -> str | None:
+    """The conv whose selection a segment follows (its group's first producer; None: dense)."""
+    return None if seg.group is None else analysis.groups[seg.group].producers[0]
+
+
 def _source(segments: Sequence[Segment], analysis: ChannelAnalysis, layers: Mapping[str, DCPConv2d], name: str):
     """What a reader reads: one group's layer, or a ConcatSource over several segments."""
-    def producer(seg: Segment) -> DCPConv2d | None:
-        return None if seg.group is None else layers[analysis.groups[seg.group].producers[0]]
+    def layer(seg: Segment) -> DCPConv2d | None:
+        producer = _producer(seg, analysis)
+        return None if producer is None else layers[producer]
 
     if len(segments) == 1:
-        return producer(segments[0])
-    return ConcatSource([(producer(s), s.width) for s in segments], name=f"concat read by {name}")
+        return layer(segments[0])
+    return ConcatSource([(layer(s), s.width) for s in segments], name=f"concat read by {name}")
 
 
 def convert(
@@ -156,7 +162,7 @@ def convert(
     plan = ConversionPlan(
         norm_homes={p: bn for g in analysis.groups for p, bn in g.norms.items()},
         channelwise={
-            name: [(None if s.group is None else analysis.groups[s.group].producers[0], s.width) for s in segments]
+            name: [(_producer(s, analysis), s.width) for s in segments]
             for name, segments in analysis.channelwise.items()
         },
         groups=[list(g.producers) for g in analysis.groups],

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .convert import _set_submodule
-from .modules import DCPConv2d, DCPLinear
+from .modules import ConcatSource, DCPConv2d, DCPLinear
 
 if TYPE_CHECKING:  # pragma: no cover
     from .propagation import Propagation
@@ -20,16 +20,6 @@ def _kept(source) -> torch.Tensor | None:
         return None
     idx = source.selected_indices()
     return None if idx.numel() == source.out_channels else idx
-
-
-def _segment_keep(segments, layers: Mapping[str, DCPConv2d], device: torch.device) -> torch.Tensor:
-    """Kept indices over a concat of segments ``(producer name or None, width)``."""
-    parts, offset = [], 0
-    for producer, width in segments:
-        idx = layers[producer].selected_indices() if producer is not None else torch.arange(width, device=device)
-        parts.append(idx + offset)
-        offset += width
-    return torch.cat(parts)
 
 
 def _plain_conv(layer: nn.Conv2d, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None) -> nn.Conv2d:
@@ -113,11 +103,11 @@ def finalize(prop: "Propagation") -> nn.Module:
     plan = prop.plan
     modules = dict(plain.named_modules())
     layers = {n: m for n, m in modules.items() if isinstance(m, DCPConv2d)}
-    device = next(iter(layers.values())).weight.device
     for name, module in modules.items():
         channel_keep = None
-        if name in plan.channelwise:
-            channel_keep = _segment_keep(plan.channelwise[name], layers, device)
+        if name in plan.channelwise:  # the same segment arithmetic the readers of a concat use
+            segments = [(None if p is None else layers[p], width) for p, width in plan.channelwise[name]]
+            channel_keep = ConcatSource(segments).selected_indices()
         if isinstance(module, DCPConv2d):
             out_keep = _kept(module) if module.prunable else channel_keep
             in_keep = channel_keep if module.groups != 1 else _kept(module.input_source)

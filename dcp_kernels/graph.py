@@ -21,11 +21,12 @@ exactly the coupled tensors the analysis recorded.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -223,23 +224,21 @@ def record(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Graph
             node = graph.call_module(names[id(module)], module.__dict__.pop("_dcp_record_args"))
             remember(out, node)
 
-    modes = {m: m.training for m in model.modules()}
     handles = []
     for m in model.modules():
         if m is not model and _is_leaf(m) and id(m) in names:
             handles += [m.register_forward_pre_hook(pre_hook), m.register_forward_hook(post_hook)]
     try:
-        model.eval()
-        for i, t in enumerate(example_inputs):
-            remember(t, graph.placeholder(f"input_{i}"))
-        with Recorder():
-            out = model(*example_inputs)
+        with _eval_mode(model):
+            for i, t in enumerate(example_inputs):
+                remember(t, graph.placeholder(f"input_{i}"))
+            with Recorder():
+                out = model(*example_inputs)
         graph.output(as_arg(out))
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+        for m in model.modules():
             m.__dict__.pop("_dcp_record_args", None)  # left behind when the forward raised
     return graph
 
@@ -255,39 +254,49 @@ def _example_inputs(model: nn.Module) -> Iterable[tuple[torch.Tensor, ...]]:
         yield (torch.randn(2, channels, size, size, **kwargs),)
 
 
-@torch.no_grad()
-def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> None:
-    """Annotate every node with its output shape: one forward in eval mode (no statistics move)."""
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (no running statistic moves), every module's flag restored after."""
     modes = {m: m.training for m in model.modules()}
-    candidates = [tuple(example_inputs)] if example_inputs is not None else _example_inputs(model)
-    errors = []
     try:
         model.eval()
-        for inputs in candidates:
-            try:
-                ShapeProp(gm).propagate(*inputs)
-                return
-            except Exception as exc:  # the model decides which inputs it accepts
-                errors.append(f"{tuple(inputs[0].shape) if inputs else ()}: {type(exc).__name__}: {exc}")
+        yield
     finally:
         for m, mode in modes.items():
             m.training = mode
-    raise ValueError(
-        f"convert() could not run {type(model).__name__} on an example input to learn its tensor shapes "
-        f"({'; '.join(errors)}). Pass example_inputs=(a batch the model accepts,)."
-    )
+
+
+@torch.no_grad()
+def _first_accepted(model: nn.Module, example_inputs, run: Callable[[tuple], Any]) -> tuple[bool, Any, list[str]]:
+    """``run(inputs)`` in eval mode on the caller's example inputs, or on each guess in turn until
+    one is accepted: (accepted, its result, the errors of those refused)."""
+    candidates = [tuple(example_inputs)] if example_inputs is not None else _example_inputs(model)
+    errors = []
+    with _eval_mode(model):
+        for inputs in candidates:
+            try:
+                return True, run(inputs), errors
+            except Exception as exc:  # the model decides which inputs it accepts
+                errors.append(f"{tuple(inputs[0].shape) if inputs else ()}: {type(exc).__name__}: {exc}")
+    return False, None, errors
+
+
+def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_inputs) -> None:
+    """Annotate every node with its output shape: one forward in eval mode (no statistics move)."""
+    accepted, _, errors = _first_accepted(model, example_inputs, lambda inputs: ShapeProp(gm).propagate(*inputs))
+    if not accepted:
+        raise ValueError(
+            f"convert() could not run {type(model).__name__} on an example input to learn its tensor shapes "
+            f"({'; '.join(errors)}). Pass example_inputs=(a batch the model accepts,)."
+        )
 
 
 def _record_any(model: nn.Module, example_inputs, trace_error: Exception) -> fx.Graph:
-    candidates = [tuple(example_inputs)] if example_inputs is not None else _example_inputs(model)
-    errors = []
-    for inputs in candidates:
-        try:
-            return record(model, inputs)
-        except Exception as exc:  # the model decides which inputs it accepts
-            errors.append(f"{tuple(inputs[0].shape) if inputs else ()}: {type(exc).__name__}: {exc}")
-    raise TypeError(f"{trace_error} A recorded run failed too ({'; '.join(errors)}); pass example_inputs=(a batch "
-                    "the model accepts,).") from trace_error
+    accepted, graph, errors = _first_accepted(model, example_inputs, lambda inputs: record(model, inputs))
+    if not accepted:
+        raise TypeError(f"{trace_error} A recorded run failed too ({'; '.join(errors)}); pass example_inputs=(a batch "
+                        "the model accepts,).") from trace_error
+    return graph
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:

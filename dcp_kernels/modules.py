@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .ops.compact import zeros_except
+from .ops.compact import block_rows, zeros_except
 from .ops.reference import channel_mask
 from .propagation import update_utilities
 
@@ -477,12 +477,16 @@ class DCPLinear(nn.Linear):
         idx = source.selected_indices()
         if idx.numel() == source.out_channels:
             return None
+        # Channel c owns features [c * block, (c + 1) * block): the same flat-index arithmetic as a
+        # weight block's rows.
+        def columns() -> torch.Tensor:
+            return block_rows(idx, torch.arange(self.block, device=idx.device), self.block)
+
         if torch.compiler.is_compiling():  # plain tensor ops; no identity check on tensors
-            return (idx.unsqueeze(1) * self.block + torch.arange(self.block, device=idx.device)).flatten()
+            return columns()
         cache = self.__dict__["_col_cache"]
         if cache is None or cache[0] is not idx:
-            cols = (idx.unsqueeze(1) * self.block + torch.arange(self.block, device=idx.device)).flatten()
-            cache = (idx, cols)
+            cache = (idx, columns())
             self.__dict__["_col_cache"] = cache
         return cache[1]
 
