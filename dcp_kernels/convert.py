@@ -11,7 +11,8 @@ from torch import nn
 from . import ops
 from .graph import ChannelAnalysis, Segment, analyze
 from .modules import ConcatSource, DCPConv2d, DCPLinear
-from .propagation import ConversionPlan, DecaySchedule, Propagation, check_prune_ratio
+from .propagation import ConversionPlan, DecaySchedule, Propagation
+from .rule import check_prune_ratio, check_round_to
 
 logger = logging.getLogger("dcp_kernels")
 
@@ -87,6 +88,7 @@ def convert(
     decay: float | DecaySchedule = 0.6,
     backend: str = "auto",
     compact_activations: bool = True,
+    round_to: int = 1,
 ) -> Propagation:
     """Make ``model`` a DCP model in place and return its controller.
 
@@ -122,10 +124,15 @@ def convert(
             then also run at the compact size). Model inputs and outputs are unchanged; forward
             hooks on those intermediate modules see ``k`` channels instead of ``C``. ``False``
             keeps every activation full width. The reference backend always runs full width.
+        round_to: keep every layer's (group's) width a multiple of this (Torch-Pruning's name):
+            the exact rule's count per group is rounded to the nearest multiple and the group keeps
+            that many of its best channels (docs/algorithm.md). 1 (default) is the paper's exact
+            rule; 8 suits GPU tensor cores and bounds the set of shapes kernels see.
 
     Nothing is changed when an argument or the model is refused.
     """
     check_prune_ratio(prune_ratio)
+    check_round_to(round_to)
     ops.resolve_backend(backend)
     _check_model(model)
     ignored = _ignored_names(model, ignore)
@@ -172,7 +179,7 @@ def convert(
     order = [n for n in analysis.convs if n in group_of]
     prop = Propagation(
         {n: new_layers[n] for n in order}, prune_ratio, min_channels=min_channels, explore_epochs=explore_epochs,
-        decay=decay, plan=plan, groups=plan.groups, layer_prune_ratios=layer_prune_ratios,
+        decay=decay, plan=plan, groups=plan.groups, layer_prune_ratios=layer_prune_ratios, round_to=round_to,
     )
 
     for name, layer in {**new_layers, **new_linears}.items():

@@ -10,7 +10,7 @@ from torch import nn
 from . import ops
 from .ops.compact import block_rows, zeros_except
 from .ops.reference import channel_mask
-from .propagation import update_utilities
+from .rule import update_utilities
 
 
 class _CompactGate(torch.autograd.Function):
@@ -276,6 +276,15 @@ class DCPConv2d(nn.Conv2d):
             cache = (key, idx)
             self.__dict__["_idx_cache"] = cache
         return cache[1]
+
+    def _adopt_indices(self, idx: torch.Tensor | None) -> None:
+        """Take the selected indices from the controller, which built every layer's in one batched
+        computation right after writing ``selected`` (``None``: every channel). Valid until
+        ``selected`` changes again, exactly like an index vector computed here."""
+        sel = self.selected
+        if idx is None:
+            idx = _all_channels(self.out_channels, sel.device)
+        self.__dict__["_idx_cache"] = ((sel.data_ptr(), sel._version, sel.device), idx)
 
     def _apply(self, fn, recurse=True):
         # .half()/.double()/.to(dtype) convert floating buffers; utilities stay float32 by definition.

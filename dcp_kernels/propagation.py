@@ -6,119 +6,25 @@ only decide *how* they are computed. See ``docs/algorithm.md`` for the definitio
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from . import rule
+from .rule import (  # noqa: F401  (re-exported: the rule's historical home)
+    DecaySchedule,
+    SelectionRule,
+    check_prune_ratio,
+    check_round_to,
+    keep_count,
+    select_channels,
+    update_utilities,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     from .modules import DCPConv2d
-
-
-def keep_count(total: int, prune_ratio: float) -> int:
-    """Channels kept: ``total - round(total * prune_ratio)``, rounding halves up."""
-    check_prune_ratio(prune_ratio)
-    return total - int(math.floor(total * prune_ratio + 0.5))
-
-
-def check_prune_ratio(prune_ratio: float) -> None:
-    if not isinstance(prune_ratio, (int, float)) or isinstance(prune_ratio, bool) or not (0.0 <= prune_ratio < 1.0):
-        raise ValueError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
-
-
-def select_channels(
-    utilities: torch.Tensor,
-    layer_sizes: Sequence[int],
-    keep: int,
-    min_channels: int | Sequence[int] = 1,
-) -> torch.Tensor:
-    """The global selection rule; returns a bool mask over the concatenated channels.
-
-    Exactly ``keep`` channels are selected. Each layer first keeps its ``min_channels`` best
-    channels (capped at its size); the remaining slots go to the highest utilities over the whole
-    network. Ties go to the lower global index (layers in order, channels in order). NaN
-    utilities rank below everything.
-
-    It is one stable sort over the concatenated vector plus a few vector ops: no Python loop
-    over channels or layers.
-    """
-    total = utilities.numel()
-    sizes = [int(s) for s in layer_sizes]
-    if sum(sizes) != total or utilities.dim() != 1:
-        raise ValueError(f"utilities has shape {tuple(utilities.shape)} but the layers hold {sum(sizes)} channels")
-    floors_per_layer = [min(int(m), s) for m, s in zip(_per_layer(min_channels, len(sizes)), sizes)]
-    n_floor = sum(floors_per_layer)
-    if not (n_floor <= keep <= total):
-        raise ValueError(
-            f"cannot keep {keep} of {total} channels when the per-layer minimums already need {n_floor}"
-        )
-    device = utilities.device
-    u = torch.nan_to_num(utilities.float(), nan=-math.inf)
-    order = torch.sort(u, descending=True, stable=True).indices  # ties: lower index first
-    sizes_t = torch.tensor(sizes, device=device)
-    layer_of = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t)
-    layer_sorted = layer_of[order]
-    # Rank of each sorted entry inside its own layer: group the sorted positions by layer
-    # (stable, so each group stays in descending-utility order) and count from the group start.
-    grouped = torch.sort(layer_sorted, stable=True).indices
-    group_start = torch.cumsum(sizes_t, 0) - sizes_t
-    rank = torch.empty(total, dtype=torch.long, device=device)
-    rank[grouped] = torch.arange(total, device=device) - group_start[layer_sorted[grouped]]
-    floor = rank < torch.tensor(floors_per_layer, device=device)[layer_sorted]
-    rest = ~floor
-    take = rest & (torch.cumsum(rest.long(), 0) <= keep - n_floor)
-    mask = torch.zeros(total, dtype=torch.bool, device=device)
-    mask[order] = floor | take
-    return mask
-
-
-def _per_layer(value: int | Sequence[int], n: int) -> list[int]:
-    if isinstance(value, int):
-        return [value] * n
-    values = list(value)
-    if len(values) != n:
-        raise ValueError(f"expected {n} per-layer values, got {len(values)}")
-    return values
-
-
-@torch.no_grad()
-def update_utilities(utility: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None, decay: float) -> None:
-    """``U[idx] = decay * U[idx] + v / max(v)`` in place (``v = 0`` when ``max(v) == 0``, never NaN).
-
-    ``v`` holds the raw importances of the channels ``idx`` (all channels when ``idx`` is None);
-    the max-normalisation is per layer, over the selected channels (unselected ones are 0).
-    """
-    v = v.float()
-    peak = v.max()
-    v = torch.where(peak > 0, v / peak, torch.zeros_like(v))
-    if idx is None:
-        utility.mul_(decay).add_(v)
-    else:
-        utility.index_copy_(0, idx, utility.index_select(0, idx).mul_(decay).add_(v))
-
-
-@dataclass
-class DecaySchedule:
-    """Utility decay ``d`` per epoch: ``start``, ``+step`` at each milestone, ``1.0`` from ``final`` on."""
-
-    start: float = 0.6
-    step: float = 0.1
-    milestones: tuple[int, ...] = ()
-    final: int | None = None
-
-    def __post_init__(self) -> None:
-        self.milestones = tuple(int(m) for m in self.milestones)
-        if not (0.0 <= self.start <= 1.0):
-            raise ValueError(f"decay start must be in [0, 1], got {self.start}")
-        if self.step < 0:
-            raise ValueError(f"decay step must be >= 0, got {self.step}")
-
-    def at(self, epoch: int) -> float:
-        if self.final is not None and epoch >= self.final:
-            return 1.0
-        return min(1.0, self.start + self.step * sum(1 for m in self.milestones if epoch >= m))
 
 
 @dataclass
@@ -148,7 +54,11 @@ class Propagation:
     Utilities and the current selection live in each layer's buffers (``utility``, ``selected``),
     so they are part of ``model.state_dict()``; this object's own :meth:`state_dict` holds the
     epoch counter and the schedule. Selection runs automatically before every training-mode
-    forward of the converted model; call :meth:`epoch_end` once per epoch.
+    forward of the converted model; call :meth:`epoch_end` once per epoch. ``round_to`` keeps every
+    group's kept width a multiple of it (:func:`~dcp_kernels.rule.rounded_width`; 1: the exact rule).
+
+    A selecting step reads the device once (all groups' kept counts together, which the backends
+    that size tensors on the host need); the selection itself runs entirely on the device.
     """
 
     def __init__(
@@ -162,6 +72,7 @@ class Propagation:
         plan: ConversionPlan | None = None,
         groups: Sequence[Sequence[str]] | None = None,
         layer_prune_ratios: Mapping[str, float] | None = None,
+        round_to: int = 1,
     ) -> None:
         check_prune_ratio(prune_ratio)
         if not layers:
@@ -177,6 +88,8 @@ class Propagation:
         self.min_channels = self._resolve_min_channels(min_channels)
         self.group_ratios = self._resolve_layer_ratios(layer_prune_ratios or {})
         self.prune_ratio = float(prune_ratio)
+        check_round_to(round_to)
+        self.round_to = round_to
         self._set_keep()
         self.explore_epochs = explore_epochs
         self.schedule = decay if isinstance(decay, DecaySchedule) else DecaySchedule(start=float(decay))
@@ -246,6 +159,10 @@ class Propagation:
             )
         self.fixed_keep = {g: max(floors[g], keep_count(sizes[g], r)) for g, r in self.group_ratios.items()}
         self.keep = self.keep_free + sum(self.fixed_keep.values())
+        self._rule = SelectionRule(sizes, self.keep_free, floors, [self.fixed_keep.get(g) for g in range(len(sizes))],
+                                   round_to=self.round_to)
+        self._written = None  # what select() last wrote: ("all" | "selected", the masks' versions)
+        self._counts: list[int] | None = None  # kept channels per group at that write (host ints)
 
     def _group_floors(self) -> list[int]:
         """Per group: the largest ``min_channels`` of its members, capped at its width."""
@@ -312,36 +229,43 @@ class Propagation:
         return torch.cat(parts)
 
     def _selection_mask(self) -> torch.Tensor:
-        """The network-wide selection over :meth:`utility_vector` (see :func:`select_channels`)."""
-        u, sizes, floors = self.utility_vector(), self._group_sizes(), self._group_floors()
-        if not self.group_ratios:
-            return select_channels(u, sizes, self.keep, floors)
-        parts = list(torch.split(u, sizes))
-        masks: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
-        for g, k in self.fixed_keep.items():
-            masks[g] = select_channels(parts[g], [sizes[g]], k, floors[g])
-        free = [g for g in range(len(sizes)) if g not in self.group_ratios]
-        if free:
-            chosen = select_channels(torch.cat([parts[g] for g in free]), [sizes[g] for g in free], self.keep_free,
-                                     [floors[g] for g in free])
-            for g, m in zip(free, torch.split(chosen, [sizes[g] for g in free])):
-                masks[g] = m
-        return torch.cat(masks)
+        """The network-wide selection over :meth:`utility_vector` (see :class:`SelectionRule`)."""
+        return self._rule(self.utility_vector())
+
+    def _write_versions(self) -> tuple[tuple[int, int], ...]:
+        """Identity and version of every layer's mask: any later write (set_selection, loading a
+        state dict, moving the model) changes it."""
+        return tuple((layer.selected.data_ptr(), layer.selected._version) for layer in self.layers)
 
     @torch.no_grad()
     def select(self, *, force: bool = False) -> None:
         """Recompute the selection and write it into every layer's ``selected`` buffer.
 
         While exploring (``epoch < explore_epochs``) every channel is selected unless ``force``.
+        Also hands every layer its index vector of selected channels (see
+        :meth:`SelectionRule.indices`): one host read per selecting step for the whole network, and
+        none while exploring once every channel is selected.
         """
         if self.exploring and not force:
+            if self._written == ("all", self._write_versions()):
+                return  # still every channel, and nobody wrote a selection since: nothing to redo
             for layer in self.layers:
                 layer.selected.fill_(True)
+                layer._adopt_indices(None)
+            self._written = ("all", self._write_versions())
+            self._counts = self._group_sizes()
             return
         mask = self._selection_mask()
-        for members, part in zip(self.groups, torch.split(mask, self._group_sizes())):
-            for i in members:
-                self.layers[i].selected.copy_(part)
+        indices, counts = self._rule.indices(mask)
+        parts = torch.split(mask, self._group_sizes())
+        targets = [(self.layers[i], part, idx) for members, part, idx in zip(self.groups, parts, indices)
+                   for i in members]
+        # One multi-tensor copy writes every layer's mask (a per-layer copy_ is one launch each).
+        torch._foreach_copy_([layer.selected for layer, _, _ in targets], [part for _, part, _ in targets])
+        for layer, _, idx in targets:
+            layer._adopt_indices(idx)
+        self._written = ("selected", self._write_versions())
+        self._counts = counts
 
     @torch.no_grad()
     def sync_utilities(self) -> None:
@@ -384,8 +308,20 @@ class Propagation:
         return {n: l.utility.detach().clone() for n, l in zip(self.layer_names, self.layers)}
 
     def kept(self) -> dict[str, int]:
-        """Selected channels per prunable layer (current selection)."""
-        return {n: int(l.selected.sum()) for n, l in zip(self.layer_names, self.layers)}
+        """Selected channels per prunable layer (current selection).
+
+        Free of device reads while the selection in force is the one :meth:`select` wrote (it
+        keeps the counts it read then); otherwise one batched read of all layers' counts.
+        """
+        if self._written is not None and self._written[1] == self._write_versions():
+            per_group = self._counts
+        else:
+            per_group = rule.host_read(torch.stack([self.layers[m[0]].selected.sum() for m in self.groups]))
+        per_layer = [0] * len(self.layers)
+        for members, count in zip(self.groups, per_group):
+            for i in members:
+                per_layer[i] = int(count)
+        return dict(zip(self.layer_names, per_layer))
 
     def flops_ratio(self) -> float:
         """Conv FLOPs with the current selection over dense conv FLOPs, over all converted convs.
@@ -447,6 +383,7 @@ class Propagation:
             "layers": list(self.layer_names),
             "groups": [[self.layer_names[i] for i in members] for members in self.groups],
             "layer_prune_ratios": {self.layer_names[self.groups[g][0]]: r for g, r in self.group_ratios.items()},
+            "round_to": self.round_to,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -462,6 +399,9 @@ class Propagation:
         self.prune_ratio = float(state["prune_ratio"])
         self.min_channels = [int(m) for m in state["min_channels"]]
         self.group_ratios = self._resolve_layer_ratios(state.get("layer_prune_ratios", {}))
+        round_to = state.get("round_to", 1)
+        check_round_to(round_to)
+        self.round_to = round_to
         self._set_keep()
         self.explore_epochs = int(state["explore_epochs"])
         sched = dict(state["schedule"])

@@ -176,3 +176,74 @@ def test_selection_is_cheap_for_a_large_network():
         return len(p.events())
 
     assert count_ops(512) == count_ops(64)
+
+
+def _brute_force_selection(u, sizes, keep, floor, round_to):
+    """The documented rule written the slow, obvious way (docs/algorithm.md, "round_to")."""
+    total = sum(sizes)
+    chosen, start, ranked_per_layer = set(), 0, []
+    for s in sizes:
+        ranked = sorted(range(start, start + s), key=lambda i: (-float(u[i]), i))
+        ranked_per_layer.append(ranked)
+        chosen.update(ranked[: min(floor, s)])
+        start += s
+    rest = sorted((i for i in range(total) if i not in chosen), key=lambda i: (-float(u[i]), i))
+    chosen.update(rest[: keep - len(chosen)])
+    if round_to == 1:
+        return chosen
+    rounded = set()
+    for s, ranked in zip(sizes, ranked_per_layer):
+        count = sum(1 for i in ranked if i in chosen)
+        nearest = round_to * int(count / round_to + 0.5)          # nearest multiple, halves up
+        lowest = round_to * -(-max(floor, 1) // round_to)         # smallest multiple holding the floor
+        rounded.update(ranked[: min(s, max(nearest, lowest))])    # at most the whole layer
+    return rounded
+
+
+@pytest.mark.parametrize("round_to", [1, 2, 4, 8])
+def test_round_to_matches_a_brute_force_rule(round_to):
+    g = torch.Generator().manual_seed(round_to)
+    for trial in range(60):
+        sizes = torch.randint(1, 40, (5,), generator=g).tolist()
+        total = sum(sizes)
+        u = torch.randint(0, 6, (total,), generator=g).float()  # many ties
+        floor = int(torch.randint(1, 4, (1,), generator=g))
+        floors = sum(min(floor, s) for s in sizes)
+        keep = int(torch.randint(floors, total + 1, (1,), generator=g))
+        got = select_channels(u, sizes, keep, floor, round_to=round_to)
+        expected = _brute_force_selection(u, sizes, keep, floor, round_to)
+        assert got.tolist() == [i in expected for i in range(total)], (trial, sizes, keep, floor)
+        for part, s in zip(torch.split(got, sizes), sizes):
+            k = int(part.sum())
+            assert k == s or k % round_to == 0  # every width a multiple, or the whole layer
+
+
+def test_round_to_examples():
+    # Two layers of 8: the exact rule keeps 5 and 3 of them (keep=8); rounded to 4: 4 and 4.
+    u = torch.tensor([9.0, 8, 7, 6, 5, 1, 1, 1] + [4.5, 4, 3.5, 0, 0, 0, 0, 0])
+    exact = select_channels(u, [8, 8], keep=8)
+    assert [int(p.sum()) for p in exact.split(8)] == [5, 3]
+    rounded = select_channels(u, [8, 8], keep=8, round_to=4)
+    assert [int(p.sum()) for p in rounded.split(8)] == [4, 4]  # 5 -> 4, 3 -> 4 (nearest)
+    assert rounded.tolist() == [True] * 4 + [False] * 4 + [True] * 4 + [False] * 4
+    # A layer whose exact count rounds to 0 keeps round_to channels; a narrow layer keeps all.
+    u = torch.tensor([9.0, 8, 7, 6, 5, 4, 3, 2, 0.1, 0.2, 0.3])
+    rounded = select_channels(u, [8, 3], keep=5, min_channels=1, round_to=4)
+    assert [int(p.sum()) for p in rounded.split([8, 3])] == [4, 3]
+
+
+def test_controller_round_to_keeps_multiples_and_survives_state_dict():
+    layers = {f"l{i}": DCPConv2d(4, c, 3) for i, c in enumerate([16, 24, 32])}
+    prop = Propagation(layers, 0.5, explore_epochs=0, round_to=8)
+    for layer in layers.values():
+        layer.utility.copy_(torch.rand(layer.out_channels))
+    prop.select()
+    assert all(k % 8 == 0 for k in prop.kept().values())
+    state = prop.state_dict()
+    assert state["round_to"] == 8
+    other = Propagation(layers, 0.5, explore_epochs=0)
+    other.load_state_dict(state)
+    assert other.round_to == 8
+    for bad in (0, -8, 2.0, True):
+        with pytest.raises(ValueError, match="round_to"):
+            Propagation(layers, 0.5, round_to=bad)

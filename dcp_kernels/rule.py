@@ -1,0 +1,225 @@
+"""The DCP rule as tensor functions: keep counts, the global selection, the utility update, the decay.
+
+This module is the ground floor of the package (it imports nothing of ``dcp_kernels``): the
+controller (:mod:`dcp_kernels.propagation`) applies the rule to a model's layers, and the backends'
+gates call :func:`update_utilities`. ``docs/algorithm.md`` defines every rule here.
+
+GPU-first: :class:`SelectionRule` builds its device constants (layer sizes, floors, which group each
+channel belongs to) once, so a selection step is a fixed handful of device ops with no host read and
+no host-to-device upload. Its :meth:`SelectionRule.indices` turns the masks into per-group index
+vectors with one sort and exactly one device-to-host copy (of all groups' counts together).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def check_prune_ratio(prune_ratio: float) -> None:
+    if not isinstance(prune_ratio, (int, float)) or isinstance(prune_ratio, bool) or not (0.0 <= prune_ratio < 1.0):
+        raise ValueError(f"prune_ratio must be a number in [0, 1), got {prune_ratio!r}")
+
+
+def check_round_to(round_to: int) -> None:
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise ValueError(f"round_to must be an int >= 1 (1: the paper's exact rule; 8: widths in multiples of 8), "
+                         f"got {round_to!r}")
+
+
+def keep_count(total: int, prune_ratio: float) -> int:
+    """Channels kept: ``total - round(total * prune_ratio)``, rounding halves up."""
+    check_prune_ratio(prune_ratio)
+    return total - int(math.floor(total * prune_ratio + 0.5))
+
+
+def rounded_width(count: int, size: int, floor: int, round_to: int) -> int:
+    """The ``round_to`` rule for one group (host version, the definition; see docs/algorithm.md).
+
+    ``count`` channels chosen by the exact rule become the nearest multiple of ``round_to`` (halves
+    up), at least the smallest multiple of ``round_to`` that holds the group's floor, at most the
+    group's size (a group narrower than ``round_to``, or whose size is not a multiple of it, may keep
+    all its channels).
+    """
+    check_round_to(round_to)
+    nearest = (count + round_to // 2) // round_to * round_to
+    lowest = -(-max(floor, 1) // round_to) * round_to
+    return min(size, max(nearest, lowest))
+
+
+def _per_layer(value: int | Sequence[int], n: int) -> list[int]:
+    if isinstance(value, int):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"expected {n} per-layer values, got {len(values)}")
+    return values
+
+
+class SelectionRule:
+    """The global selection for fixed group sizes, floors and keep counts, as reusable device ops.
+
+    Args:
+        sizes: channels per group (layers, or coupled groups sharing one selection), in order.
+        keep: channels kept by the global selection among the *free* groups.
+        floors: per group, channels it always keeps (its best ones), capped at its size.
+        fixed: per group, a keep count of its own outside the global selection, or ``None`` (free).
+        round_to: every group's kept width becomes a multiple of this (:func:`rounded_width`);
+            1 is the paper's exact rule.
+
+    Calling it with the concatenated utilities (one per channel of every group) returns the bool
+    mask of the selected channels. The device constants are built on first use per device and
+    reused: a call uploads nothing and reads nothing back to the host.
+    """
+
+    def __init__(self, sizes: Sequence[int], keep: int, floors: int | Sequence[int] = 1,
+                 fixed: Sequence[int | None] | None = None, round_to: int = 1) -> None:
+        check_round_to(round_to)
+        self.sizes = [int(s) for s in sizes]
+        n = len(self.sizes)
+        self.floors = [min(int(f), s) for f, s in zip(_per_layer(floors, n), self.sizes)]
+        self.fixed = list(fixed) if fixed is not None else [None] * n
+        if len(self.fixed) != n:
+            raise ValueError(f"expected {n} per-group keep counts, got {len(self.fixed)}")
+        self.total = sum(self.sizes)
+        free = [g for g in range(n) if self.fixed[g] is None]
+        free_total = sum(self.sizes[g] for g in free)
+        self.free_floor = sum(self.floors[g] for g in free)
+        self.keep = int(keep)
+        if not (self.free_floor <= self.keep <= free_total):
+            raise ValueError(f"cannot keep {self.keep} of {free_total} channels when the per-layer minimums "
+                             f"already need {self.free_floor}")
+        self.round_to = round_to
+        self._offsets = [sum(self.sizes[:g]) for g in range(n)]
+        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        const = self._constants.get(device)
+        if const is None:
+            n = len(self.sizes)
+            sizes = torch.tensor(self.sizes, device=device)
+            group_of = torch.repeat_interleave(torch.arange(n, device=device), sizes, output_size=self.total)
+            start = torch.cumsum(sizes, 0) - sizes
+            floors = torch.tensor(self.floors, device=device)
+            # A fixed group keeps its own count; a free group its floor first, the rest globally.
+            fixed_keep = torch.tensor([-1 if k is None else max(int(k), f) for k, f in zip(self.fixed, self.floors)],
+                                      device=device)
+            lowest = torch.tensor([min(s, -(-max(f, 1) // self.round_to) * self.round_to)
+                                   for s, f in zip(self.sizes, self.floors)], device=device)
+            const = (sizes, group_of, start, floors, fixed_keep, lowest, torch.arange(self.total, device=device))
+            self._constants[device] = const
+        return const
+
+    def __call__(self, utilities: torch.Tensor) -> torch.Tensor:
+        if utilities.dim() != 1 or utilities.numel() != self.total:
+            raise ValueError(f"utilities has shape {tuple(utilities.shape)} but the layers hold {self.total} channels")
+        sizes, group_of, start, floors, fixed_keep, lowest, positions = self._device_constants(utilities.device)
+        u = torch.nan_to_num(utilities.float(), nan=-math.inf)
+        order = torch.sort(u, descending=True, stable=True).indices  # ties: lower index first
+        group_sorted = group_of[order]
+        # Rank of each sorted entry inside its own group: group the sorted positions by group
+        # (stable, so each group stays in descending-utility order) and count from the group start.
+        grouped = torch.sort(group_sorted, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[grouped] = positions - start[group_sorted[grouped]]
+        fixed_sorted = fixed_keep[group_sorted]
+        is_free = fixed_sorted < 0
+        floor = is_free & (rank < floors[group_sorted])
+        rest = is_free & ~floor
+        take = rest & (torch.cumsum(rest.long(), 0) <= self.keep - self.free_floor)
+        chosen = floor | take | (~is_free & (rank < fixed_sorted))
+        if self.round_to > 1:
+            count = torch.zeros_like(sizes).index_add_(0, group_sorted, chosen.long())
+            width = torch.minimum(torch.maximum((count + self.round_to // 2) // self.round_to * self.round_to, lowest),
+                                  sizes)
+            chosen = rank < width[group_sorted]
+        mask = torch.empty_like(chosen)
+        mask[order] = chosen
+        return mask
+
+    def indices(self, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+        """Per group, the sorted indices of its selected channels in ``mask``, and the counts.
+
+        One stable sort of the mask by (group, unselected) puts every group's selected channels
+        first, in increasing order; one host read (:func:`host_read`) of all groups' counts then
+        cuts the per-group slices (views, no copy). A ``nonzero`` per layer would sync once each.
+        """
+        sizes, group_of, start, *_ = self._device_constants(mask.device)
+        order = torch.sort(group_of * 2 + (~mask).long(), stable=True).indices
+        local = order - start[group_of]  # group_of[order] == group_of: the key sorts by group first
+        counts = host_read(torch.zeros_like(sizes).index_add_(0, group_of, mask.long()))
+        return [local[o:o + c] for o, c in zip(self._offsets, counts)], counts
+
+
+
+def select_channels(
+    utilities: torch.Tensor,
+    layer_sizes: Sequence[int],
+    keep: int,
+    min_channels: int | Sequence[int] = 1,
+    round_to: int = 1,
+) -> torch.Tensor:
+    """The global selection rule; returns a bool mask over the concatenated channels.
+
+    Exactly ``keep`` channels are selected (``round_to=1``). Each layer first keeps its
+    ``min_channels`` best channels (capped at its size); the remaining slots go to the highest
+    utilities over the whole network. Ties go to the lower global index (layers in order, channels
+    in order). NaN utilities rank below everything. With ``round_to > 1`` each layer's count is then
+    rounded (:func:`rounded_width`) and the layer keeps that many of its best channels.
+
+    One stable sort over the concatenated vector plus a few vector ops: no Python loop over
+    channels or layers. A controller keeps one :class:`SelectionRule` instead of calling this.
+    """
+    sizes = [int(s) for s in layer_sizes]
+    if sum(sizes) != utilities.numel() or utilities.dim() != 1:
+        raise ValueError(f"utilities has shape {tuple(utilities.shape)} but the layers hold {sum(sizes)} channels")
+    return SelectionRule(sizes, keep, min_channels, round_to=round_to)(utilities)
+
+
+def host_read(counts: torch.Tensor) -> list[int]:
+    """The one device-to-host copy of a step: a small integer vector to Python ints.
+
+    Every read of device values that a training step needs goes through here, so a test can count
+    them (tests/test_syncs.py) and they cannot multiply unnoticed.
+    """
+    return counts.tolist()
+
+
+@torch.no_grad()
+def update_utilities(utility: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None, decay: float) -> None:
+    """``U[idx] = decay * U[idx] + v / max(v)`` in place (``v = 0`` when ``max(v) == 0``, never NaN).
+
+    ``v`` holds the raw importances of the channels ``idx`` (all channels when ``idx`` is None);
+    the max-normalisation is per layer, over the selected channels (unselected ones are 0).
+    """
+    v = v.float()
+    peak = v.max()
+    v = torch.where(peak > 0, v / peak, torch.zeros_like(v))
+    if idx is None:
+        utility.mul_(decay).add_(v)
+    else:
+        utility.index_copy_(0, idx, utility.index_select(0, idx).mul_(decay).add_(v))
+
+
+@dataclass
+class DecaySchedule:
+    """Utility decay ``d`` per epoch: ``start``, ``+step`` at each milestone, ``1.0`` from ``final`` on."""
+
+    start: float = 0.6
+    step: float = 0.1
+    milestones: tuple[int, ...] = ()
+    final: int | None = None
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(int(m) for m in self.milestones)
+        if not (0.0 <= self.start <= 1.0):
+            raise ValueError(f"decay start must be in [0, 1], got {self.start}")
+        if self.step < 0:
+            raise ValueError(f"decay step must be >= 0, got {self.step}")
+
+    def at(self, epoch: int) -> float:
+        if self.final is not None and epoch >= self.final:
+            return 1.0
+        return min(1.0, self.start + self.step * sum(1 for m in self.milestones if epoch >= m))

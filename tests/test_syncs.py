@@ -1,0 +1,144 @@
+"""Host syncs in a steady-state training step, counted on the CPU so they cannot creep back.
+
+On a GPU every op that needs a device value on the host (``.item()``, ``nonzero``, boolean
+indexing, ``repeat_interleave`` without ``output_size``, a device-to-host copy) stalls the launch
+queue until the device catches up. A ``TorchDispatchMode`` sees every aten op a step runs, on the
+CPU as on the GPU, so the count measured here is the count a GPU step would pay. Besides these ops,
+the library's single deliberate read (all layers' kept counts, ``dcp_kernels.rule.host_read``) is
+counted: at most one per selecting step, none while exploring once every channel is selected.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dcp_kernels
+import dcp_kernels.rule
+from dcp_kernels.models import resnet_cifar, vgg
+
+torchvision = pytest.importorskip("torchvision")
+
+aten = torch.ops.aten
+# Ops whose output shape or value needs the device's data on the host.
+SYNC_OPS = {
+    aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.is_nonzero.default,
+    aten.equal.default, aten.bincount.default, aten._unique2.default, aten.unique_consecutive.default,
+    aten.unique_dim.default,
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the sync-like aten ops run under it (name -> count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: dict[str, int] = {}
+
+    def _hit(self, func) -> None:
+        name = str(func)
+        self.found[name] = self.found.get(name, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SYNC_OPS:
+            self._hit(func)
+        elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            self._hit(func)  # sizes its output from the repeats' sum
+        elif func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
+            # Boolean masks as indices run a nonzero inside the op.
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+                self._hit(func)
+        elif func in (aten._to_copy.default, aten.copy_.default):
+            src = args[1] if func is aten.copy_.default else args[0]
+            dst_device = args[0].device if func is aten.copy_.default else kwargs.get("device", src.device)
+            if src.device.type != "cpu" and torch.device(dst_device).type == "cpu":
+                self._hit(func)  # device to host
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """The number of calls of the library's one deliberate device-to-host read."""
+    calls = []
+    original = dcp_kernels.rule.host_read
+
+    def counted(t):
+        calls.append(t.numel())
+        return original(t)
+
+    monkeypatch.setattr(dcp_kernels.rule, "host_read", counted)
+    return calls
+
+
+def _step(model, opt, x, y):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _densenet():
+    return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
+                                       num_classes=10)
+
+
+MODELS = {
+    "vgg": lambda: vgg([16, "M", 32, 32, "M", 64, 64], num_classes=10),
+    "resnet": lambda: resnet_cifar(8, num_classes=10, width=8),
+    "densenet": _densenet,  # concat readers (ConcatSource) and a Linear reader
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_steady_state_step_has_no_sync_op_and_one_host_read(name, backend, host_reads):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=1, backend=backend, prune_residual=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    _step(model, opt, x, y)  # exploring: every channel selected
+    host_reads.clear()
+    with SyncCounter() as exploring:
+        _step(model, opt, x, y)
+    assert exploring.found == {} and host_reads == [], "an exploring step with nothing new to select must not sync"
+    prop.epoch_end()
+    for _ in range(2):
+        _step(model, opt, x, y)
+    host_reads.clear()
+    with SyncCounter() as selecting:
+        _step(model, opt, x, y)
+    assert selecting.found == {}, f"sync-like ops in a steady-state {backend} step: {selecting.found}"
+    assert len(host_reads) == 1, f"expected one batched read of the kept counts, got {len(host_reads)}"
+    assert host_reads[0] == len(prop.groups)  # all groups' counts in that one read
+    # The controller kept those counts: reading them for a display costs nothing.
+    with SyncCounter() as display:
+        kept = prop.kept()
+    assert display.found == {} and len(host_reads) == 1
+    assert kept == {n: int(layer.selected.sum()) for n, layer in zip(prop.layer_names, prop.layers)}
+
+
+def test_selection_alone_never_reads_the_device(host_reads):
+    model = vgg([16, "M", 32, 32, "M", 64], num_classes=10)
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, round_to=4)
+    model(torch.randn(2, 3, 16, 16))  # a training forward: selects (and reads the counts once)
+    host_reads.clear()
+    with SyncCounter() as counter:
+        prop._selection_mask()
+    assert counter.found == {} and host_reads == []
+
+
+def test_kept_after_a_manual_selection_reads_once(host_reads):
+    model = vgg([16, "M", 32], num_classes=10)
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=0)
+    model.train()
+    model(torch.randn(2, 3, 16, 16))
+    layer = prop.layers[0]
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[:3] = True
+    layer.set_selection(mask)  # not the controller's write: its stored counts no longer hold
+    host_reads.clear()
+    assert prop.kept()[prop.layer_names[0]] == 3
+    assert len(host_reads) == 1
+    assert layer.selected_indices().tolist() == [0, 1, 2]
