@@ -9,7 +9,8 @@
 // reduction in shared memory, no atomics). The fused gather implicit-GEMM kernel lives in the Triton
 // backend (dcp_kernels/ops/triton/); porting it here is future work.
 //
-// Compiled on the development machine with nvcc (CI compile check); not yet run on a GPU.
+// Index ranges are checked on the device as the kernels read them (no host sync per call; see
+// csrc/checks.h). What has run on a GPU, and where: docs/benchmarks-gpu.md.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,6 +33,7 @@ __global__ void copy_channels_kernel(const scalar_t* __restrict__ src, scalar_t*
   const int64_t total = n * k * plane;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t p = e % plane, j = (e / plane) % k, b = e / (plane * k);
+    CUDA_KERNEL_ASSERT(idx[j] >= 0 && idx[j] < channels && "channel index out of range");
     const int64_t full = (b * channels + idx[j]) * plane + p;
     if (scatter) {
       dst[full] = src[e];

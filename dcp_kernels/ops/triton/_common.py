@@ -24,6 +24,23 @@ def _single_config() -> bool:
     return interpreting() or os.environ.get("DCP_TRITON_AUTOTUNE", "1") == "0"
 
 
+# Autotune keys name the layer's full shape, never the kept widths: those change on nearly every
+# training step (9-10 of 13 VGG layers, measured), and a key holding them re-benchmarks every
+# configuration for every new width. One tuning per layer serves every step. The kept widths and
+# the key-only arguments are not specialized on either (``do_not_specialize``; Triton otherwise
+# compiles a variant per divisibility-by-16 class of an int argument): one binary per layer.
+CONV_TUNE_KEY = ["C_IN", "C_OUT", "H", "W", "KH", "KW", "STRIDE_H", "STRIDE_W", "M_BUCKET"]
+DEPTHWISE_TUNE_KEY = ["C", "H", "W", "KH", "KW", "STRIDE_H", "STRIDE_W", "M_BUCKET"]
+CONV_UNSPECIALIZED = ["K_IN", "K_OUT", "C_IN", "C_OUT", "M_BUCKET"]
+DEPTHWISE_UNSPECIALIZED = ["K_OUT", "C", "M_BUCKET"]
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above ``n``: batch sizes (the last, short batch of an epoch) share a
+    tuning within a factor of two."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def gemm_configs(single_blocks: tuple[int, int, int] = (32, 32, 32)) -> list[triton.Config]:
     """Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K) for the implicit-GEMM kernels."""
     if _single_config():

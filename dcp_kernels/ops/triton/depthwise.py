@@ -15,6 +15,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import (
+    DEPTHWISE_UNSPECIALIZED,
+    DEPTHWISE_TUNE_KEY,
+    bucket,
     accumulator,
     elementwise_configs,
     reading_output_pixel,
@@ -23,11 +26,11 @@ from ._common import (
 )
 
 
-@triton.autotune(configs=elementwise_configs(), key=["M", "K_OUT", "KH", "KW"])
-@triton.jit
+@triton.autotune(configs=elementwise_configs(), key=DEPTHWISE_TUNE_KEY)
+@triton.jit(do_not_specialize=DEPTHWISE_UNSPECIALIZED)
 def _depthwise_forward_kernel(
     x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, in_keep_ptr, y_ptr, out_idx_ptr,
-    M, H, W, OH, OW, K_OUT,
+    M, H, W, OH, OW, K_OUT, C, M_BUCKET,
     sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
@@ -55,11 +58,11 @@ def _depthwise_forward_kernel(
                  syn, syc, syh, syw, ACC, Y_COMPACT, HAS_BIAS, HAS_AFFINE)
 
 
-@triton.autotune(configs=elementwise_configs(), key=["M", "K_OUT", "KH", "KW"])
-@triton.jit
+@triton.autotune(configs=elementwise_configs(), key=DEPTHWISE_TUNE_KEY)
+@triton.jit(do_not_specialize=DEPTHWISE_UNSPECIALIZED)
 def _depthwise_grad_input_kernel(
     gy_ptr, w_ptr, in_keep_ptr, gx_ptr, out_idx_ptr,
-    M, H, W, OH, OW, K_OUT,
+    M, H, W, OH, OW, K_OUT, C, M_BUCKET,
     sgn, sgc, sgh, sgw, swo, swh, sww, sxn, sxc, sxh, sxw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, GY_COMPACT: tl.constexpr,
@@ -86,11 +89,11 @@ def _depthwise_grad_input_kernel(
     tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.autotune(configs=elementwise_configs(), key=["P", "K_OUT", "KH", "KW"])
-@triton.jit
+@triton.autotune(configs=elementwise_configs(), key=DEPTHWISE_TUNE_KEY)
+@triton.jit(do_not_specialize=DEPTHWISE_UNSPECIALIZED)
 def _depthwise_grad_weight_kernel(
     gy_ptr, x_ptr, in_keep_ptr, gw_ptr, out_idx_ptr,
-    P, H, W, OH, OW, K_OUT,
+    P, H, W, OH, OW, K_OUT, C, M_BUCKET,
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, swo, swh, sww,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, GY_COMPACT: tl.constexpr,
@@ -142,7 +145,7 @@ def depthwise_forward(
     wrap_triton(_depthwise_forward_kernel)[grid](
         x, weight, bias if bias is not None else dummy, scale if scale is not None else dummy,
         shift if shift is not None else dummy, in_keep, y, out_idx,
-        m, h, w, oh, ow, k_out,
+        m, h, w, oh, ow, k_out, weight.shape[0], bucket(m),
         *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(),
         *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(x.dtype),
         Y_COMPACT=y_compact, HAS_BIAS=bias is not None, HAS_AFFINE=scale is not None,
@@ -165,7 +168,7 @@ def depthwise_grad_input(
 
     wrap_triton(_depthwise_grad_input_kernel)[grid](
         grad_y, weight, in_keep, grad_x, out_idx,
-        m, h, w, oh, ow, k_out,
+        m, h, w, oh, ow, k_out, weight.shape[0], bucket(m),
         *grad_y.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *grad_x.stride(),
         *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(grad_y.dtype), GY_COMPACT=gy_compact,
     )
@@ -187,7 +190,7 @@ def depthwise_grad_weight(
 
     wrap_triton(_depthwise_grad_weight_kernel)[grid](
         grad_y, x, in_keep, grad_w, out_idx,
-        p, h, w, oh, ow, k_out,
+        p, h, w, oh, ow, k_out, grad_w.shape[0], bucket(p),
         *grad_y.stride(), *x.stride(), grad_w.stride(0), grad_w.stride(2), grad_w.stride(3),
         *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(x.dtype), GY_COMPACT=gy_compact,
     )

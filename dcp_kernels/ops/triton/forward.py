@@ -14,6 +14,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import (
+    CONV_UNSPECIALIZED,
+    CONV_TUNE_KEY,
+    bucket,
     accumulator,
     dot_acc,
     dot_mode,
@@ -23,11 +26,11 @@ from ._common import (
 )
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "K_IN", "K_OUT", "KH", "KW"])
-@triton.jit
+@triton.autotune(configs=gemm_configs(), key=CONV_TUNE_KEY)
+@triton.jit(do_not_specialize=CONV_UNSPECIALIZED)
 def _conv_forward_kernel(
     x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, in_idx_ptr, out_idx_ptr,
-    M, H, W, OH, OW, K_IN, K_OUT,
+    M, H, W, OH, OW, K_IN, K_OUT, C_IN, C_OUT, M_BUCKET,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
@@ -91,7 +94,7 @@ def conv_forward(
     wrap_triton(_conv_forward_kernel)[grid](
         x, weight, bias if bias is not None else dummy, scale if has_affine else dummy,
         shift if has_affine else dummy, y, in_idx, out_idx,
-        m, h, w, oh, ow, k_in, k_out,
+        m, h, w, oh, ow, k_in, k_out, weight.shape[1], weight.shape[0], bucket(m),
         *x.stride(), *weight.stride(), *y.stride(),
         *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(x.dtype),
         X_COMPACT=x_compact, Y_COMPACT=y_compact, HAS_BIAS=bias is not None, HAS_AFFINE=has_affine,

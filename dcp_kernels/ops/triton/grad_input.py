@@ -14,6 +14,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import (
+    CONV_UNSPECIALIZED,
+    CONV_TUNE_KEY,
+    bucket,
     accumulator,
     dot_acc,
     dot_mode,
@@ -23,11 +26,11 @@ from ._common import (
 )
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "K_IN", "K_OUT", "KH", "KW"])
-@triton.jit
+@triton.autotune(configs=gemm_configs(), key=CONV_TUNE_KEY)
+@triton.jit(do_not_specialize=CONV_UNSPECIALIZED)
 def _conv_grad_input_kernel(
     gy_ptr, w_ptr, gx_ptr, in_idx_ptr, out_idx_ptr,
-    M, H, W, OH, OW, K_IN, K_OUT,
+    M, H, W, OH, OW, K_IN, K_OUT, C_IN, C_OUT, M_BUCKET,
     sgn, sgc, sgh, sgw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
@@ -81,7 +84,7 @@ def conv_grad_input(
 
     wrap_triton(_conv_grad_input_kernel)[grid](
         grad_y, weight, grad_x, in_idx, out_idx,
-        m, h, w, oh, ow, k_in, k_out,
+        m, h, w, oh, ow, k_in, k_out, weight.shape[1], weight.shape[0], bucket(m),
         *grad_y.stride(), *weight.stride(), *grad_x.stride(),
         *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(grad_y.dtype),
         GY_COMPACT=gy_compact, GX_COMPACT=gx_compact, DOT=dot_mode(grad_y.dtype),

@@ -15,6 +15,9 @@ from torch.library import wrap_triton
 
 from ..compact import block_rows
 from ._common import (
+    CONV_UNSPECIALIZED,
+    CONV_TUNE_KEY,
+    bucket,
     accumulator,
     dot_acc,
     dot_mode,
@@ -24,11 +27,11 @@ from ._common import (
 )
 
 
-@triton.autotune(configs=gemm_configs(), key=["P", "K_IN", "K_OUT", "KH", "KW", "SPLIT"])
-@triton.jit
+@triton.autotune(configs=gemm_configs(), key=CONV_TUNE_KEY + ["SPLIT"])
+@triton.jit(do_not_specialize=CONV_UNSPECIALIZED)
 def _conv_grad_weight_kernel(
     gy_ptr, x_ptr, dst_ptr, in_idx_ptr, out_idx_ptr,
-    P, H, W, OH, OW, K_IN, K_OUT, PIXELS_PER_SPLIT,
+    P, H, W, OH, OW, K_IN, K_OUT, C_IN, C_OUT, M_BUCKET, PIXELS_PER_SPLIT,
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
     sdo, sdi, sdh, sdw, sd_split,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
@@ -77,11 +80,14 @@ def _conv_grad_weight_kernel(
         tl.store(dst_ptr + d_off, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def choose_split(k_out: int, columns: int, pixels: int, device: torch.device) -> int:
-    """How many pixel ranges to reduce separately so the grid fills the GPU (1 on CPU/interpreter)."""
+def choose_split(c_out: int, columns: int, pixels: int, device: torch.device) -> int:
+    """How many pixel ranges to reduce separately so the grid fills the GPU (1 on CPU/interpreter).
+
+    Sized from the layer's full width (``c_out`` filters, ``columns`` = C_in*kh*kw), not the kept
+    one: the split is part of the autotune key, and kept widths change every step."""
     if interpreting() or device.type != "cuda":
         return 1
-    tiles = triton.cdiv(k_out, 64) * triton.cdiv(columns, 64)
+    tiles = triton.cdiv(c_out, 64) * triton.cdiv(columns, 64)
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     split = max(1, target // max(tiles, 1))
     # Keep at least 16 K-steps of 64 pixels per split so partial sums stay worth their traffic.
@@ -101,7 +107,7 @@ def conv_grad_weight(
     p, k_in, k_out = n * oh * ow, in_idx.numel(), out_idx.numel()
     columns = k_in * kh * kw
     if split is None:
-        split = choose_split(k_out, columns, p, x.device)
+        split = choose_split(grad_w.shape[0], grad_w.shape[1] * kh * kw, p, x.device)
     pixels_per_split = triton.cdiv(p, split)
     if split == 1:
         dst, dst_strides = grad_w, (*grad_w.stride(), 0)
@@ -114,7 +120,7 @@ def conv_grad_weight(
 
     wrap_triton(_conv_grad_weight_kernel)[grid](
         grad_y, x, dst, in_idx, out_idx,
-        p, h, w, oh, ow, k_in, k_out, pixels_per_split,
+        p, h, w, oh, ow, k_in, k_out, grad_w.shape[1], grad_w.shape[0], bucket(p), pixels_per_split,
         *grad_y.stride(), *x.stride(), *dst_strides,
         *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(x.dtype), SPLIT=split,
         GY_COMPACT=gy_compact, X_COMPACT=x_compact, DOT=dot_mode(x.dtype),

@@ -11,13 +11,14 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import elementwise_configs
+from ._common import bucket, elementwise_configs
 
 
-@triton.autotune(configs=elementwise_configs(single_blocks=(64, 16)), key=["B", "C", "HW"])
-@triton.jit
+# C is the kept width (the activation is compact): the key holds its power-of-two bucket instead.
+@triton.autotune(configs=elementwise_configs(single_blocks=(64, 16)), key=["B", "C_BUCKET", "HW"])
+@triton.jit(do_not_specialize=["C", "C_BUCKET"])
 def _channel_utility_kernel(
-    a_ptr, g_ptr, v_ptr, B, C, HW, W,
+    a_ptr, g_ptr, v_ptr, B, C, C_BUCKET, HW, W,
     san, sac, sah, saw, sgn, sgc, sgh, sgw, inv_count,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -54,6 +55,6 @@ def channel_utility(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return (triton.cdiv(c, meta["BLOCK_C"]),)
 
     wrap_triton(_channel_utility_kernel)[grid](
-        a, g, v, b, c, h * w, w, *a.stride(), *g.stride(), 1.0 / float(b * h * w),
+        a, g, v, b, c, bucket(c), h * w, w, *a.stride(), *g.stride(), 1.0 / float(b * h * w),
     )
     return v
