@@ -55,6 +55,49 @@ def test_bad_arguments(argv, tmp_path):
         cli.run(argv + ["--out", str(tmp_path)])
 
 
+def _user_error_cases(tmp_path):
+    """(argv, what the one line must say) for each user mistake tried as a new user would."""
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"model": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint\n12 three")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}, "payload": Path("anything")}, foreign)  # an arbitrary pickled object
+    cases = [
+        (["--data", "/nonexistent", "--recipe", "cifar10-vgg16"], "--data /nonexistent: no such directory"),
+        (["--recipe", "imagenet-resnet50", "--data", str(tmp_path)], "no ImageFolder data"),
+        (["--recipe", "cifar10-vgg16", "--data", str(tmp_path)], "no CIFAR-10 data"),
+        (["--resume", "/nonexistent.pt"], "--resume /nonexistent.pt: no such file"),
+        (["--resume", str(truncated)], "not a readable dcp-train checkpoint"),
+        (["--resume", str(garbage)], "not a readable dcp-train checkpoint"),
+        (["--resume", str(foreign)], "not a readable dcp-train checkpoint"),
+        (["--backend", "nosuch"], "--backend 'nosuch' is not a backend"),
+        (["--round-to", "0"], "--round-to must be >= 1"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a device"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU is visible"))
+    return cases
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
+    for argv, message in _user_error_cases(tmp_path):
+        code = cli.main(argv + ["--out", str(tmp_path / "run"), *FAST, "--epochs", "2", "--explore-epochs", "0"])
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("dcp-train: ") and message in lines[0], (argv, err)
+        assert "Traceback" not in err
+
+
+def test_user_error_from_the_console_script_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dcp_kernels.train.cli", "--backend", "nosuch"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("dcp-train: --backend 'nosuch'") and "Traceback" not in result.stderr
+
+
 def test_recipes_follow_the_paper():
     vgg16, resnet32 = RECIPES["cifar10-vgg16"], RECIPES["cifar10-resnet32"]
     assert (vgg16.epochs, vgg16.milestones, vgg16.batch_size, vgg16.lr) == (200, (100, 150, 190), 64, 0.1)

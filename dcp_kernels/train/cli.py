@@ -15,7 +15,9 @@ import csv
 import json
 import os
 import random
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +37,15 @@ DIGITS_VGG = [32, 32, "M", 64, 64, "M", 128, 128]
 LAST_RUN: dict = {}
 
 
+class UsageError(SystemExit):
+    """A mistake in the command line or in the files it names: reported in one line, no traceback.
+
+    A ``SystemExit``, so code calling :func:`run` directly also ends without a traceback."""
+
+
+DISPLAY_EVERY = 20  # progress-bar refresh (steps): each refresh reads the running loss from the device
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcp-train", description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="digits", choices=sorted(RECIPES),
@@ -47,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--image-size", type=int, default=32, help="digits: upsampled from 8x8 to this size (default 32)")
-    p.add_argument("--backend", default="auto", help="auto | reference | torch")
+    p.add_argument("--backend", default="auto", help="auto | reference | torch | triton | extension")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="keep each layer's width a multiple of this (default: 8 on CUDA for tensor cores "
+                        "and few distinct shapes, 1 elsewhere: the paper's exact rule)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"], help="autocast precision")
     p.add_argument("--seed", type=int, default=0)
@@ -59,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/digits", help="directory for metrics, plots, checkpoint and models")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     return p
 
 
@@ -74,15 +89,24 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
         "lr": args.lr if args.lr is not None else recipe.lr,
     }
     if hp["epochs"] < 1:
-        raise SystemExit("dcp-train: --epochs must be >= 1")
+        raise UsageError("--epochs must be >= 1")
     if not 0 <= hp["explore_epochs"] < hp["epochs"] and not args.dense:
-        raise SystemExit("dcp-train: --explore-epochs must be in [0, epochs)")
+        raise UsageError("--explore-epochs must be in [0, epochs)")
     if not 0 <= hp["prune_ratio"] < 1:
-        raise SystemExit("dcp-train: --prune-ratio must be in [0, 1)")
+        raise UsageError("--prune-ratio must be in [0, 1)")
     if hp["batch_size"] < 1 or hp["lr"] <= 0:
-        raise SystemExit("dcp-train: --batch-size must be >= 1 and --lr > 0")
+        raise UsageError("--batch-size must be >= 1 and --lr > 0")
     if recipe.data != "digits" and not args.data:
-        raise SystemExit(f"dcp-train: recipe {recipe.name} needs --data DIR ({recipe.data} layout)")
+        raise UsageError(f"recipe {recipe.name} needs --data DIR ({recipe.data} layout)")
+    if args.round_to is not None and args.round_to < 1:
+        raise UsageError("--round-to must be >= 1 (1: the paper's exact rule)")
+    if args.backend not in ("auto", *dcp_kernels.ops.BACKENDS):
+        raise UsageError(f"--backend {args.backend!r} is not a backend; choose one of "
+                         f"{', '.join(('auto', *dcp_kernels.ops.BACKENDS))}")
+    if args.data and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: no such directory")
+    if args.resume and not Path(args.resume).is_file():
+        raise UsageError(f"--resume {args.resume}: no such file")
     # Milestones scale with a shortened schedule so --epochs keeps the recipe's shape.
     scale = hp["epochs"] / recipe.epochs
     hp["milestones"] = tuple(sorted({max(1, round(m * scale)) for m in recipe.milestones}))
@@ -108,7 +132,7 @@ def build_model(name: str, spec: DataSpec) -> nn.Module:
         try:
             import torchvision
         except ImportError as exc:
-            raise SystemExit("dcp-train: the resnet50 recipe needs torchvision") from exc
+            raise UsageError("the resnet50 recipe needs torchvision") from exc
         return torchvision.models.resnet50(num_classes=spec.num_classes)
     raise ValueError(f"unknown model {name!r}")
 
@@ -186,6 +210,36 @@ def _distributed(device_type: str) -> tuple[int, int]:
     return 0, 1
 
 
+def _device(name: str) -> torch.device:
+    """``--device``, checked: a clear line instead of a driver error deep inside the first ``.to``."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def _load_checkpoint(path: str, device: torch.device) -> dict:
+    """A checkpoint written by dcp-train, loaded with ``weights_only=True``: tensors and plain
+    containers only, so a file from elsewhere cannot run code when it is loaded."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch/pickle raise many types for truncated or foreign files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--resume {path}: not a readable dcp-train checkpoint ({first[:200]})") from error
+    needed = {"model", "optimizer", "scheduler", "scaler", "dcp", "rng", "epoch", "rows", "kept_history", "dense",
+              "recipe"}
+    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
+        raise UsageError(f"--resume {path}: not a dcp-train checkpoint (it lacks "
+                         f"{sorted(needed - set(ckpt)) if isinstance(ckpt, dict) else 'a dict of run state'})")
+    return ckpt
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -201,8 +255,20 @@ def _set_rng_state(state: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point (``dcp-train``): returns the process exit status."""
-    run(argv)
+    """Console entry point (``dcp-train``): returns the process exit status.
+
+    A user error (a bad flag value, a missing or unreadable file, a device that is not there) prints
+    one line ``dcp-train: ...`` naming the argument and exits with status 2; ``--debug`` shows the
+    traceback too. Anything else is a bug and keeps its traceback.
+    """
+    debug = argv is not None and "--debug" in argv or argv is None and "--debug" in sys.argv[1:]
+    try:
+        run(argv)
+    except UsageError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"dcp-train: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -212,17 +278,25 @@ def run(argv: Sequence[str] | None = None) -> dict:
     recipe, hp = resolve(args)
     from tqdm.auto import tqdm
 
-    rank, world = _distributed(torch.device(args.device).type)
+    device = _device(args.device)
+    rank, world = _distributed(device.type)
     is_main = rank == 0
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    device = torch.device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     out = Path(args.out)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-    spec = load_data(recipe, args, hp["batch_size"])
+    if not args.dense:
+        try:
+            dcp_kernels.ops.resolve_backend(args.backend, device)
+        except RuntimeError as error:
+            raise UsageError(f"--backend {args.backend}: {error}") from error
+    try:
+        spec = load_data(recipe, args, hp["batch_size"])
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        raise UsageError(f"--data {args.data}: {error}") from error
     model = build_model(recipe.model, spec).to(device)
     dense_model = copy.deepcopy(model)  # same architecture and init, never converted
     probe = next(spec.test_batches())[0][:1].to(device)
@@ -232,8 +306,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     prop = None
     if not args.dense:
         schedule = DecaySchedule(hp["decay"], recipe.decay_step, hp["milestones"][:-1], hp["milestones"][-1])
+        round_to = args.round_to if args.round_to is not None else (8 if device.type == "cuda" else 1)
         prop = dcp_kernels.convert(model, hp["prune_ratio"], explore_epochs=hp["explore_epochs"], decay=schedule,
-                                   backend=args.backend)
+                                   backend=args.backend, round_to=round_to)
         prop.distributed = world > 1  # average utilities over ranks before each selection
     opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(hp["milestones"]), gamma=0.1)
@@ -251,9 +326,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     kept_history: list[dict[str, int]] = []
     start_epoch = 0
     if args.resume:
-        ckpt = torch.load(args.resume, map_location=device, weights_only=False)
+        ckpt = _load_checkpoint(args.resume, device)
         if ckpt["dense"] != args.dense or ckpt["recipe"] != recipe.name:
-            raise SystemExit(f"dcp-train: {args.resume} is a checkpoint of another kind of run")
+            raise UsageError(f"--resume {args.resume} is a checkpoint of another kind of run "
+                             f"(recipe {ckpt['recipe']}, dense={ckpt['dense']})")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -275,8 +351,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     for epoch in range(start_epoch, hp["epochs"]):
         train_model.train()
-        seen = correct = 0
-        loss_sum = 0.0
+        seen = 0
+        # Accumulated on the device: reading loss and accuracy every step would sync every step.
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
         batches = list(spec.train_batches(epoch))
         # Every rank takes the same number of batches (DDP's collectives must pair up); the last
         # len % world batches of the epoch are dropped when training on several processes.
@@ -294,14 +371,17 @@ def run(argv: Sequence[str] | None = None) -> dict:
             scaler.step(opt)
             scaler.update()
             seen += len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            loss_sum += float(loss.detach()) * len(yb)
-            postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{correct / seen:.3f}",
-                       "img_s": f"{seen * world / (time.perf_counter() - t0):.0f}"}
-            if prop is not None:
-                postfix["kept"] = sum(prop.kept().values())
-            bar.set_postfix(postfix)
+            with torch.no_grad():
+                totals += torch.stack([loss.detach().double() * len(yb), (logits.argmax(1) == yb).sum().double()])
+            if not bar.disable and (bar.n % DISPLAY_EVERY == 0 or bar.n + 1 == len(batches)):
+                loss_sum, correct = totals.tolist()  # one read every DISPLAY_EVERY steps
+                postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{correct / seen:.3f}",
+                           "img_s": f"{seen * world / (time.perf_counter() - t0):.0f}"}
+                if prop is not None:
+                    postfix["kept"] = sum(prop.kept().values())  # host counts: no device read
+                bar.set_postfix(postfix)
         sched.step()
+        loss_sum, correct = totals.tolist()
         row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
                "test_acc": accuracy(model, spec, device), "lr": opt.param_groups[0]["lr"],
                "kept": sum(prop.kept().values()) if prop else None, "decay": prop.decay if prop else None,
