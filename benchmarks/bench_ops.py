@@ -34,6 +34,13 @@ SHAPES = [
     ("resnet50-imagenet", 8, 256, 14, 3),
     ("resnet50-imagenet", 8, 512, 7, 3),
 ]
+# ResNet-50's 3x3 convs at the batch users train with on a GPU (collected and skipped on a CPU).
+GPU_SHAPES = [
+    ("resnet50-imagenet-b64", 64, 64, 56, 3),
+    ("resnet50-imagenet-b64", 64, 128, 28, 3),
+    ("resnet50-imagenet-b64", 64, 256, 14, 3),
+    ("resnet50-imagenet-b64", 64, 512, 7, 3),
+]
 QUICK_SHAPES = [("tiny", 8, 32, 8, 3)]
 KEEPS = [1.0, 0.75, 0.5, 0.25]
 QUICK_KEEPS = [0.5]
@@ -83,6 +90,9 @@ def _shape_id(s):
 
 
 CASES = [pytest.param(s, keep, id=f"{_shape_id(s)}-keep{keep}") for s in SHAPES for keep in KEEPS] + [
+    pytest.param(s, keep, id=f"{_shape_id(s)}-keep{keep}", marks=pytest.mark.gpu_size)
+    for s in GPU_SHAPES for keep in KEEPS
+] + [
     pytest.param(s, keep, id=f"quick-{_shape_id(s)}-keep{keep}", marks=pytest.mark.quick)
     for s in QUICK_SHAPES for keep in QUICK_KEEPS
 ]
@@ -93,6 +103,8 @@ CASES = [pytest.param(s, keep, id=f"{_shape_id(s)}-keep{keep}") for s in SHAPES 
 @pytest.mark.parametrize("passes", ["fwd+bwd", "fwd"])
 def test_conv(benchmark, quick, device, dtype, timed, passes, shape, keep, variant):
     reason = backend_skip_reason(variant.removesuffix("-compact-io"), device)
+    if shape in GPU_SHAPES and device.type != "cuda":
+        reason = "a GPU-size shape (seconds per call on a CPU): run with --device cuda"
     if reason:
         pytest.skip(reason)
     name, n, c, h, k = shape

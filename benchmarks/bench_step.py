@@ -9,7 +9,11 @@ Variants per network and prune ratio (one group each):
              (the finalized model): what perfect skipping costs. Global selection keeps layers
              unevenly, so this is not simply (1 - prune_ratio)**2 of dense.
 
-The selection comes from two exploration steps on random data, then one selecting step.
+The selection comes from two exploration steps on random data, then one selecting step (widths in
+multiples of 8 on a GPU: ``round_to=8``, dcp-train's CUDA default).
+``--dtype bf16`` (or fp16) trains under autocast with channels-last tensors; fp32 (default) uses
+PyTorch's defaults (TF32 convolutions on CUDA). The ``GPU_NETWORKS`` (ResNet-50 at 224 px, batch 64
+and 128; CIFAR nets at batch 128) are the sizes users train on a GPU; they are skipped on a CPU.
 Each variant's peak memory during one step (``extra_info["peak_bytes"]``) is measured once, outside
 the timed rounds (see ``peak_memory.py``).
 ``test_selection`` times ``prop.select()`` alone, to read its share of a step.
@@ -36,7 +40,24 @@ NETWORKS = {
     "resnet56-cifar": (lambda: resnet_cifar(56), 64, 32),
 }
 QUICK_NETWORKS = {"tiny-vgg": (lambda: vgg([16, "M", 32, 32, "M", 64]), 8, 16)}
+
+
+def _resnet50():
+    import torchvision
+
+    return torchvision.models.resnet50(num_classes=1000)
+
+
+# The sizes users train on a GPU, where the convolutions (not launches) decide the step time. On
+# the CPU one such step takes minutes: collected and skipped there.
+GPU_NETWORKS = {
+    "resnet50-imagenet-b64": (_resnet50, 64, 224),
+    "resnet50-imagenet-b128": (_resnet50, 128, 224),
+    "vgg16-cifar-b128": (lambda: vgg("vgg16"), 128, 32),
+    "resnet56-cifar-b128": (lambda: resnet_cifar(56), 128, 32),
+}
 RATIOS = [0.0, 0.3, 0.5, 0.7]
+GPU_RATIOS = [0.5, 0.7]
 QUICK_RATIOS = [0.5]
 VARIANTS = ["dense", *(name for name in ops.BACKENDS if name != "triton" or importlib.util.find_spec("triton")),
             "ideal"]
@@ -44,16 +65,32 @@ VARIANTS = ["dense", *(name for name in ops.BACKENDS if name != "triton" or impo
 _CACHE: dict = {}
 
 
-def _batch(n, size, device, seed):
+def _precision_label(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else f"{str(dtype).replace('torch.', '')}-autocast-channels_last"
+
+
+def _batch(n, size, device, seed, channels_last=False):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
+    x = torch.randn(n, 3, size, size, generator=g).to(device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, torch.randint(0, 10, (n,), generator=g).to(device)
 
 
-def _sgd_step(model, x, y):
+def _precision(dtype: torch.dtype) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype, channels_last) of a step benchmark: fp32 as built (TF32 where PyTorch's
+    defaults allow it), or bf16/fp16 autocast with channels-last tensors (how GPU users train)."""
+    return (None, False) if dtype == torch.float32 else (dtype, True)
+
+
+def _sgd_step(model, x, y, amp_dtype=None):
+    """One training step; under ``amp_dtype`` autocast (bf16/fp16) when given."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    autocast = torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     def step():
-        loss = F.cross_entropy(model(x), y)
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -61,38 +98,44 @@ def _sgd_step(model, x, y):
     return step
 
 
-def _prepared(name, ratio, backend, device):
+def _prepared(name, ratio, backend, device, dtype=torch.float32):
     """A converted copy of the network after exploration, with its first selection made.
 
     Cached per (network, ratio, device) group, so the variants of one group share it; the cache
     keeps one group alive at a time (memory).
     """
-    group = (name, ratio, str(device))
+    group = (name, ratio, str(device), dtype)
     if _CACHE.get("group") != group:
         _CACHE.clear()
         _CACHE["group"] = group
     if backend not in _CACHE:
         factory, batch, size = ALL_NETWORKS[name]
+        amp_dtype, channels_last = _precision(dtype)
         torch.manual_seed(0)
         model = factory().to(device)
-        prop = dcp_kernels.convert(model, ratio, explore_epochs=1, backend=backend)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        # Widths in multiples of 8 on a GPU (tensor cores; dcp-train's CUDA default), exact rule elsewhere.
+        prop = dcp_kernels.convert(model, ratio, explore_epochs=1, backend=backend,
+                                   round_to=8 if device.type == "cuda" else 1)
         for seed in (1, 2):  # two exploration steps
-            _sgd_step(model, *_batch(batch, size, device, seed))()
+            _sgd_step(model, *_batch(batch, size, device, seed, channels_last), amp_dtype)()
         prop.epoch_end()
-        _sgd_step(model, *_batch(batch, size, device, 3))()  # first selecting step
+        _sgd_step(model, *_batch(batch, size, device, 3, channels_last), amp_dtype)()  # first selecting step
         _CACHE[backend] = (model, prop)
     return _CACHE[backend]
 
 
-def _variant_model(name, ratio, variant, device):
+def _variant_model(name, ratio, variant, device, dtype=torch.float32):
     """(model, controller or None) for one variant of a group."""
     if variant == "dense":
         torch.manual_seed(0)
-        return ALL_NETWORKS[name][0]().to(device), None
+        model = ALL_NETWORKS[name][0]().to(device)
+        return (model.to(memory_format=torch.channels_last) if _precision(dtype)[1] else model), None
     if variant == "ideal":
-        _, prop = _prepared(name, ratio, "torch", device)
+        _, prop = _prepared(name, ratio, "torch", device, dtype)
         return copy.deepcopy(prop.finalize()), prop
-    return _prepared(name, ratio, variant, device)
+    return _prepared(name, ratio, variant, device, dtype)
 
 
 def _networks(table, ratios, marks=()):
@@ -100,45 +143,60 @@ def _networks(table, ratios, marks=()):
             for name in table for ratio in ratios]
 
 
-CASES = _networks(NETWORKS, RATIOS) + _networks(QUICK_NETWORKS, QUICK_RATIOS, marks=pytest.mark.quick)
-ALL_NETWORKS = {**NETWORKS, **QUICK_NETWORKS}
+CASES = (_networks(NETWORKS, RATIOS) + _networks(GPU_NETWORKS, GPU_RATIOS, marks=pytest.mark.gpu_size)
+         + _networks(QUICK_NETWORKS, QUICK_RATIOS, marks=pytest.mark.quick))
+ALL_NETWORKS = {**NETWORKS, **GPU_NETWORKS, **QUICK_NETWORKS}
+
+
+def _skip_reason(name, variant, device):
+    if name in GPU_NETWORKS and device.type != "cuda":
+        return "a GPU-size training step (minutes per step on a CPU): run with --device cuda"
+    if name in GPU_NETWORKS and "resnet50" in name and importlib.util.find_spec("torchvision") is None:
+        return "needs torchvision (the dev extra)"
+    return None if variant is None else backend_skip_reason(variant, device)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name, ratio", CASES)
-def test_training_step(benchmark, quick, device, timed, name, ratio, variant):
+def test_training_step(benchmark, quick, device, dtype, timed, name, ratio, variant):
     """Each variant timed on its own (readable in pytest-benchmark's table; sensitive to drift)."""
-    reason = backend_skip_reason(variant, device)
+    reason = _skip_reason(name, variant, device)
     if reason:
         pytest.skip(reason)
     _, batch, size = ALL_NETWORKS[name]
-    model, prop = _variant_model(name, ratio, variant, device)
+    amp_dtype, channels_last = _precision(dtype)
+    model, prop = _variant_model(name, ratio, variant, device, dtype)
     model.train()
-    benchmark.group = f"step {name} batch={batch} {size}x{size} prune={ratio}"
-    benchmark.extra_info.update(level="step", model=name, prune_ratio=ratio, variant=variant,
+    precision = _precision_label(dtype)
+    benchmark.group = f"step {name} batch={batch} {size}x{size} prune={ratio} {precision}"
+    benchmark.extra_info.update(level="step", model=name, prune_ratio=ratio, variant=variant, dtype=precision,
                                 device=str(device), threads=torch.get_num_threads())
     if prop is not None:
         benchmark.extra_info["kept"] = dict(prop.kept())
         benchmark.extra_info["flops_ratio"] = prop.flops_ratio()
-    step = _sgd_step(model, *_batch(batch, size, device, 4))
+    step = _sgd_step(model, *_batch(batch, size, device, 4, channels_last), amp_dtype)
     step()  # the optimizer's momentum buffers exist before memory is measured
     benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)
     benchmark.pedantic(timed(step), rounds=3 if quick else 4, warmup_rounds=1, iterations=1)
 
 
 @pytest.mark.parametrize("name, ratio", CASES)
-def test_training_step_interleaved(benchmark, quick, device, timed, name, ratio):
+def test_training_step_interleaved(benchmark, quick, device, dtype, timed, name, ratio):
     """All variants of a group in turn: one round = one step of each. The per-variant medians over
     the rounds (``extra_info["interleaved"]``, seconds) are what ``report.py`` computes ratios from:
     a shared machine's slow spells then hit every variant alike."""
+    reason = _skip_reason(name, None, device)
+    if reason:
+        pytest.skip(reason)
     _, batch, size = ALL_NETWORKS[name]
-    x, y = _batch(batch, size, device, 4)
+    amp_dtype, channels_last = _precision(dtype)
+    x, y = _batch(batch, size, device, 4, channels_last)
     steps = {}
     variants = [v for v in VARIANTS if backend_skip_reason(v, device) is None]
     for variant in variants:
-        model, _ = _variant_model(name, ratio, variant, device)
+        model, _ = _variant_model(name, ratio, variant, device, dtype)
         model.train()
-        steps[variant] = timed(_sgd_step(model, x, y))
+        steps[variant] = timed(_sgd_step(model, x, y, amp_dtype))
     samples: dict[str, list[float]] = {v: [] for v in variants}
 
     def one_round():
@@ -148,16 +206,20 @@ def test_training_step_interleaved(benchmark, quick, device, timed, name, ratio)
             samples[variant].append(time.perf_counter() - start)
 
     warmup, rounds = 1, 3 if quick else 5
-    benchmark.group = f"step-interleaved {name} batch={batch} {size}x{size} prune={ratio}"
+    precision = _precision_label(dtype)
+    benchmark.group = f"step-interleaved {name} batch={batch} {size}x{size} prune={ratio} {precision}"
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
     medians = {v: statistics.median(t[warmup:]) for v, t in samples.items()}
     benchmark.extra_info.update(level="step-interleaved", model=name, prune_ratio=ratio, interleaved=medians,
-                                device=str(device), threads=torch.get_num_threads())
+                                dtype=precision, device=str(device), threads=torch.get_num_threads())
 
 
 @pytest.mark.parametrize("name, ratio", [c for c in CASES if c.values[1] > 0])
 def test_selection(benchmark, quick, device, timed, name, ratio):
     """``prop.select()`` alone (one stable sort over all utilities + writing the masks)."""
+    reason = _skip_reason(name, None, device)
+    if reason:
+        pytest.skip(reason)
     _, prop = _prepared(name, ratio, "torch", device)
     benchmark.group = f"selection {name} prune={ratio}"
     benchmark.extra_info.update(level="selection", model=name, prune_ratio=ratio, variant="selection",

@@ -3,7 +3,8 @@
 ``--quick`` runs only the benchmarks marked ``quick`` (small shapes: what CI runs to keep this
 suite from rotting); without it those are deselected and the full-size benchmarks run.
 ``--device cuda`` runs on the GPU (see ``benchmarks/gpu.sh``); timings then synchronise the device.
-``--dtype bf16|fp16`` runs the op benchmarks in that precision (the step benchmarks stay fp32).
+``--dtype bf16|fp16`` runs the op benchmarks in that precision and the step benchmarks under that
+autocast with channels-last tensors.
 """
 import pytest
 import torch
@@ -29,6 +30,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "quick: a small benchmark case run by --quick")
+    config.addinivalue_line("markers", "gpu_size: a case at GPU training size (skipped on a CPU)")
 
 
 def pytest_collection_modifyitems(config, items):
