@@ -217,3 +217,46 @@ def test_utilities_stay_float32_under_dtype_casts():
     layer = DCPConv2d(3, 4, 3, norm=nn.BatchNorm2d(4)).double()
     assert layer.weight.dtype == torch.float64 and layer.utility.dtype == torch.float32
     assert layer.half().utility.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_batch_norm_follows_pytorch_on_the_selected_channels(backend, momentum):
+    """The BN inside DCPConv2d against PyTorch's own nn.BatchNorm2d, an oracle independent of
+    DCPConv2d._batch_norm (which every backend shares): the selected channels normalise and update
+    their running statistics exactly as an nn.BatchNorm2d over those channels alone would; the
+    unselected channels' statistics stay as they were (docs/algorithm.md, "BatchNorm")."""
+    torch.manual_seed(0)
+    cin, cout = 4, 8
+    bn = nn.BatchNorm2d(cout, momentum=momentum)
+    layer = DCPConv2d(cin, cout, 3, padding=1, bias=False, norm=bn, backend=backend)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    selected = torch.tensor([True, False, True, True, False, False, True, False])
+    layer.set_selection(selected)
+    sel = selected.nonzero().squeeze(1)
+    conv = nn.Conv2d(cin, len(sel), 3, padding=1, bias=False)
+    oracle = nn.BatchNorm2d(len(sel), momentum=momentum)
+    with torch.no_grad():
+        conv.weight.copy_(layer.weight[sel])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(oracle, name).copy_(getattr(bn, name)[sel])
+    untouched_mean, untouched_var = bn.running_mean[~selected].clone(), bn.running_var[~selected].clone()
+    layer.train(), oracle.train()
+    for step in range(3):
+        x = torch.randn(5, cin, 6, 6)
+        with torch.no_grad():
+            got, want = layer(x)[:, sel], oracle(conv(x))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # values O(1): BN output
+        torch.testing.assert_close(bn.running_mean[sel], oracle.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(bn.running_var[sel], oracle.running_var, rtol=1e-6, atol=1e-6)
+        assert int(bn.num_batches_tracked) == int(oracle.num_batches_tracked) == step + 1
+    assert torch.equal(bn.running_mean[~selected], untouched_mean)
+    assert torch.equal(bn.running_var[~selected], untouched_var)
+    layer.eval(), oracle.eval()
+    x = torch.randn(3, cin, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x)[:, sel], oracle(conv(x)), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """Every fast backend against the reference op: forward, grad-input, grad-weight, grad-bias."""
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import device_backend_params, fast_backends, sorted_subset
 
 from dcp_kernels import ops
@@ -117,9 +118,21 @@ def test_channel_utility_definition():
     assert ops.channel_utility(a.double(), g.double()).dtype == torch.float32
 
 
-def test_auto_resolves_to_a_fast_backend():
-    assert ops.resolve_backend("auto") in FAST_BACKENDS
-    assert ops.backends()["reference"] is True
+def test_backends_report_what_runs():
+    """Every backend ``backends()`` calls usable computes the op; every other one is refused by
+    name; ``auto`` picks a usable fast backend."""
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(3, 4, 3, 3)
+    in_idx, out_idx = torch.tensor([0, 2]), torch.tensor([1])
+    want = F.conv2d(x * torch.tensor([1.0, 0, 1, 0]).view(1, 4, 1, 1), w, padding=1)[:, [1]]
+    for name, usable in ops.backends("cpu").items():
+        if usable:
+            got = ops.gathered_conv2d(x, w, None, in_idx, out_idx, padding=1, backend=name, layout="compact")
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable"):
+                ops.resolve_backend(name, torch.device("cpu"))
+    auto = ops.resolve_backend("auto", torch.device("cpu"))
+    assert auto != "reference" and ops.backends("cpu")[auto]
 
 
 @pytest.mark.parametrize(

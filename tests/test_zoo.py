@@ -2,12 +2,14 @@
 
 Each model: convert -> 3 training steps (one exploring, two selecting) -> finalize. The finalized
 model must be a plain ``nn.Module`` (no dcp_kernels classes, no hooks) with fewer parameters and
-FLOPs whose eval output equals the converted model's (fp32, atol 1e-4). Small images and batches
-keep the whole file to about a minute on 2 cores.
+FLOPs whose eval output equals the converted model's (fp32, to 1e-4 of the logits' scale, with the
+batch-norm statistics recalibrated so the logits stay O(1)). Small images and batches keep the whole
+file to about a minute on 2 cores.
 """
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_to_scale
 from torch import nn
 
 import dcp_kernels
@@ -41,13 +43,34 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def convert_train_finalize(model, size=32, classes=5, batch=4, **kwargs):
+def recalibrate_batch_norm(model, prop, size, batch, batches=4):
+    """Running statistics from a few training-mode forwards (no selection, no gradients).
+
+    After three training steps the running statistics still hold mostly their initial values
+    (momentum 0.1), so an eval forward of a deep net is unnormalised and its logits grow with
+    depth: 1e14-1e29 for efficientnet_b0, regnet_x_400mf and resnet50 at 32 px (the dense nets
+    alike), where the last float32 bits differ between CPUs. Averaged statistics (``momentum=None``)
+    keep every eval activation O(1), as in a trained network.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with prop.without_hook(), torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch, 3, size, size))
+
+
+def convert_train_finalize(model, size=32, classes=5, batch=8, **kwargs):
     """The round trip every model must survive; returns (converted model, controller, plain model)."""
     torch.manual_seed(0)
     dense_flops = conv_linear_flops(model.eval(), torch.randn(1, 3, size, size))
     dense_params = n_params(model)
     prop = dcp_kernels.convert(model, kwargs.pop("prune_ratio", 0.5), explore_epochs=1, **kwargs)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # lr 1e-3 without momentum: lr 0.01 with momentum 0.9 diverged in 3 steps at batch 4
+    # (training loss 6-17 for regnet_x_400mf and resnet50).
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
     for step in range(3):
         x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
@@ -58,13 +81,15 @@ def convert_train_finalize(model, size=32, classes=5, batch=4, **kwargs):
         if step == 0:
             prop.epoch_end()
     assert torch.isfinite(loss)
+    recalibrate_batch_norm(model, prop, size, batch)
     plain = prop.finalize()
     assert not any(type(m).__module__.startswith("dcp_kernels") for m in plain.modules())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in plain.modules())
     model.eval(), plain.eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-4)
+        # Measured on an AMD EPYC: max |difference| / scale = 2.1e-6 (efficientnet_b0), 0 elsewhere.
+        assert_close_to_scale(plain(x), model(x))
     assert n_params(plain) < dense_params
     assert conv_linear_flops(plain, x[:1]) < dense_flops
     return model, prop, plain

@@ -9,6 +9,7 @@ Triton backends, and says so in the log.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 
 import torch
@@ -23,12 +24,18 @@ from .registration import (
 
 logger = logging.getLogger("dcp_kernels")
 
-try:
-    from .. import _C  # loading the library registers the ops
-    LOAD_ERROR: str | None = None
-except ImportError as error:  # not built, or built against another torch
+LOAD_ERROR: str | None = None
+if importlib.util.find_spec("dcp_kernels._C") is None:
+    # Not compiled. (Importing it anyway reports "cannot import name '_C' from partially initialized
+    # module", which reads like a circular import: say what it is.)
     _C = None
-    LOAD_ERROR = str(error)
+    LOAD_ERROR = "dcp_kernels._C is not built: no compiled library next to the package"
+else:
+    try:
+        from .. import _C  # loading the library registers the ops
+    except ImportError as error:  # built against another torch, or a missing shared library
+        _C = None
+        LOAD_ERROR = f"dcp_kernels._C is built but does not load: {error}"
 
 AVAILABLE = LOAD_ERROR is None
 # A CPU-only build registers CUDA kernels that only raise a clear error; this says which build it is.
