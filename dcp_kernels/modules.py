@@ -283,7 +283,14 @@ class DCPConv2d(nn.Conv2d):
         ``selected`` changes again, exactly like an index vector computed here."""
         sel = self.selected
         if idx is None:
-            idx = _all_channels(self.out_channels, sel.device)
+            # The layer's own tensor, not the shared cached arange: a conv whose input and output
+            # widths are equal would otherwise get one tensor as both in_idx and out_idx, which
+            # torch.compile cannot trace through an autograd.Function (a graph break).
+            idx = torch.arange(self.out_channels, device=sel.device)
+        else:
+            # Kept widths change on nearly every step: let torch.compile trace them as symbolic
+            # sizes from the start instead of recompiling for each new width.
+            torch._dynamo.maybe_mark_dynamic(idx, 0)
         self.__dict__["_idx_cache"] = ((sel.data_ptr(), sel._version, sel.device), idx)
 
     def _apply(self, fn, recurse=True):

@@ -102,6 +102,7 @@ class Propagation:
         self.plan = plan
         self._hook = None
         self._index_holders: list | None = None  # what refresh_indices() updates (found at first use)
+        self._dcp_layers: list | None = None  # every DCPConv2d of the model (found at first use)
         self._apply_decay()
 
     # ----------------------------------------------------------------------------- configuration
@@ -297,6 +298,18 @@ class Propagation:
             self._index_holders = list({id(h): h for h in holders}.values())
         for holder in self._index_holders:
             holder.selected_indices()
+        # The all-channel index vectors the compiled forward looks up: created here, eagerly, so a
+        # first use inside torch.compile's trace does not guard on a cache that is about to change.
+        from .modules import DCPConv2d, _all_channels
+
+        for layer in self._all_dcp_layers_cached():
+            _all_channels(layer.in_channels, layer.weight.device)
+            _all_channels(layer.out_channels, layer.weight.device)
+
+    def _all_dcp_layers_cached(self) -> list["DCPConv2d"]:
+        if self._dcp_layers is None:
+            self._dcp_layers = self._all_dcp_layers()
+        return self._dcp_layers
 
     def epoch_end(self) -> None:
         """Advance the epoch counter: ends exploration and moves the decay schedule."""
@@ -422,6 +435,7 @@ class Propagation:
         self.detach()
         self.model = model
         self._index_holders = None
+        self._dcp_layers = None
         self._hook = model.register_forward_pre_hook(_SelectBeforeForward(self))
 
     @contextlib.contextmanager

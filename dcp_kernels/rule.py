@@ -150,7 +150,11 @@ class SelectionRule:
         order = torch.sort(group_of * 2 + (~mask).long(), stable=True).indices
         local = order - start[group_of]  # group_of[order] == group_of: the key sorts by group first
         counts = host_read(torch.zeros_like(sizes).index_add_(0, group_of, mask.long()))
-        return [local[o:o + c] for o, c in zip(self._offsets, counts)], counts
+        # Separate tensors (one copy op), not views of `local`: torch.compile treats a view's size as
+        # its base's slice and would not keep the kept widths symbolic (a recompile per new width).
+        parts = torch.split_with_sizes_copy(local, [n for o, c, s in zip(self._offsets, counts, self.sizes)
+                                                    for n in (c, s - c)])
+        return list(parts[0::2]), counts
 
 
 
