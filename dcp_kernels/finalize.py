@@ -28,6 +28,14 @@ def _plain_conv(layer: nn.Conv2d, in_keep: torch.Tensor | None, out_keep: torch.
     depthwise = layer.groups != 1
     if depthwise and in_keep is not None and out_keep is not None and not torch.equal(in_keep, out_keep):
         raise ValueError(f"{layer}: a depthwise conv keeps the same input and output channels")
+    if in_keep is None and out_keep is None:
+        # Nothing cut: keep the (copied) Parameter objects themselves, so parameters tied between
+        # layers stay tied in the finalized model.
+        conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+        conv.weight, conv.bias = layer.weight, layer.bias
+        conv.train(layer.training)
+        return conv
     weight = layer.weight.detach()
     bias = None if layer.bias is None else layer.bias.detach()
     if out_keep is not None:

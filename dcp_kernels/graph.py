@@ -343,6 +343,18 @@ class _Analyzer:
         for node in graph.nodes:
             if node.op == "call_module":
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
+        # Convs whose parameters are one Parameter object (weight tying): cutting one conv's
+        # channels would untie them silently, so they stay dense (name -> the convs it shares with).
+        owners: dict[int, list[str]] = {}
+        for name, mod in self.modules.items():
+            if isinstance(mod, nn.Conv2d):
+                for param in mod.parameters(recurse=False):
+                    owners.setdefault(id(param), []).append(name)
+        self.tied: dict[str, list[str]] = {}
+        for names in owners.values():
+            for name in names if len(names) > 1 else ():
+                self.tied.setdefault(name, [])
+                self.tied[name] += [n for n in names if n != name and n not in self.tied[name]]
 
     # ------------------------------------------------------------------ union-find over spaces
     def find(self, s: int) -> int:
@@ -419,6 +431,11 @@ class _Analyzer:
             if isinstance(mod, nn.Conv2d):
                 return self.produced(node, mod, blocked=f"{name!r} is called more than once (shared module)")
             return None
+        if name in self.tied:
+            others = ", ".join(repr(n) for n in self.tied[name])
+            self.block_inputs(node, f"read by {name!r}, which shares its parameters with {others}")
+            return self.produced(node, mod, blocked=f"shares its parameters with {others} (weight tying): "
+                                                    "pruning it alone would untie them")
         if name in self.ignore:
             for _, chan in self.chans(node):
                 for s, _ in chan.segs if chan is not None else ():

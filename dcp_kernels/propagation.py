@@ -230,8 +230,14 @@ class Propagation:
         return torch.cat(parts)
 
     def _selection_mask(self) -> torch.Tensor:
-        """The network-wide selection over :meth:`utility_vector` (see :class:`SelectionRule`)."""
-        return self._rule(self.utility_vector())
+        """The network-wide selection over :meth:`utility_vector` (see :class:`SelectionRule`).
+
+        While no utility has been measured yet (all still 0: ``explore_epochs=0`` and none loaded)
+        every channel stays selected: a selection from all-zero utilities would keep the first
+        channels in layer order, and the channels it drops would never be measured, freezing it.
+        Decided on the device (no host read)."""
+        u = self.utility_vector()
+        return self._rule(u) | ~(u != 0).any()
 
     def _write_versions(self) -> tuple[tuple[int, int], ...]:
         """Identity and version of every layer's mask: any later write (set_selection, loading a

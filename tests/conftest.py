@@ -48,6 +48,7 @@ def sorted_subset(n: int, k: int, generator_seed: int = 0) -> torch.Tensor:
     return torch.randperm(n, generator=g, device="cpu")[:k].sort().values.to(torch.get_default_device())
 
 
+@torch.no_grad()
 def assert_close_to_scale(actual, expected, rel=1e-4):
     """Equal up to ``rel`` of the values' scale (at least 1): float32 sums in another order (a
     sliced conv vs the gathered one) differ in the last bits, by how much depends on the CPU."""

@@ -397,3 +397,56 @@ def test_convs_not_understood_are_left_dense_with_a_warning(recwarn):
     recwarn.clear()
     dcp_kernels.convert(small_resnet(), 0.3)
     assert not [w for w in recwarn.list if "left dense" in str(w.message)]
+
+
+def test_without_exploration_the_first_step_measures_every_channel():
+    """explore_epochs=0: nothing is selected from all-zero utilities (that froze a degenerate
+    selection: the first channels in layer order, the rest never measured)."""
+    model = small_vgg()
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=0)
+    _, history = _train(model, prop, 3, explore_steps=0)
+    assert history[0].all(), "the first step must keep every channel (no utility was measured yet)"
+    assert int(history[1].sum()) == prop.keep and int(history[2].sum()) == prop.keep
+    # From measured utilities the selection is the rule's, not the lowest indices of each layer.
+    first_in_layer_order = torch.cat([torch.arange(l.out_channels) < int(l.selected.sum()) for l in prop.layers])
+    assert not torch.equal(history[1], first_in_layer_order)
+    # Utilities loaded from elsewhere select at once.
+    other = small_vgg()
+    other_prop = dcp_kernels.convert(other, 0.5, explore_epochs=0)
+    other.load_state_dict(model.state_dict())
+    assert int(_train(other, other_prop, 1, explore_steps=0)[1][0].sum()) == other_prop.keep
+
+
+class _TiedConvs(nn.Module):
+    """conv_b reuses conv_a's weight Parameter (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv_a, self.bn_a = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv_b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv_b.weight = self.conv_a.weight
+        self.head = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(x)))
+        x = F.relu(self.bn_a(self.conv_a(x)))
+        x = F.relu(self.bn_b(self.conv_b(x)))
+        return self.fc(F.relu(self.head(x)).mean((2, 3)))
+
+
+def test_convs_sharing_a_parameter_stay_dense_and_stay_tied():
+    model = _TiedConvs()
+    with pytest.warns(UserWarning, match="shares its parameters with 'conv_b'"):
+        prop = dcp_kernels.convert(model, 0.5, explore_epochs=1)
+    assert "conv_a" not in prop.layer_names and "conv_b" not in prop.layer_names
+    report = prop.report()
+    assert "shares its parameters with 'conv_b'" in report and "shares its parameters with 'conv_a'" in report
+    _train(model, prop, 3)
+    plain = prop.finalize()
+    assert plain.conv_a.weight is plain.conv_b.weight  # still one Parameter
+    assert plain.conv_a.weight.shape == (8, 8, 3, 3)
+    model.eval(), plain.eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert_close_to_scale(plain(x), model(x), rel=1e-5)

@@ -89,6 +89,16 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("dcp-train: ") and message in lines[0], (argv, err)
         assert "Traceback" not in err
+        assert not (tmp_path / "run").exists(), f"{argv}: a failed start created the output directory"
+
+
+def test_a_corrupt_cifar_batch_is_named(tmp_path, capsys):
+    _fake_cifar(tmp_path / "data")
+    (tmp_path / "data" / "data_batch_3").write_bytes(b"\x80\x04truncated")
+    code = cli.main(["--recipe", "cifar10-vgg16", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                     *FAST, "--epochs", "2", "--explore-epochs", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data_batch_3 is corrupt or not a CIFAR-10 python batch" in err and "Traceback" not in err
 
 
 def test_user_error_from_the_console_script_has_no_traceback(tmp_path):
@@ -176,17 +186,17 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     class Interrupted(Exception):
         pass
 
-    real_save = torch.save
+    real_save = cli._save_atomically
 
-    def save_then_stop(obj, path, *args, **kwargs):
-        real_save(obj, path, *args, **kwargs)
-        if isinstance(obj, dict) and obj.get("epoch") == 2:
+    def save_then_stop(state, path):
+        real_save(state, path)
+        if state.get("epoch") == 2:
             raise Interrupted
 
-    monkeypatch.setattr(cli.torch, "save", save_then_stop)
+    monkeypatch.setattr(cli, "_save_atomically", save_then_stop)
     with pytest.raises(Interrupted):
         cli.run(common + ["--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(cli.torch, "save", real_save)
+    monkeypatch.setattr(cli, "_save_atomically", real_save)
     resumed = cli.run(common + ["--out", str(tmp_path / "resumed"),
                                 "--resume", str(tmp_path / "resumed" / "checkpoint.pt")])
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
@@ -243,6 +253,46 @@ def test_ddp_two_processes_select_identically(tmp_path):
            *FAST]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "broadcast_buffers" not in done.stderr  # no deprecation warning on every rank
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
     assert torch.equal(r0["sel"], r1["sel"]) and not bool(r0["sel"].all())
     assert torch.equal(r0["params"], r1["params"])
+
+
+def test_a_write_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    common = ["--epochs", "3", "--explore-epochs", "1", "--out", str(tmp_path), *FAST]
+    real_save = torch.save
+
+    class Killed(Exception):
+        pass
+
+    def die_while_writing(obj, path, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            with open(path, "wb") as f:
+                f.write(b"PK\x03\x04 half a checkpoint")  # what a killed torch.save leaves behind
+            raise Killed
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(cli.torch, "save", die_while_writing)
+    with pytest.raises(Killed):
+        cli.run(common)
+    ckpt = cli._load_checkpoint(str(tmp_path / "checkpoint.pt"), torch.device("cpu"))
+    assert ckpt["epoch"] == 1  # the last whole checkpoint, loadable
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, monkeypatch, capsys):
+    real_save = cli._save_atomically
+
+    def save_then_interrupt(state, path):
+        real_save(state, path)
+        if state.get("epoch") == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_save_atomically", save_then_interrupt)
+    argv = ["--epochs", "2", "--explore-epochs", "1", "--out", str(tmp_path), *FAST]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted" in err
+    assert f"--resume {tmp_path / 'checkpoint.pt'}" in err
+

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import inspect
 import json
 import os
 import random
@@ -47,7 +48,7 @@ DISPLAY_EVERY = 20  # progress-bar refresh (steps): each refresh reads the runni
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dcp-train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dcp-train", description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("--recipe", default="digits", choices=sorted(RECIPES),
                    help="preset of data, model and schedule (default: digits, the embedded run)")
     p.add_argument("--data", help="dataset directory (CIFAR-10 python batches, or an ImageFolder tree)")
@@ -55,14 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explore-epochs", type=int, help="epochs with every channel selected (recipe default)")
     p.add_argument("--prune-ratio", type=float, help="fraction of prunable channels switched off")
     p.add_argument("--decay", type=float, help="initial utility decay factor (recipe default 0.6)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, help="images per step (recipe default)")
+    p.add_argument("--lr", type=float, help="initial SGD learning rate (recipe default)")
     p.add_argument("--image-size", type=int, default=32, help="digits: upsampled from 8x8 to this size (default 32)")
     p.add_argument("--backend", default="auto", help="auto | reference | torch | triton | extension")
     p.add_argument("--round-to", type=int, default=None,
                    help="keep each layer's width a multiple of this (default: 8 on CUDA for tensor cores "
                         "and few distinct shapes, 1 elsewhere: the paper's exact rule)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"], help="autocast precision")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dense", action="store_true", help="train the same model without DCP (baseline)")
@@ -224,6 +225,23 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _speed_words(dense: float, other: float) -> str:
+    """'1.85x faster' or '1.20x slower' than dense (never 'faster' for a slower step)."""
+    return f"{dense / other:.2f}x faster" if other <= dense else f"{other / dense:.2f}x slower"
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``: a run killed
+    while writing (OOM, preemption, Ctrl-C) leaves the previous checkpoint whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def _load_checkpoint(path: str, device: torch.device) -> dict:
     """A checkpoint written by dcp-train, loaded with ``weights_only=True``: tensors and plain
     containers only, so a file from elsewhere cannot run code when it is loaded."""
@@ -269,7 +287,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"dcp-train: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"dcp-train: interrupted. {_resume_hint(argv)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _resume_hint(argv: Sequence[str] | None) -> str:
+    """Where the last checkpoint of the run that ``argv`` started is, and how to continue it."""
+    args, _ = build_parser().parse_known_args(argv)
+    ckpt = Path(args.out) / "checkpoint.pt"
+    if not ckpt.is_file():
+        return "No epoch had finished, so there is no checkpoint to resume from."
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" in given:  # resuming again: drop the old --resume and its value
+        at = given.index("--resume")
+        del given[at:at + 2]
+    return f"The last checkpoint is {ckpt}; continue with: dcp-train {' '.join(given + ['--resume', str(ckpt)])}"
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
@@ -285,9 +321,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     random.seed(args.seed)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    out = Path(args.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created once the inputs are known good (no empty directory for a failed start)
     if not args.dense:
         try:
             dcp_kernels.ops.resolve_backend(args.backend, device)
@@ -318,8 +352,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if world > 1:
         # Buffers are not broadcast from rank 0: utilities are averaged over ranks before every
         # selection instead (Propagation.select), so every rank's gradients inform them.
+        # Newer torch deprecates broadcast_buffers for forward_sync_buffers, which still syncs once at
+        # init: harmless here, every rank starts from the same seed (or the same checkpoint).
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
         )
 
     rows: list[dict] = []
@@ -347,6 +386,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
             f"{dcp_kernels.ops.resolve_backend(args.backend, device)}")
         print(f"dcp-train: {recipe.name}: {spec.name} {spec.in_channels}x{spec.image_size}x{spec.image_size}, "
               f"{spec.train_size} train / {spec.test_size} test images, {mode}, {world} process(es)")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
     start_time = time.perf_counter()
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     for epoch in range(start_epoch, hp["epochs"]):
@@ -394,11 +435,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
             kept = f"  kept {row['kept']}/{prop.total_channels}" if prop else ""
             print(f"epoch {epoch + 1:>3}: loss {row['loss']:.3f}  train {row['train_acc']:.3f}  "
                   f"test {row['test_acc']:.3f}{kept}  {row['seconds']:.1f}s")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "scaler": scaler.state_dict(), "dcp": prop.state_dict() if prop else None,
-                        "rng": _rng_state(), "epoch": epoch + 1, "rows": rows, "kept_history": kept_history,
-                        "dense": args.dense, "recipe": recipe.name, "hyperparameters": hp},
-                       out / "checkpoint.pt")
+            _save_atomically({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                              "dcp": prop.state_dict() if prop else None, "rng": _rng_state(), "epoch": epoch + 1,
+                              "rows": rows, "kept_history": kept_history, "dense": args.dense,
+                              "recipe": recipe.name, "hyperparameters": hp},
+                             out / "checkpoint.pt")
     train_seconds = time.perf_counter() - start_time
     LAST_RUN.update(model=model, prop=prop)
     summary = _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history, device, probe,
@@ -445,7 +487,7 @@ def _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history
     if "step_seconds_dcp" in summary:
         d, c, f = summary["step_seconds_dense"], summary["step_seconds_dcp"], summary["step_seconds_finalized"]
         print(f"training step (batch {summary['timing_batch']}, {device}, {torch.get_num_threads()} threads): "
-              f"dense {d * 1e3:.1f} ms, DCP {c * 1e3:.1f} ms ({d / c:.2f}x faster), finalized model {f * 1e3:.1f} ms")
+              f"dense {d * 1e3:.1f} ms, DCP {c * 1e3:.1f} ms ({_speed_words(d, c)}), finalized model {f * 1e3:.1f} ms")
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -95,8 +95,12 @@ def _find_cifar10(root: Path) -> Path:
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError, IndexError) as exc:
+        raise ValueError(f"{path} is corrupt or not a CIFAR-10 python batch ({type(exc).__name__}: {exc}); "
+                         "extract it again from cifar-10-python.tar.gz") from exc
     try:
         data, labels = entry[b"data"], entry[b"labels"]
     except (KeyError, TypeError) as exc:

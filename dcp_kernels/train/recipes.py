@@ -1,6 +1,6 @@
 """Named training recipes: the paper's CIFAR-10 / ImageNet settings and the embedded default.
 
-Hyperparameters from ``shared/docs/dcp-algorithm.md`` (Shen et al., ICPR 2020): SGD, momentum 0.9,
+Hyperparameters from the paper (Shen et al., ICPR 2020; docs/algorithm.md): SGD, momentum 0.9,
 weight decay 1e-4, lr 0.1 divided by 10 at the milestones, batch 64 on CIFAR-10; utility decay starts
 at 0.6, +0.1 at each milestone, 1.0 from the last milestone on; 10 exploration epochs.
 """
