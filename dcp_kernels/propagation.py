@@ -306,7 +306,7 @@ class Propagation:
             holder.selected_indices()
         # The all-channel index vectors the compiled forward looks up: created here, eagerly, so a
         # first use inside torch.compile's trace does not guard on a cache that is about to change.
-        from .modules import DCPConv2d, _all_channels
+        from .modules import _all_channels
 
         for layer in self._all_dcp_layers_cached():
             _all_channels(layer.in_channels, layer.weight.device)
