@@ -98,6 +98,8 @@ class Propagation:
         # Under torch.distributed (DDP), average utilities over the ranks before each selection so
         # every rank selects the same channels. Set by the training CLI; off by default.
         self.distributed = False
+        # Select before every training-mode forward; False: the caller calls step() (accumulation).
+        self.auto_select = True
         self.model: nn.Module | None = None
         self.plan = plan
         self._hook = None
@@ -288,7 +290,13 @@ class Propagation:
             layer.utility.copy_(part)
 
     def step(self) -> None:
-        """One training step's selection (called automatically before each training forward)."""
+        """One training step's selection.
+
+        Called automatically before each training-mode forward while :attr:`auto_select` is True
+        (the default). With gradient accumulation set ``prop.auto_select = False`` and call
+        ``prop.step()`` once per optimizer step, before the first micro-batch: every micro-batch
+        of the step then runs with one selection (each backward still updates the utilities).
+        """
         self.steps += 1
         if self.distributed:
             self.sync_utilities()
@@ -477,6 +485,6 @@ class _SelectBeforeForward:
     def __call__(self, module: nn.Module, args: Iterable[Any]) -> None:
         # Runs eagerly even inside torch.compile: the selection (a sort and a few masks) and the
         # index vectors it implies are computed here, so the compiled forward only reads them.
-        if module.training:
+        if module.training and self.propagation.auto_select:
             self.propagation.step()
         self.propagation.refresh_indices()

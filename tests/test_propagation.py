@@ -247,3 +247,33 @@ def test_controller_round_to_keeps_multiples_and_survives_state_dict():
     for bad in (0, -8, 2.0, True):
         with pytest.raises(ValueError, match="round_to"):
             Propagation(layers, 0.5, round_to=bad)
+
+
+def test_gradient_accumulation_selects_once_per_optimizer_step():
+    import torch.nn.functional as F
+
+    from dcp_kernels import convert
+    from dcp_kernels.models import vgg
+
+    torch.manual_seed(0)
+    model = vgg([8, "M", 12, 12], num_classes=4)
+    prop = convert(model, 0.5, explore_epochs=0)
+    prop.auto_select = False
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.cat([l.selected for l in prop.layers]).clone()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    steps_before = prop.steps
+    for _ in range(3):  # optimizer steps
+        prop.step()
+        before = [l.utility.clone() for l in prop.layers]
+        for _ in range(2):  # micro-batches
+            x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+            (F.cross_entropy(model(x), y) / 2).backward()
+        assert any(not torch.equal(b, l.utility) for b, l in zip(before, prop.layers))  # backward measured
+        opt.step()
+        opt.zero_grad()
+    assert prop.steps - steps_before == 3
+    for first, second in zip(seen[0::2], seen[1::2]):
+        assert torch.equal(first, second)  # one selection for both micro-batches of a step
+    assert not torch.equal(seen[2], seen[4]) or not torch.equal(seen[0], seen[2])  # and it does move
