@@ -104,10 +104,6 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
     if args.backend not in ("auto", *dcp_kernels.ops.BACKENDS):
         raise UsageError(f"--backend {args.backend!r} is not a backend; choose one of "
                          f"{', '.join(('auto', *dcp_kernels.ops.BACKENDS))}")
-    if args.data and not Path(args.data).is_dir():
-        raise UsageError(f"--data {args.data}: no such directory")
-    if args.resume and not Path(args.resume).is_file():
-        raise UsageError(f"--resume {args.resume}: no such file")
     # Milestones scale with a shortened schedule so --epochs keeps the recipe's shape.
     scale = hp["epochs"] / recipe.epochs
     hp["milestones"] = tuple(sorted({max(1, round(m * scale)) for m in recipe.milestones}))
@@ -312,6 +308,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """Parse ``argv``, train, finalize, report; returns the summary that is also saved as JSON."""
     args = build_parser().parse_args(argv)
     recipe, hp = resolve(args)
+    if args.data and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: no such directory")
+    if args.resume and not Path(args.resume).is_file():
+        raise UsageError(f"--resume {args.resume}: no such file")
     from tqdm.auto import tqdm
 
     device = _device(args.device)
