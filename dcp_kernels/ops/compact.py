@@ -57,23 +57,26 @@ class _CompactConv2d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact):
         c_in, c_out = weight.shape[1] * (weight.shape[0] if depthwise else 1), weight.shape[0]
         full_out = _is_all(out_idx, c_out)
-        w_c = weight if full_out else weight.index_select(0, out_idx)
         b_c = None if bias is None else (bias if full_out else bias.index_select(0, out_idx))
-        input_scale = None
+        input_scale = rows = None
         if depthwise:
             read_idx, full_in, groups = out_idx, full_out, out_idx.numel()
             if not _is_all(in_idx, c_in):
                 input_scale = channel_mask(in_idx, c_in, x.dtype).index_select(0, out_idx).view(1, -1, 1, 1)
         else:
             read_idx, full_in, groups = in_idx, _is_all(in_idx, c_in), 1
-            if not full_in:
-                w_c = weight.reshape(c_out * c_in, -1).index_select(0, block_rows(out_idx, in_idx, c_in))
-                w_c = w_c.view(out_idx.numel(), in_idx.numel(), *weight.shape[2:])
+        if depthwise or full_in:
+            w_c = weight if full_out else weight.index_select(0, out_idx)
+        else:
+            # One gather of the block (and the same rows scatter its gradient in backward).
+            rows = block_rows(out_idx, in_idx, c_in)
+            w_c = weight.reshape(c_out * c_in, -1).index_select(0, rows)
+            w_c = w_c.view(out_idx.numel(), in_idx.numel(), *weight.shape[2:])
         x_c = x if (full_in or x_compact) else x.index_select(1, read_idx)
         if input_scale is not None:
             x_c = x_c * input_scale
         y_c = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
-        ctx.save_for_backward(x_c, w_c, read_idx, out_idx, input_scale)
+        ctx.save_for_backward(x_c, w_c, read_idx, out_idx, input_scale, rows)
         ctx.conf = (stride, padding, dilation, groups, depthwise, full_in or x_compact, full_out, bias is not None)
         ctx.full_shapes = (x.shape, weight.shape)
         ctx.x_memory_format = _memory_format(x)
@@ -81,7 +84,7 @@ class _CompactConv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y_c):
-        x_c, w_c, read_idx, out_idx, input_scale = ctx.saved_tensors
+        x_c, w_c, read_idx, out_idx, input_scale, rows = ctx.saved_tensors
         stride, padding, dilation, groups, depthwise, x_as_is, full_out, has_bias = ctx.conf
         x_shape, w_shape = ctx.full_shapes
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -102,7 +105,7 @@ class _CompactConv2d(torch.autograd.Function):
             else:
                 grad_w = gw_c.new_zeros(w_shape)
                 grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(
-                    0, block_rows(out_idx, read_idx, w_shape[1]), gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1)
+                    0, rows, gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1)
                 )
         if need_b and has_bias:
             grad_b = gb_c if full_out else gb_c.new_zeros(w_shape[0]).index_copy_(0, out_idx, gb_c)
