@@ -11,15 +11,11 @@ from torch import nn
 from . import ops
 from .graph import ChannelAnalysis, Segment, analyze
 from .modules import ConcatSource, DCPConv2d, DCPLinear
-from .propagation import ConversionPlan, DecaySchedule, Propagation
+from .plan import ConversionPlan, set_submodule
+from .propagation import DecaySchedule, Propagation
 from .rule import check_prune_ratio, check_round_to
 
 logger = logging.getLogger("dcp_kernels")
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def _check_model(model: nn.Module) -> None:
@@ -183,9 +179,9 @@ def convert(
     )
 
     for name, layer in {**new_layers, **new_linears}.items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     for bn_name in plan.norm_homes.values():
-        _set_submodule(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, nn.Identity())
     prop.attach(model)
     unexpected = {n: r for n, r in analysis.skipped.items() if n not in analysis.policy}
     if unexpected:

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .convert import _set_submodule
 from .modules import ConcatSource, DCPConv2d, DCPLinear
+from .plan import set_submodule
 
 if TYPE_CHECKING:  # pragma: no cover
     from .propagation import Propagation
@@ -119,17 +119,17 @@ def finalize(prop: "Propagation") -> nn.Module:
         if isinstance(module, DCPConv2d):
             out_keep = _kept(module) if module.prunable else channel_keep
             in_keep = channel_keep if module.groups != 1 else _kept(module.input_source)
-            _set_submodule(plain, name, _plain_conv(module, in_keep, out_keep))
+            set_submodule(plain, name, _plain_conv(module, in_keep, out_keep))
             if module.norm is not None:
                 home = plan.norm_homes.get(name)
                 if home is None:
                     raise RuntimeError(f"{module._label()} owns a BatchNorm but convert() recorded no place for it")
-                _set_submodule(plain, home, _plain_norm(module.norm, out_keep))
+                set_submodule(plain, home, _plain_norm(module.norm, out_keep))
         elif isinstance(module, DCPLinear):
-            _set_submodule(plain, name, _plain_linear(module))
+            set_submodule(plain, name, _plain_linear(module))
         elif channel_keep is not None:
             if isinstance(module, nn.BatchNorm2d):
-                _set_submodule(plain, name, _plain_norm(module, channel_keep))
+                set_submodule(plain, name, _plain_norm(module, channel_keep))
             else:  # depthwise convs inside a group are DCPConv2d (above)
                 raise RuntimeError(f"finalize: {name!r} ({type(module).__name__}) holds pruned channels "
                                    "but DCP does not know how to cut it")

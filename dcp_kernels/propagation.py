@@ -1,18 +1,22 @@
-"""The DCP algorithm: utilities, the global selection rule, the decay schedule, the controller.
+"""The controller: applies the DCP rule (:mod:`dcp_kernels.rule`) to a converted model's layers.
 
-Everything that decides *which* channels are used lives here; the kernels in :mod:`dcp_kernels.ops`
-only decide *how* they are computed. See ``docs/algorithm.md`` for the definitions.
+The rule (keep counts, the global selection, the utility update, the decay schedule) is tensor
+functions in :mod:`dcp_kernels.rule`; this module holds :class:`Propagation`, which owns the
+schedule, walks the layers, writes their selections and index vectors, and saves its state. The
+kernels in :mod:`dcp_kernels.ops` only decide *how* channels are computed. Definitions:
+``docs/algorithm.md``.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from . import rule
+from .plan import ConversionPlan  # noqa: F401  (re-exported: its historical home)
 from .rule import (  # noqa: F401  (re-exported: the rule's historical home)
     DecaySchedule,
     SelectionRule,
@@ -25,27 +29,6 @@ from .rule import (  # noqa: F401  (re-exported: the rule's historical home)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .modules import DCPConv2d
-
-
-@dataclass
-class ConversionPlan:
-    """What ``convert`` decided, kept so ``finalize`` cuts exactly the coupled tensors.
-
-    ``norm_homes``: prunable conv -> where its BatchNorm sat before the BN moved into the
-    DCPConv2d (an ``nn.Identity`` holds that place now).
-    ``channelwise``: module with per-channel parameters inside a pruned group (a BatchNorm over a
-    concat, a depthwise conv) -> the segments of its channels, ``(producer conv or None, width)``:
-    ``finalize`` keeps the channels the producer selects (all of a ``None`` segment).
-    ``groups``: the names of the prunable convs that share one selection.
-    ``skipped``: conv -> why it stays dense; ``policy``: those left dense by choice
-    (``prune_residual=False``, ``ignore``).
-    """
-
-    norm_homes: dict[str, str] = field(default_factory=dict)
-    channelwise: dict[str, list[tuple[str | None, int]]] = field(default_factory=dict)
-    groups: list[list[str]] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    policy: set[str] = field(default_factory=set)
 
 
 class Propagation:

@@ -197,6 +197,8 @@ def test_ignore_and_per_layer_ratios():
                                layer_prune_ratios={"layer1.0.conv1": 0.25}, min_channels={"layer2.0.conv1": 100})
     assert "conv1" not in prop.layer_names and "layer4.1.conv1" not in prop.layer_names
     assert type(model.layer4[1].conv1) is nn.Conv2d  # ignored modules are left exactly as they were
+    for layer in prop.layers:  # measured utilities (all-zero ones select nothing: docs/algorithm.md)
+        layer.utility.uniform_()
     prop.select(force=True)
     assert prop.kept()["layer1.0.conv1"] == 48
     assert prop.kept()["layer2.0.conv1"] >= 100

@@ -1,0 +1,103 @@
+"""Which operations do what to channels: the tables the channel analysis reads.
+
+Element-wise ops carry a channel space unchanged, sums and products merge spaces, spatial
+reductions and flattens lead to readers; the small node helpers here answer those questions for one
+traced node. Extending what convert() understands starts here.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+# Element-wise (per channel) modules, functions and tensor methods without per-channel parameters.
+# They work on any channel count, so a compact tensor (only the selected channels) passes through.
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish,
+    nn.Tanh, nn.Hardtanh, nn.Sigmoid, nn.Hardsigmoid, nn.LogSigmoid, nn.Softplus, nn.Softsign,
+    nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
+    F.hardswish, F.mish, torch.tanh, F.hardtanh, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus,
+    F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+    F.interpolate,
+}
+_ELEMENTWISE_METHODS = {
+    "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "contiguous", "clone", "float", "to",
+}
+# Reductions over H and W keep one value per channel.
+_SPATIAL_REDUCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax"}
+_SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+_PRODUCTS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_SUM_METHODS = {"add", "add_", "sub", "sub_"}
+_PRODUCT_METHODS = {"mul", "mul_", "div", "div_"}
+
+
+def _stochastic_depth_functions() -> set:
+    try:  # torchvision wraps it for fx, so it appears as one call in the trace
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is optional
+        return set()
+    return {stochastic_depth}
+
+
+def supported_conv(module: nn.Module) -> bool:
+    """Convs ``DCPConv2d`` can stand in for: ``groups=1`` and depthwise."""
+    return type(module) is nn.Conv2d and (
+        module.groups == 1 or module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _flatten_from_dim1(args, kwargs) -> bool:
+    start = args[0] if args else kwargs.get("start_dim", 0)
+    end = args[1] if len(args) > 1 else kwargs.get("end_dim", -1)
+    return start == 1 and end == -1
+
+
+def _is_batch_flatten(shape_args) -> bool:
+    """``x.view(x.size(0), -1)`` or ``x.view(-1, K)``: one flat feature vector per sample."""
+    if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
+        shape_args = tuple(shape_args[0])
+    if len(shape_args) != 2:
+        return False
+    first, second = shape_args
+    batch_size = isinstance(first, fx.Node) and _is_shape_query(first) and (
+        (first.op == "call_method" and first.args[1:] == (0,))
+        or (first.op == "call_function" and first.target is operator.getitem and first.args[1] == 0)
+    )
+    return (batch_size and second == -1) or (first == -1 and isinstance(second, int))
+
+
+def _flattens_per_sample(node: fx.Node) -> bool:
+    """A view/reshape from (N, C, H, W) to (N, C*H*W), read off the recorded shapes."""
+    before, after = _shape(node.args[0]), _shape(node)
+    return (before is not None and after is not None and len(before) == 4 and len(after) == 2
+            and after[0] == before[0] and after[1] == math.prod(before[1:]))
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1:] in (("shape",), ("ndim",)):
+        return True
+    if node.op == "call_function" and node.target is operator.getitem:
+        parent = node.args[0]
+        return isinstance(parent, fx.Node) and _is_shape_query(parent)
+    return False
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target!r}"
