@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .modules import ConcatSource, DCPConv2d, DCPLinear
+from .ops.compact import selects_all
 from .plan import set_submodule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -19,7 +20,7 @@ def _kept(source) -> torch.Tensor | None:
     if source is None or not source.prunable:
         return None
     idx = source.selected_indices()
-    return None if idx.numel() == source.out_channels else idx
+    return None if selects_all(idx, source.out_channels) else idx
 
 
 def _plain_conv(layer: nn.Conv2d, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None) -> nn.Conv2d:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .ops.compact import block_rows, zeros_except
+from .ops.compact import block_rows, selects_all, zeros_except
 from .ops.reference import channel_mask
 from .rule import update_utilities
 
@@ -23,7 +23,7 @@ class _CompactGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a_c, out_idx, channels, utility, decay, track, scatter, backend):
-        ctx.track, ctx.decay, ctx.full = track, decay, out_idx.numel() == channels
+        ctx.track, ctx.decay, ctx.full = track, decay, selects_all(out_idx, channels)
         ctx.backend = backend
         ctx.scatter = scatter and not ctx.full
         # The utility buffer is held as a plain attribute, not saved: backward updates it in
@@ -313,7 +313,7 @@ class DCPConv2d(nn.Conv2d):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{self._label()}: expected a 4-D (N, C, H, W) input, got {shape}")
-        compact = in_idx is not None and x.shape[1] == in_idx.numel() != self.in_channels
+        compact = in_idx is not None and x.shape[1] == in_idx.numel() and not selects_all(in_idx, self.in_channels)
         if x.shape[1] != self.in_channels and not compact:
             also = f" (or the {in_idx.numel()} live channels of its input source)" if in_idx is not None else ""
             raise ValueError(f"{self._label()}: expected {self.in_channels} input channels{also}, got {x.shape[1]}")
@@ -397,7 +397,7 @@ class DCPConv2d(nn.Conv2d):
         if update_stats:
             bn.num_batches_tracked.add_(1)
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        keeps_all = out_idx.numel() == bn.num_features
+        keeps_all = selects_all(out_idx, bn.num_features)
         compact = not full and not keeps_all
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -491,7 +491,7 @@ class DCPLinear(nn.Linear):
         if source is None:
             return None
         idx = source.selected_indices()
-        if idx.numel() == source.out_channels:
+        if selects_all(idx, source.out_channels):
             return None
         # Channel c owns features [c * block, (c + 1) * block): the same flat-index arithmetic as a
         # weight block's rows.

@@ -24,9 +24,12 @@ def zeros_except(shape, idx: torch.Tensor, values: torch.Tensor, memory_format=t
     return out.index_copy_(1, idx, values)
 
 
-def _is_all(idx: torch.Tensor, size: int) -> bool:
-    # Indices are sorted and unique (validated by the dispatcher or built by the controller),
-    # so a full-length index vector is exactly arange(size): skip the gather/scatter copy.
+def selects_all(idx: torch.Tensor, size: int) -> bool:
+    """Whether ``idx`` selects every one of ``size`` channels: the one test the library uses to skip
+    a gather, a scatter or a write-back (compact backend, layers, finalize).
+
+    Indices are sorted and unique (validated by the dispatcher or built by the controller), so a
+    full-length index vector is exactly ``arange(size)``."""
     return idx.numel() == size
 
 
@@ -56,15 +59,15 @@ class _CompactConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact):
         c_in, c_out = weight.shape[1] * (weight.shape[0] if depthwise else 1), weight.shape[0]
-        full_out = _is_all(out_idx, c_out)
+        full_out = selects_all(out_idx, c_out)
         b_c = None if bias is None else (bias if full_out else bias.index_select(0, out_idx))
         input_scale = rows = None
         if depthwise:
             read_idx, full_in, groups = out_idx, full_out, out_idx.numel()
-            if not _is_all(in_idx, c_in):
+            if not selects_all(in_idx, c_in):
                 input_scale = channel_mask(in_idx, c_in, x.dtype).index_select(0, out_idx).view(1, -1, 1, 1)
         else:
-            read_idx, full_in, groups = in_idx, _is_all(in_idx, c_in), 1
+            read_idx, full_in, groups = in_idx, selects_all(in_idx, c_in), 1
         if depthwise or full_in:
             w_c = weight if full_out else weight.index_select(0, out_idx)
         else:
@@ -145,7 +148,7 @@ class _ScatterChannels(torch.autograd.Function):
 
 def scatter_channels(y_c: torch.Tensor, out_idx: torch.Tensor, channels: int) -> torch.Tensor:
     """Full-width (N, channels, H, W) tensor holding ``y_c`` at ``out_idx`` and exact zeros elsewhere."""
-    if _is_all(out_idx, channels):
+    if selects_all(out_idx, channels):
         return y_c
     return _ScatterChannels.apply(y_c, out_idx, channels)
 

@@ -15,10 +15,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import (
-    DEPTHWISE_UNSPECIALIZED,
     DEPTHWISE_TUNE_KEY,
-    bucket,
+    DEPTHWISE_UNSPECIALIZED,
     accumulator,
+    bucket,
     elementwise_configs,
     reading_output_pixel,
     split_pixels,

@@ -14,10 +14,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import (
-    CONV_UNSPECIALIZED,
     CONV_TUNE_KEY,
-    bucket,
+    CONV_UNSPECIALIZED,
     accumulator,
+    bucket,
     dot_acc,
     dot_mode,
     gemm_configs,

@@ -15,10 +15,10 @@ from torch.library import wrap_triton
 
 from ..compact import block_rows
 from ._common import (
-    CONV_UNSPECIALIZED,
     CONV_TUNE_KEY,
-    bucket,
+    CONV_UNSPECIALIZED,
     accumulator,
+    bucket,
     dot_acc,
     dot_mode,
     gemm_configs,
