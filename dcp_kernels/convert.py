@@ -134,8 +134,11 @@ def convert(
     ignored = _ignored_names(model, ignore)
     analysis = analyze(model, example_inputs, prune_residual=prune_residual, ignore=ignored)
     if not analysis.groups:
-        reasons = "; ".join(f"{n}: {r}" for n, r in analysis.skipped.items())
-        raise ValueError(f"no prunable conv layer found in {type(model).__name__} ({reasons})")
+        reasons = "; ".join(f"{n}: {r}" for n, r in list(analysis.skipped.items())[:5])
+        more = f"; and {len(analysis.skipped) - 5} more" if len(analysis.skipped) > 5 else ""
+        hint = (" Every conv is summed into a residual path: prune_residual=True prunes such groups jointly."
+                if analysis.skipped and all("prune_residual=False" in r for r in analysis.skipped.values()) else "")
+        raise ValueError(f"no prunable conv layer found in {type(model).__name__} ({reasons}{more}).{hint}")
 
     # Plan: build every new layer without touching the model, validate, then swap.
     group_of = {p: g for g in analysis.groups for p in g.producers}

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .graph.optable import is_norm_like, registered_kind
 from .modules import ConcatSource, DCPConv2d, DCPLinear
 from .ops.compact import selects_all
 from .plan import set_submodule
@@ -78,6 +79,22 @@ def _plain_norm(bn: nn.BatchNorm2d, keep: torch.Tensor | None) -> nn.BatchNorm2d
     return new
 
 
+def _cut_per_channel(module: nn.Module, keep: torch.Tensor, channels: int) -> None:
+    """Cut, in place, every parameter and buffer of a per-channel module (a norm layer of any class:
+    timm's BatchNormAct2d, SyncBatchNorm, FrozenBatchNorm2d, a registered one) whose first dimension
+    is the channel count; the module keeps its class and forward."""
+    with torch.no_grad():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() >= 1 and param.shape[0] == channels:
+                setattr(module, name, nn.Parameter(param.index_select(0, keep).clone(),
+                                                   requires_grad=param.requires_grad))
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.dim() >= 1 and buf.shape[0] == channels:
+                module._buffers[name] = buf.index_select(0, keep).clone()
+    if getattr(module, "num_features", None) == channels:
+        module.num_features = int(keep.numel())
+
+
 def _plain_linear(linear: DCPLinear) -> nn.Linear:
     columns = linear.selected_features()
     weight = linear.weight.detach() if columns is None else linear.weight.detach().index_select(1, columns)
@@ -129,8 +146,11 @@ def finalize(prop: "Propagation") -> nn.Module:
         elif isinstance(module, DCPLinear):
             set_submodule(plain, name, _plain_linear(module))
         elif channel_keep is not None:
-            if isinstance(module, nn.BatchNorm2d):
+            if type(module) is nn.BatchNorm2d:
                 set_submodule(plain, name, _plain_norm(module, channel_keep))
+            elif is_norm_like(module) or registered_kind(module) == "per_channel":
+                channels = sum(width for _, width in plan.channelwise[name])
+                _cut_per_channel(module, channel_keep, channels)
             else:  # depthwise convs inside a group are DCPConv2d (above)
                 raise RuntimeError(f"finalize: {name!r} ({type(module).__name__}) holds pruned channels "
                                    "but DCP does not know how to cut it")

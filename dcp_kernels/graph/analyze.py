@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .optable import (
@@ -45,6 +46,8 @@ from .optable import (
     _is_shape_query,
     _shape,
     _stochastic_depth_functions,
+    is_norm_like,
+    registered_kind,
     supported_conv,
 )
 from .record import _drop_dead_ends, _propagate_shapes, _record_any, trace
@@ -258,9 +261,18 @@ class _Analyzer:
                 return self.produced(node, mod, blocked="a depthwise conv produces it from a dense input")
             self.block(x, f"read by {name!r}, a grouped conv (groups={mod.groups}) whose channels cannot be cut one by one")
             return self.produced(node, mod, blocked=f"grouped conv (groups={mod.groups})")
-        if isinstance(mod, nn.BatchNorm2d):
+        kind = registered_kind(mod)
+        if kind == "mixing":
+            self.block_inputs(node, f"read by {name!r} ({type(mod).__name__}), registered as channel-mixing")
+            return None
+        if kind == "elementwise":
+            return x
+        if kind == "per_channel" or is_norm_like(mod):
+            # An exact nn.BatchNorm2d right after its conv moves into the DCPConv2d; any other norm
+            # (a subclass with its own forward, SyncBatchNorm, FrozenBatchNorm2d, a registered
+            # per-channel module) stays where it is, full width, and finalize() cuts its tensors.
             producer = node.args[0] if node.args else None
-            owner = self.owned_norm(producer, mod, name)
+            owner = self.owned_norm(producer, mod, name) if isinstance(mod, nn.BatchNorm2d) else None
             if owner is not None:
                 self.spaces[self.out_space[owner]].norm = name
             elif x is not None:
@@ -330,8 +342,17 @@ class _Analyzer:
         target = node.target
         x = self.first_chan(node)
         if node.op == "call_function":
-            if target in _ELEMENTWISE_FUNCTIONS:
+            kind = registered_kind(target)
+            if target in _ELEMENTWISE_FUNCTIONS or kind == "elementwise":
                 return x
+            if kind == "mixing":
+                self.block_inputs(node, f"its channels go to {_describe(node)}, registered as channel-mixing")
+                return None
+            if target is F.batch_norm:
+                self.block_inputs(node, f"its channels go to {_describe(node)}, called with tensors DCP cannot cut; "
+                                        "use a BatchNorm module (or register the module that calls it as "
+                                        "'per_channel')")
+                return None
             if target in self.stochastic_depth:  # times a per-sample scalar
                 self.unsimple(x)
                 return x

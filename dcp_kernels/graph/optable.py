@@ -48,6 +48,79 @@ def _stochastic_depth_functions() -> set:
     return {stochastic_depth}
 
 
+# ----------------------------------------------------------------------------- the user registry
+CHANNEL_KINDS = ("elementwise", "per_channel", "mixing")
+"""What a registered module type or function does to the channel dimension:
+
+* ``elementwise``: works on each channel alone and has no per-channel state (an activation, a
+  pooling): a compact tensor passes through it;
+* ``per_channel``: works on each channel alone with per-channel parameters or buffers whose first
+  dimension is the channel count (a norm layer): the group it sits in stays full width, and
+  ``finalize()`` cuts those tensors to the kept channels;
+* ``mixing``: mixes channels (or DCP must not look inside): channels reaching it stay dense.
+"""
+_REGISTRY: dict[Any, str] = {}
+
+
+def register(target: Any, kind: str) -> None:
+    """Tell ``convert()`` what a module type or a function does to channels (see :data:`CHANNEL_KINDS`).
+
+    A registered module type (subclasses included) is traced as one call, not entered. Example::
+
+        dcp_kernels.register(MyScaledAct, "elementwise")
+        dcp_kernels.register(MyNorm, "per_channel")
+        dcp_kernels.register(my_channel_shuffle, "mixing")
+    """
+    if kind not in CHANNEL_KINDS:
+        raise ValueError(f"register: kind must be one of {', '.join(CHANNEL_KINDS)}, got {kind!r}")
+    if isinstance(target, type):
+        if not issubclass(target, nn.Module):
+            raise TypeError(f"register: {target.__name__} is a class but not an nn.Module subclass")
+        if issubclass(target, nn.Conv2d):
+            raise ValueError(f"register: {target.__name__} is a conv; convs are DCP's own business, "
+                             "register the channel-wise modules around them instead")
+    elif not callable(target):
+        raise TypeError(f"register: expected an nn.Module subclass or a function, got {type(target).__name__}")
+    elif kind == "per_channel":
+        raise ValueError("register: a function cannot be 'per_channel' (finalize() could not cut the tensors it "
+                         "is called with); register the module that owns them instead")
+    _REGISTRY[target] = kind
+
+
+def unregister(target: Any) -> None:
+    """Forget a registration (no error when there is none)."""
+    _REGISTRY.pop(target, None)
+
+
+def registered_kind(target: Any) -> str | None:
+    """The registered kind of a module (by its type, most specific first) or function."""
+    if isinstance(target, nn.Module):
+        for cls in type(target).__mro__:
+            if cls in _REGISTRY:
+                return _REGISTRY[cls]
+        return None
+    try:
+        return _REGISTRY.get(target)
+    except TypeError:  # unhashable
+        return None
+
+
+def is_norm_like(module: nn.Module) -> bool:
+    """Batch norm however it is written: ``nn.BatchNorm2d`` and its subclasses with their own forward
+    (timm's ``BatchNormAct2d``: norm + activation), ``SyncBatchNorm``, any ``_BatchNorm``, and
+    ``FrozenBatchNorm2d`` (torchvision, detection backbones: per-channel buffers, no module base)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return type(module).__name__ == "FrozenBatchNorm2d" and all(
+        isinstance(getattr(module, n, None), torch.Tensor) for n in ("weight", "bias", "running_mean", "running_var"))
+
+
+def traced_as_one_call(module: nn.Module) -> bool:
+    """Modules the trace calls as a whole (fx leaves) beyond torch.nn's own: norm layers however
+    written, and every registered type."""
+    return is_norm_like(module) or registered_kind(module) is not None
+
+
 def supported_conv(module: nn.Module) -> bool:
     """Convs ``DCPConv2d`` can stand in for: ``groups=1`` and depthwise."""
     return type(module) is nn.Conv2d and (

@@ -15,12 +15,19 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .optable import _IN_PLACE_OPERATORS
+from .optable import _IN_PLACE_OPERATORS, traced_as_one_call
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, plus norm layers however written and registered modules as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return traced_as_one_call(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
     try:
-        graph = fx.Tracer().trace(model)
+        graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many types; name the model and the cause
         raise TypeError(
             f"convert() could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc})."
@@ -44,6 +51,8 @@ _OPERATOR_METHODS = {
 
 def _is_leaf(module: nn.Module) -> bool:
     """torch.fx's default: modules of torch.nn itself are called as a whole, others are entered."""
+    if traced_as_one_call(module):
+        return True
     return (module.__module__.startswith("torch.nn") or module.__module__.startswith("torch.ao.nn")) and not isinstance(
         module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     )
