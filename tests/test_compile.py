@@ -21,7 +21,7 @@ from torch import nn
 import dcp_kernels
 from dcp_kernels import ops
 
-BACKENDS = [b for b in ("torch", "extension") if ops.backends("cpu")[b]]
+BACKENDS = [b for b in ("torch", "extension", "triton") if ops.backends("cpu")[b]]
 SHAPE_POLYMORPHIC = {"extension", "triton"}  # convolution as a custom op: one graph for every width
 SELECTING_STEPS = 11
 
