@@ -23,7 +23,10 @@ from dcp_kernels import ops
 
 BACKENDS = [b for b in ("torch", "extension", "triton") if ops.backends("cpu")[b]]
 SHAPE_POLYMORPHIC = {"extension", "triton"}  # convolution as a custom op: one graph for every width
-SELECTING_STEPS = 11
+# The custom-op backends must not recompile as widths move: 11 selecting steps show it. The torch
+# backend recompiles per width combination by design (inductor specializes aten conv weights), each
+# recompile costing 20-60 s of C++ compilation here: 3 selecting steps check it still trains right.
+SELECTING_STEPS = {"torch": 3, "extension": 11, "triton": 11}
 
 
 def _tiny():
@@ -38,11 +41,11 @@ def _tiny():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
 
 
-def _train(model, prop, forward):
+def _train(model, prop, forward, selecting_steps):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     record = []
-    for step in range(1 + SELECTING_STEPS):
+    for step in range(1 + selecting_steps):
         x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)
         loss = F.cross_entropy(forward(x), y)
         opt.zero_grad()
@@ -65,15 +68,16 @@ def test_compiled_training_matches_eager_without_graph_breaks_in_the_convs(backe
     compiled = dcp_kernels.convert(compiled_model, 0.5, explore_epochs=1, backend=backend)
     torch._dynamo.reset()
     counters.clear()
-    want = _train(eager_model, eager, eager_model)
+    steps = SELECTING_STEPS[backend]
+    want = _train(eager_model, eager, eager_model, steps)
     with torch._inductor.config.patch(fx_graph_cache=False):  # a cached graph brings its old guards
-        got = _train(compiled_model, compiled, torch.compile(compiled_model, backend="inductor"))
+        got = _train(compiled_model, compiled, torch.compile(compiled_model, backend="inductor"), steps)
     for (l_want, u_want, s_want, _), (l_got, u_got, s_got, _) in zip(want, got):
         torch.testing.assert_close(l_got, l_want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(u_got, u_want, rtol=1e-5, atol=1e-6)
         assert torch.equal(s_got, s_want)
     widths = {kept for *_, kept in want[1:]}
-    assert len(widths) >= 3, f"the test needs the kept widths to change between steps, saw {widths}"
+    assert len(widths) >= (3 if backend in SHAPE_POLYMORPHIC else 2), f"the kept widths must change, saw {widths}"
     breaks = dict(counters["graph_break"])
     assert len(breaks) == 1 and "_SelectBeforeForward" in next(iter(breaks)), breaks
     # Frames compiled: the pre-hook's caller, then the model once exploring and once selecting.

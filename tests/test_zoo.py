@@ -318,12 +318,13 @@ def test_untraceable_model_falls_back_to_a_recorded_run():
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121"])
 def test_recorded_run_finds_the_same_graph_as_fx(name, monkeypatch):
     from dcp_kernels import graph
+    from dcp_kernels.graph import analysis
 
     model = getattr(torchvision.models, name)(num_classes=5)
     for prune_residual in (False, True):
         traced = graph.analyze(model, prune_residual=prune_residual)
         with monkeypatch.context() as m:
-            m.setattr(graph, "trace", lambda model: (_ for _ in ()).throw(TypeError("fx refused")))
+            m.setattr(analysis, "trace", lambda model: (_ for _ in ()).throw(TypeError("fx refused")))
             with pytest.warns(UserWarning, match="recorded run"):
                 recorded = graph.analyze(model, prune_residual=prune_residual)
         for field in ("groups", "conv_inputs", "linear_inputs", "channelwise", "skipped"):

@@ -2,11 +2,11 @@
 
 * :mod:`.record`: a graph of the model (torch.fx trace with shapes, or a recorded run);
 * :mod:`.optable`: what each operation does to channels (the tables);
-* :mod:`.analyze`: channel spaces, coupled groups, readers and concat segments (:func:`analyze`).
+* :mod:`.analysis`: channel spaces, coupled groups, readers and concat segments (:func:`analyze`).
 
 Rules in full: docs/convert.md.
 """
-from .analyze import ChannelAnalysis, Group, Segment, analyze
+from .analysis import ChannelAnalysis, Group, Segment, analyze
 from .optable import supported_conv
 from .record import record, trace
 
