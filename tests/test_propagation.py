@@ -48,15 +48,21 @@ def test_nan_utilities_rank_last():
     assert select_channels(u, [3], keep=2, min_channels=0).tolist() == [False, True, True]
 
 
-def test_selection_matches_a_brute_force_rule_on_random_vectors():
-    g = torch.Generator().manual_seed(3)
-    for trial in range(50):
-        sizes = torch.randint(1, 9, (4,), generator=g).tolist()
+def _random_selections(seed, trials, layers, max_size, max_utility, floors):
+    """(utilities, sizes, keep, floor) cases with many ties, a floor in ``floors``, any feasible keep."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(trials):
+        sizes = torch.randint(1, max_size + 1, (layers,), generator=g).tolist()
         total = sum(sizes)
-        u = torch.randint(0, 4, (total,), generator=g).float()  # many ties
-        floor = int(torch.randint(0, 3, (1,), generator=g))
-        floors = sum(min(floor, s) for s in sizes)
-        keep = int(torch.randint(floors, total + 1, (1,), generator=g))
+        u = torch.randint(0, max_utility, (total,), generator=g).float()
+        floor = int(torch.randint(floors[0], floors[1] + 1, (1,), generator=g))
+        keep = int(torch.randint(sum(min(floor, s) for s in sizes), total + 1, (1,), generator=g))
+        yield u, sizes, keep, floor
+
+
+def test_selection_matches_a_brute_force_rule_on_random_vectors():
+    for trial, (u, sizes, keep, floor) in enumerate(_random_selections(3, 50, 4, 8, 4, (0, 2))):
+        total = sum(sizes)
         got = select_channels(u, sizes, keep, floor)
         # Brute force: per layer take the best `floor` (ties lower index), then fill globally.
         chosen, start = set(), 0
@@ -202,14 +208,8 @@ def _brute_force_selection(u, sizes, keep, floor, round_to):
 
 @pytest.mark.parametrize("round_to", [1, 2, 4, 8])
 def test_round_to_matches_a_brute_force_rule(round_to):
-    g = torch.Generator().manual_seed(round_to)
-    for trial in range(60):
-        sizes = torch.randint(1, 40, (5,), generator=g).tolist()
+    for trial, (u, sizes, keep, floor) in enumerate(_random_selections(round_to, 60, 5, 39, 6, (1, 3))):
         total = sum(sizes)
-        u = torch.randint(0, 6, (total,), generator=g).float()  # many ties
-        floor = int(torch.randint(1, 4, (1,), generator=g))
-        floors = sum(min(floor, s) for s in sizes)
-        keep = int(torch.randint(floors, total + 1, (1,), generator=g))
         got = select_channels(u, sizes, keep, floor, round_to=round_to)
         expected = _brute_force_selection(u, sizes, keep, floor, round_to)
         assert got.tolist() == [i in expected for i in range(total)], (trial, sizes, keep, floor)

@@ -178,6 +178,18 @@ def test_cifar_recipe_runs_on_fake_data(tmp_path):
     assert summary["params_finalized"] < summary["params_dense"]
 
 
+def _stop_after_checkpoint(monkeypatch, epoch: int, error: type[BaseException]) -> None:
+    """Make a run raise ``error`` right after writing the checkpoint of ``epoch``."""
+    real_save = cli._save_atomically
+
+    def save_then_stop(state, path):
+        real_save(state, path)
+        if state.get("epoch") == epoch:
+            raise error
+
+    monkeypatch.setattr(cli, "_save_atomically", save_then_stop)
+
+
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     """Interrupt a run right after its epoch-2 checkpoint, resume it: bit-identical to an uninterrupted run."""
     common = ["--epochs", "4", "--explore-epochs", "1", *FAST]
@@ -186,17 +198,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     class Interrupted(Exception):
         pass
 
-    real_save = cli._save_atomically
-
-    def save_then_stop(state, path):
-        real_save(state, path)
-        if state.get("epoch") == 2:
-            raise Interrupted
-
-    monkeypatch.setattr(cli, "_save_atomically", save_then_stop)
-    with pytest.raises(Interrupted):
-        cli.run(common + ["--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(cli, "_save_atomically", real_save)
+    with monkeypatch.context() as m:
+        _stop_after_checkpoint(m, epoch=2, error=Interrupted)
+        with pytest.raises(Interrupted):
+            cli.run(common + ["--out", str(tmp_path / "resumed")])
     resumed = cli.run(common + ["--out", str(tmp_path / "resumed"),
                                 "--resume", str(tmp_path / "resumed" / "checkpoint.pt")])
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
@@ -282,14 +287,7 @@ def test_a_write_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypa
 
 
 def test_ctrl_c_says_where_the_checkpoint_is(tmp_path, monkeypatch, capsys):
-    real_save = cli._save_atomically
-
-    def save_then_interrupt(state, path):
-        real_save(state, path)
-        if state.get("epoch") == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "_save_atomically", save_then_interrupt)
+    _stop_after_checkpoint(monkeypatch, epoch=1, error=KeyboardInterrupt)
     argv = ["--epochs", "2", "--explore-epochs", "1", "--out", str(tmp_path), *FAST]
     assert cli.main(argv) == 130
     err = capsys.readouterr().err
