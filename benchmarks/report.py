@@ -72,12 +72,16 @@ def step_table(groups: dict, selections: dict, peaks: dict) -> str:
             f"{_ratio(t.get('torch'), t.get('dense'))} | {_ratio(t.get('ideal'), t.get('dense'))} | "
             f"{_ratio(t.get('torch'), t.get('ideal'))} | {_ratio(t.get('reference'), t.get('dense'))} | {share} | {mb} |"
         )
-    if any("triton" in t for t in groups.values()):
-        lines += ["", "| network | prune | triton ms | triton/dense | triton/ideal | triton/torch |",
-                  "|---|---:|---:|---:|---:|---:|"]
+    # Every other measured variant (triton, extension, ...): none is left out of the tables.
+    others = sorted({v for t in groups.values() for v in t} - {"dense", "reference", "torch", "ideal"})
+    if others:
+        lines += ["", "| network | prune | variant | ms | variant/dense | variant/ideal | variant/torch |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
         for (model, ratio), t in sorted(groups.items()):
-            lines.append(f"| {model} | {ratio} | {_ms(t, 'triton')} | {_ratio(t.get('triton'), t.get('dense'))} | "
-                         f"{_ratio(t.get('triton'), t.get('ideal'))} | {_ratio(t.get('triton'), t.get('torch'))} |")
+            for v in others:
+                if v in t:
+                    lines.append(f"| {model} | {ratio} | {v} | {_ms(t, v)} | {_ratio(t.get(v), t.get('dense'))} | "
+                                 f"{_ratio(t.get(v), t.get('ideal'))} | {_ratio(t.get(v), t.get('torch'))} |")
     return "\n".join(lines)
 
 
@@ -100,13 +104,17 @@ def plot(levels: dict, path: str) -> None:
         return
     cols = min(4, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows + 0.6), squeeze=False)
+    # One colour per variant in every panel, and one legend for the figure.
+    every = sorted({v for _, _, series in panels for t in series.values() for v in t if v != "dense"})
+    palette = plt.get_cmap("tab10").colors  # 10 distinct colours; the variants number at most 9
+    colour = {v: palette[i % len(palette)] for i, v in enumerate(every)}
     for ax, (title, xlabel, series) in zip(axes.flat, panels):
         xs = sorted(series)
         variants = sorted({v for t in series.values() for v in t if v != "dense"})
         for variant in variants:
             ys = [series[x]["dense"] / series[x][variant] if variant in series[x] else float("nan") for x in xs]
-            ax.plot(xs, ys, marker="o", label=variant)
+            ax.plot(xs, ys, marker="o", label=variant, color=colour[variant])
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_title(title, fontsize=8)
         ax.set_xlabel(xlabel, fontsize=8)
@@ -114,8 +122,9 @@ def plot(levels: dict, path: str) -> None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colour[v], marker="o", label=v) for v in every]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(every), 6), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (3.2 * rows + 0.6), 1, 1))
     fig.savefig(path, dpi=110)
 
 

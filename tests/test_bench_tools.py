@@ -23,6 +23,7 @@ def test_report_ratios(tmp_path, capsys):
         _bench("step", "dense", 2.0, model="net", prune_ratio=0.5, peak_bytes=4 * 2**20),
         _bench("step", "torch", 1.0, model="net", prune_ratio=0.5, peak_bytes=2 * 2**20),
         _bench("step", "ideal", 0.8, model="net", prune_ratio=0.5),
+        _bench("step", "extension", 0.5, model="net", prune_ratio=0.5),
         _bench("selection", "selection", 0.01, model="net", prune_ratio=0.5),
     ]}
     path = tmp_path / "b.json"
@@ -32,6 +33,7 @@ def test_report_ratios(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| m fwd+bwd float32 | 1, 2, 3, 3 | 0.5 | torch | 125.0 | 3.20x | 1.25x |" in out
     assert "| net | 0.5 | 2000 | - | 1000 | 800 | 0.50x | 0.40x | 1.25x | - | 1.00% | 4.0 / 2.0 / - |" in out
+    assert "| net | 0.5 | extension | 500 | 0.25x | 0.62x | 0.50x |" in out  # every measured variant is listed
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
