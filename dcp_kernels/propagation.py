@@ -38,7 +38,7 @@ class Propagation:
     so they are part of ``model.state_dict()``; this object's own :meth:`state_dict` holds the
     epoch counter and the schedule. Selection runs automatically before every training-mode
     forward of the converted model; call :meth:`epoch_end` once per epoch. ``round_to`` keeps every
-    group's kept width a multiple of it (:func:`~dcp_kernels.rule.rounded_width`; 1: the exact rule).
+    group's kept width a multiple of it (docs/algorithm.md, "round_to"; 1: the exact rule).
 
     A selecting step reads the device once (all groups' kept counts together, which the backends
     that size tensors on the host need); the selection itself runs entirely on the device.
@@ -87,7 +87,7 @@ class Propagation:
         self.plan = plan
         self._hook = None
         self._index_holders: list | None = None  # what refresh_indices() updates (found at first use)
-        self._dcp_layers: list | None = None  # every DCPConv2d of the model (found at first use)
+        self._dcp_layers: list = []  # every DCPConv2d of the model (found with the holders)
         self._apply_decay()
 
     # ----------------------------------------------------------------------------- configuration
@@ -293,20 +293,16 @@ class Propagation:
             if self.model is not None:
                 holders += [m.input_source for m in self.model.modules() if getattr(m, "input_source", None) is not None]
             self._index_holders = list({id(h): h for h in holders}.values())
+            self._dcp_layers = self._all_dcp_layers()
         for holder in self._index_holders:
             holder.selected_indices()
         # The all-channel index vectors the compiled forward looks up: created here, eagerly, so a
         # first use inside torch.compile's trace does not guard on a cache that is about to change.
         from .modules import _all_channels
 
-        for layer in self._all_dcp_layers_cached():
+        for layer in self._dcp_layers:
             _all_channels(layer.in_channels, layer.weight.device)
             _all_channels(layer.out_channels, layer.weight.device)
-
-    def _all_dcp_layers_cached(self) -> list["DCPConv2d"]:
-        if self._dcp_layers is None:
-            self._dcp_layers = self._all_dcp_layers()
-        return self._dcp_layers
 
     def epoch_end(self) -> None:
         """Advance the epoch counter: ends exploration and moves the decay schedule."""
@@ -432,7 +428,6 @@ class Propagation:
         self.detach()
         self.model = model
         self._index_holders = None
-        self._dcp_layers = None
         self._hook = model.register_forward_pre_hook(_SelectBeforeForward(self))
 
     @contextlib.contextmanager

@@ -35,20 +35,6 @@ def keep_count(total: int, prune_ratio: float) -> int:
     return total - int(math.floor(total * prune_ratio + 0.5))
 
 
-def rounded_width(count: int, size: int, floor: int, round_to: int) -> int:
-    """The ``round_to`` rule for one group (host version, the definition; see docs/algorithm.md).
-
-    ``count`` channels chosen by the exact rule become the nearest multiple of ``round_to`` (halves
-    up), at least the smallest multiple of ``round_to`` that holds the group's floor, at most the
-    group's size (a group narrower than ``round_to``, or whose size is not a multiple of it, may keep
-    all its channels).
-    """
-    check_round_to(round_to)
-    nearest = (count + round_to // 2) // round_to * round_to
-    lowest = -(-max(floor, 1) // round_to) * round_to
-    return min(size, max(nearest, lowest))
-
-
 def _per_layer(value: int | Sequence[int], n: int) -> list[int]:
     if isinstance(value, int):
         return [value] * n
@@ -66,8 +52,9 @@ class SelectionRule:
         keep: channels kept by the global selection among the *free* groups.
         floors: per group, channels it always keeps (its best ones), capped at its size.
         fixed: per group, a keep count of its own outside the global selection, or ``None`` (free).
-        round_to: every group's kept width becomes a multiple of this (:func:`rounded_width`);
-            1 is the paper's exact rule.
+        round_to: every group's kept width becomes a multiple of this (docs/algorithm.md,
+            "round_to": the nearest multiple of the exact rule's count, halves up, at least the
+            smallest multiple holding the floor, at most the group); 1 is the paper's exact rule.
 
     Calling it with the concatenated utilities (one per channel of every group) returns the bool
     mask of the selected channels. The device constants are built on first use per device and
@@ -92,7 +79,6 @@ class SelectionRule:
             raise ValueError(f"cannot keep {self.keep} of {free_total} channels when the per-layer minimums "
                              f"already need {self.free_floor}")
         self.round_to = round_to
-        self._offsets = [sum(self.sizes[:g]) for g in range(n)]
         self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -144,7 +130,7 @@ class SelectionRule:
 
         One stable sort of the mask by (group, unselected) puts every group's selected channels
         first, in increasing order; one host read (:func:`host_read`) of all groups' counts then
-        cuts the per-group slices (views, no copy). A ``nonzero`` per layer would sync once each.
+        cuts the per-group vectors out in one copy op. A ``nonzero`` per layer would sync once each.
         """
         sizes, group_of, start, *_ = self._device_constants(mask.device)
         order = torch.sort(group_of * 2 + (~mask).long(), stable=True).indices
@@ -152,10 +138,8 @@ class SelectionRule:
         counts = host_read(torch.zeros_like(sizes).index_add_(0, group_of, mask.long()))
         # Separate tensors (one copy op), not views of `local`: torch.compile treats a view's size as
         # its base's slice and would not keep the kept widths symbolic (a recompile per new width).
-        parts = torch.split_with_sizes_copy(local, [n for o, c, s in zip(self._offsets, counts, self.sizes)
-                                                    for n in (c, s - c)])
+        parts = torch.split_with_sizes_copy(local, [n for c, s in zip(counts, self.sizes) for n in (c, s - c)])
         return list(parts[0::2]), counts
-
 
 
 def select_channels(
@@ -171,7 +155,7 @@ def select_channels(
     ``min_channels`` best channels (capped at its size); the remaining slots go to the highest
     utilities over the whole network. Ties go to the lower global index (layers in order, channels
     in order). NaN utilities rank below everything. With ``round_to > 1`` each layer's count is then
-    rounded (:func:`rounded_width`) and the layer keeps that many of its best channels.
+    rounded (docs/algorithm.md, "round_to") and the layer keeps that many of its best channels.
 
     One stable sort over the concatenated vector plus a few vector ops: no Python loop over
     channels or layers. A controller keeps one :class:`SelectionRule` instead of calling this.

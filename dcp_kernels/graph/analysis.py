@@ -272,7 +272,7 @@ class _Analyzer:
             # (a subclass with its own forward, SyncBatchNorm, FrozenBatchNorm2d, a registered
             # per-channel module) stays where it is, full width, and finalize() cuts its tensors.
             producer = node.args[0] if node.args else None
-            owner = self.owned_norm(producer, mod, name) if isinstance(mod, nn.BatchNorm2d) else None
+            owner = self.owned_norm(producer, mod, name)  # None unless an exact nn.BatchNorm2d
             if owner is not None:
                 self.spaces[self.out_space[owner]].norm = name
             elif x is not None:
@@ -292,7 +292,7 @@ class _Analyzer:
         self.block_inputs(node, f"read by {name!r} ({type(mod).__name__}), which DCP does not understand")
         return None
 
-    def owned_norm(self, producer: Any, bn: nn.BatchNorm2d, bn_name: str) -> str | None:
+    def owned_norm(self, producer: Any, bn: nn.Module, bn_name: str) -> str | None:
         """The conv whose output this BatchNorm directly normalises, when it can move into it."""
         if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
             return None

@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     one line ``dcp-train: ...`` naming the argument and exits with status 2; ``--debug`` shows the
     traceback too. Anything else is a bug and keeps its traceback.
     """
-    debug = argv is not None and "--debug" in argv or argv is None and "--debug" in sys.argv[1:]
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         run(argv)
     except UsageError as error:
