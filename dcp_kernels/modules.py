@@ -66,6 +66,47 @@ class _GateMask(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
+class SelectionCache:
+    """An index tensor derived from one or more ``selected`` masks, rebuilt only when a mask changes.
+
+    The one cache mechanism of the layers (a layer's selected indices, a concat's, a linear's
+    columns). The key is each mask's identity and version: every write to a mask (the controller's
+    selection, ``set_selection``, loading a state dict, moving the model) changes it. ``put`` stores
+    a value built elsewhere (the controller builds every layer's indices in one batched computation).
+
+    Under ``torch.compile`` the stored value is used as it is (building it may be a graph break, and
+    comparing data pointers is one): the controller's forward pre-hook refreshes every cache eagerly
+    before each forward (:meth:`~dcp_kernels.Propagation.refresh_indices`). ``rebuild_when_compiling``
+    builds afresh instead, for values that are plain traceable tensor ops of already cached ones.
+    """
+
+    __slots__ = ("_key", "_value", "_rebuild_when_compiling")
+
+    def __init__(self, *, rebuild_when_compiling: bool = False) -> None:
+        self._key: tuple | None = None
+        self._value: Any = None
+        self._rebuild_when_compiling = rebuild_when_compiling
+
+    @staticmethod
+    def _key_of(masks: list[torch.Tensor]) -> tuple:
+        return tuple((m.data_ptr(), m._version, m.device) for m in masks)
+
+    def get(self, masks: list[torch.Tensor], build) -> Any:
+        """The cached value for the masks' current contents, calling ``build()`` when they changed."""
+        if torch.compiler.is_compiling():
+            if self._rebuild_when_compiling or self._value is None:
+                return build()
+            return self._value
+        key = self._key_of(masks)
+        if self._value is None or key != self._key:
+            self._value, self._key = build(), key
+        return self._value
+
+    def put(self, masks: list[torch.Tensor], value: Any) -> None:
+        """Store ``value`` as what ``build()`` would return for the masks' current contents."""
+        self._value, self._key = value, self._key_of(masks)
+
+
 _ARANGE_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
@@ -96,7 +137,7 @@ class ConcatSource:
         self.segments = list(segments)
         self.out_channels = sum(width for _, width in segments)
         self.dcp_name = name or "concat"
-        self._cache: tuple[Any, torch.Tensor] | None = None
+        self._indices = SelectionCache()
 
     def _device(self) -> torch.device:
         return next(layer.selected.device for layer, _ in self.segments if layer is not None)
@@ -107,19 +148,21 @@ class ConcatSource:
         return torch.cat([layer.selected if layer is not None else torch.ones(width, dtype=torch.bool, device=device)
                           for layer, width in self.segments])
 
+    def selection_masks(self) -> list[torch.Tensor]:
+        """The ``selected`` masks this source's live channels depend on."""
+        return [layer.selected for layer, _ in self.segments if layer is not None]
+
     def selected_indices(self) -> torch.Tensor:
-        if self._cache is not None and torch.compiler.is_compiling():
-            return self._cache[1]  # refreshed eagerly before each forward (see DCPConv2d.selected_indices)
-        key = tuple((layer.selected.data_ptr(), layer.selected._version, layer.selected.device)
-                    for layer, _ in self.segments if layer is not None)
-        if self._cache is None or self._cache[0] != key:
+        """Indices of the live channels of the concat (cached until a segment's selection changes)."""
+        def build() -> torch.Tensor:
             device, offset, parts = self._device(), 0, []
             for layer, width in self.segments:
                 idx = layer.selected_indices() if layer is not None else _all_channels(width, device)
                 parts.append(idx + offset)
                 offset += width
-            self._cache = (key, torch.cat(parts))
-        return self._cache[1]
+            return torch.cat(parts)
+
+        return self._indices.get(self.selection_masks(), build)
 
 
 def _check_source(label: str, source: Any, channels: int, what: str) -> None:
@@ -199,7 +242,7 @@ class DCPConv2d(nn.Conv2d):
         # The producer whose selection tells which input channels are live. Kept out of
         # ``_modules`` on purpose: it is another layer of the same model, not a child.
         self.__dict__["_input_source"] = None
-        self.__dict__["_idx_cache"] = None
+        self.__dict__["_indices"] = SelectionCache()
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -257,25 +300,20 @@ class DCPConv2d(nn.Conv2d):
             raise ValueError(f"{self._label()}: the selection is empty; at least one channel must stay")
         self.selected.copy_(selected)
 
-    def selected_indices(self) -> torch.Tensor:
-        """Sorted int64 indices of the selected output channels (cached until ``selected`` changes).
+    def selection_masks(self) -> list[torch.Tensor]:
+        """The ``selected`` masks this layer's live output channels depend on: its own."""
+        return [self.selected]
 
-        Under ``torch.compile`` the cached indices are used as they are (``nonzero`` has a
-        data-dependent shape and the cache check compares data pointers, both graph breaks): the
-        controller's forward pre-hook refreshes every cache eagerly before each forward.
-        """
-        cache = self.__dict__["_idx_cache"]
-        if cache is not None and torch.compiler.is_compiling():
-            return cache[1]
-        sel = self.selected
-        key = (sel.data_ptr(), sel._version, sel.device)
-        if cache is None or cache[0] != key:
-            idx = sel.nonzero().squeeze(1)
+    def selected_indices(self) -> torch.Tensor:
+        """Sorted int64 indices of the selected output channels (cached until ``selected`` changes;
+        see :class:`SelectionCache` for ``torch.compile``)."""
+        def build() -> torch.Tensor:
+            idx = self.selected.nonzero().squeeze(1)
             if idx.numel() == 0:
                 raise RuntimeError(f"{self._label()}: no output channel is selected")
-            cache = (key, idx)
-            self.__dict__["_idx_cache"] = cache
-        return cache[1]
+            return idx
+
+        return self.__dict__["_indices"].get([self.selected], build)
 
     def _adopt_indices(self, idx: torch.Tensor | None) -> None:
         """Take the selected indices from the controller, which built every layer's in one batched
@@ -291,7 +329,7 @@ class DCPConv2d(nn.Conv2d):
             # Kept widths change on nearly every step: let torch.compile trace them as symbolic
             # sizes from the start instead of recompiling for each new width.
             torch._dynamo.maybe_mark_dynamic(idx, 0)
-        self.__dict__["_idx_cache"] = ((sel.data_ptr(), sel._version, sel.device), idx)
+        self.__dict__["_indices"].put([sel], idx)
 
     def _apply(self, fn, recurse=True):
         # .half()/.double()/.to(dtype) convert floating buffers; utilities stay float32 by definition.
@@ -460,7 +498,9 @@ class DCPLinear(nn.Linear):
         self.block = block
         self.dcp_name = name or ""
         self.__dict__["_input_source"] = None
-        self.__dict__["_col_cache"] = None
+        # Under torch.compile the columns are rebuilt in the graph: two traceable tensor ops on the
+        # source's (eagerly refreshed) indices.
+        self.__dict__["_columns"] = SelectionCache(rebuild_when_compiling=True)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, block: int = 1, name: str | None = None) -> "DCPLinear":
@@ -498,13 +538,7 @@ class DCPLinear(nn.Linear):
         def columns() -> torch.Tensor:
             return block_rows(idx, torch.arange(self.block, device=idx.device), self.block)
 
-        if torch.compiler.is_compiling():  # plain tensor ops; no identity check on tensors
-            return columns()
-        cache = self.__dict__["_col_cache"]
-        if cache is None or cache[0] is not idx:
-            cache = (idx, columns())
-            self.__dict__["_col_cache"] = cache
-        return cache[1]
+        return self.__dict__["_columns"].get(source.selection_masks(), columns)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

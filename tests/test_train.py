@@ -72,8 +72,9 @@ def _user_error_cases(tmp_path):
         (["--resume", str(truncated)], "not a readable dcp-train checkpoint"),
         (["--resume", str(garbage)], "not a readable dcp-train checkpoint"),
         (["--resume", str(foreign)], "not a readable dcp-train checkpoint"),
-        (["--backend", "nosuch"], "--backend 'nosuch' is not a backend"),
-        (["--round-to", "0"], "--round-to must be >= 1"),
+        (["--backend", "nosuch"], "--backend 'nosuch': unknown backend 'nosuch'"),
+        (["--round-to", "0"], "--round-to: round_to must be an int >= 1"),
+        (["--prune-ratio", "1.5"], "--prune-ratio: prune_ratio must be a number in [0, 1)"),
         (["--device", "nonsense"], "--device 'nonsense' is not a device"),
     ]
     if not torch.cuda.is_available():

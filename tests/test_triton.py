@@ -6,7 +6,6 @@ tensors and run the compiled kernels; tests named ``cuda`` need a GPU and are sk
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import sorted_subset
 
 from dcp_kernels import ops
@@ -90,28 +89,6 @@ def test_half_precision_against_fp32_reference(dtype, tol, groups):
     for name, got, want in (("y", y, ref[0]), ("grad_x", xt.grad, ref[1]), ("grad_w", wt.grad, ref[2])):
         scale = float(want.detach().abs().max())
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * scale, msg=lambda m, name=name: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("groups", [1, 5])
-def test_folded_batchnorm_epilogue(groups):
-    """The forward epilogue applies a folded BatchNorm (eval): y = conv(x) * scale + shift."""
-    from dcp_kernels.ops.reference import channel_mask
-    from dcp_kernels.ops.triton.depthwise import depthwise_forward
-    from dcp_kernels.ops.triton.forward import conv_forward
-
-    x, w, b = torch.randn(2, 5, 7, 7), torch.randn(5, 5 // groups, 3, 3), torch.randn(5)
-    scale, shift = torch.rand(5) + 0.5, torch.randn(5)
-    in_idx, out_idx = torch.tensor([0, 1, 3]) if groups == 1 else torch.arange(5), torch.tensor([1, 2, 4])
-    y = torch.zeros(2, 3, 7, 7)
-    if groups == 1:
-        conv_forward(x, w, b, in_idx, out_idx, y, (1, 1), (1, 1), (1, 1), x_compact=False, y_compact=True,
-                     scale=scale, shift=shift)
-    else:
-        depthwise_forward(x, w, b, channel_mask(in_idx, 5, torch.float32), out_idx, y, (1, 1), (1, 1), (1, 1),
-                          y_compact=True, scale=scale, shift=shift)
-    mask = channel_mask(in_idx, 5, x.dtype).view(1, -1, 1, 1)
-    want = F.conv2d(x * mask, w, b, 1, 1, 1, groups) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    torch.testing.assert_close(y, want[:, out_idx], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

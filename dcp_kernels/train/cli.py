@@ -29,6 +29,7 @@ from torch import nn
 import dcp_kernels
 from dcp_kernels.models import resnet_cifar, vgg
 from dcp_kernels.propagation import DecaySchedule
+from dcp_kernels.rule import check_prune_ratio, check_round_to
 from dcp_kernels.train.data import DataSpec, cifar10_spec, digits_spec, imagefolder_spec
 from dcp_kernels.train.recipes import RECIPES, Recipe
 
@@ -93,21 +94,27 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
         raise UsageError("--epochs must be >= 1")
     if not 0 <= hp["explore_epochs"] < hp["epochs"] and not args.dense:
         raise UsageError("--explore-epochs must be in [0, epochs)")
-    if not 0 <= hp["prune_ratio"] < 1:
-        raise UsageError("--prune-ratio must be in [0, 1)")
+    _library_check("--prune-ratio", check_prune_ratio, hp["prune_ratio"])
     if hp["batch_size"] < 1 or hp["lr"] <= 0:
         raise UsageError("--batch-size must be >= 1 and --lr > 0")
     if recipe.data != "digits" and not args.data:
         raise UsageError(f"recipe {recipe.name} needs --data DIR ({recipe.data} layout)")
-    if args.round_to is not None and args.round_to < 1:
-        raise UsageError("--round-to must be >= 1 (1: the paper's exact rule)")
-    if args.backend not in ("auto", *dcp_kernels.ops.BACKENDS):
-        raise UsageError(f"--backend {args.backend!r} is not a backend; choose one of "
-                         f"{', '.join(('auto', *dcp_kernels.ops.BACKENDS))}")
+    if args.round_to is not None:
+        _library_check("--round-to", check_round_to, args.round_to)
+    _library_check(f"--backend {args.backend!r}", dcp_kernels.ops.resolve_backend, args.backend)
     # Milestones scale with a shortened schedule so --epochs keeps the recipe's shape.
     scale = hp["epochs"] / recipe.epochs
     hp["milestones"] = tuple(sorted({max(1, round(m * scale)) for m in recipe.milestones}))
     return recipe, hp
+
+
+def _library_check(flag: str, check, *values) -> None:
+    """Run the library's own check of an argument (one place per rule) and answer a bad value with
+    a one-line usage error naming the flag."""
+    try:
+        check(*values)
+    except ValueError as error:
+        raise UsageError(f"{flag}: {error}") from None
 
 
 def load_data(recipe: Recipe, args: argparse.Namespace, batch_size: int) -> DataSpec:

@@ -120,17 +120,12 @@ def reading_output_pixel(ih, iw, kh, kw, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_
 
 
 @triton.jit
-def store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs, chan, chan_ok, b_ptr, scale_ptr, shift_ptr,
-                 syn, syc, syh, syw, ACC: tl.constexpr, Y_COMPACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_AFFINE: tl.constexpr):
-    """Forward epilogue: bias, optional folded BatchNorm (``acc * scale + shift``), then the store into
-    output channel ``chan`` (full width) or ``offs`` (compact) of the (pixels x channels) tile."""
+def store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs, chan, chan_ok, b_ptr,
+                 syn, syc, syh, syw, ACC: tl.constexpr, Y_COMPACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Forward epilogue: bias, then the store into output channel ``chan`` (full width) or ``offs``
+    (compact) of the (pixels x channels) tile."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + chan, mask=chan_ok, other=0.0).to(ACC)[None, :]
-    if HAS_AFFINE:
-        scale = tl.load(scale_ptr + chan, mask=chan_ok, other=0.0).to(ACC)
-        shift = tl.load(shift_ptr + chan, mask=chan_ok, other=0.0).to(ACC)
-        acc = acc * scale[None, :] + shift[None, :]
     y_chan = offs if Y_COMPACT else chan
     y_off = (n_img * syn + oh * syh + ow * syw)[:, None] + y_chan[None, :] * syc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & chan_ok[None, :])

@@ -29,12 +29,12 @@ from ._common import (
 @triton.autotune(configs=elementwise_configs(), key=DEPTHWISE_TUNE_KEY)
 @triton.jit(do_not_specialize=DEPTHWISE_UNSPECIALIZED)
 def _depthwise_forward_kernel(
-    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, in_keep_ptr, y_ptr, out_idx_ptr,
+    x_ptr, w_ptr, b_ptr, in_keep_ptr, y_ptr, out_idx_ptr,
     M, H, W, OH, OW, K_OUT, C, M_BUCKET,
     sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
-    Y_COMPACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    Y_COMPACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -54,8 +54,8 @@ def _depthwise_forward_kernel(
             wv = tl.load(w_ptr + c * swo + kh * swh + kw * sww, mask=c_ok, other=0.0)
             acc += xv.to(ACC) * wv.to(ACC)[None, :]
     acc *= tl.load(in_keep_ptr + c, mask=c_ok, other=0.0)[None, :]
-    store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs_c, c, c_ok, b_ptr, scale_ptr, shift_ptr,
-                 syn, syc, syh, syw, ACC, Y_COMPACT, HAS_BIAS, HAS_AFFINE)
+    store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs_c, c, c_ok, b_ptr,
+                 syn, syc, syh, syw, ACC, Y_COMPACT, HAS_BIAS)
 
 
 @triton.autotune(configs=elementwise_configs(), key=DEPTHWISE_TUNE_KEY)
@@ -130,7 +130,6 @@ def _taps(weight: torch.Tensor) -> tuple[int, int]:
 def depthwise_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_keep: torch.Tensor,
     out_idx: torch.Tensor, y: torch.Tensor, stride, padding, dilation, *, y_compact: bool,
-    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Channels ``out_idx`` of the depthwise conv into ``y`` (full width or compact)."""
     n, _, h, w = x.shape
@@ -143,12 +142,11 @@ def depthwise_forward(
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k_out, meta["BLOCK_C"]))
 
     wrap_triton(_depthwise_forward_kernel)[grid](
-        x, weight, bias if bias is not None else dummy, scale if scale is not None else dummy,
-        shift if shift is not None else dummy, in_keep, y, out_idx,
+        x, weight, bias if bias is not None else dummy, in_keep, y, out_idx,
         m, h, w, oh, ow, k_out, weight.shape[0], bucket(m),
         *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(),
         *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(x.dtype),
-        Y_COMPACT=y_compact, HAS_BIAS=bias is not None, HAS_AFFINE=scale is not None,
+        Y_COMPACT=y_compact, HAS_BIAS=bias is not None,
     )
     return y
 

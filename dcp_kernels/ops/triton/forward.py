@@ -29,12 +29,12 @@ from ._common import (
 @triton.autotune(configs=gemm_configs(), key=CONV_TUNE_KEY)
 @triton.jit(do_not_specialize=CONV_UNSPECIALIZED)
 def _conv_forward_kernel(
-    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, in_idx_ptr, out_idx_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr,
     M, H, W, OH, OW, K_IN, K_OUT, C_IN, C_OUT, M_BUCKET,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
-    X_COMPACT: tl.constexpr, Y_COMPACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    X_COMPACT: tl.constexpr, Y_COMPACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -64,8 +64,8 @@ def _conv_forward_kernel(
                 b = tl.load(w_ptr + ci[:, None] * swi + w_out[None, :] + kh * swh + kw * sww,
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = dot_acc(a, b, acc, DOT)
-    store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs_n, co, n_ok, b_ptr, scale_ptr, shift_ptr,
-                 syn, syc, syh, syw, ACC, Y_COMPACT, HAS_BIAS, HAS_AFFINE)
+    store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs_n, co, n_ok, b_ptr,
+                 syn, syc, syh, syw, ACC, Y_COMPACT, HAS_BIAS)
 
 
 def conv_forward(
@@ -73,31 +73,27 @@ def conv_forward(
     in_idx: torch.Tensor, out_idx: torch.Tensor, y: torch.Tensor,
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
     *, x_compact: bool, y_compact: bool,
-    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write the selected output channels of the convolution into ``y`` (preallocated).
 
     ``y`` is either full width (only channels ``out_idx`` are written; the caller zeroes the rest)
-    or compact (``y_compact``: channel j holds output channel ``out_idx[j]``). ``scale``/``shift``
-    (full-size, per output channel) apply a folded BatchNorm in the epilogue.
+    or compact (``y_compact``: channel j holds output channel ``out_idx[j]``).
     """
     n, _, h, w = x.shape
     _, _, oh, ow = y.shape
     kh, kw = weight.shape[2:]
     m, k_in, k_out = n * oh * ow, in_idx.numel(), out_idx.numel()
-    has_affine = scale is not None
-    dummy = weight  # never read when the matching flag is off
+    dummy = weight  # never read when HAS_BIAS is off
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k_out, meta["BLOCK_N"]))
 
     wrap_triton(_conv_forward_kernel)[grid](
-        x, weight, bias if bias is not None else dummy, scale if has_affine else dummy,
-        shift if has_affine else dummy, y, in_idx, out_idx,
+        x, weight, bias if bias is not None else dummy, y, in_idx, out_idx,
         m, h, w, oh, ow, k_in, k_out, weight.shape[1], weight.shape[0], bucket(m),
         *x.stride(), *weight.stride(), *y.stride(),
         *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(x.dtype),
-        X_COMPACT=x_compact, Y_COMPACT=y_compact, HAS_BIAS=bias is not None, HAS_AFFINE=has_affine,
+        X_COMPACT=x_compact, Y_COMPACT=y_compact, HAS_BIAS=bias is not None,
         DOT=dot_mode(x.dtype),
     )
     return y
