@@ -76,6 +76,8 @@ def _user_error_cases(tmp_path):
         (["--round-to", "0"], "--round-to: round_to must be an int >= 1"),
         (["--prune-ratio", "1.5"], "--prune-ratio: prune_ratio must be a number in [0, 1)"),
         (["--device", "nonsense"], "--device 'nonsense' is not a device"),
+        (["--dense-run", str(tmp_path)], f"--dense-run {tmp_path}: no metrics.csv there"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU is visible"))
@@ -213,6 +215,49 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert a["dcp"] == b["dcp"]
     assert [r["loss"] for r in a["rows"]] == [r["loss"] for r in b["rows"]]
     assert full["kept"] == resumed["kept"]
+
+
+def test_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """--checkpoint-every: stop right after a checkpoint in the middle of a selecting epoch, resume it:
+    the same weights, utilities, selections and per-epoch metrics as a run never stopped."""
+    common = ["--epochs", "2", "--explore-epochs", "1", "--checkpoint-every", "5", *FAST]
+    full = cli.run(common + ["--out", str(tmp_path / "full")])
+    real_save = cli._save_atomically
+    stopped_at = []
+
+    class Interrupted(Exception):
+        pass
+
+    def save_then_stop(state, path):
+        real_save(state, path)
+        if state["epoch"] == 1 and (state["within_epoch"] or {}).get("step") == 10:
+            stopped_at.append(state["within_epoch"]["step"])
+            raise Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_save_atomically", save_then_stop)
+        with pytest.raises(Interrupted):
+            cli.run(common + ["--out", str(tmp_path / "resumed")])
+    assert stopped_at == [10]  # digits at batch 64: 23 steps per epoch, so mid-epoch
+    resumed = cli.run(common + ["--out", str(tmp_path / "resumed"),
+                                "--resume", str(tmp_path / "resumed" / "checkpoint.pt")])
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["within_epoch"] is b["within_epoch"] is None
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for key, value in a["dcp"].items():
+        assert torch.equal(value, b["dcp"][key]) if isinstance(value, torch.Tensor) else value == b["dcp"][key], key
+    assert [(r["loss"], r["train_acc"]) for r in a["rows"]] == [(r["loss"], r["train_acc"]) for r in b["rows"]]
+    assert full["kept"] == resumed["kept"]
+
+
+def test_plots_with_the_dense_baseline(tmp_path):
+    args = ["--epochs", "2", "--explore-epochs", "1", "--image-size", "8", "--timing-steps", "0", "--no-progress"]
+    cli.run(args + ["--dense", "--no-plots", "--out", str(tmp_path / "dense")])
+    cli.run(args + ["--dense-run", str(tmp_path / "dense"), "--out", str(tmp_path / "dcp")])
+    for name in ("curves.png", "kept_channels.png", "utilities.png"):
+        assert (tmp_path / "dcp" / name).stat().st_size > 1000, name
 
 
 def test_dcp_accuracy_close_to_dense_on_digits(tmp_path):

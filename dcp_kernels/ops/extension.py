@@ -57,6 +57,14 @@ else:
     )
 
 
+def status() -> str:
+    """One line saying whether the extension was built and with which kernels (``dcp-train`` prints
+    it: ``pip install`` shows nothing of the build but "still running..." for minutes)."""
+    if not AVAILABLE:
+        return f"not built ({LOAD_ERROR}; docs/building.md)"
+    return "built, CPU and CUDA kernels" if CUDA_BUILT else "built, CPU kernels only (no nvcc at build time)"
+
+
 def gathered_conv2d(
     x: Tensor, weight: Tensor, bias: Tensor | None, in_idx: Tensor, out_idx: Tensor,
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,

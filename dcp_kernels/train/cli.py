@@ -13,7 +13,9 @@ import contextlib
 import copy
 import csv
 import inspect
+import itertools
 import json
+import math
 import os
 import random
 import sys
@@ -69,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dense", action="store_true", help="train the same model without DCP (baseline)")
     p.add_argument("--resume", help="checkpoint to continue from (a run directory's checkpoint.pt)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also write checkpoint.pt every N training steps, not only at the end of each epoch "
+                        "(long epochs); a resumed run continues mid-epoch exactly as if never stopped")
+    p.add_argument("--dense-run", metavar="DIR",
+                   help="output directory of a 'dcp-train --dense' run of the same recipe: its test accuracy "
+                        "is drawn on the accuracy plot as the baseline")
     p.add_argument("--timing-steps", type=int, default=10,
                    help="steps timed for the dense-vs-DCP comparison at the end (0: skip)")
     p.add_argument("--workers", type=int, default=4, help="data loader workers (ImageFolder only)")
@@ -97,6 +105,8 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
     _library_check("--prune-ratio", check_prune_ratio, hp["prune_ratio"])
     if hp["batch_size"] < 1 or hp["lr"] <= 0:
         raise UsageError("--batch-size must be >= 1 and --lr > 0")
+    if args.checkpoint_every < 0:
+        raise UsageError("--checkpoint-every must be >= 0 (0: only at the end of each epoch)")
     if recipe.data != "digits" and not args.data:
         raise UsageError(f"recipe {recipe.name} needs --data DIR ({recipe.data} layout)")
     if args.round_to is not None:
@@ -261,6 +271,39 @@ def _load_checkpoint(path: str, device: torch.device) -> dict:
     return ckpt
 
 
+def _read_dense_run(directory: str) -> list[dict]:
+    """The per-epoch rows of a dense baseline run (its metrics.csv), for the accuracy plot."""
+    path = Path(directory) / "metrics.csv"
+    if not path.is_file():
+        raise UsageError(f"--dense-run {directory}: no metrics.csv there (give the --out directory of a "
+                         "finished 'dcp-train --dense' run)")
+    try:
+        with open(path, newline="") as f:
+            return [{"epoch": int(r["epoch"]), "test_acc": float(r["test_acc"])} for r in csv.DictReader(f)]
+    except (KeyError, ValueError) as error:
+        raise UsageError(f"--dense-run {directory}: {path.name} is not a dcp-train metrics file ({error})") from None
+
+
+def _epoch_batches(spec: DataSpec, epoch: int, batch_size: int, rank: int, world: int, skip: int):
+    """(steps, batches): this rank's batches of the epoch, the first ``skip`` steps left out.
+
+    Every rank takes the same number of batches (DDP's collectives must pair up): the last
+    ``len % world`` batches of the epoch are dropped on several processes. Batches are read lazily
+    (an ImageNet epoch never sits in memory); skipped ones are still drawn from the loader, so the
+    data order and augmentation after a mid-epoch resume are exactly those of an unbroken run.
+    """
+    total = math.ceil(spec.train_size / batch_size)
+    usable = total - total % world
+    steps = usable // world
+
+    def batches():
+        for i, batch in enumerate(itertools.islice(spec.train_batches(epoch), usable)):
+            if i % world == rank and i // world >= skip:
+                yield batch
+
+    return steps, batches()
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -303,7 +346,7 @@ def _resume_hint(argv: Sequence[str] | None) -> str:
     args, _ = build_parser().parse_known_args(argv)
     ckpt = Path(args.out) / "checkpoint.pt"
     if not ckpt.is_file():
-        return "No epoch had finished, so there is no checkpoint to resume from."
+        return "No checkpoint had been written yet, so there is nothing to resume from."
     given = list(sys.argv[1:] if argv is None else argv)
     if "--resume" in given:  # resuming again: drop the old --resume and its value
         at = given.index("--resume")
@@ -319,6 +362,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         raise UsageError(f"--data {args.data}: no such directory")
     if args.resume and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume}: no such file")
+    dense_rows = _read_dense_run(args.dense_run) if args.dense_run else None
     from tqdm.auto import tqdm
 
     device = _device(args.device)
@@ -371,6 +415,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     rows: list[dict] = []
     kept_history: list[dict[str, int]] = []
     start_epoch = 0
+    resumed_step: dict | None = None  # where a mid-epoch checkpoint left its epoch
     if args.resume:
         ckpt = _load_checkpoint(args.resume, device)
         if ckpt["dense"] != args.dense or ckpt["recipe"] != recipe.name:
@@ -384,8 +429,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
             prop.load_state_dict(ckpt["dcp"])
         _set_rng_state(ckpt["rng"])
         rows, kept_history, start_epoch = ckpt["rows"], ckpt["kept_history"], ckpt["epoch"]
+        resumed_step = ckpt.get("within_epoch")
         if is_main:
-            print(f"dcp-train: resumed from {args.resume} at epoch {start_epoch}")
+            where = f", step {resumed_step['step']}" if resumed_step else ""
+            print(f"dcp-train: resumed from {args.resume} at epoch {start_epoch}{where}")
 
     if is_main:
         mode = "dense baseline" if args.dense else (
@@ -393,22 +440,32 @@ def run(argv: Sequence[str] | None = None) -> dict:
             f"{dcp_kernels.ops.resolve_backend(args.backend, device)}")
         print(f"dcp-train: {recipe.name}: {spec.name} {spec.in_channels}x{spec.image_size}x{spec.image_size}, "
               f"{spec.train_size} train / {spec.test_size} test images, {mode}, {world} process(es)")
+        print(f"dcp-train: C++/CUDA extension {dcp_kernels.ops.extension.status()}")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     start_time = time.perf_counter()
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    def save_checkpoint(epoch_done: int, within_epoch: dict | None) -> None:
+        _save_atomically({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                          "dcp": prop.state_dict() if prop else None, "rng": _rng_state(), "epoch": epoch_done,
+                          "within_epoch": within_epoch, "rows": rows, "kept_history": kept_history,
+                          "dense": args.dense, "recipe": recipe.name, "hyperparameters": hp},
+                         out / "checkpoint.pt")
+
     for epoch in range(start_epoch, hp["epochs"]):
         train_model.train()
-        seen = 0
         # Accumulated on the device: reading loss and accuracy every step would sync every step.
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
-        batches = list(spec.train_batches(epoch))
-        # Every rank takes the same number of batches (DDP's collectives must pair up); the last
-        # len % world batches of the epoch are dropped when training on several processes.
-        batches = batches[: len(batches) - len(batches) % world][rank::world]
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{hp['epochs']}", leave=False,
+        seen, step, earlier_seconds = 0, 0, 0.0
+        if resumed_step is not None:  # continue the epoch a mid-epoch checkpoint left
+            totals = resumed_step["totals"].to(device)
+            seen, step, earlier_seconds = resumed_step["seen"], resumed_step["step"], resumed_step["seconds"]
+            resumed_step = None
+        steps, batches = _epoch_batches(spec, epoch, hp["batch_size"], rank, world, skip=step)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{hp['epochs']}", leave=False, total=steps, initial=step,
                    disable=True if (args.no_progress or not is_main) else None)  # None: off when not a terminal
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - earlier_seconds
         for xb, yb in bar:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             with autocast():
@@ -419,15 +476,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
             scaler.step(opt)
             scaler.update()
             seen += len(yb)
+            step += 1
             with torch.no_grad():
                 totals += torch.stack([loss.detach().double() * len(yb), (logits.argmax(1) == yb).sum().double()])
-            if not bar.disable and (bar.n % DISPLAY_EVERY == 0 or bar.n + 1 == len(batches)):
+            if not bar.disable and (step % DISPLAY_EVERY == 0 or step == steps):
                 loss_sum, correct = totals.tolist()  # one read every DISPLAY_EVERY steps
                 postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{correct / seen:.3f}",
                            "img_s": f"{seen * world / (time.perf_counter() - t0):.0f}"}
                 if prop is not None:
                     postfix["kept"] = sum(prop.kept().values())  # host counts: no device read
                 bar.set_postfix(postfix)
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps and is_main:
+                save_checkpoint(epoch, {"step": step, "seen": seen, "totals": totals.cpu(),
+                                        "seconds": time.perf_counter() - t0})
         sched.step()
         loss_sum, correct = totals.tolist()
         row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
@@ -442,23 +503,18 @@ def run(argv: Sequence[str] | None = None) -> dict:
             kept = f"  kept {row['kept']}/{prop.total_channels}" if prop else ""
             print(f"epoch {epoch + 1:>3}: loss {row['loss']:.3f}  train {row['train_acc']:.3f}  "
                   f"test {row['test_acc']:.3f}{kept}  {row['seconds']:.1f}s")
-            _save_atomically({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                              "dcp": prop.state_dict() if prop else None, "rng": _rng_state(), "epoch": epoch + 1,
-                              "rows": rows, "kept_history": kept_history, "dense": args.dense,
-                              "recipe": recipe.name, "hyperparameters": hp},
-                             out / "checkpoint.pt")
+            save_checkpoint(epoch + 1, None)
     train_seconds = time.perf_counter() - start_time
     LAST_RUN.update(model=model, prop=prop)
     summary = _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history, device, probe,
-                      dense_params, dense_flops, train_seconds, out, is_main, world)
+                      dense_params, dense_flops, train_seconds, out, is_main, world, dense_rows)
     if world > 1:
         torch.distributed.barrier()
     return summary
 
 
 def _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history, device, probe,
-            dense_params, dense_flops, train_seconds, out, is_main, world) -> dict:
+            dense_params, dense_flops, train_seconds, out, is_main, world, dense_rows) -> dict:
     """Finalize, measure, print and save the run's results (rank 0 writes files)."""
     gated_acc = accuracy(model, spec, device)
     final = prop.finalize() if prop is not None else model
@@ -506,7 +562,7 @@ def _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history
     if not args.no_plots:
         from dcp_kernels.train.plots import save_plots
 
-        paths = save_plots(rows, kept_history, prop.utilities() if prop else {}, out)
+        paths = save_plots(rows, kept_history, prop.utilities() if prop else {}, out, dense_rows=dense_rows)
         written += [p.name for p in paths]
     print(f"outputs: {os.fspath(out)}/ ({', '.join(written)})")
     return summary
