@@ -8,62 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .ops.compact import block_rows, selects_all, zeros_except
-from .ops.reference import channel_mask
-from .rule import update_utilities
-
-
-class _CompactGate(torch.autograd.Function):
-    """Gate on the compact path: ``a_c`` holds only the selected channels.
-
-    Forward returns them scattered into a zero full-width tensor (``scatter=True``) or as they are
-    (compact activations between converted layers). Backward, in training, updates the layer's
-    utilities from ``a`` and its gradient ``g``, both compact.
-    """
-
-    @staticmethod
-    def forward(ctx, a_c, out_idx, channels, utility, decay, track, scatter, backend):
-        ctx.track, ctx.decay, ctx.full = track, decay, selects_all(out_idx, channels)
-        ctx.backend = backend
-        ctx.scatter = scatter and not ctx.full
-        # The utility buffer is held as a plain attribute, not saved: backward updates it in
-        # place, which would trip autograd's version check on a retained graph.
-        ctx.utility = utility
-        ctx.save_for_backward(a_c if track else None, out_idx)
-        if ctx.scatter:
-            return zeros_except((a_c.shape[0], channels) + tuple(a_c.shape[2:]), out_idx, a_c)
-        # A new tensor even when nothing moves: a following in-place ReLU must not overwrite the
-        # activation the utility update reads in backward.
-        return a_c.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        a_c, out_idx = ctx.saved_tensors
-        g_c = grad_out.index_select(1, out_idx) if ctx.scatter else grad_out
-        if ctx.track:
-            v = ops.channel_utility(a_c, g_c, backend=ctx.backend)
-            update_utilities(ctx.utility, v, None if ctx.full else out_idx, ctx.decay)
-        return g_c, None, None, None, None, None, None, None
-
-
-class _GateMask(torch.autograd.Function):
-    """Reference gate (the paper's): ``out = a * mask``; the utility update sees ``g = grad * mask``."""
-
-    @staticmethod
-    def forward(ctx, a, mask, out_idx, utility, decay, track):
-        ctx.track, ctx.decay = track, decay
-        ctx.utility = utility  # not saved: see _CompactGate
-        ctx.save_for_backward(a if track else None, mask, out_idx)
-        return a * mask
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        a, mask, out_idx = ctx.saved_tensors
-        g = grad_out * mask
-        if ctx.track:
-            v = ops.channel_utility(a, g).index_select(0, out_idx)
-            update_utilities(ctx.utility, v, out_idx, ctx.decay)
-        return g, None, None, None, None, None
+from .ops.compact import block_rows, selects_all
+from .ops.layer import _all_channels, layer_step
 
 
 class SelectionCache:
@@ -105,17 +51,6 @@ class SelectionCache:
     def put(self, masks: list[torch.Tensor], value: Any) -> None:
         """Store ``value`` as what ``build()`` would return for the masks' current contents."""
         self._value, self._key = value, self._key_of(masks)
-
-
-_ARANGE_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _all_channels(n: int, device: torch.device) -> torch.Tensor:
-    key = (n, device)
-    idx = _ARANGE_CACHE.get(key)
-    if idx is None:
-        idx = _ARANGE_CACHE[key] = torch.arange(n, device=device)
-    return idx
 
 
 class ConcatSource:
@@ -384,81 +319,11 @@ class DCPConv2d(nn.Conv2d):
             # utilities are reduced in fp32 by channel_utility.
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):
-                return self._forward_fast(
-                    x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype),
+                return layer_step(
+                    self, x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype),
                     padding, in_idx, out_idx, x_compact, backend,
                 )
-        return self._forward_fast(x, self.weight, self.bias, padding, in_idx, out_idx, x_compact, backend)
-
-    def _forward_fast(self, x, weight, bias, padding, in_idx, out_idx, x_compact, backend) -> torch.Tensor:
-        """The conv + BN + gate of the reference or compact backends (arguments already cast)."""
-        if in_idx is None:
-            in_idx = _all_channels(self.in_channels, x.device)
-        full_out = out_idx is None
-        if full_out:
-            out_idx = _all_channels(self.out_channels, x.device)
-        track = self.training and self.prunable and torch.is_grad_enabled()
-        if backend == "reference":
-            if x_compact:
-                x = ops.scatter_channels(x, in_idx, self.in_channels)
-            y = ops.gathered_conv2d(
-                x, weight, bias, in_idx, _all_channels(self.out_channels, x.device), self.stride,
-                padding, self.dilation, self.groups, backend="reference", validate=False,
-            )
-            self.last_output_hw = (y.shape[2], y.shape[3])
-            a = y if self.norm is None else self._batch_norm(y, out_idx, full=True)
-            if full_out:
-                return a
-            mask = channel_mask(out_idx, self.out_channels, a.dtype).view(1, -1, 1, 1)
-            return _GateMask.apply(a, mask, out_idx, self.utility, self.decay, track)
-        y_c = ops.gathered_conv2d(
-            x, weight, bias, in_idx, out_idx, self.stride, padding, self.dilation, self.groups,
-            backend=backend, layout="compact", input_layout="compact" if x_compact else "full", validate=False,
-        )
-        self.last_output_hw = (y_c.shape[2], y_c.shape[3])
-        a_c = y_c if self.norm is None else self._batch_norm(y_c, out_idx, full=full_out)
-        if full_out:
-            return a_c
-        return _CompactGate.apply(
-            a_c, out_idx, self.out_channels, self.utility, self.decay, track, not self.compact_output, backend
-        )
-
-    def _batch_norm(self, y: torch.Tensor, out_idx: torch.Tensor, *, full: bool) -> torch.Tensor:
-        """BatchNorm on ``y``, which holds either all channels (``full``) or only ``out_idx``.
-
-        Running statistics of unselected channels are left untouched, whatever the layout.
-        """
-        bn = self.norm
-        use_batch_stats = bn.training or bn.running_mean is None
-        update_stats = bn.training and bn.track_running_stats
-        factor = 0.0
-        if update_stats:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        keeps_all = selects_all(out_idx, bn.num_features)
-        compact = not full and not keeps_all
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return t.index_select(0, out_idx) if (t is not None and compact) else t
-
-        rm = rv = None
-        if bn.running_mean is not None and (not bn.training or bn.track_running_stats):
-            rm, rv = bn.running_mean, bn.running_var
-            if compact:
-                rm, rv = rm.index_select(0, out_idx), rv.index_select(0, out_idx)
-            elif update_stats and not keeps_all:
-                # Work on copies and write back only the selected entries below.
-                rm, rv = rm.clone(), rv.clone()
-        a = F.batch_norm(y, rm, rv, pick(bn.weight), pick(bn.bias), use_batch_stats, factor, bn.eps)
-        if update_stats and not keeps_all:
-            with torch.no_grad():
-                if compact:
-                    bn.running_mean.index_copy_(0, out_idx, rm)
-                    bn.running_var.index_copy_(0, out_idx, rv)
-                else:
-                    bn.running_mean.index_copy_(0, out_idx, rm.index_select(0, out_idx))
-                    bn.running_var.index_copy_(0, out_idx, rv.index_select(0, out_idx))
-        return a
+        return layer_step(self, x, self.weight, self.bias, padding, in_idx, out_idx, x_compact, backend)
 
     # ----------------------------------------------------------------------------- accounting
     def conv_flops(self) -> tuple[int, int]:

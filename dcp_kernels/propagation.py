@@ -298,7 +298,7 @@ class Propagation:
             holder.selected_indices()
         # The all-channel index vectors the compiled forward looks up: created here, eagerly, so a
         # first use inside torch.compile's trace does not guard on a cache that is about to change.
-        from .modules import _all_channels
+        from .ops.layer import _all_channels
 
         for layer in self._dcp_layers:
             _all_channels(layer.in_channels, layer.weight.device)

@@ -219,13 +219,16 @@ def test_utilities_stay_float32_under_dtype_casts():
     assert layer.half().utility.dtype == torch.float32
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["training-step", "no-grad"])
 @pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
-def test_batch_norm_follows_pytorch_on_the_selected_channels(backend, momentum):
-    """The BN inside DCPConv2d against PyTorch's own nn.BatchNorm2d, an oracle independent of
-    DCPConv2d._batch_norm (which every backend shares): the selected channels normalise and update
+def test_batch_norm_follows_pytorch_on_the_selected_channels(backend, momentum, grad):
+    """The BN inside DCPConv2d against PyTorch's own nn.BatchNorm2d, an oracle independent of the
+    layer step's code (dcp_kernels/ops/layer.py): the selected channels normalise and update
     their running statistics exactly as an nn.BatchNorm2d over those channels alone would; the
-    unselected channels' statistics stay as they were (docs/algorithm.md, "BatchNorm")."""
+    unselected channels' statistics stay as they were (docs/algorithm.md, "BatchNorm"). With
+    gradients (the fused BN + gate node of the compact backends), the BN parameter gradients of the
+    selected channels equal the oracle's and the unselected ones are zero."""
     torch.manual_seed(0)
     cin, cout = 4, 8
     bn = nn.BatchNorm2d(cout, momentum=momentum)
@@ -248,9 +251,18 @@ def test_batch_norm_follows_pytorch_on_the_selected_channels(backend, momentum):
     layer.train(), oracle.train()
     for step in range(3):
         x = torch.randn(5, cin, 6, 6)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             got, want = layer(x)[:, sel], oracle(conv(x))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # values O(1): BN output
+        if grad:
+            layer.zero_grad(), oracle.zero_grad()
+            upstream = torch.randn_like(want)
+            (got * upstream).sum().backward()
+            (want * upstream).sum().backward()
+            for name in ("weight", "bias"):  # O(1) sums over 180 elements
+                g_layer, g_oracle = getattr(bn, name).grad, getattr(oracle, name).grad
+                torch.testing.assert_close(g_layer[sel], g_oracle, rtol=1e-5, atol=1e-5)
+                assert torch.equal(g_layer[~selected], torch.zeros_like(g_layer[~selected])), name
         torch.testing.assert_close(bn.running_mean[sel], oracle.running_mean, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(bn.running_var[sel], oracle.running_var, rtol=1e-6, atol=1e-6)
         assert int(bn.num_batches_tracked) == int(oracle.num_batches_tracked) == step + 1

@@ -39,7 +39,7 @@ def block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, c_in: int) -> torch.
     One gather/scatter over this flat index is several times faster on CPU than two
     ``index_select`` calls (measured: 512x512x3x3 at half keep, 0.17 ms vs 0.61 ms to gather).
     """
-    return (out_idx.unsqueeze(1) * c_in + in_idx.unsqueeze(0)).flatten()
+    return torch.add(in_idx.unsqueeze(0), out_idx.unsqueeze(1), alpha=c_in).flatten()  # one kernel
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

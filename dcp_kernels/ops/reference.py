@@ -38,4 +38,5 @@ def channel_utility(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``v_c = sum_b |sum_hw g*a| / (B*H*W)`` in float32, one value per channel of ``a``."""
     batch, _, height, width = a.shape
     per_sample = (g.float() * a.float()).sum(dim=(2, 3))
-    return per_sample.abs().sum(dim=0) / float(batch * height * width)
+    # The 1-norm over the batch: |.| and the sum in one reduction kernel.
+    return torch.linalg.vector_norm(per_sample, ord=1, dim=0) / float(batch * height * width)

@@ -1,0 +1,254 @@
+"""The layer step of a ``DCPConv2d``: conv -> BatchNorm -> gate, and in backward the utility update.
+
+One entry point, :func:`layer_step`, dispatches the whole step by backend, so each backend owns it:
+
+* ``reference``: the paper's semantics with masks (dense conv, full-width BN, ``out = a * mask``),
+  the oracle;
+* the compact backends (``torch``, ``triton``, ``extension``): the conv of the selected block by the
+  backend's kernels, then BatchNorm and gate on the selected channels only. In training the BN and
+  the gate are one autograd node (:class:`_CompactBatchNormGate`): one gather of the four BN vectors,
+  batch statistics, the running statistics of the selected channels written back, and a backward
+  that scatters the BN parameter gradients once and updates the utilities. It saves only what BN's
+  backward needs (the conv output and the batch statistics) and recomputes the BN output for the
+  utility, so no extra activation is kept and the gate returns BN's output without a copy.
+
+``layer`` is the ``DCPConv2d`` (duck-typed: parameters, buffers, ``norm``, ``decay``...): the module
+keeps the state and the wiring, this module the computation. Arguments arrive already cast for
+autocast (done once, in ``DCPConv2d.forward``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..rule import update_utilities
+from . import channel_utility, gathered_conv2d, scatter_channels
+from .compact import selects_all, zeros_except
+from .reference import channel_mask
+
+
+class _CompactGate(torch.autograd.Function):
+    """Gate on the compact path without a fused BN: ``a_c`` holds only the selected channels.
+
+    Forward returns them scattered into a zero full-width tensor (``scatter=True``) or as they are
+    (compact activations between converted layers). Backward, in training, updates the layer's
+    utilities from ``a`` and its gradient ``g``, both compact.
+    """
+
+    @staticmethod
+    def forward(ctx, a_c, out_idx, channels, utility, decay, track, scatter, backend):
+        ctx.track, ctx.decay, ctx.full = track, decay, selects_all(out_idx, channels)
+        ctx.backend = backend
+        ctx.scatter = scatter and not ctx.full
+        # The utility buffer is held as a plain attribute, not saved: backward updates it in
+        # place, which would trip autograd's version check on a retained graph.
+        ctx.utility = utility
+        ctx.save_for_backward(a_c if track else None, out_idx)
+        if ctx.scatter:
+            return zeros_except((a_c.shape[0], channels) + tuple(a_c.shape[2:]), out_idx, a_c)
+        # A new tensor even when nothing moves: a following in-place ReLU must not overwrite the
+        # activation the utility update reads in backward.
+        return a_c.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a_c, out_idx = ctx.saved_tensors
+        g_c = grad_out.index_select(1, out_idx) if ctx.scatter else grad_out
+        if ctx.track:
+            v = channel_utility(a_c, g_c, backend=ctx.backend)
+            update_utilities(ctx.utility, v, None if ctx.full else out_idx, ctx.decay)
+        return g_c, None, None, None, None, None, None, None
+
+
+class _CompactBatchNormGate(torch.autograd.Function):
+    """Training-mode BatchNorm (batch statistics, affine) of the compact conv output ``y_c``, then the
+    gate, as one autograd node.
+
+    ``stats`` is ``(running_mean, running_var)`` or ``None``; their selected entries are updated
+    with ``momentum`` (the unselected ones are left as they are, docs/algorithm.md "BatchNorm").
+    """
+
+    @staticmethod
+    def forward(ctx, y_c, weight, bias, stats, out_idx, channels, momentum, eps, utility, decay, track, scatter,
+                backend):
+        full = selects_all(out_idx, channels)
+        if full:
+            w_c, b_c = weight, bias
+            rm_c, rv_c = stats if stats is not None else (None, None)
+        else:
+            # One gather for the four per-channel vectors (four index_selects otherwise).
+            vectors = torch.stack([weight, bias, *stats] if stats is not None else [weight, bias])
+            picked = vectors.index_select(1, out_idx)
+            w_c, b_c = picked[0], picked[1]
+            rm_c, rv_c = (picked[2], picked[3]) if stats is not None else (None, None)
+        # native_batch_norm updates rm_c/rv_c in place: the running statistics themselves when every
+        # channel is selected, else the gathered copies written back below.
+        a_c, mean, invstd = torch.native_batch_norm(y_c, w_c, b_c, rm_c, rv_c, True, momentum, eps)
+        if stats is not None and not full:
+            stats[0].index_copy_(0, out_idx, rm_c)
+            stats[1].index_copy_(0, out_idx, rv_c)
+        ctx.conf = (channels, decay, track, scatter and not full, full, eps, backend)
+        ctx.utility = utility  # not saved: backward updates it in place (see _CompactGate)
+        ctx.save_for_backward(y_c, w_c, b_c, mean, invstd, out_idx)
+        if ctx.conf[3]:
+            return zeros_except((a_c.shape[0], channels) + tuple(a_c.shape[2:]), out_idx, a_c)
+        return a_c  # nothing saved refers to it: a following in-place ReLU may overwrite it
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y_c, w_c, b_c, mean, invstd, out_idx = ctx.saved_tensors
+        channels, decay, track, scatter, full, eps, backend = ctx.conf
+        g_c = grad_out.index_select(1, out_idx) if scatter else grad_out
+        need_y, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
+            g_c, y_c, w_c, None, None, mean, invstd, True, eps, [need_y, need_w or need_b, need_w or need_b]
+        )
+        grad_w = grad_b = None
+        if need_w or need_b:
+            if full:
+                grad_w, grad_b = grad_w_c, grad_b_c
+            else:
+                # One scatter for both parameter gradients (rows of one zero-filled buffer).
+                both = grad_w_c.new_zeros(2, channels).index_copy_(1, out_idx, torch.stack([grad_w_c, grad_b_c]))
+                grad_w, grad_b = both[0], both[1]
+        if track:
+            # The BN output recomputed (y * scale + shift), not saved: it costs one elementwise pass
+            # here instead of one activation kept from forward to backward.
+            scale = w_c * invstd
+            shift = torch.addcmul(b_c, mean, scale, value=-1)
+            a_c = torch.addcmul(shift.view(1, -1, 1, 1), y_c, scale.view(1, -1, 1, 1))
+            v = channel_utility(a_c, g_c, backend=backend)
+            update_utilities(ctx.utility, v, None if full else out_idx, decay)
+        return (grad_y, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 10
+
+
+class _GateMask(torch.autograd.Function):
+    """Reference gate (the paper's): ``out = a * mask``; the utility update sees ``g = grad * mask``."""
+
+    @staticmethod
+    def forward(ctx, a, mask, out_idx, utility, decay, track):
+        ctx.track, ctx.decay = track, decay
+        ctx.utility = utility  # not saved: see _CompactGate
+        ctx.save_for_backward(a if track else None, mask, out_idx)
+        return a * mask
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, mask, out_idx = ctx.saved_tensors
+        g = grad_out * mask
+        if ctx.track:
+            v = channel_utility(a, g, backend="reference").index_select(0, out_idx)
+            update_utilities(ctx.utility, v, out_idx, ctx.decay)
+        return g, None, None, None, None, None
+
+
+def batch_norm(bn: torch.nn.BatchNorm2d, y: torch.Tensor, out_idx: torch.Tensor, *, full: bool) -> torch.Tensor:
+    """``bn`` applied to ``y``, which holds either all channels (``full``) or only ``out_idx``, as
+    an autograd-composed function (the reference path, eval mode, and BN without affine or gate).
+
+    Running statistics of unselected channels are left untouched, whatever the layout.
+    """
+    use_batch_stats = bn.training or bn.running_mean is None
+    update_stats = bn.training and bn.track_running_stats
+    factor = _momentum(bn) if update_stats else 0.0
+    keeps_all = selects_all(out_idx, bn.num_features)
+    compact = not full and not keeps_all
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.index_select(0, out_idx) if (t is not None and compact) else t
+
+    rm = rv = None
+    if bn.running_mean is not None and (not bn.training or bn.track_running_stats):
+        rm, rv = bn.running_mean, bn.running_var
+        if compact:
+            rm, rv = rm.index_select(0, out_idx), rv.index_select(0, out_idx)
+        elif update_stats and not keeps_all:
+            # Work on copies and write back only the selected entries below.
+            rm, rv = rm.clone(), rv.clone()
+    a = F.batch_norm(y, rm, rv, pick(bn.weight), pick(bn.bias), use_batch_stats, factor, bn.eps)
+    if update_stats and not keeps_all:
+        with torch.no_grad():
+            if compact:
+                bn.running_mean.index_copy_(0, out_idx, rm)
+                bn.running_var.index_copy_(0, out_idx, rv)
+            else:
+                bn.running_mean.index_copy_(0, out_idx, rm.index_select(0, out_idx))
+                bn.running_var.index_copy_(0, out_idx, rv.index_select(0, out_idx))
+    return a
+
+
+def _momentum(bn: torch.nn.BatchNorm2d) -> float:
+    """Counts the batch (as ``nn.BatchNorm2d`` does) and returns this update's averaging factor."""
+    bn.num_batches_tracked.add_(1)
+    # momentum=None is a cumulative average: its factor needs the count on the host (a sync, as in
+    # nn.BatchNorm2d itself).
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
+def _fused_batch_norm_applies(bn: torch.nn.BatchNorm2d | None, track: bool) -> bool:
+    """Training-mode affine BN (batch statistics), the utilities being tracked: the common training
+    step, which :class:`_CompactBatchNormGate` fuses."""
+    return bn is not None and track and bn.training and bn.affine
+
+
+def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               padding: tuple[int, int], in_idx: torch.Tensor | None, out_idx: torch.Tensor | None,
+               x_compact: bool, backend: str) -> torch.Tensor:
+    """``gate(BN(conv(x)))`` of ``layer`` on ``backend`` (a resolved name), forward and backward.
+
+    ``in_idx``/``out_idx``: the live input channels and the selected output channels (``None``: all;
+    ``out_idx`` is ``None`` exactly when the layer is not prunable, and then there is no gate).
+    ``x_compact``: ``x`` holds only the channels ``in_idx``.
+    """
+    device = x.device
+    if in_idx is None:
+        in_idx = _all_channels(layer.in_channels, device)
+    gated = out_idx is not None
+    if not gated:
+        out_idx = _all_channels(layer.out_channels, device)
+    track = layer.training and gated and torch.is_grad_enabled()
+    bn = layer.norm
+    if backend == "reference":
+        if x_compact:
+            x = scatter_channels(x, in_idx, layer.in_channels)
+        y = gathered_conv2d(
+            x, weight, bias, in_idx, _all_channels(layer.out_channels, device), layer.stride, padding,
+            layer.dilation, layer.groups, backend="reference", validate=False,
+        )
+        layer.last_output_hw = (y.shape[2], y.shape[3])
+        a = y if bn is None else batch_norm(bn, y, out_idx, full=True)
+        if not gated:
+            return a
+        mask = channel_mask(out_idx, layer.out_channels, a.dtype).view(1, -1, 1, 1)
+        return _GateMask.apply(a, mask, out_idx, layer.utility, layer.decay, track)
+    y_c = gathered_conv2d(
+        x, weight, bias, in_idx, out_idx, layer.stride, padding, layer.dilation, layer.groups,
+        backend=backend, layout="compact", input_layout="compact" if x_compact else "full", validate=False,
+    )
+    layer.last_output_hw = (y_c.shape[2], y_c.shape[3])
+    scatter = not layer.compact_output
+    if _fused_batch_norm_applies(bn, track):
+        stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else None
+        momentum = _momentum(bn) if stats is not None else 0.0
+        return _CompactBatchNormGate.apply(
+            y_c, bn.weight, bn.bias, stats, out_idx, layer.out_channels, momentum, bn.eps, layer.utility,
+            layer.decay, track, scatter, backend,
+        )
+    a_c = y_c if bn is None else batch_norm(bn, y_c, out_idx, full=not gated)
+    if not gated:
+        return a_c
+    return _CompactGate.apply(a_c, out_idx, layer.out_channels, layer.utility, layer.decay, track, scatter, backend)
+
+
+_ARANGE_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _all_channels(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` on ``device``, one shared tensor per (n, device)."""
+    key = (n, device)
+    idx = _ARANGE_CACHE.get(key)
+    if idx is None:
+        idx = _ARANGE_CACHE[key] = torch.arange(n, device=device)
+    return idx
