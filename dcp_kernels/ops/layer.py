@@ -24,9 +24,25 @@ import torch
 import torch.nn.functional as F
 
 from ..rule import update_utilities
-from . import channel_utility, gathered_conv2d, scatter_channels
+from . import _triton_backend, channel_utility, gathered_conv2d, scatter_channels
 from .compact import selects_all, zeros_except
 from .reference import channel_mask
+
+
+def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, utility: torch.Tensor,
+                      idx: torch.Tensor | None, decay: float, scale: torch.Tensor | None = None,
+                      shift: torch.Tensor | None = None) -> None:
+    """The backward's utility work: ``v = channel_utility(a', g)`` with ``a' = a * scale + shift`` per
+    channel when given, then ``U[idx] = decay * U[idx] + v / max(v)`` (``idx`` None: all channels).
+
+    Triton: two launches (reduction with the affine on the fly, then one update program). Others:
+    PyTorch ops (the extension's reduction kernel where built)."""
+    if backend == "triton":
+        _triton_backend().update_utility(a, g, utility, idx, decay, scale, shift)
+        return
+    if scale is not None:
+        a = torch.addcmul(shift.view(1, -1, 1, 1), a, scale.view(1, -1, 1, 1))
+    update_utilities(utility, channel_utility(a, g, backend=backend), idx, decay)
 
 
 class _CompactGate(torch.autograd.Function):
@@ -57,8 +73,7 @@ class _CompactGate(torch.autograd.Function):
         a_c, out_idx = ctx.saved_tensors
         g_c = grad_out.index_select(1, out_idx) if ctx.scatter else grad_out
         if ctx.track:
-            v = channel_utility(a_c, g_c, backend=ctx.backend)
-            update_utilities(ctx.utility, v, None if ctx.full else out_idx, ctx.decay)
+            _update_utilities(ctx.backend, a_c, g_c, ctx.utility, None if ctx.full else out_idx, ctx.decay)
         return g_c, None, None, None, None, None, None, None
 
 
@@ -115,12 +130,11 @@ class _CompactBatchNormGate(torch.autograd.Function):
                 grad_w, grad_b = both[0], both[1]
         if track:
             # The BN output recomputed (y * scale + shift), not saved: it costs one elementwise pass
-            # here instead of one activation kept from forward to backward.
+            # here (none on Triton, whose reduction applies it on the fly) instead of one activation
+            # kept from forward to backward.
             scale = w_c * invstd
             shift = torch.addcmul(b_c, mean, scale, value=-1)
-            a_c = torch.addcmul(shift.view(1, -1, 1, 1), y_c, scale.view(1, -1, 1, 1))
-            v = channel_utility(a_c, g_c, backend=backend)
-            update_utilities(ctx.utility, v, None if full else out_idx, decay)
+            _update_utilities(backend, y_c, g_c, ctx.utility, None if full else out_idx, decay, scale, shift)
         return (grad_y, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 10
 
 

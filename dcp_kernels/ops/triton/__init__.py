@@ -9,6 +9,8 @@ The kernels are exposed as three PyTorch custom ops (autograd on the first), so 
 * ``dcp_triton::conv2d(x, weight, bias, in_idx, out_idx, ...) -> y``
 * ``dcp_triton::conv2d_backward(grad_y, x, weight, in_idx, out_idx, ...) -> (grad_x, grad_w, grad_b)``
 * ``dcp_triton::channel_utility(a, g) -> v``
+* ``dcp_triton::update_utility(a, g, scale, shift, utility!, idx, decay)``: the layer's whole utility
+  step in two launches (reduction, then normalise + decay + scatter), mutating ``utility``
 
 On a GPU they are registered with ``torch.library.triton_op`` (Inductor sees the Triton kernels
 themselves). Under ``TRITON_INTERPRET=1`` (how the test suite runs them on CPU) the interpreted
@@ -38,6 +40,7 @@ from .forward import conv_forward
 from .grad_input import conv_grad_input
 from .grad_weight import conv_grad_weight
 from .utility import channel_utility as _utility_kernel
+from .utility import update_utility as _update_kernel
 
 
 def _output(x: Tensor, weight: Tensor, out_idx: Tensor, stride, padding, dilation, y_compact: bool) -> Tensor:
@@ -102,6 +105,17 @@ def _channel_utility(a: Tensor, g: Tensor) -> Tensor:
     return _utility_kernel(a, g)
 
 
+def _update_utility(
+    a: Tensor, g: Tensor, scale: Tensor | None, shift: Tensor | None, utility: Tensor, idx: Tensor | None,
+    decay: float,
+) -> None:
+    if a.numel() == 0:
+        v = torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
+    else:
+        v = _utility_kernel(a, g, scale, shift)
+    _update_kernel(utility, v, idx, decay)
+
+
 def _register(name: str, fn, fake):
     if interpreting():
         op = torch.library.custom_op(f"dcp_triton::{name}", fn, mutates_args=())
@@ -110,7 +124,17 @@ def _register(name: str, fn, fake):
     return torch.library.triton_op(f"dcp_triton::{name}", fn, mutates_args=())
 
 
+def _register_utility_update():
+    name = "dcp_triton::update_utility"
+    if interpreting():
+        op = torch.library.custom_op(name, _update_utility, mutates_args=("utility",))
+        op.register_fake(lambda *args: None)
+        return op
+    return torch.library.triton_op(name, _update_utility, mutates_args={"utility"})
+
+
 conv2d_op = _register("conv2d", _conv2d, fake_conv2d)
+update_utility_op = _register_utility_update()
 conv2d_backward_op = _register("conv2d_backward", _conv2d_backward, fake_conv2d_backward)
 channel_utility_op = _register("channel_utility", _channel_utility, fake_channel_utility)
 
@@ -131,3 +155,10 @@ def gathered_conv2d(
 def channel_utility(a: Tensor, g: Tensor) -> Tensor:
     """``sum_b |sum_hw g*a| / (B*H*W)`` per channel, float32, by the deterministic Triton kernel."""
     return channel_utility_op(a, g)
+
+
+def update_utility(a: Tensor, g: Tensor, utility: Tensor, idx: Tensor | None, decay: float,
+                   scale: Tensor | None = None, shift: Tensor | None = None) -> None:
+    """``utility[idx] = decay * utility[idx] + v / max(v)`` with ``v = channel_utility(a', g)``, where
+    ``a' = a * scale + shift`` per channel when given (``idx`` None: every channel); two launches."""
+    update_utility_op(a, g, scale, shift, utility, idx, float(decay))

@@ -1,8 +1,14 @@
-"""Utility reduction ``v_c = sum_b |sum_hw g*a| / (B*H*W)`` per channel, in float32.
+"""Utility reduction ``v_c = sum_b |sum_hw g*a| / (B*H*W)`` per channel, in float32, and the
+layer's utility update ``U[idx] = decay * U[idx] + v / max(v)``.
 
 One program per block of channels reduces every sample in a fixed order (per-sample sums over the
 pixels, then their absolute values over the batch): deterministic, no atomics. Works for NCHW and
-channels-last tensors through strides.
+channels-last tensors through strides. With ``scale``/``shift`` the activation is ``y * scale + shift``
+per channel, computed on the fly: the BN output recomputed from the conv output, never stored.
+
+The update is one small program per layer (the kept width fits a few blocks): the max, the
+normalisation, the decay and the scatter into the utility buffer in one launch, where PyTorch ops
+take six.
 """
 from __future__ import annotations
 
@@ -18,12 +24,15 @@ from ._common import bucket, elementwise_configs
 @triton.autotune(configs=elementwise_configs(single_blocks=(64, 16)), key=["B", "C_BUCKET", "HW"])
 @triton.jit(do_not_specialize=["C", "C_BUCKET"])
 def _channel_utility_kernel(
-    a_ptr, g_ptr, v_ptr, B, C, C_BUCKET, HW, W,
+    a_ptr, g_ptr, v_ptr, scale_ptr, shift_ptr, B, C, C_BUCKET, HW, W,
     san, sac, sah, saw, sgn, sgc, sgh, sgw, inv_count,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
+    if HAS_AFFINE:
+        scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     total = tl.zeros((BLOCK_C,), dtype=tl.float32)
     a_sample = a_ptr  # pointer arithmetic is 64-bit: no int32 overflow on large batches
     g_sample = g_ptr
@@ -39,22 +48,60 @@ def _channel_utility_kernel(
                          mask=ok, other=0.0)
             gv = tl.load(g_sample + (h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc,
                          mask=ok, other=0.0)
-            per_sample += tl.sum(av.to(tl.float32) * gv.to(tl.float32), axis=0)
+            av = av.to(tl.float32)
+            if HAS_AFFINE:
+                av = tl.where(ok, av * scale[None, :] + shift[None, :], 0.0)
+            per_sample += tl.sum(av * gv.to(tl.float32), axis=0)
         total += tl.abs(per_sample)
         a_sample += san
         g_sample += sgn
     tl.store(v_ptr + offs_c, total * inv_count, mask=c_ok)
 
 
-def channel_utility(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-channel utility of activation ``a`` with gradient ``g`` (same 4-D shape), float32."""
+@triton.jit
+def _utility_update_kernel(u_ptr, v_ptr, idx_ptr, K, decay, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """``U[idx[j]] = decay * U[idx[j]] + v[j] / max(v)`` for j < K (``v / max = 0`` when max is 0)."""
+    offs = tl.arange(0, BLOCK)
+    top = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(v_ptr + k0 + offs, mask=k0 + offs < K, other=0.0)
+        top = tl.maximum(top, v)
+    peak = tl.max(top, axis=0)
+    for k0 in range(0, K, BLOCK):
+        ok = k0 + offs < K
+        v = tl.load(v_ptr + k0 + offs, mask=ok, other=0.0)
+        if FULL:
+            where = k0 + offs
+        else:
+            where = tl.load(idx_ptr + k0 + offs, mask=ok, other=0)
+        u = tl.load(u_ptr + where, mask=ok, other=0.0)
+        fresh = tl.where(peak > 0.0, v / tl.where(peak > 0.0, peak, 1.0), 0.0)  # no 0/0 computed
+        tl.store(u_ptr + where, fresh + decay * u, mask=ok)
+
+
+def channel_utility(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor | None = None,
+                    shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel utility of activation ``a`` with gradient ``g`` (same 4-D shape), float32.
+
+    With ``scale`` and ``shift`` (per channel) the activation is ``a * scale + shift``."""
     b, c, h, w = a.shape
     v = torch.empty(c, dtype=torch.float32, device=a.device)
+    has_affine = scale is not None
 
     def grid(meta):
         return (triton.cdiv(c, meta["BLOCK_C"]),)
 
     wrap_triton(_channel_utility_kernel)[grid](
-        a, g, v, b, c, bucket(c), h * w, w, *a.stride(), *g.stride(), 1.0 / float(b * h * w),
+        a, g, v, scale if has_affine else v, shift if has_affine else v, b, c, bucket(c), h * w, w,
+        *a.stride(), *g.stride(), 1.0 / float(b * h * w), HAS_AFFINE=has_affine,
     )
     return v
+
+
+def update_utility(utility: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None, decay: float) -> None:
+    """``utility[idx] = decay * utility[idx] + v / max(v)`` in place, in one launch (``idx`` None: all)."""
+    k = v.numel()
+    block = min(1024, triton.next_power_of_2(max(k, 16)))
+    wrap_triton(_utility_update_kernel)[(1,)](
+        utility, v, v if idx is None else idx, k, float(decay), FULL=idx is None, BLOCK=block,
+    )
