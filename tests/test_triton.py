@@ -4,6 +4,8 @@ Without a GPU these run in Triton's CPU interpreter (tests/conftest.py sets TRIT
 exact kernel semantics, slow, so the shapes are small. On a GPU machine the same tests create CUDA
 tensors and run the compiled kernels; tests named ``cuda`` need a GPU and are skipped without one.
 """
+import os
+
 import pytest
 import torch
 from conftest import sorted_subset
@@ -189,3 +191,18 @@ def test_compiled_kernels_on_cuda(groups, stride):
     (y * grad).sum().backward()
     for got, want in zip((y, xt.grad, wt.grad, bt.grad), ref):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_ops_register_as_triton_ops_outside_the_interpreter():
+    """On a GPU the ops are registered with ``torch.library.triton_op`` (the interpreter uses
+    ``custom_op``): that registration runs here too, without a GPU, in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import torch, dcp_kernels.ops.triton\n"
+            "print(torch.ops.dcp_triton.update_utility.default._schema)\n"
+            "print(torch.ops.dcp_triton.conv2d_backward.default._schema)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Tensor(a4!) utility" in done.stdout and "dcp_triton::conv2d_backward(" in done.stdout
