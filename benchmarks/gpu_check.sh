@@ -10,7 +10,8 @@
 #   1. extension build (CUDA kernels for TORCH_CUDA_ARCH_LIST, default 9.0) in the background   240
 #   2. Triton CUDA tests (DCP_TRITON_AUTOTUNE=0: one tile configuration, one compile a kernel)  150
 #   3. extension CUDA tests, once the build is done                                              60
-#   4. host syncs per steady-state step, every backend (benchmarks/sync_check.py; expect 1)      40
+#   4. host syncs (expect 1) and CUDA kernels per steady-state step, dense and every backend    55
+#      (benchmarks/sync_check.py, VGG-16 CIFAR batch 64)
 #   5. op level: ResNet-50 3x3 convs at batch 64, fp32, fwd+bwd, keep 0.5, Triton autotuned      70
 #   6. step level, interleaved, prune 0.5, Triton untuned (DCP_TRITON_AUTOTUNE=0):
 #      ResNet-50 224 px batch 128 bf16 autocast + channels_last                                 100
@@ -46,8 +47,8 @@ timeout 60 python3 -m pytest -q -p no:cacheprovider --maxfail=25 \
   | tail -40 | tee -a "$out/gpu-tests.txt"
 python3 -c "import dcp_kernels; print('backends on cuda:', dcp_kernels.backends('cuda'))" | tee -a "$out/gpu.txt"
 
-stage "host syncs per step"
-DCP_TRITON_AUTOTUNE=0 timeout 40 python3 benchmarks/sync_check.py --json "$out/syncs.json" 2>&1 | tail -8 \
+stage "host syncs and kernel launches per step"
+DCP_TRITON_AUTOTUNE=0 timeout 55 python3 benchmarks/sync_check.py --json "$out/syncs.json" 2>&1 | tail -8 \
   | tee "$out/syncs.txt"
 
 stage "op benchmarks (ResNet-50 3x3 convs, batch 64)"

@@ -1,11 +1,14 @@
-"""Count host syncs in steady-state DCP training steps on a GPU, per backend.
+"""Count host syncs and kernel launches in steady-state DCP training steps on a GPU, per backend.
 
 ``torch.cuda.set_sync_debug_mode("warn")`` makes PyTorch warn at every operation that synchronises
 the host with the device (``.item()``, ``nonzero``, device-to-host copies, ...). This script runs a
 converted network past exploration, then counts those warnings over a few selecting steps and
 prints one line per backend (and writes JSON with ``--json``). Expected: one per step (the batched
 read of all layers' kept counts, ``dcp_kernels.rule.host_read``), zero while exploring. The CPU
-equivalent, which runs in the test suite, is tests/test_syncs.py.
+equivalent, which runs in the test suite, is tests/test_syncs.py. It also counts the CUDA kernels
+one selecting step launches (``torch.profiler`` kernel events), for dense and each backend: a CIFAR
+step is launch-bound, so this is the count the GPU-step work drives down (CPU counts of the same
+thing: tests/test_syncs.py and docs/benchmarks-gpu.md).
 
     python benchmarks/sync_check.py [--json out.json] [--steps 5]
 """
@@ -22,10 +25,25 @@ import dcp_kernels
 from dcp_kernels.models import vgg
 
 
+def count_kernels(step, device: torch.device) -> int:
+    """CUDA kernels (and memsets/copies) launched by one call of ``step``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+
 def count_syncs(backend: str, steps: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = vgg("vgg16").to(device)
-    prop = dcp_kernels.convert(model, 0.5, explore_epochs=1, backend=backend, round_to=8)
+    if backend == "dense":
+        prop = None
+    else:
+        prop = dcp_kernels.convert(model, 0.5, explore_epochs=1, backend=backend, round_to=8)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(64, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (64,), device=device)
@@ -50,12 +68,14 @@ def count_syncs(backend: str, steps: int, device: torch.device) -> dict:
 
     step()  # exploring: the first step writes the all-selected state
     exploring = counted(steps)
-    prop.epoch_end()
+    if prop is not None:
+        prop.epoch_end()
     step()
     step()  # warm: autotuning and cuDNN plans for the first widths
     selecting = counted(steps)
     return {"backend": backend, "steps": steps, "exploring_syncs": len(exploring), "selecting_syncs": len(selecting),
-            "selecting_per_step": len(selecting) / steps, "examples": sorted(set(selecting))[:5]}
+            "selecting_per_step": len(selecting) / steps, "kernels_per_step": count_kernels(step, device),
+            "examples": sorted(set(selecting))[:5]}
 
 
 def main() -> None:
@@ -67,7 +87,7 @@ def main() -> None:
         raise SystemExit("sync_check: needs a CUDA device (the CPU equivalent is tests/test_syncs.py)")
     device = torch.device("cuda")
     results = []
-    for backend, usable in dcp_kernels.backends(device).items():
+    for backend, usable in [("dense", True), *dcp_kernels.backends(device).items()]:
         if not usable:
             continue
         try:
