@@ -248,7 +248,7 @@ class DCPConv2d(nn.Conv2d):
                 raise RuntimeError(f"{self._label()}: no output channel is selected")
             return idx
 
-        return self.__dict__["_indices"].get([self.selected], build)
+        return self.__dict__["_indices"].get(self.selection_masks(), build)
 
     def _adopt_indices(self, idx: torch.Tensor | None) -> None:
         """Take the selected indices from the controller, which built every layer's in one batched
@@ -264,7 +264,7 @@ class DCPConv2d(nn.Conv2d):
             # Kept widths change on nearly every step: let torch.compile trace them as symbolic
             # sizes from the start instead of recompiling for each new width.
             torch._dynamo.maybe_mark_dynamic(idx, 0)
-        self.__dict__["_indices"].put([sel], idx)
+        self.__dict__["_indices"].put(self.selection_masks(), idx)
 
     def _apply(self, fn, recurse=True):
         # .half()/.double()/.to(dtype) convert floating buffers; utilities stay float32 by definition.

@@ -24,6 +24,11 @@ def zeros_except(shape, idx: torch.Tensor, values: torch.Tensor, memory_format=t
     return out.index_copy_(1, idx, values)
 
 
+def widen(values: torch.Tensor, idx: torch.Tensor, channels: int) -> torch.Tensor:
+    """The compact (N, k, H, W) ``values`` placed at channels ``idx`` of a zero (N, channels, H, W)."""
+    return zeros_except((values.shape[0], channels) + tuple(values.shape[2:]), idx, values)
+
+
 def selects_all(idx: torch.Tensor, size: int) -> bool:
     """Whether ``idx`` selects every one of ``size`` channels: the one test the library uses to skip
     a gather, a scatter or a write-back (compact backend, layers, finalize).
@@ -138,7 +143,7 @@ class _ScatterChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_c, out_idx, channels):
         ctx.save_for_backward(out_idx)
-        return zeros_except((y_c.shape[0], channels) + tuple(y_c.shape[2:]), out_idx, y_c)
+        return widen(y_c, out_idx, channels)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..rule import update_utilities
 from . import _triton_backend, channel_utility, gathered_conv2d, scatter_channels
-from .compact import selects_all, zeros_except
+from .compact import selects_all, widen
 from .reference import channel_mask
 
 
@@ -63,7 +63,7 @@ class _CompactGate(torch.autograd.Function):
         ctx.utility = utility
         ctx.save_for_backward(a_c if track else None, out_idx)
         if ctx.scatter:
-            return zeros_except((a_c.shape[0], channels) + tuple(a_c.shape[2:]), out_idx, a_c)
+            return widen(a_c, out_idx, channels)
         # A new tensor even when nothing moves: a following in-place ReLU must not overwrite the
         # activation the utility update reads in backward.
         return a_c.clone()
@@ -79,15 +79,15 @@ class _CompactGate(torch.autograd.Function):
 
 class _CompactBatchNormGate(torch.autograd.Function):
     """Training-mode BatchNorm (batch statistics, affine) of the compact conv output ``y_c``, then the
-    gate, as one autograd node.
+    gate, as one autograd node. Used only while the utilities are tracked (see
+    :func:`_fused_batch_norm_applies`), so its backward always updates them.
 
     ``stats`` is ``(running_mean, running_var)`` or ``None``; their selected entries are updated
     with ``momentum`` (the unselected ones are left as they are, docs/algorithm.md "BatchNorm").
     """
 
     @staticmethod
-    def forward(ctx, y_c, weight, bias, stats, out_idx, channels, momentum, eps, utility, decay, track, scatter,
-                backend):
+    def forward(ctx, y_c, weight, bias, stats, out_idx, channels, momentum, eps, utility, decay, scatter, backend):
         full = selects_all(out_idx, channels)
         if full:
             w_c, b_c = weight, bias
@@ -104,17 +104,18 @@ class _CompactBatchNormGate(torch.autograd.Function):
         if stats is not None and not full:
             stats[0].index_copy_(0, out_idx, rm_c)
             stats[1].index_copy_(0, out_idx, rv_c)
-        ctx.conf = (channels, decay, track, scatter and not full, full, eps, backend)
+        scatter = scatter and not full
+        ctx.conf = (channels, decay, scatter, full, eps, backend)
         ctx.utility = utility  # not saved: backward updates it in place (see _CompactGate)
         ctx.save_for_backward(y_c, w_c, b_c, mean, invstd, out_idx)
-        if ctx.conf[3]:
-            return zeros_except((a_c.shape[0], channels) + tuple(a_c.shape[2:]), out_idx, a_c)
+        if scatter:
+            return widen(a_c, out_idx, channels)
         return a_c  # nothing saved refers to it: a following in-place ReLU may overwrite it
 
     @staticmethod
     def backward(ctx, grad_out):
         y_c, w_c, b_c, mean, invstd, out_idx = ctx.saved_tensors
-        channels, decay, track, scatter, full, eps, backend = ctx.conf
+        channels, decay, scatter, full, eps, backend = ctx.conf
         g_c = grad_out.index_select(1, out_idx) if scatter else grad_out
         need_y, need_w, need_b = ctx.needs_input_grad[:3]
         grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
@@ -128,14 +129,13 @@ class _CompactBatchNormGate(torch.autograd.Function):
                 # One scatter for both parameter gradients (rows of one zero-filled buffer).
                 both = grad_w_c.new_zeros(2, channels).index_copy_(1, out_idx, torch.stack([grad_w_c, grad_b_c]))
                 grad_w, grad_b = both[0], both[1]
-        if track:
-            # The BN output recomputed (y * scale + shift), not saved: it costs one elementwise pass
-            # here (none on Triton, whose reduction applies it on the fly) instead of one activation
-            # kept from forward to backward.
-            scale = w_c * invstd
-            shift = torch.addcmul(b_c, mean, scale, value=-1)
-            _update_utilities(backend, y_c, g_c, ctx.utility, None if full else out_idx, decay, scale, shift)
-        return (grad_y, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 10
+        # The BN output recomputed (y * scale + shift), not saved: it costs one elementwise pass here
+        # (none on Triton, whose reduction applies it on the fly) instead of one activation kept from
+        # forward to backward.
+        scale = w_c * invstd
+        shift = torch.addcmul(b_c, mean, scale, value=-1)
+        _update_utilities(backend, y_c, g_c, ctx.utility, None if full else out_idx, decay, scale, shift)
+        return (grad_y, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 9
 
 
 class _GateMask(torch.autograd.Function):
@@ -248,7 +248,7 @@ def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         momentum = _momentum(bn) if stats is not None else 0.0
         return _CompactBatchNormGate.apply(
             y_c, bn.weight, bn.bias, stats, out_idx, layer.out_channels, momentum, bn.eps, layer.utility,
-            layer.decay, track, scatter, backend,
+            layer.decay, scatter, backend,
         )
     a_c = y_c if bn is None else batch_norm(bn, y_c, out_idx, full=not gated)
     if not gated:

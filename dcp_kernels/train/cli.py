@@ -445,6 +445,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     start_time = time.perf_counter()
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
     def save_checkpoint(epoch_done: int, within_epoch: dict | None) -> None:
         _save_atomically({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),

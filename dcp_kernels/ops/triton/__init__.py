@@ -99,21 +99,22 @@ def _conv2d_backward(
     return grad_x, grad_w, grad_b
 
 
-def _channel_utility(a: Tensor, g: Tensor) -> Tensor:
+def _utility_vector(a: Tensor, g: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    """The reduction kernel's result; zeros for an empty batch (no kernel launched)."""
     if a.numel() == 0:
         return torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
-    return _utility_kernel(a, g)
+    return _utility_kernel(a, g, scale, shift)
+
+
+def _channel_utility(a: Tensor, g: Tensor) -> Tensor:
+    return _utility_vector(a, g)
 
 
 def _update_utility(
     a: Tensor, g: Tensor, scale: Tensor | None, shift: Tensor | None, utility: Tensor, idx: Tensor | None,
     decay: float,
 ) -> None:
-    if a.numel() == 0:
-        v = torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
-    else:
-        v = _utility_kernel(a, g, scale, shift)
-    _update_kernel(utility, v, idx, decay)
+    _update_kernel(utility, _utility_vector(a, g, scale, shift), idx, decay)
 
 
 def _register(name: str, fn, fake):

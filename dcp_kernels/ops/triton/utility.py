@@ -49,8 +49,8 @@ def _channel_utility_kernel(
             gv = tl.load(g_sample + (h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc,
                          mask=ok, other=0.0)
             av = av.to(tl.float32)
-            if HAS_AFFINE:
-                av = tl.where(ok, av * scale[None, :] + shift[None, :], 0.0)
+            if HAS_AFFINE:  # masked-off lanes become `shift`, but their gradient loaded as 0
+                av = av * scale[None, :] + shift[None, :]
             per_sample += tl.sum(av * gv.to(tl.float32), axis=0)
         total += tl.abs(per_sample)
         a_sample += san
@@ -58,7 +58,12 @@ def _channel_utility_kernel(
     tl.store(v_ptr + offs_c, total * inv_count, mask=c_ok)
 
 
-@triton.jit
+# The kept width K changes on nearly every step: neither specialised on nor used to size the block,
+# so one compiled binary serves every width.
+UPDATE_BLOCK = 1024
+
+
+@triton.jit(do_not_specialize=["K"])
 def _utility_update_kernel(u_ptr, v_ptr, idx_ptr, K, decay, FULL: tl.constexpr, BLOCK: tl.constexpr):
     """``U[idx[j]] = decay * U[idx[j]] + v[j] / max(v)`` for j < K (``v / max = 0`` when max is 0)."""
     offs = tl.arange(0, BLOCK)
@@ -100,8 +105,6 @@ def channel_utility(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor | None
 
 def update_utility(utility: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None, decay: float) -> None:
     """``utility[idx] = decay * utility[idx] + v / max(v)`` in place, in one launch (``idx`` None: all)."""
-    k = v.numel()
-    block = min(1024, triton.next_power_of_2(max(k, 16)))
     wrap_triton(_utility_update_kernel)[(1,)](
-        utility, v, v if idx is None else idx, k, float(decay), FULL=idx is None, BLOCK=block,
+        utility, v, v if idx is None else idx, v.numel(), float(decay), FULL=idx is None, BLOCK=UPDATE_BLOCK,
     )
