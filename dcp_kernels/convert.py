@@ -90,12 +90,13 @@ def convert(
 
     The model is traced (``torch.fx``) and run once on an example input in eval mode (shapes only;
     no statistics move) to build its channel dependency graph (:mod:`dcp_kernels.graph`). Every
-    ``Conv2d`` (groups=1 or depthwise) becomes a :class:`DCPConv2d`. Convs whose output channels
+    ``nn.Conv2d`` becomes a :class:`DCPConv2d`. Convs whose output channels
     reach only readers that can skip channels (convs, Linear layers after a flatten), through
     channel-wise operations, become prunable and own the BatchNorm right after them (its old place
     holds an ``nn.Identity``). Channels that are summed or multiplied together (residual sums,
     squeeze-excitation scales) form one coupled group with one selection; concats are read segment
-    by segment; depthwise convs and BatchNorms inside a group follow its channels. Anything not
+    by segment; depthwise convs and BatchNorms inside a group follow its channels; the channels a
+    grouped conv reads or writes keep equal counts in each of its groups. Anything not
     understood stays dense with its reason in ``prop.report()`` (and a warning).
 
     Args:
@@ -125,7 +126,8 @@ def convert(
             that many of its best channels (docs/algorithm.md). 1 (default) is the paper's exact
             rule; 8 suits GPU tensor cores and bounds the set of shapes kernels see.
 
-    Nothing is changed when an argument or the model is refused.
+    Nothing is changed when an argument or the model is refused (a model whose grouped convs would
+    be pruned is refused on ``triton`` and ``extension``, which have no grouped kernel).
     """
     check_prune_ratio(prune_ratio)
     check_round_to(round_to)
@@ -157,6 +159,10 @@ def convert(
         )
     for reader, segments in analysis.conv_inputs.items():
         new_layers[reader].set_input_source(_source(segments, analysis, new_layers, reader))
+    if backend in ("triton", "extension"):  # refused now, not at the first training step
+        for layer in new_layers.values():
+            if layer.grouped and (layer.prunable or layer.input_source is not None):
+                ops.check_groups_supported(backend, layer.groups, layer.weight, f"convert(backend={backend!r})")
     new_linears: dict[str, DCPLinear] = {}
     for reader, (segments, block) in analysis.linear_inputs.items():
         linear = DCPLinear.from_linear(model.get_submodule(reader), block=block, name=reader)
@@ -179,6 +185,7 @@ def convert(
     prop = Propagation(
         {n: new_layers[n] for n in order}, prune_ratio, min_channels=min_channels, explore_epochs=explore_epochs,
         decay=decay, plan=plan, groups=plan.groups, layer_prune_ratios=layer_prune_ratios, round_to=round_to,
+        blocks={g.producers[0]: g.blocks for g in analysis.groups if g.blocks > 1},
     )
 
     for name, layer in {**new_layers, **new_linears}.items():

@@ -24,10 +24,12 @@ def _kept(source) -> torch.Tensor | None:
     return None if selects_all(idx, source.out_channels) else idx
 
 
-def _plain_conv(layer: nn.Conv2d, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None) -> nn.Conv2d:
+def _plain_conv(layer: DCPConv2d, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None) -> nn.Conv2d:
     """A plain ``nn.Conv2d`` holding the kept rows/columns of ``layer``'s weight. For a depthwise
-    conv ``in_keep`` and ``out_keep`` are the same channels (channel c reads only channel c)."""
-    depthwise = layer.groups != 1
+    conv ``in_keep`` and ``out_keep`` are the same channels (channel c reads only channel c); a
+    grouped conv stays grouped (same ``groups``), each kept output keeping the columns of the kept
+    inputs of its own group."""
+    depthwise = layer.depthwise
     if depthwise and in_keep is not None and out_keep is not None and not torch.equal(in_keep, out_keep):
         raise ValueError(f"{layer}: a depthwise conv keeps the same input and output channels")
     if in_keep is None and out_keep is None:
@@ -43,9 +45,18 @@ def _plain_conv(layer: nn.Conv2d, in_keep: torch.Tensor | None, out_keep: torch.
     if out_keep is not None:
         weight = weight.index_select(0, out_keep)
         bias = None if bias is None else bias.index_select(0, out_keep)
-    if in_keep is not None and not depthwise:
+    groups = layer.groups
+    if in_keep is not None and layer.grouped:
+        rows = out_keep if out_keep is not None else torch.arange(layer.out_channels, device=weight.device)
+        # The kept inputs' positions within their group, one row of the table per group (equal
+        # counts per group), picked for each kept output by its group.
+        local = torch.remainder(in_keep, layer.in_channels // groups).view(groups, -1)
+        columns = local.index_select(0, torch.div(rows, layer.out_channels // groups, rounding_mode="floor"))
+        weight = weight.gather(1, columns.view(*columns.shape, 1, 1).expand(-1, -1, *weight.shape[2:]))
+    elif in_keep is not None and not depthwise:
         weight = weight.index_select(1, in_keep)
-    groups = weight.shape[0] if depthwise else 1
+    if depthwise:
+        groups = weight.shape[0]
     conv = nn.Conv2d(
         weight.shape[1] * groups, weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
         layer.dilation, groups, bias is not None, layer.padding_mode,
@@ -136,7 +147,7 @@ def finalize(prop: "Propagation") -> nn.Module:
             channel_keep = ConcatSource(segments).selected_indices()
         if isinstance(module, DCPConv2d):
             out_keep = _kept(module) if module.prunable else channel_keep
-            in_keep = channel_keep if module.groups != 1 else _kept(module.input_source)
+            in_keep = channel_keep if module.depthwise else _kept(module.input_source)
             set_submodule(plain, name, _plain_conv(module, in_keep, out_keep))
             if module.norm is not None:
                 home = plan.norm_homes.get(name)

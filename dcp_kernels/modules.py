@@ -116,6 +116,10 @@ class DCPConv2d(nn.Conv2d):
     parameters, so an ``nn.Conv2d`` state dict loads into it) plus:
 
     Args:
+        groups: as in ``nn.Conv2d``. A grouped conv (1 < groups, not depthwise) keeps the same
+            number of output channels in every group, and its input source must keep the same number
+            of input channels in every group (the controller's rule does both; docs/algorithm.md
+            "Grouped convolutions"). Runs on ``reference`` and ``torch``.
         norm: the ``BatchNorm2d`` that follows this conv. The layer then computes
             ``gate(BN(conv(x)))``: the gate sits after the BN, as in the paper.
         prunable: whether output channels carry utilities and can be switched off. A
@@ -148,12 +152,6 @@ class DCPConv2d(nn.Conv2d):
         backend: str = "auto",
         name: str | None = None,
     ) -> None:
-        label = f"DCPConv2d {name!r}" if name else "DCPConv2d"
-        if groups != 1 and not (groups == in_channels == out_channels):
-            raise NotImplementedError(
-                f"{label}: groups={groups} with in_channels={in_channels}, out_channels={out_channels} is not "
-                "supported; only groups=1 and depthwise (groups == in_channels == out_channels)"
-            )
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device=device, dtype=dtype,
@@ -216,6 +214,16 @@ class DCPConv2d(nn.Conv2d):
 
     # ----------------------------------------------------------------------------- selection state
     @property
+    def depthwise(self) -> bool:
+        """``groups == in_channels == out_channels > 1``: channel ``c`` reads only channel ``c``."""
+        return self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    @property
+    def grouped(self) -> bool:
+        """A grouped conv that is not depthwise (each output group reads its own input group)."""
+        return self.groups > 1 and not self.depthwise
+
+    @property
     def input_source(self) -> DCPConv2d | ConcatSource | None:
         return self.__dict__["_input_source"]
 
@@ -233,6 +241,11 @@ class DCPConv2d(nn.Conv2d):
             raise ValueError(f"{self._label()}: selection must be a bool tensor of shape ({self.out_channels},)")
         if not bool(selected.any()):
             raise ValueError(f"{self._label()}: the selection is empty; at least one channel must stay")
+        if self.grouped:
+            per_group = selected.view(self.groups, -1).sum(1)
+            if bool((per_group != per_group[0]).any()):
+                raise ValueError(f"{self._label()}: a grouped conv (groups={self.groups}) must keep the same number of "
+                                 f"channels in every group, got {per_group.tolist()}")
         self.selected.copy_(selected)
 
     def selection_masks(self) -> list[torch.Tensor]:
@@ -312,6 +325,7 @@ class DCPConv2d(nn.Conv2d):
             self.last_output_hw = (y.shape[2], y.shape[3])
             return y if self.norm is None else self.norm(y)
         backend = ops.resolve_backend(self.backend, x.device)
+        ops.check_groups_supported(backend, self.groups, self.weight, self._label())
         if backend != "reference" and torch.is_autocast_enabled(x.device.type):
             # Autocast does not look inside custom autograd Functions: cast here what it would cast
             # for a conv (input, weight, bias), then run the compact path with autocast off.
@@ -335,9 +349,11 @@ class DCPConv2d(nn.Conv2d):
         k_out = int(self.selected.sum()) if self.prunable else self.out_channels
         source = self.input_source
         k_in = int(source.selected.sum()) if source is not None else self.in_channels
-        if self.groups == 1:
-            return self.out_channels * self.in_channels * per_pair, k_out * k_in * per_pair
-        return self.out_channels * per_pair, k_out * per_pair
+        if self.depthwise:
+            return self.out_channels * per_pair, k_out * per_pair
+        # Each output reads the inputs of its own group: C_in / groups of them (k_in / groups kept).
+        return (self.out_channels * (self.in_channels // self.groups) * per_pair,
+                k_out * (k_in // self.groups) * per_pair)
 
     def extra_repr(self) -> str:
         extra = f", prunable={self.prunable}, backend={self.backend!r}"

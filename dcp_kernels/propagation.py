@@ -9,6 +9,7 @@ kernels in :mod:`dcp_kernels.ops` only decide *how* channels are computed. Defin
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
@@ -56,6 +57,7 @@ class Propagation:
         groups: Sequence[Sequence[str]] | None = None,
         layer_prune_ratios: Mapping[str, float] | None = None,
         round_to: int = 1,
+        blocks: Mapping[str, int] | None = None,
     ) -> None:
         check_prune_ratio(prune_ratio)
         if not layers:
@@ -70,6 +72,7 @@ class Propagation:
         self.groups = self._resolve_groups(groups)
         self.min_channels = self._resolve_min_channels(min_channels)
         self.group_ratios = self._resolve_layer_ratios(layer_prune_ratios or {})
+        self.group_blocks = self._resolve_blocks(blocks or {})
         self.prune_ratio = float(prune_ratio)
         check_round_to(round_to)
         self.round_to = round_to
@@ -130,6 +133,27 @@ class Propagation:
                 by_group[g] = r
         return by_group
 
+    def _resolve_blocks(self, blocks: Mapping[str, int]) -> list[int]:
+        """Per group, the number of equal blocks its channels form: the least common multiple of
+        its layers' values (a layer read or written by a grouped conv; 1 elsewhere)."""
+        unknown = set(blocks) - set(self.layer_names)
+        if unknown:
+            raise ValueError(f"blocks names unknown layers: {sorted(unknown)}")
+        resolved = []
+        for members in self.groups:
+            count = 1
+            for i in members:
+                b = blocks.get(self.layer_names[i], 1)
+                if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+                    raise ValueError(f"blocks for {self.layer_names[i]!r} must be an int >= 1, got {b!r}")
+                count = math.lcm(count, b)
+            width = self.layers[members[0]].out_channels
+            if width % count:
+                raise ValueError(f"the {width} channels of {self.layer_names[members[0]]!r} cannot form {count} "
+                                 "equal blocks")
+            resolved.append(count)
+        return resolved
+
     def _set_keep(self) -> None:
         """Channels kept in total: the groups with their own ratio keep theirs, the rest share
         ``prune_ratio`` of their channels through the global selection."""
@@ -146,7 +170,7 @@ class Propagation:
         self.fixed_keep = {g: max(floors[g], keep_count(sizes[g], r)) for g, r in self.group_ratios.items()}
         self.keep = self.keep_free + sum(self.fixed_keep.values())
         self._rule = SelectionRule(sizes, self.keep_free, floors, [self.fixed_keep.get(g) for g in range(len(sizes))],
-                                   round_to=self.round_to)
+                                   round_to=self.round_to, blocks=self.group_blocks)
         self._written = None  # what select() last wrote: ("all" | "selected", the masks' versions)
         self._counts: list[int] | None = None  # kept channels per group at that write (host ints)
 
@@ -358,10 +382,13 @@ class Propagation:
         width = max([len(n) for n in convs] + [len(n) for n in self.layer_names] + [5]) + 2
         rows = [f"{'layer':<{width}} {'channels':>8} {'kept':>6} {'FLOPs':>7}  note"]
         listed: set[str] = set()
-        for members in self.groups:
+        for members, blocks in zip(self.groups, self.group_blocks):
             names = [self.layer_names[i] for i in members]
             layer = self.layers[members[0]]
-            note = f"coupled with {', '.join(names[1:])}" if len(names) > 1 else ""
+            notes = [f"coupled with {', '.join(names[1:])}"] if len(names) > 1 else []
+            if blocks > 1:
+                notes.append(f"{blocks} blocks (grouped conv): equal kept per block")
+            note = "; ".join(notes)
             rows.append(f"{names[0]:<{width}} {layer.out_channels:>8} {int(layer.selected.sum()):>6} "
                         f"{share(names):>7}  {note}".rstrip())
             listed.update(names)
@@ -369,7 +396,7 @@ class Propagation:
         for name, conv in convs.items():
             if name in listed:
                 continue
-            reason = skipped.get(name, "depthwise: follows the channels of its input" if conv.groups != 1 else "dense")
+            reason = skipped.get(name, "depthwise: follows the channels of its input" if conv.depthwise else "dense")
             rows.append(f"{name:<{width}} {conv.out_channels:>8} {'-':>6} {share([name]):>7}  left dense: {reason}")
         for name, reason in skipped.items():
             if name not in convs and name not in listed:

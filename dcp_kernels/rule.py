@@ -55,6 +55,10 @@ class SelectionRule:
         round_to: every group's kept width becomes a multiple of this (docs/algorithm.md,
             "round_to": the nearest multiple of the exact rule's count, halves up, at least the
             smallest multiple holding the floor, at most the group); 1 is the paper's exact rule.
+        blocks: per group, the number of equal blocks its channels form (a space read or written
+            by a grouped conv, docs/algorithm.md "Grouped convolutions"; 1: no blocks). A blocked
+            group's width is rounded to a multiple of ``lcm(round_to, blocks)`` and it keeps the
+            same number of channels, its best ones, in every block.
 
     Calling it with the concatenated utilities (one per channel of every group) returns the bool
     mask of the selected channels. The device constants are built on first use per device and
@@ -62,10 +66,15 @@ class SelectionRule:
     """
 
     def __init__(self, sizes: Sequence[int], keep: int, floors: int | Sequence[int] = 1,
-                 fixed: Sequence[int | None] | None = None, round_to: int = 1) -> None:
+                 fixed: Sequence[int | None] | None = None, round_to: int = 1,
+                 blocks: int | Sequence[int] = 1) -> None:
         check_round_to(round_to)
         self.sizes = [int(s) for s in sizes]
         n = len(self.sizes)
+        self.blocks = [int(b) for b in _per_layer(blocks, n)]
+        for size, b in zip(self.sizes, self.blocks):
+            if b < 1 or size % b:
+                raise ValueError(f"a group of {size} channels cannot form {b} equal blocks")
         self.floors = [min(int(f), s) for f, s in zip(_per_layer(floors, n), self.sizes)]
         self.fixed = list(fixed) if fixed is not None else [None] * n
         if len(self.fixed) != n:
@@ -92,16 +101,30 @@ class SelectionRule:
             # A fixed group keeps its own count; a free group its floor first, the rest globally.
             fixed_keep = torch.tensor([-1 if k is None else max(int(k), f) for k, f in zip(self.fixed, self.floors)],
                                       device=device)
-            lowest = torch.tensor([min(s, -(-max(f, 1) // self.round_to) * self.round_to)
-                                   for s, f in zip(self.sizes, self.floors)], device=device)
-            const = (sizes, group_of, start, floors, fixed_keep, lowest, torch.arange(self.total, device=device))
+            # The unit a group's width is a multiple of; the smallest width holding its floor.
+            units = [math.lcm(self.round_to, b) for b in self.blocks]
+            unit = torch.tensor(units, device=device)
+            lowest = torch.tensor([min(s, -(-max(f, 1) // u) * u) for s, f, u in zip(self.sizes, self.floors, units)],
+                                  device=device)
+            # Blocks: consecutive runs of size / blocks channels, numbered over all groups in order
+            # (a group without blocks is one block), so a channel's rank in its block comes from the
+            # same stable-sort trick as its rank in its group.
+            per_block = [s // b for s, b in zip(self.sizes, self.blocks)]
+            block_sizes = torch.tensor([p for p, b in zip(per_block, self.blocks) for _ in range(b)], device=device)
+            block_of = torch.repeat_interleave(torch.arange(len(block_sizes), device=device), block_sizes,
+                                               output_size=self.total)
+            block_start = torch.cumsum(block_sizes, 0) - block_sizes
+            blocks = torch.tensor(self.blocks, device=device)
+            const = (sizes, group_of, start, floors, fixed_keep, lowest, torch.arange(self.total, device=device),
+                     unit, block_of, block_start, blocks)
             self._constants[device] = const
         return const
 
     def __call__(self, utilities: torch.Tensor) -> torch.Tensor:
         if utilities.dim() != 1 or utilities.numel() != self.total:
             raise ValueError(f"utilities has shape {tuple(utilities.shape)} but the layers hold {self.total} channels")
-        sizes, group_of, start, floors, fixed_keep, lowest, positions = self._device_constants(utilities.device)
+        (sizes, group_of, start, floors, fixed_keep, lowest, positions, unit, block_of, block_start,
+         blocks) = self._device_constants(utilities.device)
         u = torch.nan_to_num(utilities.float(), nan=-math.inf)
         order = torch.sort(u, descending=True, stable=True).indices  # ties: lower index first
         group_sorted = group_of[order]
@@ -116,11 +139,18 @@ class SelectionRule:
         rest = is_free & ~floor
         take = rest & (torch.cumsum(rest.long(), 0) <= self.keep - self.free_floor)
         chosen = floor | take | (~is_free & (rank < fixed_sorted))
-        if self.round_to > 1:
+        if self.round_to > 1 or max(self.blocks) > 1:
             count = torch.zeros_like(sizes).index_add_(0, group_sorted, chosen.long())
-            width = torch.minimum(torch.maximum((count + self.round_to // 2) // self.round_to * self.round_to, lowest),
-                                  sizes)
-            chosen = rank < width[group_sorted]
+            width = torch.minimum(torch.maximum((count + unit // 2) // unit * unit, lowest), sizes)
+            if max(self.blocks) > 1:
+                # Equal counts per block: each block keeps its width / blocks best channels.
+                block_sorted = block_of[order]
+                by_block = torch.sort(block_sorted, stable=True).indices
+                block_rank = torch.empty_like(order)
+                block_rank[by_block] = positions - block_start[block_sorted[by_block]]
+                chosen = block_rank < (width // blocks)[group_sorted]
+            else:
+                chosen = rank < width[group_sorted]
         mask = torch.empty_like(chosen)
         mask[order] = chosen
         return mask
@@ -148,6 +178,7 @@ def select_channels(
     keep: int,
     min_channels: int | Sequence[int] = 1,
     round_to: int = 1,
+    blocks: int | Sequence[int] = 1,
 ) -> torch.Tensor:
     """The global selection rule; returns a bool mask over the concatenated channels.
 
@@ -156,6 +187,8 @@ def select_channels(
     utilities over the whole network. Ties go to the lower global index (layers in order, channels
     in order). NaN utilities rank below everything. With ``round_to > 1`` each layer's count is then
     rounded (docs/algorithm.md, "round_to") and the layer keeps that many of its best channels.
+    A layer with ``blocks > 1`` (read or written by a grouped conv) keeps equal counts per block
+    (docs/algorithm.md, "Grouped convolutions").
 
     One stable sort over the concatenated vector plus a few vector ops: no Python loop over
     channels or layers. A controller keeps one :class:`SelectionRule` instead of calling this.
@@ -163,7 +196,7 @@ def select_channels(
     sizes = [int(s) for s in layer_sizes]
     if sum(sizes) != utilities.numel() or utilities.dim() != 1:
         raise ValueError(f"utilities has shape {tuple(utilities.shape)} but the layers hold {sum(sizes)} channels")
-    return SelectionRule(sizes, keep, min_channels, round_to=round_to)(utilities)
+    return SelectionRule(sizes, keep, min_channels, round_to=round_to, blocks=blocks)(utilities)
 
 
 def host_read(counts: torch.Tensor) -> list[int]:

@@ -450,3 +450,50 @@ def test_convs_sharing_a_parameter_stay_dense_and_stay_tied():
     model.eval(), plain.eval()
     x = torch.randn(2, 3, 16, 16)
     assert_close_to_scale(plain(x), model(x), rel=1e-5)
+
+
+class _GroupedNet(nn.Module):
+    """A 1x1 conv feeding a grouped 3x3 conv (4 groups), and a grouped conv reading a concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.bn_b = nn.BatchNorm2d(12)
+        self.c = nn.Conv2d(3, 4, 1)
+        self.d = nn.Conv2d(16, 8, 3, padding=1, groups=2)  # reads cat(b, c)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        b = F.relu(self.bn_b(self.b(F.relu(self.bn_a(self.a(x))))))
+        d = self.d(torch.cat([b, self.c(x)], dim=1))
+        return self.head(d.mean((2, 3)))
+
+
+def test_grouped_convs_keep_equal_counts_and_concat_readers_stay_dense():
+    model = _GroupedNet()
+    with pytest.warns(UserWarning, match="left dense"):
+        prop = dcp_kernels.convert(model, 0.5, explore_epochs=0)
+    assert prop.layer_names == ["a", "d"] and prop.group_blocks == [4, 2]
+    assert "grouped conv (groups=2) reading a concat" in prop.plan.skipped["b"]
+    assert isinstance(model.b, DCPConv2d) and not model.b.prunable and model.b.input_source is model.a
+    model.train()
+    for _ in range(3):
+        model(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert model.a.selected.view(4, 2).sum(1).tolist() == [1, 1, 1, 1]  # 4 of 8, one per group
+    plain = prop.finalize()
+    assert plain.a.out_channels == 4 and plain.b.in_channels == 4 and plain.b.groups == 4
+    model.eval(), plain.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("triton", "extension") if dcp_kernels.ops.backends("cpu")[b]])
+def test_grouped_convs_are_refused_on_backends_without_grouped_kernels(backend):
+    model = _GroupedNet()
+    before = _structure(model)
+    with pytest.raises(NotImplementedError, match=f"backend '{backend}' has no grouped-conv kernel"):
+        dcp_kernels.convert(model, 0.5, backend=backend)
+    assert _structure(model) == before

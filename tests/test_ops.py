@@ -109,6 +109,73 @@ def test_gradcheck_fp64(backend, groups):
     assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=backend == "triton")
 
 
+def _per_group(width: int, groups: int, per_group: int, seed: int) -> torch.Tensor:
+    """Sorted indices keeping ``per_group`` channels in each of ``groups`` equal blocks of ``width``."""
+    size = width // groups
+    return torch.cat([sorted_subset(size, per_group, seed + g) + g * size for g in range(groups)])
+
+
+# Grouped convs (1 < groups, not depthwise): (N, C_in, C_out, H, W, kernel, stride, padding,
+# dilation, groups, bias), then the kept inputs and outputs per group.
+GROUPED = [
+    pytest.param((2, 8, 12, 7, 7, 3, 1, 1, 1, 4, True), 1, 2, id="8to12-g4-keep1of2-2of3"),
+    pytest.param((2, 12, 6, 9, 8, 3, 2, 1, 1, 3, False), 4, 2, id="12to6-g3-all-in-all-out"),
+    pytest.param((3, 12, 8, 8, 8, 3, 1, 2, 2, 2, True), 3, 1, id="12to8-g2-dilated-keep3of6-1of4"),
+    pytest.param((2, 4, 8, 6, 6, 3, 1, 1, 1, 4, True), 1, 1, id="4to8-g4-multiplier-keep1of2"),
+    pytest.param((2, 6, 6, 5, 5, 1, 1, 0, 1, 2, False), 2, 3, id="6to6-g2-1x1-keep2of3-all"),
+]
+
+
+@pytest.mark.parametrize("shape, keep_in, keep_out", GROUPED)
+def test_grouped_conv_matches_reference(shape, keep_in, keep_out):
+    """Grouped convs run on the torch backend as a smaller grouped conv: the same output and
+    gradients as the reference (masks around the dense grouped conv), exact zeros elsewhere."""
+    n, cin, cout, h, w_, k, stride, pad, dil, groups, has_bias = shape
+    x, w = torch.randn(n, cin, h, w_), torch.randn(cout, cin // groups, k, k)
+    b = torch.randn(cout) if has_bias else None
+    in_idx, out_idx = _per_group(cin, groups, keep_in, 1), _per_group(cout, groups, keep_out, 2)
+    conf = (stride, pad, dil, groups)
+    ref = _run("reference", x, w, b, in_idx, out_idx, conf)
+    got = _run("torch", x, w, b, in_idx, out_idx, conf)
+    for name, r, o in zip(("y", "grad_x", "grad_w", "grad_b"), ref, got):
+        if r is not None:
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    dropped_in = torch.ones(cin, dtype=torch.bool)
+    dropped_in[in_idx] = False
+    assert torch.count_nonzero(got[1][:, dropped_in]) == 0
+    # Weight gradient only on the block each kept output reads: its own group's kept inputs.
+    live = torch.zeros(cout, cin // groups, dtype=torch.bool)
+    for o in out_idx.tolist():
+        g = o // (cout // groups)
+        live[o, [i - g * (cin // groups) for i in in_idx.tolist() if i // (cin // groups) == g]] = True
+    assert torch.count_nonzero(got[2][~live]) == 0
+    # Compact input (what a compact producer passes on): same output, the compact gradient.
+    x_c = x[:, in_idx].detach().requires_grad_(True)
+    y_c = ops.gathered_conv2d(x_c, w, b, in_idx, out_idx, *conf, backend="torch", input_layout="compact")
+    torch.testing.assert_close(y_c, ref[0], rtol=1e-5, atol=1e-5)
+    (y_c * torch.randn(y_c.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    torch.testing.assert_close(x_c.grad, ref[1][:, in_idx], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_gradcheck_fp64():
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    in_idx, out_idx = torch.tensor([1, 2, 4, 7]), torch.tensor([0, 5])
+
+    def f(x, w, b):
+        return ops.gathered_conv2d(x, w, b, in_idx, out_idx, 1, 1, 1, 2, backend="torch")
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b in ("triton", "extension")])
+def test_grouped_conv_is_refused_where_no_kernel_exists(backend):
+    x, w = torch.randn(2, 8, 5, 5), torch.randn(4, 4, 3, 3)
+    with pytest.raises(NotImplementedError, match=f"backend '{backend}' has no grouped-conv kernel"):
+        ops.gathered_conv2d(x, w, None, torch.tensor([0, 4]), torch.tensor([1, 3]), 1, 1, 1, 2, backend=backend)
+
+
 def test_channel_utility_definition():
     a, g = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6)
     expected = torch.tensor([
@@ -148,7 +215,12 @@ def test_backends_report_what_runs():
         (lambda a: a.update(out_idx=torch.tensor([2, 1])), ValueError, "sorted"),
         (lambda a: a.update(in_idx=torch.tensor([0, 1], dtype=torch.int32)), TypeError, "int64"),
         (lambda a: a.update(bias=torch.randn(3)), ValueError, "bias"),
-        (lambda a: a.update(weight=torch.randn(4, 3, 3, 3), groups=2), NotImplementedError, "groups=2"),
+        (lambda a: a.update(weight=torch.randn(4, 3, 3, 3), groups=3), ValueError, "groups=3"),
+        (lambda a: a.update(weight=torch.randn(4, 3, 3, 3), groups=2, in_idx=torch.tensor([0, 1, 3])),
+         ValueError, "in_idx must keep the same number of channels in each of the 2 groups"),
+        (lambda a: a.update(weight=torch.randn(4, 3, 3, 3), groups=2, in_idx=torch.tensor([0, 3]),
+                               out_idx=torch.tensor([0, 1])),
+         ValueError, r"out_idx must keep the same number .* \[2, 0\]"),
     ],
 )
 def test_bad_arguments_are_named(mutate, error, match):

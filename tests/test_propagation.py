@@ -1,5 +1,7 @@
 """The selection rule, utility update and schedule on hand-made numbers."""
 
+import math
+
 import pytest
 import torch
 
@@ -184,8 +186,10 @@ def test_selection_is_cheap_for_a_large_network():
     assert count_ops(512) == count_ops(64)
 
 
-def _brute_force_selection(u, sizes, keep, floor, round_to):
-    """The documented rule written the slow, obvious way (docs/algorithm.md, "round_to")."""
+def _brute_force_selection(u, sizes, keep, floor, round_to, blocks=None):
+    """The documented rule written the slow, obvious way (docs/algorithm.md, "round_to" and
+    "Grouped convolutions")."""
+    blocks = blocks or [1] * len(sizes)
     total = sum(sizes)
     chosen, start, ranked_per_layer = set(), 0, []
     for s in sizes:
@@ -195,14 +199,19 @@ def _brute_force_selection(u, sizes, keep, floor, round_to):
         start += s
     rest = sorted((i for i in range(total) if i not in chosen), key=lambda i: (-float(u[i]), i))
     chosen.update(rest[: keep - len(chosen)])
-    if round_to == 1:
+    if round_to == 1 and max(blocks) == 1:
         return chosen
     rounded = set()
-    for s, ranked in zip(sizes, ranked_per_layer):
+    for s, ranked, b in zip(sizes, ranked_per_layer, blocks):
+        unit = math.lcm(round_to, b)
         count = sum(1 for i in ranked if i in chosen)
-        nearest = round_to * int(count / round_to + 0.5)          # nearest multiple, halves up
-        lowest = round_to * -(-max(floor, 1) // round_to)         # smallest multiple holding the floor
-        rounded.update(ranked[: min(s, max(nearest, lowest))])    # at most the whole layer
+        nearest = unit * int(count / unit + 0.5)                  # nearest multiple, halves up
+        lowest = unit * -(-max(floor, 1) // unit)                 # smallest multiple holding the floor
+        width = min(s, max(nearest, lowest))                      # at most the whole layer
+        first = min(ranked)
+        for j in range(b):  # the same number, the best ones, in every block
+            block = [i for i in ranked if first + j * (s // b) <= i < first + (j + 1) * (s // b)]
+            rounded.update(block[: width // b])
     return rounded
 
 
@@ -216,6 +225,35 @@ def test_round_to_matches_a_brute_force_rule(round_to):
         for part, s in zip(torch.split(got, sizes), sizes):
             k = int(part.sum())
             assert k == s or k % round_to == 0  # every width a multiple, or the whole layer
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_blocks_match_a_brute_force_rule(round_to):
+    g = torch.Generator().manual_seed(11 + round_to)
+    for trial in range(60):
+        blocks = [int(b) for b in torch.randint(1, 5, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g)]
+        sizes = [b * int(torch.randint(1, 7, (1,), generator=g)) for b in blocks]
+        total = sum(sizes)
+        u = torch.randint(0, 6, (total,), generator=g).float()  # small range: many ties
+        floor = int(torch.randint(1, 3, (1,), generator=g))
+        keep = int(torch.randint(sum(min(floor, s) for s in sizes), total + 1, (1,), generator=g))
+        got = select_channels(u, sizes, keep, floor, round_to=round_to, blocks=blocks)
+        expected = _brute_force_selection(u, sizes, keep, floor, round_to, blocks)
+        assert got.tolist() == [i in expected for i in range(total)], (trial, sizes, blocks, keep, floor)
+        for part, s, b in zip(torch.split(got, sizes), sizes, blocks):
+            per_block = part.view(b, -1).sum(1)
+            assert bool((per_block == per_block[0]).all()) and int(per_block[0]) >= 1, (trial, per_block)
+
+
+def test_blocks_examples():
+    # One layer of 8 channels in 2 blocks of 4: the exact rule keeps the 3 best overall (all in the
+    # first block); rounded to a multiple of 2 (nearest: 4), each block then keeps its 2 best.
+    u = torch.tensor([9.0, 8, 7, 1, 5, 6, 0, 0])
+    assert select_channels(u, [8], keep=3).tolist() == [True, True, True] + [False] * 5
+    got = select_channels(u, [8], keep=3, blocks=[2])
+    assert got.tolist() == [True, True, False, False, True, True, False, False]
+    with pytest.raises(ValueError, match="cannot form 3 equal blocks"):
+        select_channels(u, [8], keep=3, blocks=[3])
 
 
 def test_round_to_examples():

@@ -3,16 +3,18 @@
 Found by tracing the model with ``torch.fx`` and propagating tensor shapes through the trace
 (``ShapeProp`` on a small example input), not hand-coded per architecture.
 
-Every ``groups=1`` conv output starts a *channel space*. Channel-wise operations carry a space on
+Every conv output (except a depthwise conv's) starts a *channel space*. Channel-wise operations carry a space on
 unchanged: activations, pooling, dropout, BatchNorm, depthwise convs, multiplication by a
 per-sample scalar (stochastic depth), spatial means. An element-wise sum or product of two tensors
 merges their spaces (a residual sum, a squeeze-excitation scale): merged spaces are *coupled* and
 form one **group**, selected or dropped channel by channel as a whole (its utility is the sum of
 its producers' utilities, see ``docs/algorithm.md``). A concat along channels makes a tensor whose
 channels are segments of several spaces. *Readers* skip the unselected channels of what they read:
-``groups=1`` convs and ``Linear`` layers after a flatten. Anything else a space reaches (the model
-output, a grouped conv, an unknown op, a parameter it is multiplied with) keeps that group dense,
-with the reason recorded.
+convs and ``Linear`` layers after a flatten. A grouped conv (``1 < groups``, not depthwise) reads and
+writes spaces made of ``groups`` equal *blocks*: its group keeps equal counts per block, so the
+finalized conv is an ordinary smaller grouped conv (``docs/algorithm.md``, "Grouped convolutions").
+Anything else a space reaches (the model output, an unknown op, a parameter it is multiplied with)
+keeps that group dense, with the reason recorded.
 
 Unselected channels need not hold zeros: every path from them ends in a reader that skips them,
 and channel-wise operations never mix channels. So a group stays correct through BatchNorm over a
@@ -46,6 +48,7 @@ from .optable import (
     _is_shape_query,
     _shape,
     _stochastic_depth_functions,
+    is_depthwise,
     is_norm_like,
     registered_kind,
     supported_conv,
@@ -71,6 +74,8 @@ class Group:
     ``residual``: formed by a sum (a residual connection).
     ``compact``: one producer read only by convs through shape-agnostic ops, so the channels can
     travel compact (only the selected ones) between the layers.
+    ``blocks``: the equal blocks the channels form for the grouped convs that read or write them
+    (the least common multiple of their ``groups``; 1: none): the group keeps equal counts per block.
     """
 
     producers: list[str]
@@ -78,6 +83,7 @@ class Group:
     norms: dict[str, str] = field(default_factory=dict)
     residual: bool = False
     compact: bool = False
+    blocks: int = 1
 
 
 @dataclass
@@ -111,6 +117,7 @@ class _Space:
     residual: bool = False
     simple: bool = True  # only shape-agnostic ops between producer and readers, no linear reader
     norm: str | None = None
+    blocks: int = 1  # equal blocks required by the grouped convs reading or writing it
 
 
 @dataclass(frozen=True)
@@ -250,17 +257,14 @@ class _Analyzer:
             if type(mod) is not nn.Conv2d:
                 self.block(x, f"read by {name!r} ({type(mod).__name__}), a conv subclass DCP does not know")
                 return self.produced(node, mod, blocked=f"{type(mod).__name__} is not a plain nn.Conv2d")
-            if mod.groups == 1:
-                self.read(node, name, x, "conv")
+            if not is_depthwise(mod):
+                self.read(node, name, x, "conv", groups=mod.groups)
                 return self.produced(node, mod)
-            if mod.groups == mod.in_channels == mod.out_channels and x is not None and x.block is None:
+            if x is not None and x.block is None:
                 self.channelwise[name] = x  # depthwise: channel c reads only channel c
                 self.unsimple(x)
                 return x
-            if mod.groups == mod.in_channels == mod.out_channels:
-                return self.produced(node, mod, blocked="a depthwise conv produces it from a dense input")
-            self.block(x, f"read by {name!r}, a grouped conv (groups={mod.groups}) whose channels cannot be cut one by one")
-            return self.produced(node, mod, blocked=f"grouped conv (groups={mod.groups})")
+            return self.produced(node, mod, blocked="a depthwise conv produces it from a dense input")
         kind = registered_kind(mod)
         if kind == "mixing":
             self.block_inputs(node, f"read by {name!r} ({type(mod).__name__}), registered as channel-mixing")
@@ -297,7 +301,7 @@ class _Analyzer:
         if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
             return None
         conv = self.modules.get(producer.target)
-        if not (type(conv) is nn.Conv2d and conv.groups == 1 and producer.target in self.out_space):
+        if not (type(conv) is nn.Conv2d and not is_depthwise(conv) and producer.target in self.out_space):
             return None
         if len(producer.users) != 1 or type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
             return None
@@ -306,18 +310,27 @@ class _Analyzer:
     def produced(self, node: fx.Node, mod: nn.Conv2d, blocked: str | None = None, policy: bool = False) -> _Chan:
         """A new space: the output channels of conv ``node`` (never pruned when ``blocked``)."""
         space = self.new_space(node.target, mod.out_channels, blocked)
+        self.spaces[space].blocks = mod.groups  # 1 for a groups=1 conv (a depthwise one is never a producer)
         if policy:
             self.policy_blocked.add(node.target)
         self.out_space[node.target] = space
         return _Chan(((space, mod.out_channels),))
 
-    def read(self, node: fx.Node, name: str, x: _Chan | None, kind: str, in_features: int = 0) -> None:
+    def read(self, node: fx.Node, name: str, x: _Chan | None, kind: str, in_features: int = 0,
+             groups: int = 1) -> None:
         if x is None:
             return
         if kind == "conv":
             if x.block is not None:
                 self.block(x, f"read by {name!r} after a flatten")
                 return
+            if groups > 1 and any(s is not None for s, _ in x.segs):
+                if len(x.segs) > 1:
+                    self.block(x, f"read by {name!r}, a grouped conv (groups={groups}) reading a concat of "
+                                  "several channel spaces")
+                    return
+                space = self.spaces[x.segs[0][0]]
+                space.blocks = math.lcm(space.blocks, groups)
             self.conv_readers[name] = x
             return
         width = sum(w for _, w in x.segs)
@@ -475,10 +488,12 @@ class _Analyzer:
                     if sp.producer is not None:
                         analysis.skipped.setdefault(sp.producer, (sp.blocked or reasons)[0])
                 continue
+            # Every block count divides the (common) width, so their least common multiple does too.
+            blocks = math.lcm(*(sp.blocks for sp in spaces))
             norms = {sp.producer: sp.norm for sp in spaces if sp.norm is not None}
             compact = len(spaces) == 1 and spaces[0].simple
             group_of_root[root] = len(analysis.groups)
-            analysis.groups.append(Group(producers, spaces[0].channels, norms, residual, compact))
+            analysis.groups.append(Group(producers, spaces[0].channels, norms, residual, compact, blocks))
         analysis.policy = {n for n in analysis.skipped if n in self.policy_blocked}
 
         def segments(chan: _Chan) -> list[Segment]:
@@ -543,16 +558,13 @@ def analyze(
     analysis = analyzer.result()
     modules = dict(model.named_modules())
     analysis.convs = [n for n, m in model.named_modules() if supported_conv(m)]
-    for name, module in modules.items():
-        if isinstance(module, nn.Conv2d) and not supported_conv(module) and name not in analysis.skipped:
-            analysis.skipped[name] = f"groups={module.groups} conv: not supported"
     for name in analysis.convs:
         if name not in analyzer.calls and name not in analysis.skipped:
             analysis.skipped[name] = "never called in the traced (or recorded) forward pass"
     # Depthwise convs are channel-wise ops, never producers: they are not "skipped".
     for name in list(analysis.skipped):
         m = modules.get(name)
-        if m is not None and m.groups != 1 and m.groups == m.in_channels == m.out_channels and name in analyzer.channelwise:
+        if m is not None and is_depthwise(m) and name in analyzer.channelwise:
             del analysis.skipped[name]
     return analysis
 

@@ -122,10 +122,14 @@ def traced_as_one_call(module: nn.Module) -> bool:
 
 
 def supported_conv(module: nn.Module) -> bool:
-    """Convs ``DCPConv2d`` can stand in for: ``groups=1`` and depthwise."""
-    return type(module) is nn.Conv2d and (
-        module.groups == 1 or module.groups == module.in_channels == module.out_channels
-    )
+    """Convs ``DCPConv2d`` can stand in for: plain ``nn.Conv2d`` of any ``groups``."""
+    return type(module) is nn.Conv2d
+
+
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """Depthwise (``groups == in_channels == out_channels > 1``): channel ``c`` reads only channel
+    ``c``, so the conv follows its input's channels instead of starting a channel space."""
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:

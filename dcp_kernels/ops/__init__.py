@@ -148,7 +148,8 @@ def check_conv_arguments(
 ) -> None:
     """Validate the op's arguments once, with errors that name the argument at fault.
 
-    With ``x_compact`` the input holds only the channels ``in_idx`` (groups=1 only).
+    With ``x_compact`` the input holds only the channels ``in_idx``. A grouped conv (1 < groups, not
+    depthwise) needs the same number of indices in every group, for inputs and outputs.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -166,22 +167,35 @@ def check_conv_arguments(
             f"bias must be a ({weight.shape[0]},) tensor of {x.dtype} on {x.device}, "
             f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}"
         )
-    c_in, c_out = (weight.shape[1] if x_compact else x.shape[1]), weight.shape[0]
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    c_in, c_out = weight.shape[1] * groups, weight.shape[0]
     if x_compact:
-        if groups != 1:
-            raise NotImplementedError("input_layout='compact' supports groups=1 only")
+        if groups > 1 and weight.shape[1] == 1 and groups == c_out:
+            raise NotImplementedError("input_layout='compact' is not supported for depthwise convs")
         if x.shape[1] != in_idx.numel():
             raise ValueError(f"input_layout='compact' needs x with len(in_idx)={in_idx.numel()} channels, got {x.shape[1]}")
-    if groups == 1:
-        if weight.shape[1] != c_in:
-            raise ValueError(f"x has {c_in} channels but weight expects {weight.shape[1]} (groups=1)")
-    elif not (groups == c_in == c_out and weight.shape[1] == 1):
-        raise NotImplementedError(
-            f"groups={groups} with {c_in} input and {c_out} output channels: only groups=1 and "
-            "depthwise (groups == in_channels == out_channels) are supported"
-        )
+    elif x.shape[1] != c_in:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects {c_in} (groups={groups})")
+    if c_out % groups:
+        raise ValueError(f"weight has {c_out} output channels, not divisible by groups={groups}")
     _check_index(in_idx, "in_idx", c_in, x.device)
     _check_index(out_idx, "out_idx", c_out, x.device)
+    if groups > 1 and not (weight.shape[1] == 1 and groups == c_out):
+        for arg, idx, width in (("in_idx", in_idx, c_in), ("out_idx", out_idx, c_out)):
+            per_group = torch.bincount(torch.div(idx, width // groups, rounding_mode="floor"), minlength=groups)
+            if bool((per_group != per_group[0]).any()):
+                raise ValueError(f"{arg} must keep the same number of channels in each of the {groups} groups, "
+                                 f"got {per_group.tolist()}")
+
+
+def check_groups_supported(backend: str, groups: int, weight: torch.Tensor, label: str = "gathered_conv2d") -> None:
+    """Refuse a grouped conv (1 < groups, not depthwise) on a backend without grouped kernels:
+    the Triton and extension kernels handle groups=1 and depthwise only (no silent fallback)."""
+    grouped = groups > 1 and not (weight.shape[1] == 1 and groups == weight.shape[0])
+    if grouped and backend in ("triton", "extension"):
+        raise NotImplementedError(f"{label}: backend {backend!r} has no grouped-conv kernel (groups={groups}); "
+                                  "use backend='torch' (or 'auto') for models with grouped convs")
 
 
 def gathered_conv2d(
@@ -207,13 +221,14 @@ def gathered_conv2d(
             by the compact backends.
         weight, bias: the full-size parameters of the convolution.
         in_idx, out_idx: sorted, unique int64 channel indices on ``x``'s device.
-        stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (integer padding;
-            groups must be 1 or depthwise).
+        stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (integer padding).
+            A grouped conv (1 < groups, not depthwise) needs equal kept counts in every group and
+            runs on ``reference`` and ``torch`` only.
         backend: ``auto``, ``reference``, ``torch``, ``triton`` or ``extension``.
         layout: ``full`` returns (N, C_out, H', W') with exact zeros outside ``out_idx``;
             ``compact`` returns only the selected channels, (N, len(out_idx), H', W').
         input_layout: ``full`` (``x`` has C_in channels) or ``compact`` (``x`` holds exactly the
-            channels ``in_idx``, in order; groups=1 only). Its gradient has ``x``'s layout.
+            channels ``in_idx``, in order; not for depthwise convs). Its gradient has ``x``'s layout.
         validate: check the arguments (turn off only for indices built by this library).
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
@@ -224,9 +239,10 @@ def gathered_conv2d(
     if validate:
         check_conv_arguments(x, weight, bias, in_idx, out_idx, groups, x_compact=x_compact)
     name = resolve_backend(backend, x.device)
+    check_groups_supported(name, groups, weight)
     if name == "reference":
         if x_compact:
-            x = compact.scatter_channels(x, in_idx, weight.shape[1])
+            x = compact.scatter_channels(x, in_idx, weight.shape[1] * groups)
         y = reference.gathered_conv2d(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups)
         return y if layout == "full" else y.index_select(1, out_idx)
     if name in ("triton", "extension"):
@@ -264,6 +280,7 @@ __all__ = [
     "backends",
     "channel_utility",
     "check_conv_arguments",
+    "check_groups_supported",
     "gathered_conv2d",
     "resolve_backend",
     "scatter_channels",

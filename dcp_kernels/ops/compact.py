@@ -47,6 +47,20 @@ def block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, c_in: int) -> torch.
     return torch.add(in_idx.unsqueeze(0), out_idx.unsqueeze(1), alpha=c_in).flatten()  # one kernel
 
 
+def grouped_block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, in_per_group: int, out_per_group: int,
+                       groups: int) -> torch.Tensor:
+    """Rows of the (C_out * C_in/groups, kh * kw) weight view of a grouped conv that form its
+    selected block: each kept output ``o`` (of group ``o // out_per_group``) reads the kept inputs of
+    its own group, at their positions within the group.
+
+    Needs the same number of kept inputs in every group (the selection rule's "equal counts per
+    block", docs/algorithm.md): the kept inputs then form a (groups, k_in / groups) table.
+    """
+    local = torch.remainder(in_idx, in_per_group).view(groups, -1)
+    columns = local.index_select(0, torch.div(out_idx, out_per_group, rounding_mode="floor"))
+    return torch.add(columns, out_idx.unsqueeze(1), alpha=in_per_group).flatten()
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -58,12 +72,16 @@ class _CompactConv2d(torch.autograd.Function):
 
     For depthwise convolutions (groups == C_in == C_out) output channel ``c`` reads only input
     channel ``c``: the computed channels are ``out_idx`` and an input channel outside ``in_idx``
-    counts as zero (its output is the bias alone).
+    counts as zero (its output is the bias alone). A grouped convolution (1 < groups, not depthwise)
+    runs as a smaller grouped convolution: ``in_idx`` and ``out_idx`` keep the same number of
+    channels in every group (the selection rule guarantees it).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact):
-        c_in, c_out = weight.shape[1] * (weight.shape[0] if depthwise else 1), weight.shape[0]
+    def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact):
+        in_per_group, c_out = weight.shape[1], weight.shape[0]
+        c_in = in_per_group * groups
+        depthwise = groups > 1 and in_per_group == 1 and groups == c_out
         full_out = selects_all(out_idx, c_out)
         b_c = None if bias is None else (bias if full_out else bias.index_select(0, out_idx))
         input_scale = rows = None
@@ -72,14 +90,17 @@ class _CompactConv2d(torch.autograd.Function):
             if not selects_all(in_idx, c_in):
                 input_scale = channel_mask(in_idx, c_in, x.dtype).index_select(0, out_idx).view(1, -1, 1, 1)
         else:
-            read_idx, full_in, groups = in_idx, selects_all(in_idx, c_in), 1
+            read_idx, full_in = in_idx, selects_all(in_idx, c_in)
         if depthwise or full_in:
             w_c = weight if full_out else weight.index_select(0, out_idx)
         else:
             # One gather of the block (and the same rows scatter its gradient in backward).
-            rows = block_rows(out_idx, in_idx, c_in)
-            w_c = weight.reshape(c_out * c_in, -1).index_select(0, rows)
-            w_c = w_c.view(out_idx.numel(), in_idx.numel(), *weight.shape[2:])
+            if groups == 1:
+                rows = block_rows(out_idx, in_idx, c_in)
+            else:
+                rows = grouped_block_rows(out_idx, in_idx, in_per_group, c_out // groups, groups)
+            w_c = weight.reshape(c_out * in_per_group, -1).index_select(0, rows)
+            w_c = w_c.view(out_idx.numel(), in_idx.numel() // groups, *weight.shape[2:])
         x_c = x if (full_in or x_compact) else x.index_select(1, read_idx)
         if input_scale is not None:
             x_c = x_c * input_scale
@@ -133,8 +154,7 @@ def compact_conv2d(
     x_compact: bool = False,
 ) -> torch.Tensor:
     """The selected block's output, compact: (N, len(out_idx), H', W')."""
-    depthwise = groups > 1
-    return _CompactConv2d.apply(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact)
+    return _CompactConv2d.apply(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact)
 
 
 class _ScatterChannels(torch.autograd.Function):
