@@ -108,8 +108,9 @@ def _triton_backend() -> ModuleType:
     if _TRITON_MODULE is None:
         from . import triton as triton_backend
 
-        mode = "interpreter (CPU)" if triton_interpreting() else "compiled"
-        logger.info("dcp_kernels: Triton backend loaded, %s mode", mode)
+        if not torch.compiler.is_compiling():  # a log call inside a fullgraph trace is an error there
+            mode = "interpreter (CPU)" if triton_interpreting() else "compiled"
+            logger.info("dcp_kernels: Triton backend loaded, %s mode", mode)
         _TRITON_MODULE = triton_backend
     return _TRITON_MODULE
 

@@ -11,6 +11,8 @@ grad-input stays compact.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -67,8 +69,23 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class _CompactConv2d(torch.autograd.Function):
-    """Convolution of the ``out_idx x in_idx`` block; returns the compact (N, k_out, H', W') output.
+class _Block(NamedTuple):
+    """What the compact convolution of the ``out_idx x in_idx`` block runs on, gathered once."""
+
+    x_c: torch.Tensor  # the input channels read (times the depthwise input mask), or x as it is
+    w_c: torch.Tensor  # the weight block
+    b_c: torch.Tensor | None
+    read_idx: torch.Tensor  # input channels read (depthwise: out_idx)
+    input_scale: torch.Tensor | None  # depthwise: 0/1 per read channel (outside in_idx: 0)
+    rows: torch.Tensor | None  # rows of the flat weight view forming the block (None: whole rows)
+    groups: int  # of the compact convolution
+    depthwise: bool
+    x_as_is: bool  # x was used without a gather (every channel read, or already compact)
+    full_out: bool
+
+
+def _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact) -> _Block:
+    """Gather the compact operands of the block.
 
     For depthwise convolutions (groups == C_in == C_out) output channel ``c`` reads only input
     channel ``c``: the computed channels are ``out_idx`` and an input channel outside ``in_idx``
@@ -76,69 +93,154 @@ class _CompactConv2d(torch.autograd.Function):
     runs as a smaller grouped convolution: ``in_idx`` and ``out_idx`` keep the same number of
     channels in every group (the selection rule guarantees it).
     """
+    in_per_group, c_out = weight.shape[1], weight.shape[0]
+    c_in = in_per_group * groups
+    depthwise = groups > 1 and in_per_group == 1 and groups == c_out
+    full_out = selects_all(out_idx, c_out)
+    b_c = None if bias is None else (bias if full_out else bias.index_select(0, out_idx))
+    input_scale = rows = None
+    if depthwise:
+        read_idx, full_in, groups = out_idx, full_out, out_idx.numel()
+        if not selects_all(in_idx, c_in):
+            input_scale = channel_mask(in_idx, c_in, x.dtype).index_select(0, out_idx).view(1, -1, 1, 1)
+    else:
+        read_idx, full_in = in_idx, selects_all(in_idx, c_in)
+    if depthwise or full_in:
+        w_c = weight if full_out else weight.index_select(0, out_idx)
+    else:
+        # One gather of the block (and the same rows scatter its gradient in backward).
+        if groups == 1:
+            rows = block_rows(out_idx, in_idx, c_in)
+        else:
+            rows = grouped_block_rows(out_idx, in_idx, in_per_group, c_out // groups, groups)
+        w_c = weight.reshape(c_out * in_per_group, -1).index_select(0, rows)
+        w_c = w_c.view(out_idx.numel(), in_idx.numel() // groups, *weight.shape[2:])
+    x_c = x if (full_in or x_compact) else x.index_select(1, read_idx)
+    if input_scale is not None:
+        x_c = x_c * input_scale
+    return _Block(x_c, w_c, b_c, read_idx, input_scale, rows, groups, depthwise, full_in or x_compact, full_out)
+
+
+def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation, x_shape, w_shape,
+                    x_memory_format, need_x: bool, need_w: bool, need_b: bool):
+    """(grad_x, grad_w, grad_b) of the block's convolution, in the full (or x's compact) layout;
+    None for a gradient not asked for. Grad-weight is non-zero only on the block."""
+    x_c, w_c, read_idx, rows = block.x_c, block.w_c, block.read_idx, block.rows
+    has_bias = block.b_c is not None
+    gx_c, gw_c, gb_c = torch.ops.aten.convolution_backward(
+        grad_y_c, x_c, w_c, [w_c.shape[0]] if has_bias else None,
+        list(stride), list(padding), list(dilation), False, [0, 0], block.groups,
+        [need_x, need_w, need_b and has_bias],
+    )
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        if block.input_scale is not None:
+            gx_c = gx_c * block.input_scale
+        grad_x = gx_c if block.x_as_is else zeros_except(x_shape, read_idx, gx_c, x_memory_format)
+    if need_w:
+        if rows is None:
+            grad_w = gw_c if block.full_out else gw_c.new_zeros(w_shape).index_copy_(0, out_idx, gw_c)
+        else:
+            grad_w = gw_c.new_zeros(w_shape)
+            grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(0, rows, gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1))
+    if need_b and has_bias:
+        grad_b = gb_c if block.full_out else gb_c.new_zeros(w_shape[0]).index_copy_(0, out_idx, gb_c)
+    return grad_x, grad_w, grad_b
+
+
+class _CompactConv2d(torch.autograd.Function):
+    """Convolution of the ``out_idx x in_idx`` block (see :func:`_gather_block`); returns the
+    compact (N, k_out, H', W') output. Saves the gathered operands for its backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact):
-        in_per_group, c_out = weight.shape[1], weight.shape[0]
-        c_in = in_per_group * groups
-        depthwise = groups > 1 and in_per_group == 1 and groups == c_out
-        full_out = selects_all(out_idx, c_out)
-        b_c = None if bias is None else (bias if full_out else bias.index_select(0, out_idx))
-        input_scale = rows = None
-        if depthwise:
-            read_idx, full_in, groups = out_idx, full_out, out_idx.numel()
-            if not selects_all(in_idx, c_in):
-                input_scale = channel_mask(in_idx, c_in, x.dtype).index_select(0, out_idx).view(1, -1, 1, 1)
-        else:
-            read_idx, full_in = in_idx, selects_all(in_idx, c_in)
-        if depthwise or full_in:
-            w_c = weight if full_out else weight.index_select(0, out_idx)
-        else:
-            # One gather of the block (and the same rows scatter its gradient in backward).
-            if groups == 1:
-                rows = block_rows(out_idx, in_idx, c_in)
-            else:
-                rows = grouped_block_rows(out_idx, in_idx, in_per_group, c_out // groups, groups)
-            w_c = weight.reshape(c_out * in_per_group, -1).index_select(0, rows)
-            w_c = w_c.view(out_idx.numel(), in_idx.numel() // groups, *weight.shape[2:])
-        x_c = x if (full_in or x_compact) else x.index_select(1, read_idx)
-        if input_scale is not None:
-            x_c = x_c * input_scale
-        y_c = F.conv2d(x_c, w_c, b_c, stride, padding, dilation, groups)
-        ctx.save_for_backward(x_c, w_c, read_idx, out_idx, input_scale, rows)
-        ctx.conf = (stride, padding, dilation, groups, depthwise, full_in or x_compact, full_out, bias is not None)
-        ctx.full_shapes = (x.shape, weight.shape)
-        ctx.x_memory_format = _memory_format(x)
+        block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
+        y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
+        ctx.save_for_backward(block.x_c, block.w_c, block.read_idx, out_idx, block.input_scale, block.rows)
+        # b_c's only use in backward is "is there a bias": a placeholder keeps the tuple's shape.
+        ctx.block = block._replace(x_c=None, w_c=None, read_idx=None, input_scale=None, rows=None,
+                                   b_c=None if bias is None else True)
+        ctx.conf = (stride, padding, dilation, x.shape, weight.shape, _memory_format(x))
         return y_c
 
     @staticmethod
     def backward(ctx, grad_y_c):
         x_c, w_c, read_idx, out_idx, input_scale, rows = ctx.saved_tensors
-        stride, padding, dilation, groups, depthwise, x_as_is, full_out, has_bias = ctx.conf
-        x_shape, w_shape = ctx.full_shapes
+        block = ctx.block._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows)
+        stride, padding, dilation, x_shape, w_shape, x_memory_format = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx_c, gw_c, gb_c = torch.ops.aten.convolution_backward(
-            grad_y_c, x_c, w_c, [w_c.shape[0]] if has_bias else None,
-            list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [need_x, need_w, need_b and has_bias],
-        )
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            if input_scale is not None:
-                gx_c = gx_c * input_scale
-            grad_x = gx_c if x_as_is else zeros_except(x_shape, read_idx, gx_c, ctx.x_memory_format)
-        if need_w:
-            full_in = depthwise or w_c.shape[1] == w_shape[1]
-            if full_in:
-                grad_w = gw_c if full_out else gw_c.new_zeros(w_shape).index_copy_(0, out_idx, gw_c)
-            else:
-                grad_w = gw_c.new_zeros(w_shape)
-                grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(
-                    0, rows, gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1)
-                )
-        if need_b and has_bias:
-            grad_b = gb_c if full_out else gb_c.new_zeros(w_shape[0]).index_copy_(0, out_idx, gb_c)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        grads = _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x_shape, w_shape,
+                                x_memory_format, need_x, need_w, need_b)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+# Under torch.compile the same computation runs as an opaque custom op. Traced through, the aten
+# convolution on the gathered weight block gets sizes inductor specializes (its conv lowering), so
+# every new combination of kept widths would compile a new graph; as an op with a fake kernel the
+# widths stay symbolic and one graph serves every selection, as for the Triton and extension ops.
+# Eager keeps the autograd Function above: no custom-op dispatch per layer, and its backward reuses
+# the gathered operands instead of gathering them again.
+@torch.library.custom_op("dcp_torch::compact_conv2d", mutates_args=())
+def _compact_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_idx: torch.Tensor,
+                       out_idx: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                       groups: int, x_compact: bool) -> torch.Tensor:
+    block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
+    y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
+    # The layout the fake kernel promises (inductor plans with the fake's strides).
+    return y_c.contiguous(memory_format=_memory_format(x))
+
+
+@_compact_conv2d_op.register_fake
+def _(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact):
+    n, _, h, w = x.shape
+    size = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, k, st, p, d in zip((h, w), weight.shape[2:], stride, padding, dilation)]
+    return torch.empty((n, out_idx.shape[0], *size), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+@torch.library.custom_op("dcp_torch::compact_conv2d_backward", mutates_args=())
+def _compact_conv2d_backward_op(grad_y_c: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                                in_idx: torch.Tensor, out_idx: torch.Tensor, stride: list[int], padding: list[int],
+                                dilation: list[int], groups: int, x_compact: bool,
+                                output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bias = weight.new_empty(weight.shape[0]) if has_bias else None  # only its presence matters
+    block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
+    grads = _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x.shape, weight.shape,
+                            _memory_format(x), *output_mask)
+    grad_x, grad_w, grad_b = grads
+    # The layouts the fake kernel promises; a fresh empty tensor for each gradient not asked for
+    # (custom-op outputs may not alias each other).
+    return (x.new_empty(0) if grad_x is None else grad_x.contiguous(memory_format=_memory_format(x)),
+            x.new_empty(0) if grad_w is None else grad_w.contiguous(),
+            x.new_empty(0) if grad_b is None else grad_b)
+
+
+@_compact_conv2d_backward_op.register_fake
+def _(grad_y_c, x, weight, has_bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact, output_mask):
+    need_x, need_w, need_b = output_mask
+    return (torch.empty_like(x, memory_format=_memory_format(x)) if need_x else x.new_empty(0),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else x.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_b and has_bias else x.new_empty(0))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact = inputs
+    ctx.save_for_backward(x, weight, in_idx, out_idx)
+    ctx.conf = (bias is not None, stride, padding, dilation, groups, x_compact)
+
+
+def _op_backward(ctx, grad_y_c):
+    x, weight, in_idx, out_idx = ctx.saved_tensors
+    has_bias, stride, padding, dilation, groups, x_compact = ctx.conf
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and has_bias
+    grad_x, grad_w, grad_b = _compact_conv2d_backward_op(grad_y_c, x, weight, has_bias, in_idx, out_idx, stride,
+                                                         padding, dilation, groups, x_compact, [need_x, need_w, need_b])
+    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None,
+            None, None, None, None, None, None, None)
+
+
+_compact_conv2d_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def compact_conv2d(
@@ -154,6 +256,9 @@ def compact_conv2d(
     x_compact: bool = False,
 ) -> torch.Tensor:
     """The selected block's output, compact: (N, len(out_idx), H', W')."""
+    if torch.compiler.is_compiling():
+        return _compact_conv2d_op(x, weight, bias, in_idx, out_idx, list(stride), list(padding), list(dilation),
+                                  groups, x_compact)
     return _CompactConv2d.apply(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact)
 
 
