@@ -48,6 +48,17 @@ def _resnet50():
     return torchvision.models.resnet50(num_classes=1000)
 
 
+def _resnext50(num_classes=1000):
+    import torchvision
+
+    return torchvision.models.resnext50_32x4d(num_classes=num_classes)
+
+
+# Networks with grouped convs (equal kept counts per group): `torch` and `reference` only, the
+# Triton and extension kernels refuse grouped convs. One CPU-size case at prune 0.5.
+GROUPED_NETWORKS = {"resnext50-64px-b16": (lambda: _resnext50(10), 16, 64)}
+
+
 # The sizes users train on a GPU, where the convolutions (not launches) decide the step time. On
 # the CPU one such step takes minutes: collected and skipped there.
 GPU_NETWORKS = {
@@ -55,7 +66,9 @@ GPU_NETWORKS = {
     "resnet50-imagenet-b128": (_resnet50, 128, 224),
     "vgg16-cifar-b128": (lambda: vgg("vgg16"), 128, 32),
     "resnet56-cifar-b128": (lambda: resnet_cifar(56), 128, 32),
+    "resnext50-imagenet-b64": (_resnext50, 64, 224),
 }
+GROUPED = {"resnext50-64px-b16", "resnext50-imagenet-b64"}
 RATIOS = [0.0, 0.3, 0.5, 0.7]
 GPU_RATIOS = [0.5, 0.7]
 QUICK_RATIOS = [0.5]
@@ -143,16 +156,19 @@ def _networks(table, ratios, marks=()):
             for name in table for ratio in ratios]
 
 
-CASES = (_networks(NETWORKS, RATIOS) + _networks(GPU_NETWORKS, GPU_RATIOS, marks=pytest.mark.gpu_size)
+CASES = (_networks(NETWORKS, RATIOS) + _networks(GROUPED_NETWORKS, [0.5])
+         + _networks(GPU_NETWORKS, GPU_RATIOS, marks=pytest.mark.gpu_size)
          + _networks(QUICK_NETWORKS, QUICK_RATIOS, marks=pytest.mark.quick))
-ALL_NETWORKS = {**NETWORKS, **GPU_NETWORKS, **QUICK_NETWORKS}
+ALL_NETWORKS = {**NETWORKS, **GROUPED_NETWORKS, **GPU_NETWORKS, **QUICK_NETWORKS}
 
 
 def _skip_reason(name, variant, device):
     if name in GPU_NETWORKS and device.type != "cuda":
         return "a GPU-size training step (minutes per step on a CPU): run with --device cuda"
-    if name in GPU_NETWORKS and "resnet50" in name and importlib.util.find_spec("torchvision") is None:
+    if name.startswith(("resnet50", "resnext50")) and importlib.util.find_spec("torchvision") is None:
         return "needs torchvision (the dev extra)"
+    if name in GROUPED and variant in ("triton", "extension"):
+        return f"backend {variant!r} has no grouped-conv kernel (it refuses grouped convs)"
     return None if variant is None else backend_skip_reason(variant, device)
 
 
@@ -192,7 +208,7 @@ def test_training_step_interleaved(benchmark, quick, device, dtype, timed, name,
     amp_dtype, channels_last = _precision(dtype)
     x, y = _batch(batch, size, device, 4, channels_last)
     steps = {}
-    variants = [v for v in VARIANTS if backend_skip_reason(v, device) is None]
+    variants = [v for v in VARIANTS if _skip_reason(name, v, device) is None]
     for variant in variants:
         model, _ = _variant_model(name, ratio, variant, device, dtype)
         model.train()

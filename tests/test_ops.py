@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import device_backend_params, fast_backends, sorted_subset
+from conftest import DEVICES, device_backend_params, fast_backends, sorted_subset
 
 from dcp_kernels import ops
 
@@ -126,25 +126,27 @@ GROUPED = [
 ]
 
 
+@pytest.mark.parametrize("device", [pytest.param(d, id=f"{d}-torch") for d in DEVICES])
 @pytest.mark.parametrize("shape, keep_in, keep_out", GROUPED)
-def test_grouped_conv_matches_reference(shape, keep_in, keep_out):
+def test_grouped_conv_matches_reference(device, shape, keep_in, keep_out):
     """Grouped convs run on the torch backend as a smaller grouped conv: the same output and
     gradients as the reference (masks around the dense grouped conv), exact zeros elsewhere."""
     n, cin, cout, h, w_, k, stride, pad, dil, groups, has_bias = shape
-    x, w = torch.randn(n, cin, h, w_), torch.randn(cout, cin // groups, k, k)
-    b = torch.randn(cout) if has_bias else None
-    in_idx, out_idx = _per_group(cin, groups, keep_in, 1), _per_group(cout, groups, keep_out, 2)
+    x, w = torch.randn(n, cin, h, w_, device=device), torch.randn(cout, cin // groups, k, k, device=device)
+    b = torch.randn(cout, device=device) if has_bias else None
+    in_idx = _per_group(cin, groups, keep_in, 1).to(device)
+    out_idx = _per_group(cout, groups, keep_out, 2).to(device)
     conf = (stride, pad, dil, groups)
     ref = _run("reference", x, w, b, in_idx, out_idx, conf)
     got = _run("torch", x, w, b, in_idx, out_idx, conf)
     for name, r, o in zip(("y", "grad_x", "grad_w", "grad_b"), ref, got):
         if r is not None:
             torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
-    dropped_in = torch.ones(cin, dtype=torch.bool)
+    dropped_in = torch.ones(cin, dtype=torch.bool, device=device)
     dropped_in[in_idx] = False
     assert torch.count_nonzero(got[1][:, dropped_in]) == 0
     # Weight gradient only on the block each kept output reads: its own group's kept inputs.
-    live = torch.zeros(cout, cin // groups, dtype=torch.bool)
+    live = torch.zeros(cout, cin // groups, dtype=torch.bool, device=device)
     for o in out_idx.tolist():
         g = o // (cout // groups)
         live[o, [i - g * (cin // groups) for i in in_idx.tolist() if i // (cin // groups) == g]] = True
@@ -153,7 +155,7 @@ def test_grouped_conv_matches_reference(shape, keep_in, keep_out):
     x_c = x[:, in_idx].detach().requires_grad_(True)
     y_c = ops.gathered_conv2d(x_c, w, b, in_idx, out_idx, *conf, backend="torch", input_layout="compact")
     torch.testing.assert_close(y_c, ref[0], rtol=1e-5, atol=1e-5)
-    (y_c * torch.randn(y_c.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    (y_c * torch.randn(y_c.shape, generator=torch.Generator().manual_seed(1)).to(device)).sum().backward()
     torch.testing.assert_close(x_c.grad, ref[1][:, in_idx], rtol=1e-5, atol=1e-5)
 
 
