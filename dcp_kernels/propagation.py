@@ -246,7 +246,7 @@ class Propagation:
         channels in layer order, and the channels it drops would never be measured, freezing it.
         Decided on the device (no host read)."""
         u = self.utility_vector()
-        return self._rule(u) | ~(u != 0).any()
+        return torch.where(u.any(), self._rule(u), True)  # any non-zero (or NaN) utility: measured
 
     def _write_versions(self) -> tuple[tuple[int, int], ...]:
         """Identity and version of every layer's mask: any later write (set_selection, loading a

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -90,70 +90,72 @@ class SelectionRule:
         self.round_to = round_to
         self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def _device_constants(self, device: torch.device) -> "_Constants":
         const = self._constants.get(device)
         if const is None:
-            n = len(self.sizes)
-            sizes = torch.tensor(self.sizes, device=device)
-            group_of = torch.repeat_interleave(torch.arange(n, device=device), sizes, output_size=self.total)
-            start = torch.cumsum(sizes, 0) - sizes
-            floors = torch.tensor(self.floors, device=device)
-            # A fixed group keeps its own count; a free group its floor first, the rest globally.
-            fixed_keep = torch.tensor([-1 if k is None else max(int(k), f) for k, f in zip(self.fixed, self.floors)],
-                                      device=device)
-            # The unit a group's width is a multiple of; the smallest width holding its floor.
-            units = [math.lcm(self.round_to, b) for b in self.blocks]
-            unit = torch.tensor(units, device=device)
-            lowest = torch.tensor([min(s, -(-max(f, 1) // u) * u) for s, f, u in zip(self.sizes, self.floors, units)],
-                                  device=device)
-            # Blocks: consecutive runs of size / blocks channels, numbered over all groups in order
-            # (a group without blocks is one block), so a channel's rank in its block comes from the
-            # same stable-sort trick as its rank in its group.
-            per_block = [s // b for s, b in zip(self.sizes, self.blocks)]
-            block_sizes = torch.tensor([p for p, b in zip(per_block, self.blocks) for _ in range(b)], device=device)
-            block_of = torch.repeat_interleave(torch.arange(len(block_sizes), device=device), block_sizes,
-                                               output_size=self.total)
-            block_start = torch.cumsum(block_sizes, 0) - block_sizes
-            blocks = torch.tensor(self.blocks, device=device)
-            const = (sizes, group_of, start, floors, fixed_keep, lowest, torch.arange(self.total, device=device),
-                     unit, block_of, block_start, blocks)
-            self._constants[device] = const
+            const = self._constants[device] = self._build_constants(device)
         return const
+
+    def _build_constants(self, device: torch.device) -> "_Constants":
+        n = len(self.sizes)
+        sizes = torch.tensor(self.sizes, device=device)
+        group_of = torch.repeat_interleave(torch.arange(n, device=device), sizes, output_size=self.total)
+        start = torch.cumsum(sizes, 0) - sizes
+        positions = torch.arange(self.total, device=device)
+        # Per group: how many of its best channels it keeps outright (a free group its floor, a
+        # fixed group its own count) and whether it takes part in the global selection.
+        prefix = torch.tensor([f if k is None else max(int(k), f) for k, f in zip(self.fixed, self.floors)],
+                              device=device)
+        free = torch.tensor([int(k is None) for k in self.fixed], device=device)
+        # The unit a group's width is a multiple of; the smallest width holding its floor.
+        units = [math.lcm(self.round_to, b) for b in self.blocks]
+        lowest = [min(s, -(-max(f, 1) // u) * u) for s, f, u in zip(self.sizes, self.floors, units)]
+        # Blocks: consecutive runs of size / blocks channels, numbered over all groups in order (a
+        # group without blocks is one block), so a channel's rank in its block comes from the same
+        # stable-sort trick as its rank in its group.
+        block_sizes = torch.tensor([s // b for s, b in zip(self.sizes, self.blocks) for _ in range(b)], device=device)
+        block_of = torch.repeat_interleave(torch.arange(len(block_sizes), device=device), block_sizes,
+                                           output_size=self.total)
+        block_start = torch.cumsum(block_sizes, 0) - block_sizes
+        return _Constants(
+            sizes=sizes, start=start,
+            per_channel=torch.stack([group_of, prefix[group_of], free[group_of], block_of]),
+            start_of=start[group_of], group_local=positions - start[group_of],
+            block_local=positions - block_start[block_of],
+            unit=torch.tensor(units, device=device), lowest=torch.tensor(lowest, device=device),
+            blocks=torch.tensor(self.blocks, device=device),
+            key_selected=group_of * 2, key_unselected=group_of * 2 + 1,
+            first_unselected_key=torch.arange(n, device=device) * 2 + 1,
+        )
 
     def __call__(self, utilities: torch.Tensor) -> torch.Tensor:
         if utilities.dim() != 1 or utilities.numel() != self.total:
             raise ValueError(f"utilities has shape {tuple(utilities.shape)} but the layers hold {self.total} channels")
-        (sizes, group_of, start, floors, fixed_keep, lowest, positions, unit, block_of, block_start,
-         blocks) = self._device_constants(utilities.device)
+        c = self._device_constants(utilities.device)
         u = torch.nan_to_num(utilities.float(), nan=-math.inf)
         order = torch.sort(u, descending=True, stable=True).indices  # ties: lower index first
-        group_sorted = group_of[order]
+        # One gather of every per-channel constant into the sorted order.
+        group_sorted, prefix_sorted, free_sorted, block_sorted = c.per_channel[:, order].unbind(0)
         # Rank of each sorted entry inside its own group: group the sorted positions by group
-        # (stable, so each group stays in descending-utility order) and count from the group start.
-        grouped = torch.sort(group_sorted, stable=True).indices
-        rank = torch.empty_like(order)
-        rank[grouped] = positions - start[group_sorted[grouped]]
-        fixed_sorted = fixed_keep[group_sorted]
-        is_free = fixed_sorted < 0
-        floor = is_free & (rank < floors[group_sorted])
-        rest = is_free & ~floor
-        take = rest & (torch.cumsum(rest.long(), 0) <= self.keep - self.free_floor)
-        chosen = floor | take | (~is_free & (rank < fixed_sorted))
+        # (stable, so each group stays in descending-utility order); in that grouped order the
+        # entries sit exactly where the group's channels do, so their ranks are the constant
+        # positions within the group.
+        rank = torch.empty_like(order).index_put_((torch.sort(group_sorted, stable=True).indices,), c.group_local)
+        prefix = rank < prefix_sorted  # a free group's floor, a fixed group's whole count
+        rest = free_sorted > prefix  # free and not yet taken (0/1 against False/True)
+        take = rest & (torch.cumsum(rest, 0, dtype=torch.long) <= self.keep - self.free_floor)
+        chosen = prefix | take
         if self.round_to > 1 or max(self.blocks) > 1:
-            count = torch.zeros_like(sizes).index_add_(0, group_sorted, chosen.long())
-            width = torch.minimum(torch.maximum((count + unit // 2) // unit * unit, lowest), sizes)
+            count = torch.zeros_like(c.sizes).index_add_(0, group_sorted, chosen.long())
+            width = torch.minimum(torch.maximum((count + c.unit // 2) // c.unit * c.unit, c.lowest), c.sizes)
             if max(self.blocks) > 1:
                 # Equal counts per block: each block keeps its width / blocks best channels.
-                block_sorted = block_of[order]
-                by_block = torch.sort(block_sorted, stable=True).indices
-                block_rank = torch.empty_like(order)
-                block_rank[by_block] = positions - block_start[block_sorted[by_block]]
-                chosen = block_rank < (width // blocks)[group_sorted]
+                block_rank = torch.empty_like(order).index_put_(
+                    (torch.sort(block_sorted, stable=True).indices,), c.block_local)
+                chosen = block_rank < (width // c.blocks)[group_sorted]
             else:
                 chosen = rank < width[group_sorted]
-        mask = torch.empty_like(chosen)
-        mask[order] = chosen
-        return mask
+        return torch.empty_like(chosen).index_put_((order,), chosen)
 
     def indices(self, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
         """Per group, the sorted indices of its selected channels in ``mask``, and the counts.
@@ -162,14 +164,34 @@ class SelectionRule:
         first, in increasing order; one host read (:func:`host_read`) of all groups' counts then
         cuts the per-group vectors out in one copy op. A ``nonzero`` per layer would sync once each.
         """
-        sizes, group_of, start, *_ = self._device_constants(mask.device)
-        order = torch.sort(group_of * 2 + (~mask).long(), stable=True).indices
-        local = order - start[group_of]  # group_of[order] == group_of: the key sorts by group first
-        counts = host_read(torch.zeros_like(sizes).index_add_(0, group_of, mask.long()))
+        c = self._device_constants(mask.device)
+        keys, order = torch.sort(torch.where(mask, c.key_selected, c.key_unselected), stable=True)
+        # The key sorts by group first, so the entries of group g occupy its own channel range:
+        # subtracting the group starts (a per-position constant) gives indices within the group.
+        local = order - c.start_of
+        # Selected channels of group g end where its first unselected key (2g + 1) begins.
+        counts = host_read(torch.searchsorted(keys, c.first_unselected_key) - c.start)
         # Separate tensors (one copy op), not views of `local`: torch.compile treats a view's size as
         # its base's slice and would not keep the kept widths symbolic (a recompile per new width).
-        parts = torch.split_with_sizes_copy(local, [n for c, s in zip(counts, self.sizes) for n in (c, s - c)])
+        parts = torch.split_with_sizes_copy(local, [n for k, s in zip(counts, self.sizes) for n in (k, s - k)])
         return list(parts[0::2]), counts
+
+
+class _Constants(NamedTuple):
+    """A :class:`SelectionRule`'s device constants, built once per device."""
+
+    sizes: torch.Tensor  # per group
+    start: torch.Tensor  # per group: its first channel
+    per_channel: torch.Tensor  # (4, total): group, outright keep count, free (0/1), block of each channel
+    start_of: torch.Tensor  # per channel: its group's first channel
+    group_local: torch.Tensor  # per channel: its position within its group
+    block_local: torch.Tensor  # per channel: its position within its block
+    unit: torch.Tensor  # per group: its width is a multiple of this
+    lowest: torch.Tensor  # per group: the smallest width holding its floor
+    blocks: torch.Tensor  # per group
+    key_selected: torch.Tensor  # per channel: 2 * group (sort key of a selected channel)
+    key_unselected: torch.Tensor  # per channel: 2 * group + 1
+    first_unselected_key: torch.Tensor  # per group: 2 * g + 1
 
 
 def select_channels(

@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from ..rule import update_utilities
-from . import _triton_backend, channel_utility, gathered_conv2d, scatter_channels
+from . import (
+    _triton_backend,
+    channel_utility,
+    gathered_conv2d,
+    reference,
+    scatter_channels,
+)
 from .compact import selects_all, widen
 from .reference import channel_mask
 
@@ -42,7 +48,10 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, utility: t
         return
     if scale is not None:
         a = torch.addcmul(shift.view(1, -1, 1, 1), a, scale.view(1, -1, 1, 1))
-    update_utilities(utility, channel_utility(a, g, backend=backend), idx, decay)
+    # The max-normalisation in update_utilities cancels the reduction's constant 1 / (B*H*W): the
+    # PyTorch reduction leaves it out (one launch less per layer); the extension's kernel has it built in.
+    v = channel_utility(a, g, backend=backend) if backend == "extension" else reference.channel_utility(a, g, mean=False)
+    update_utilities(utility, v, idx, decay)
 
 
 class _CompactGate(torch.autograd.Function):

@@ -34,9 +34,14 @@ def gathered_conv2d(
     return y * out_mask
 
 
-def channel_utility(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``v_c = sum_b |sum_hw g*a| / (B*H*W)`` in float32, one value per channel of ``a``."""
+def channel_utility(a: torch.Tensor, g: torch.Tensor, *, mean: bool = True) -> torch.Tensor:
+    """``v_c = sum_b |sum_hw g*a| / (B*H*W)`` in float32, one value per channel of ``a``.
+
+    ``mean=False`` leaves out the constant ``1 / (B*H*W)``: one kernel less where a max-normalisation
+    follows (the utility update), which cancels it.
+    """
     batch, _, height, width = a.shape
     per_sample = (g.float() * a.float()).sum(dim=(2, 3))
     # The 1-norm over the batch: |.| and the sum in one reduction kernel.
-    return torch.linalg.vector_norm(per_sample, ord=1, dim=0) / float(batch * height * width)
+    v = torch.linalg.vector_norm(per_sample, ord=1, dim=0)
+    return v / float(batch * height * width) if mean else v
