@@ -54,8 +54,9 @@ def _resnext50(num_classes=1000):
     return torchvision.models.resnext50_32x4d(num_classes=num_classes)
 
 
-# Networks with grouped convs (equal kept counts per group): `torch` and `reference` only, the
-# Triton and extension kernels refuse grouped convs. One CPU-size case at prune 0.5.
+# Networks with grouped convs (equal kept counts per group): `torch` and `reference` only (the
+# Triton and extension kernels have no grouped conv; their grouped layers would run on `torch`).
+# One CPU-size case at prune 0.5.
 GROUPED_NETWORKS = {"resnext50-64px-b16": (lambda: _resnext50(10), 16, 64)}
 
 
@@ -168,7 +169,7 @@ def _skip_reason(name, variant, device):
     if name.startswith(("resnet50", "resnext50")) and importlib.util.find_spec("torchvision") is None:
         return "needs torchvision (the dev extra)"
     if name in GROUPED and variant in ("triton", "extension"):
-        return f"backend {variant!r} has no grouped-conv kernel (it refuses grouped convs)"
+        return f"backend {variant!r} has no grouped-conv kernel (its grouped layers would run on torch)"
     return None if variant is None else backend_skip_reason(variant, device)
 
 

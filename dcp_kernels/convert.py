@@ -126,8 +126,9 @@ def convert(
             that many of its best channels (docs/algorithm.md). 1 (default) is the paper's exact
             rule; 8 suits GPU tensor cores and bounds the set of shapes kernels see.
 
-    Nothing is changed when an argument or the model is refused (a model whose grouped convs would
-    be pruned is refused on ``triton`` and ``extension``, which have no grouped kernel).
+    Nothing is changed when an argument or the model is refused. On ``triton`` and ``extension``,
+    which have no grouped-conv kernel, grouped convs run on ``torch`` (a ``UserWarning`` names them;
+    ``prop.report()`` marks them; see :meth:`Propagation.set_backend`).
     """
     check_prune_ratio(prune_ratio)
     check_round_to(round_to)
@@ -159,10 +160,6 @@ def convert(
         )
     for reader, segments in analysis.conv_inputs.items():
         new_layers[reader].set_input_source(_source(segments, analysis, new_layers, reader))
-    if backend in ("triton", "extension"):  # refused now, not at the first training step
-        for layer in new_layers.values():
-            if layer.grouped and (layer.prunable or layer.input_source is not None):
-                ops.check_groups_supported(backend, layer.groups, layer.weight, f"convert(backend={backend!r})")
     new_linears: dict[str, DCPLinear] = {}
     for reader, (segments, block) in analysis.linear_inputs.items():
         linear = DCPLinear.from_linear(model.get_submodule(reader), block=block, name=reader)
@@ -193,6 +190,8 @@ def convert(
     for bn_name in plan.norm_homes.values():
         set_submodule(model, bn_name, nn.Identity())
     prop.attach(model)
+    if backend not in ops.GROUPED_CONV_BACKENDS and backend != "auto":
+        prop.set_backend(backend)  # grouped convs to 'torch', with a warning naming them
     unexpected = {n: r for n, r in analysis.skipped.items() if n not in analysis.policy}
     if unexpected:
         listed = "; ".join(f"{n}: {r}" for n, r in list(unexpected.items())[:5])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
@@ -91,6 +92,8 @@ class Propagation:
         self._hook = None
         self._index_holders: list | None = None  # what refresh_indices() updates (found at first use)
         self._dcp_layers: list = []  # every DCPConv2d of the model (found with the holders)
+        # Grouped convs set_backend() moved to 'torch' (name -> the backend asked for).
+        self.backend_fallbacks: dict[str, str] = {}
         self._apply_decay()
 
     # ----------------------------------------------------------------------------- configuration
@@ -212,9 +215,30 @@ class Propagation:
             layer.decay = d
 
     def set_backend(self, backend: str) -> None:
-        """Switch every converted layer of the model to ``backend``."""
+        """Switch every converted layer of the model to ``backend``.
+
+        Grouped convs (1 < groups, not depthwise) go to ``torch`` instead when ``backend`` has no
+        grouped kernel (``triton``, ``extension``): a ``UserWarning`` names them and
+        :meth:`report` marks them (:attr:`backend_fallbacks`). Results are the same (every backend
+        is tested against the reference); only the speed of those layers is ``torch``'s.
+        """
+        from . import ops
+
+        ops.resolve_backend(backend)  # a misspelt name fails before anything changes
+        self.backend_fallbacks = {}
         for layer in self._all_dcp_layers():
-            layer.backend = backend
+            # Only layers that run a compact grouped conv (a dense one is plain F.conv2d anywhere).
+            compact = layer.prunable or layer.input_source is not None
+            if layer.grouped and compact and backend not in ops.GROUPED_CONV_BACKENDS and backend != "auto":
+                layer.backend = "torch"
+                self.backend_fallbacks[layer.dcp_name] = backend
+            else:
+                layer.backend = backend
+        if self.backend_fallbacks:
+            names = list(self.backend_fallbacks)
+            listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            warnings.warn(f"backend {backend!r} has no grouped-conv kernel: {len(names)} grouped conv(s) run on 'torch' "
+                          f"instead ({listed}; prop.report() marks them)", stacklevel=2)
 
     def _all_dcp_layers(self) -> list["DCPConv2d"]:
         from .modules import DCPConv2d
@@ -388,6 +412,7 @@ class Propagation:
             notes = [f"coupled with {', '.join(names[1:])}"] if len(names) > 1 else []
             if blocks > 1:
                 notes.append(f"{blocks} blocks (grouped conv): equal kept per block")
+            notes += [self._fallback_note(n) for n in names if n in self.backend_fallbacks]
             note = "; ".join(notes)
             rows.append(f"{names[0]:<{width}} {layer.out_channels:>8} {int(layer.selected.sum()):>6} "
                         f"{share(names):>7}  {note}".rstrip())
@@ -397,11 +422,16 @@ class Propagation:
             if name in listed:
                 continue
             reason = skipped.get(name, "depthwise: follows the channels of its input" if conv.depthwise else "dense")
+            if name in self.backend_fallbacks:
+                reason += f"; {self._fallback_note(name)}"
             rows.append(f"{name:<{width}} {conv.out_channels:>8} {'-':>6} {share([name]):>7}  left dense: {reason}")
         for name, reason in skipped.items():
             if name not in convs and name not in listed:
                 rows.append(f"{name:<{width}} {'':>8} {'-':>6} {'-':>7}  left dense: {reason}")
         return "\n".join(rows)
+
+    def _fallback_note(self, name: str) -> str:
+        return f"{name} runs on 'torch' (no grouped-conv kernel in {self.backend_fallbacks[name]!r})"
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:

@@ -491,9 +491,30 @@ def test_grouped_convs_keep_equal_counts_and_concat_readers_stay_dense():
 
 
 @pytest.mark.parametrize("backend", [b for b in ("triton", "extension") if dcp_kernels.ops.backends("cpu")[b]])
-def test_grouped_convs_are_refused_on_backends_without_grouped_kernels(backend):
-    model = _GroupedNet()
-    before = _structure(model)
-    with pytest.raises(NotImplementedError, match=f"backend '{backend}' has no grouped-conv kernel"):
-        dcp_kernels.convert(model, 0.5, backend=backend)
-    assert _structure(model) == before
+def test_grouped_convs_run_on_torch_where_no_grouped_kernel_exists(backend):
+    """Triton and the extension have no grouped-conv kernel: convert() puts the grouped convs that run
+    compact on 'torch', says so (a warning naming them, a note in the report), and the model then
+    trains like the reference."""
+    reference, model = _GroupedNet(), _GroupedNet()
+    model.load_state_dict(reference.state_dict())
+    ref = dcp_kernels.convert(reference, 0.5, explore_epochs=0, backend="reference")
+    with pytest.warns(UserWarning, match=f"backend '{backend}' has no grouped-conv kernel: 2 grouped conv"):
+        prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, backend=backend)
+    assert prop.backend_fallbacks == {"b": backend, "d": backend}
+    assert model.b.backend == model.d.backend == "torch" and model.a.backend == backend
+    assert f"runs on 'torch' (no grouped-conv kernel in '{backend}')" in prop.report()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 3, 8, 8, generator=g)
+        losses = []
+        for net in (reference, model):
+            net.zero_grad()
+            loss = net(x).square().mean()
+            loss.backward()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(prop.utility_vector(), ref.utility_vector(), rtol=1e-4, atol=1e-6)
+    # A grouped layer asked for a backend without grouped kernel, one by one: refused, not rerouted.
+    model.b.backend = backend
+    with pytest.raises(NotImplementedError, match=f"'b': backend '{backend}' has no grouped-conv kernel"):
+        model(torch.randn(2, 3, 8, 8))

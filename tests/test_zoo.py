@@ -375,8 +375,8 @@ COUPLED_NETS = {
     # Grouped convs (equal kept counts per group), squeeze-excitation and residual groups together.
     "regnet_y_400mf-residual": (lambda: torchvision.models.regnet_y_400mf(num_classes=5), {"prune_residual": True}),
 }
-# Nets with grouped convs run on `torch` only: the Triton and extension kernels refuse grouped convs
-# (tests/test_modules.py checks the refusal).
+# Nets with grouped convs run on `torch` only: the Triton and extension kernels have no grouped conv
+# (their grouped layers run on `torch`: tests/test_convert.py checks that).
 GROUPED_NETS = {"regnet_y_400mf-residual"}
 # RegNetY at 32 px ends in 1x1 maps whose BatchNorm normalises 4 values (batch 4): fp32 rounding is
 # amplified there (loss 3.4e-5 apart after one selecting step; in float64 1e-13, so no bug) and 64 px

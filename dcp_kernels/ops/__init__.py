@@ -190,11 +190,16 @@ def check_conv_arguments(
                                  f"got {per_group.tolist()}")
 
 
+GROUPED_CONV_BACKENDS: tuple[str, ...] = ("reference", "torch")
+"""Backends with grouped-conv kernels (1 < groups, not depthwise); the Triton and extension kernels
+handle groups=1 and depthwise only."""
+
+
 def check_groups_supported(backend: str, groups: int, weight: torch.Tensor, label: str = "gathered_conv2d") -> None:
-    """Refuse a grouped conv (1 < groups, not depthwise) on a backend without grouped kernels:
-    the Triton and extension kernels handle groups=1 and depthwise only (no silent fallback)."""
+    """Refuse a grouped conv (1 < groups, not depthwise) on a backend without grouped kernels (no
+    silent fallback; ``Propagation.set_backend`` moves grouped layers to ``torch`` and says so)."""
     grouped = groups > 1 and not (weight.shape[1] == 1 and groups == weight.shape[0])
-    if grouped and backend in ("triton", "extension"):
+    if grouped and backend not in GROUPED_CONV_BACKENDS:
         raise NotImplementedError(f"{label}: backend {backend!r} has no grouped-conv kernel (groups={groups}); "
                                   "use backend='torch' (or 'auto') for models with grouped convs")
 
@@ -282,6 +287,7 @@ __all__ = [
     "channel_utility",
     "check_conv_arguments",
     "check_groups_supported",
+    "GROUPED_CONV_BACKENDS",
     "gathered_conv2d",
     "resolve_backend",
     "scatter_channels",
