@@ -88,7 +88,7 @@ class SelectionRule:
             raise ValueError(f"cannot keep {self.keep} of {free_total} channels when the per-layer minimums "
                              f"already need {self.free_floor}")
         self.round_to = round_to
-        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._constants: dict[torch.device, _Constants] = {}
 
     def _device_constants(self, device: torch.device) -> "_Constants":
         const = self._constants.get(device)
