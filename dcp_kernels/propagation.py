@@ -237,8 +237,8 @@ class Propagation:
         if self.backend_fallbacks:
             names = list(self.backend_fallbacks)
             listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            warnings.warn(f"backend {backend!r} has no grouped-conv kernel: {len(names)} grouped conv(s) run on 'torch' "
-                          f"instead ({listed}; prop.report() marks them)", stacklevel=2)
+            warnings.warn(f"backend {backend!r} has no grouped-conv kernel: {len(names)} grouped conv(s) run on "
+                          f"'torch' instead ({listed}; prop.report() marks them)", stacklevel=2)
 
     def _all_dcp_layers(self) -> list["DCPConv2d"]:
         from .modules import DCPConv2d

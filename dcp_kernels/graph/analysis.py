@@ -3,9 +3,9 @@
 Found by tracing the model with ``torch.fx`` and propagating tensor shapes through the trace
 (``ShapeProp`` on a small example input), not hand-coded per architecture.
 
-Every conv output (except a depthwise conv's) starts a *channel space*. Channel-wise operations carry a space on
-unchanged: activations, pooling, dropout, BatchNorm, depthwise convs, multiplication by a
-per-sample scalar (stochastic depth), spatial means. An element-wise sum or product of two tensors
+Every conv output (except a depthwise conv's) starts a *channel space*. Channel-wise operations
+carry a space on unchanged: activations, pooling, dropout, BatchNorm, depthwise convs,
+multiplication by a per-sample scalar (stochastic depth), spatial means. An element-wise sum or product of two tensors
 merges their spaces (a residual sum, a squeeze-excitation scale): merged spaces are *coupled* and
 form one **group**, selected or dropped channel by channel as a whole (its utility is the sum of
 its producers' utilities, see ``docs/algorithm.md``). A concat along channels makes a tensor whose

@@ -142,7 +142,8 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
             grad_w = gw_c if block.full_out else gw_c.new_zeros(w_shape).index_copy_(0, out_idx, gw_c)
         else:
             grad_w = gw_c.new_zeros(w_shape)
-            grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(0, rows, gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1))
+            grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(
+                0, rows, gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1))
     if need_b and has_bias:
         grad_b = gb_c if block.full_out else gb_c.new_zeros(w_shape[0]).index_copy_(0, out_idx, gb_c)
     return grad_x, grad_w, grad_b

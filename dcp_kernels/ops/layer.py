@@ -50,7 +50,10 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, utility: t
         a = torch.addcmul(shift.view(1, -1, 1, 1), a, scale.view(1, -1, 1, 1))
     # The max-normalisation in update_utilities cancels the reduction's constant 1 / (B*H*W): the
     # PyTorch reduction leaves it out (one launch less per layer); the extension's kernel has it built in.
-    v = channel_utility(a, g, backend=backend) if backend == "extension" else reference.channel_utility(a, g, mean=False)
+    if backend == "extension":
+        v = channel_utility(a, g, backend=backend)
+    else:
+        v = reference.channel_utility(a, g, mean=False)
     update_utilities(utility, v, idx, decay)
 
 
