@@ -190,8 +190,7 @@ def convert(
     for bn_name in plan.norm_homes.values():
         set_submodule(model, bn_name, nn.Identity())
     prop.attach(model)
-    if backend not in ops.GROUPED_CONV_BACKENDS and backend != "auto":
-        prop.set_backend(backend)  # grouped convs to 'torch', with a warning naming them
+    prop.set_backend(backend)  # grouped convs to 'torch' where the backend has no grouped kernel (warned)
     unexpected = {n: r for n, r in analysis.skipped.items() if n not in analysis.policy}
     if unexpected:
         listed = "; ".join(f"{n}: {r}" for n, r in list(unexpected.items())[:5])

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .graph.optable import is_depthwise
 from .ops.compact import block_rows, selects_all
 from .ops.layer import _all_channels, layer_step
 
@@ -216,7 +217,7 @@ class DCPConv2d(nn.Conv2d):
     @property
     def depthwise(self) -> bool:
         """``groups == in_channels == out_channels > 1``: channel ``c`` reads only channel ``c``."""
-        return self.groups > 1 and self.groups == self.in_channels == self.out_channels
+        return is_depthwise(self)
 
     @property
     def grouped(self) -> bool:

@@ -172,7 +172,7 @@ def check_conv_arguments(
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
     c_in, c_out = weight.shape[1] * groups, weight.shape[0]
     if x_compact:
-        if groups > 1 and weight.shape[1] == 1 and groups == c_out:
+        if compact.is_depthwise_weight(weight, groups):
             raise NotImplementedError("input_layout='compact' is not supported for depthwise convs")
         if x.shape[1] != in_idx.numel():
             raise ValueError(f"input_layout='compact' needs x with len(in_idx)={in_idx.numel()} channels, got {x.shape[1]}")
@@ -182,7 +182,7 @@ def check_conv_arguments(
         raise ValueError(f"weight has {c_out} output channels, not divisible by groups={groups}")
     _check_index(in_idx, "in_idx", c_in, x.device)
     _check_index(out_idx, "out_idx", c_out, x.device)
-    if groups > 1 and not (weight.shape[1] == 1 and groups == c_out):
+    if groups > 1 and not compact.is_depthwise_weight(weight, groups):
         for arg, idx, width in (("in_idx", in_idx, c_in), ("out_idx", out_idx, c_out)):
             per_group = torch.bincount(torch.div(idx, width // groups, rounding_mode="floor"), minlength=groups)
             if bool((per_group != per_group[0]).any()):
@@ -198,7 +198,7 @@ handle groups=1 and depthwise only."""
 def check_groups_supported(backend: str, groups: int, weight: torch.Tensor, label: str = "gathered_conv2d") -> None:
     """Refuse a grouped conv (1 < groups, not depthwise) on a backend without grouped kernels (no
     silent fallback; ``Propagation.set_backend`` moves grouped layers to ``torch`` and says so)."""
-    grouped = groups > 1 and not (weight.shape[1] == 1 and groups == weight.shape[0])
+    grouped = groups > 1 and not compact.is_depthwise_weight(weight, groups)
     if grouped and backend not in GROUPED_CONV_BACKENDS:
         raise NotImplementedError(f"{label}: backend {backend!r} has no grouped-conv kernel (groups={groups}); "
                                   "use backend='torch' (or 'auto') for models with grouped convs")

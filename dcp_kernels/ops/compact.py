@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import channel_mask
+from .registration import empty_conv_output, fake_conv2d_backward, memory_format_of
 
 
 def zeros_except(shape, idx: torch.Tensor, values: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -49,6 +50,12 @@ def block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, c_in: int) -> torch.
     return torch.add(in_idx.unsqueeze(0), out_idx.unsqueeze(1), alpha=c_in).flatten()  # one kernel
 
 
+def is_depthwise_weight(weight: torch.Tensor, groups: int) -> bool:
+    """Whether a conv of ``weight`` (C_out, C_in / groups, kh, kw) with ``groups`` is depthwise
+    (groups == C_in == C_out > 1); ``1 < groups`` otherwise is a grouped conv."""
+    return groups > 1 and weight.shape[1] == 1 and groups == weight.shape[0]
+
+
 def grouped_block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, in_per_group: int, out_per_group: int,
                        groups: int) -> torch.Tensor:
     """Rows of the (C_out * C_in/groups, kh * kw) weight view of a grouped conv that form its
@@ -61,12 +68,6 @@ def grouped_block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, in_per_group
     local = torch.remainder(in_idx, in_per_group).view(groups, -1)
     columns = local.index_select(0, torch.div(out_idx, out_per_group, rounding_mode="floor"))
     return torch.add(columns, out_idx.unsqueeze(1), alpha=in_per_group).flatten()
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class _Block(NamedTuple):
@@ -95,7 +96,7 @@ def _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact) -> _Block
     """
     in_per_group, c_out = weight.shape[1], weight.shape[0]
     c_in = in_per_group * groups
-    depthwise = groups > 1 and in_per_group == 1 and groups == c_out
+    depthwise = is_depthwise_weight(weight, groups)
     full_out = selects_all(out_idx, c_out)
     b_c = None if bias is None else (bias if full_out else bias.index_select(0, out_idx))
     input_scale = rows = None
@@ -122,11 +123,10 @@ def _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact) -> _Block
 
 
 def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation, x_shape, w_shape,
-                    x_memory_format, need_x: bool, need_w: bool, need_b: bool):
+                    x_memory_format, has_bias: bool, need_x: bool, need_w: bool, need_b: bool):
     """(grad_x, grad_w, grad_b) of the block's convolution, in the full (or x's compact) layout;
     None for a gradient not asked for. Grad-weight is non-zero only on the block."""
     x_c, w_c, read_idx, rows = block.x_c, block.w_c, block.read_idx, block.rows
-    has_bias = block.b_c is not None
     gx_c, gw_c, gb_c = torch.ops.aten.convolution_backward(
         grad_y_c, x_c, w_c, [w_c.shape[0]] if has_bias else None,
         list(stride), list(padding), list(dilation), False, [0, 0], block.groups,
@@ -158,20 +158,18 @@ class _CompactConv2d(torch.autograd.Function):
         block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
         y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
         ctx.save_for_backward(block.x_c, block.w_c, block.read_idx, out_idx, block.input_scale, block.rows)
-        # b_c's only use in backward is "is there a bias": a placeholder keeps the tuple's shape.
-        ctx.block = block._replace(x_c=None, w_c=None, read_idx=None, input_scale=None, rows=None,
-                                   b_c=None if bias is None else True)
-        ctx.conf = (stride, padding, dilation, x.shape, weight.shape, _memory_format(x))
+        ctx.block = block._replace(x_c=None, w_c=None, b_c=None, read_idx=None, input_scale=None, rows=None)
+        ctx.conf = (stride, padding, dilation, x.shape, weight.shape, memory_format_of(x), bias is not None)
         return y_c
 
     @staticmethod
     def backward(ctx, grad_y_c):
         x_c, w_c, read_idx, out_idx, input_scale, rows = ctx.saved_tensors
         block = ctx.block._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows)
-        stride, padding, dilation, x_shape, w_shape, x_memory_format = ctx.conf
+        stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grads = _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x_shape, w_shape,
-                                x_memory_format, need_x, need_w, need_b)
+                                x_memory_format, has_bias, need_x, need_w, need_b)
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -188,15 +186,12 @@ def _compact_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
     y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
     # The layout the fake kernel promises (inductor plans with the fake's strides).
-    return y_c.contiguous(memory_format=_memory_format(x))
+    return y_c.contiguous(memory_format=memory_format_of(x))
 
 
 @_compact_conv2d_op.register_fake
 def _(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact):
-    n, _, h, w = x.shape
-    size = [(s + 2 * p - d * (k - 1) - 1) // st + 1
-            for s, k, st, p, d in zip((h, w), weight.shape[2:], stride, padding, dilation)]
-    return torch.empty((n, out_idx.shape[0], *size), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return empty_conv_output(x, weight, out_idx, stride, padding, dilation, y_compact=True)
 
 
 @torch.library.custom_op("dcp_torch::compact_conv2d_backward", mutates_args=())
@@ -204,14 +199,13 @@ def _compact_conv2d_backward_op(grad_y_c: torch.Tensor, x: torch.Tensor, weight:
                                 in_idx: torch.Tensor, out_idx: torch.Tensor, stride: list[int], padding: list[int],
                                 dilation: list[int], groups: int, x_compact: bool,
                                 output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    bias = weight.new_empty(weight.shape[0]) if has_bias else None  # only its presence matters
-    block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
+    block = _gather_block(x, weight, None, in_idx, out_idx, groups, x_compact)
     grads = _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x.shape, weight.shape,
-                            _memory_format(x), *output_mask)
+                            memory_format_of(x), has_bias, *output_mask)
     grad_x, grad_w, grad_b = grads
     # The layouts the fake kernel promises; a fresh empty tensor for each gradient not asked for
     # (custom-op outputs may not alias each other).
-    return (x.new_empty(0) if grad_x is None else grad_x.contiguous(memory_format=_memory_format(x)),
+    return (x.new_empty(0) if grad_x is None else grad_x.contiguous(memory_format=memory_format_of(x)),
             x.new_empty(0) if grad_w is None else grad_w.contiguous(),
             x.new_empty(0) if grad_b is None else grad_b)
 
@@ -219,9 +213,9 @@ def _compact_conv2d_backward_op(grad_y_c: torch.Tensor, x: torch.Tensor, weight:
 @_compact_conv2d_backward_op.register_fake
 def _(grad_y_c, x, weight, has_bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact, output_mask):
     need_x, need_w, need_b = output_mask
-    return (torch.empty_like(x, memory_format=_memory_format(x)) if need_x else x.new_empty(0),
-            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else x.new_empty(0),
-            weight.new_empty(weight.shape[0]) if need_b and has_bias else x.new_empty(0))
+    return fake_conv2d_backward(grad_y_c, x, weight, in_idx, out_idx, stride, padding, dilation,
+                                is_depthwise_weight(weight, groups), x_compact,
+                                True, [need_x, need_w, need_b and has_bias])
 
 
 def _op_setup_context(ctx, inputs, output):
