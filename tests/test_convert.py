@@ -325,16 +325,21 @@ def test_finalize_keeps_the_trained_selection_or_selects_when_exploring():
 
 # The autocast casting lives in DCPConv2d, the same for every fast backend; it is checked on the
 # compact PyTorch backend, whose bf16 conv is the reference's own (oneDNN), so the comparison sees
-# only the casting. The Triton kernels' bf16 arithmetic has its own test (test_triton.py): their
-# different summation order moves individual utilities by up to ~15% after a few bf16 steps.
-@pytest.mark.parametrize("backend", ["torch"])
+# only the casting, and on the extension, whose utility kernel gets autocast's mixed dtypes (a bf16
+# activation through the fp32 BN affine, a bf16 gradient: it once refused them, found on an H200).
+# The Triton kernels' bf16 arithmetic has its own test (test_triton.py): their different summation
+# order moves individual utilities by up to ~15% after a few bf16 steps.
+@pytest.mark.parametrize("backend", [b for b in ("torch", "extension") if b in fast_backends("cpu")])
 def test_bf16_autocast_matches_the_reference(backend):
     """CPU bf16 autocast: the fast path computes in bf16 like autocast's conv, utilities stay fp32.
 
     The compact conv runs oneDNN at other shapes than the reference's masked dense conv, so bf16
-    rounding differs and grows backwards through the layers. Measured on an AMD EPYC over seeds 0-3,
-    as a fraction of each tensor's largest value: logits <= 5.6e-3, utilities <= 1.6e-2, gradients
-    <= 9.4e-2 (the first layers), selections identical. Tolerances: 0.02, 0.05, 0.2."""
+    rounding differs and grows backwards through the layers. Measured on an AMD EPYC (2026-11-28,
+    torch and extension alike) with model seeds 0, 1 and 3, as a fraction of each tensor's largest
+    value: logits <= 5.6e-3, utilities <= 6.5e-3, gradients <= 8.2e-2 (the first layers), selections
+    identical. Tolerances: 0.02, 0.05, 0.2. With model seed 2 a near-tie resolves differently in
+    bf16 (both backends the same way) and the tensors then differ by whole channels (28% of the
+    logits): a seed-dependent tie, not a tolerance to widen, hence the fixed seed 0."""
     torch.manual_seed(0)
     ref_model = small_vgg()
     fast_model = copy.deepcopy(ref_model)

@@ -78,5 +78,11 @@ def gathered_conv2d(
 
 
 def channel_utility(a: Tensor, g: Tensor) -> Tensor:
-    """``sum_b |sum_hw g*a| / (B*H*W)`` per channel, float32, deterministic for any thread count."""
+    """``sum_b |sum_hw g*a| / (B*H*W)`` per channel, float32, deterministic for any thread count.
+
+    The kernels take one dtype; mixed inputs (autocast: a bf16 activation after an fp32 BN affine, or a
+    bf16 gradient of an fp32 activation) are promoted first, as PyTorch's own ``g * a`` would be."""
+    if a.dtype != g.dtype:
+        common = torch.promote_types(a.dtype, g.dtype)
+        a, g = a.to(common), g.to(common)
     return torch.ops.dcp.channel_utility(a, g)
