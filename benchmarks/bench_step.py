@@ -16,6 +16,9 @@ PyTorch's defaults (TF32 convolutions on CUDA). The ``GPU_NETWORKS`` (ResNet-50 
 and 128; CIFAR nets at batch 128) are the sizes users train on a GPU; they are skipped on a CPU.
 Each variant's peak memory during one step (``extra_info["peak_bytes"]``) is measured once, outside
 the timed rounds (see ``peak_memory.py``).
+``vgg16-narrow-b1`` (``HOST_NETWORKS``) is VGG-16 at 1/16 width on one image: its step time is host
+work, the per-step overhead each variant adds on any device. ``--compile`` runs every variant's model
+under ``torch.compile`` (compiled during two warm-up rounds), for compiled-vs-compiled ratios.
 ``test_selection`` times ``prop.select()`` alone, to read its share of a step.
 ``test_training_step_interleaved`` times the variants of a group in turn (the ratios to trust on a
 noisy machine); ``test_training_step`` times each variant on its own.
@@ -40,6 +43,11 @@ NETWORKS = {
     "resnet56-cifar": (lambda: resnet_cifar(56), 64, 32),
 }
 QUICK_NETWORKS = {"tiny-vgg": (lambda: vgg([16, "M", 32, 32, "M", 64]), 8, 16)}
+# VGG-16's 13 convs at 1/16 width (4-32 channels), one 32 px image: the arithmetic costs next to
+# nothing, so the step time is host work (Python, autograd, dispatch; launches on a GPU). That is
+# what a GPU step at CIFAR size waits on (docs/benchmarks-gpu.md: the DCP step there is host-bound),
+# measurable on any machine. One prune ratio.
+HOST_NETWORKS = {"vgg16-narrow-b1": (lambda: vgg("vgg16", width=1 / 16), 1, 32)}
 
 
 def _resnet50():
@@ -79,8 +87,9 @@ VARIANTS = ["dense", *(name for name in ops.BACKENDS if name != "triton" or impo
 _CACHE: dict = {}
 
 
-def _precision_label(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else f"{str(dtype).replace('torch.', '')}-autocast-channels_last"
+def _precision_label(dtype: torch.dtype, compiled: bool = False) -> str:
+    label = "fp32" if dtype == torch.float32 else f"{str(dtype).replace('torch.', '')}-autocast-channels_last"
+    return label + ("-compiled" if compiled else "")
 
 
 def _batch(n, size, device, seed, channels_last=False):
@@ -97,14 +106,16 @@ def _precision(dtype: torch.dtype) -> tuple[torch.dtype | None, bool]:
     return (None, False) if dtype == torch.float32 else (dtype, True)
 
 
-def _sgd_step(model, x, y, amp_dtype=None):
-    """One training step; under ``amp_dtype`` autocast (bf16/fp16) when given."""
+def _sgd_step(model, x, y, amp_dtype=None, compile=False):
+    """One training step; under ``amp_dtype`` autocast (bf16/fp16) when given; the model's forward
+    (and with it its backward) under ``torch.compile`` when ``compile``."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     autocast = torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    forward = torch.compile(model) if compile else model
 
     def step():
         with autocast:
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(forward(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -157,10 +168,10 @@ def _networks(table, ratios, marks=()):
             for name in table for ratio in ratios]
 
 
-CASES = (_networks(NETWORKS, RATIOS) + _networks(GROUPED_NETWORKS, [0.5])
+CASES = (_networks(NETWORKS, RATIOS) + _networks(GROUPED_NETWORKS, [0.5]) + _networks(HOST_NETWORKS, [0.5])
          + _networks(GPU_NETWORKS, GPU_RATIOS, marks=pytest.mark.gpu_size)
          + _networks(QUICK_NETWORKS, QUICK_RATIOS, marks=pytest.mark.quick))
-ALL_NETWORKS = {**NETWORKS, **GROUPED_NETWORKS, **GPU_NETWORKS, **QUICK_NETWORKS}
+ALL_NETWORKS = {**NETWORKS, **GROUPED_NETWORKS, **HOST_NETWORKS, **GPU_NETWORKS, **QUICK_NETWORKS}
 
 
 def _skip_reason(name, variant, device):
@@ -175,7 +186,7 @@ def _skip_reason(name, variant, device):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name, ratio", CASES)
-def test_training_step(benchmark, quick, device, dtype, timed, name, ratio, variant):
+def test_training_step(benchmark, quick, device, dtype, compiled, timed, name, ratio, variant):
     """Each variant timed on its own (readable in pytest-benchmark's table; sensitive to drift)."""
     reason = _skip_reason(name, variant, device)
     if reason:
@@ -184,21 +195,21 @@ def test_training_step(benchmark, quick, device, dtype, timed, name, ratio, vari
     amp_dtype, channels_last = _precision(dtype)
     model, prop = _variant_model(name, ratio, variant, device, dtype)
     model.train()
-    precision = _precision_label(dtype)
+    precision = _precision_label(dtype, compiled)
     benchmark.group = f"step {name} batch={batch} {size}x{size} prune={ratio} {precision}"
     benchmark.extra_info.update(level="step", model=name, prune_ratio=ratio, variant=variant, dtype=precision,
                                 device=str(device), threads=torch.get_num_threads())
     if prop is not None:
         benchmark.extra_info["kept"] = dict(prop.kept())
         benchmark.extra_info["flops_ratio"] = prop.flops_ratio()
-    step = _sgd_step(model, *_batch(batch, size, device, 4, channels_last), amp_dtype)
-    step()  # the optimizer's momentum buffers exist before memory is measured
+    step = _sgd_step(model, *_batch(batch, size, device, 4, channels_last), amp_dtype, compiled)
+    step()  # the optimizer's momentum buffers exist (and a compiled model is compiled) before memory is measured
     benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)
     benchmark.pedantic(timed(step), rounds=3 if quick else 4, warmup_rounds=1, iterations=1)
 
 
 @pytest.mark.parametrize("name, ratio", CASES)
-def test_training_step_interleaved(benchmark, quick, device, dtype, timed, name, ratio):
+def test_training_step_interleaved(benchmark, quick, device, dtype, compiled, timed, name, ratio):
     """All variants of a group in turn: one round = one step of each. The per-variant medians over
     the rounds (``extra_info["interleaved"]``, seconds) are what ``report.py`` computes ratios from:
     a shared machine's slow spells then hit every variant alike."""
@@ -213,7 +224,7 @@ def test_training_step_interleaved(benchmark, quick, device, dtype, timed, name,
     for variant in variants:
         model, _ = _variant_model(name, ratio, variant, device, dtype)
         model.train()
-        steps[variant] = timed(_sgd_step(model, x, y, amp_dtype))
+        steps[variant] = timed(_sgd_step(model, x, y, amp_dtype, compiled))
     samples: dict[str, list[float]] = {v: [] for v in variants}
 
     def one_round():
@@ -222,8 +233,9 @@ def test_training_step_interleaved(benchmark, quick, device, dtype, timed, name,
             step()
             samples[variant].append(time.perf_counter() - start)
 
-    warmup, rounds = 1, 3 if quick else 5
-    precision = _precision_label(dtype)
+    # Compiled: two warm-up rounds (the first compiles, the second may still specialize).
+    warmup, rounds = 2 if compiled else 1, 3 if quick else 5
+    precision = _precision_label(dtype, compiled)
     benchmark.group = f"step-interleaved {name} batch={batch} {size}x{size} prune={ratio} {precision}"
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
     medians = {v: statistics.median(t[warmup:]) for v, t in samples.items()}

@@ -26,6 +26,9 @@ def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="device to benchmark on (cpu or cuda)")
     parser.addoption("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                      help="data type of the op benchmarks (default fp32)")
+    parser.addoption("--compile", action="store_true",
+                     help="step benchmarks: every variant's model runs under torch.compile (inductor; compiled "
+                          "in the warm-up rounds), to compare compiled DCP with compiled dense and ideal")
 
 
 def pytest_configure(config):
@@ -58,6 +61,11 @@ def device(request) -> torch.device:
 @pytest.fixture
 def dtype(request) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[request.config.getoption("--dtype")]
+
+
+@pytest.fixture
+def compiled(request) -> bool:
+    return bool(request.config.getoption("--compile"))
 
 
 @pytest.fixture

@@ -301,7 +301,7 @@ class DCPConv2d(nn.Conv2d):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{self._label()}: expected a 4-D (N, C, H, W) input, got {shape}")
         compact = in_idx is not None and x.shape[1] == in_idx.numel() and not selects_all(in_idx, self.in_channels)
-        if x.shape[1] != self.in_channels and not compact:
+        if not compact and x.shape[1] != self.in_channels:  # this order: no guard on a compact width under compile
             also = f" (or the {in_idx.numel()} live channels of its input source)" if in_idx is not None else ""
             raise ValueError(f"{self._label()}: expected {self.in_channels} input channels{also}, got {x.shape[1]}")
         if x.device != self.weight.device:

@@ -20,6 +20,7 @@ from torch import nn
 
 import dcp_kernels
 from dcp_kernels import ops
+from dcp_kernels.models import vgg
 
 BACKENDS = [b for b in ("torch", "extension", "triton") if ops.backends("cpu")[b]]
 SELECTING_STEPS = 11  # the kept widths move on most of them: none may recompile
@@ -38,12 +39,12 @@ def _tiny(grouped: bool = False):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
 
 
-def _train(model, prop, forward, selecting_steps):
+def _train(model, prop, forward, selecting_steps, size=8):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     record = []
     for step in range(1 + selecting_steps):
-        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)
+        x, y = torch.randn(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g)
         loss = F.cross_entropy(forward(x), y)
         opt.zero_grad()
         loss.backward()
@@ -85,3 +86,41 @@ def test_compiled_training_matches_eager_without_graph_breaks_in_the_convs(backe
     assert frames == 3, f"{frames} frames compiled for {len(widths)} width combinations: recompiles"
     for p_want, p_got in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(p_got, p_want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b in ("torch", "extension") if ops.backends("cpu")[b]])
+def test_vgg16_depth_compiles_once_while_layers_reach_and_leave_full_width(backend):
+    """VGG-16's 13 prunable convs (4-8 channels, so a layer often keeps all of them at prune 0.3):
+    30 selecting steps in which layers reach and leave their full width compile 3 frames, like
+    the tiny net's. A full-width test on a symbolic width (``selects_all``) used to guard on it,
+    and each layer reaching or leaving its full width recompiled, until dynamo's recompile limit (8)
+    silently ran the model eagerly.
+
+    ``aot_eager``: dynamo's and AOTAutograd's guards without inductor's C++ compile (minutes for 13
+    layers here); inductor's own lowering is covered by the test above. ``min_channels=2``: PyTorch
+    specializes sizes 0 and 1, so a layer at width 1 compiles its own graph (docs/api.md, compile)."""
+    from torch._dynamo.utils import counters
+
+    def net():
+        torch.manual_seed(0)
+        return vgg([4, 8, "M", 8, 6, "M", 8, 8, 8, "M", 8, 8, 8, "M", 8, 8, 8], num_classes=5)
+
+    eager_model, compiled_model = net(), net()
+    eager = dcp_kernels.convert(eager_model, 0.3, explore_epochs=1, backend=backend, min_channels=2)
+    compiled = dcp_kernels.convert(compiled_model, 0.3, explore_epochs=1, backend=backend, min_channels=2)
+    torch._dynamo.reset()
+    counters.clear()
+    steps = 30
+    want = _train(eager_model, eager, eager_model, steps, size=32)
+    got = _train(compiled_model, compiled, torch.compile(compiled_model, backend="aot_eager"), steps, size=32)
+    for (l_want, u_want, s_want, _), (l_got, u_got, s_got, _) in zip(want, got):
+        torch.testing.assert_close(l_got, l_want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(u_got, u_want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(s_got, s_want)
+    widths = [kept for *_, kept in want[1:]]
+    full = [tuple(k == layer.out_channels for k, layer in zip(kept, eager.layers)) for kept in widths]
+    moved = {i for i in range(len(eager.layers)) if len({f[i] for f in full}) == 2}
+    assert len(moved) >= 2, f"layers must reach and leave their full width, saw {widths}"
+    frames = counters["frames"]["ok"]
+    assert frames == 3, f"{frames} frames compiled over {steps} selecting steps: recompiles"

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .reference import channel_mask
 from .registration import empty_conv_output, fake_conv2d_backward, memory_format_of
@@ -37,8 +38,12 @@ def selects_all(idx: torch.Tensor, size: int) -> bool:
     a gather, a scatter or a write-back (compact backend, layers, finalize).
 
     Indices are sorted and unique (validated by the dispatcher or built by the controller), so a
-    full-length index vector is exactly ``arange(size)``."""
-    return idx.numel() == size
+    full-length index vector is exactly ``arange(size)``.
+
+    Under ``torch.compile`` a selected width is a symbolic size: testing it against ``size`` would
+    put a guard on it, and a layer reaching (or leaving) its full width would recompile the model.
+    There the answer is False (the gather path, exact for a full index vector too), with no guard."""
+    return statically_known_true(idx.numel() == size)
 
 
 def block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, c_in: int) -> torch.Tensor:
