@@ -10,7 +10,9 @@ One entry point, :func:`layer_step`, dispatches the whole step by backend, so ea
   batch statistics, the running statistics of the selected channels written back, and a backward
   that scatters the BN parameter gradients once and updates the utilities. It saves only what BN's
   backward needs (the conv output and the batch statistics) and recomputes the BN output for the
-  utility, so no extra activation is kept and the gate returns BN's output without a copy.
+  utility, so no extra activation is kept and the gate returns BN's output without a copy. On
+  ``torch`` in eager mode the conv joins that node too (:class:`_TorchLayerStep`: one autograd node
+  per layer, forward and backward, for a step whose time on a GPU is host work).
 
 ``layer`` is the ``DCPConv2d`` (duck-typed: parameters, buffers, ``norm``, ``decay``...): the module
 keeps the state and the wiring, this module the computation. Arguments arrive already cast for
@@ -31,8 +33,9 @@ from . import (
     reference,
     scatter_channels,
 )
-from .compact import selects_all, widen
+from .compact import _block_backward, _gather_block, selects_all, widen
 from .reference import channel_mask
+from .registration import memory_format_of
 
 
 def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, utility: torch.Tensor,
@@ -89,6 +92,60 @@ class _CompactGate(torch.autograd.Function):
         return g_c, None, None, None, None, None, None, None
 
 
+def _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps, scatter):
+    """Training-mode BN of the compact ``y_c`` and the gate: (output, tensors to save, full).
+
+    One gather of the four per-channel vectors; the running statistics of the selected channels
+    updated in place (``stats``: ``(running_mean, running_var)`` or ``None``)."""
+    full = selects_all(out_idx, channels)
+    if full:
+        w_c, b_c = weight, bias
+        rm_c, rv_c = stats if stats is not None else (None, None)
+    else:
+        # One gather for the four per-channel vectors (four index_selects otherwise).
+        vectors = torch.stack([weight, bias, *stats] if stats is not None else [weight, bias])
+        # Rows by indexing, not unbind: native_batch_norm updates the running-stat rows in place, and
+        # under torch.compile an in-place update of an unbind view specializes the kept width.
+        picked = vectors.index_select(1, out_idx)
+        w_c, b_c = picked[0], picked[1]
+        rm_c, rv_c = (picked[2], picked[3]) if stats is not None else (None, None)
+    # native_batch_norm updates rm_c/rv_c in place: the running statistics themselves when every
+    # channel is selected, else the gathered copies written back below.
+    a_c, mean, invstd = torch.native_batch_norm(y_c, w_c, b_c, rm_c, rv_c, True, momentum, eps)
+    if stats is not None and not full:
+        stats[0].index_copy_(0, out_idx, rm_c)
+        stats[1].index_copy_(0, out_idx, rv_c)
+    out = widen(a_c, out_idx, channels) if scatter and not full else a_c
+    # Nothing saved refers to a_c: a following in-place ReLU may overwrite it.
+    return out, (y_c, w_c, b_c, mean, invstd), full
+
+
+def _bn_gate_backward(grad_out, saved, out_idx, channels, decay, scatter, full, eps, backend, utility,
+                      need_y, need_w, need_b):
+    """Backward of :func:`_bn_gate_forward`: (grad_y_c, grad_bn_weight, grad_bn_bias), the BN parameter
+    gradients full-size (zeros outside ``out_idx``) or None; updates ``utility`` in place."""
+    y_c, w_c, b_c, mean, invstd = saved
+    g_c = grad_out.index_select(1, out_idx) if scatter and not full else grad_out
+    grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
+        g_c, y_c, w_c, None, None, mean, invstd, True, eps, [need_y, need_w or need_b, need_w or need_b]
+    )
+    grad_w = grad_b = None
+    if need_w or need_b:
+        if full:
+            grad_w, grad_b = grad_w_c, grad_b_c
+        else:
+            # One scatter for both parameter gradients (rows of one zero-filled buffer).
+            both = grad_w_c.new_zeros(2, channels).index_copy_(1, out_idx, torch.stack([grad_w_c, grad_b_c]))
+            grad_w, grad_b = both[0], both[1]
+    # The BN output recomputed (y * scale + shift), not saved: it costs one elementwise pass here
+    # (none on Triton, whose reduction applies it on the fly) instead of one activation kept from
+    # forward to backward.
+    scale = w_c * invstd
+    shift = torch.addcmul(b_c, mean, scale, value=-1)
+    _update_utilities(backend, y_c, g_c, utility, None if full else out_idx, decay, scale, shift)
+    return grad_y, (grad_w if need_w else None), (grad_b if need_b else None)
+
+
 class _CompactBatchNormGate(torch.autograd.Function):
     """Training-mode BatchNorm (batch statistics, affine) of the compact conv output ``y_c``, then the
     gate, as one autograd node. Used only while the utilities are tracked (see
@@ -100,54 +157,62 @@ class _CompactBatchNormGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_c, weight, bias, stats, out_idx, channels, momentum, eps, utility, decay, scatter, backend):
-        full = selects_all(out_idx, channels)
-        if full:
-            w_c, b_c = weight, bias
-            rm_c, rv_c = stats if stats is not None else (None, None)
-        else:
-            # One gather for the four per-channel vectors (four index_selects otherwise).
-            vectors = torch.stack([weight, bias, *stats] if stats is not None else [weight, bias])
-            picked = vectors.index_select(1, out_idx)
-            w_c, b_c = picked[0], picked[1]
-            rm_c, rv_c = (picked[2], picked[3]) if stats is not None else (None, None)
-        # native_batch_norm updates rm_c/rv_c in place: the running statistics themselves when every
-        # channel is selected, else the gathered copies written back below.
-        a_c, mean, invstd = torch.native_batch_norm(y_c, w_c, b_c, rm_c, rv_c, True, momentum, eps)
-        if stats is not None and not full:
-            stats[0].index_copy_(0, out_idx, rm_c)
-            stats[1].index_copy_(0, out_idx, rv_c)
-        scatter = scatter and not full
+        out, saved, full = _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps, scatter)
         ctx.conf = (channels, decay, scatter, full, eps, backend)
         ctx.utility = utility  # not saved: backward updates it in place (see _CompactGate)
-        ctx.save_for_backward(y_c, w_c, b_c, mean, invstd, out_idx)
-        if scatter:
-            return widen(a_c, out_idx, channels)
-        return a_c  # nothing saved refers to it: a following in-place ReLU may overwrite it
+        ctx.save_for_backward(*saved, out_idx)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        y_c, w_c, b_c, mean, invstd, out_idx = ctx.saved_tensors
+        *saved, out_idx = ctx.saved_tensors
         channels, decay, scatter, full, eps, backend = ctx.conf
-        g_c = grad_out.index_select(1, out_idx) if scatter else grad_out
         need_y, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
-            g_c, y_c, w_c, None, None, mean, invstd, True, eps, [need_y, need_w or need_b, need_w or need_b]
-        )
-        grad_w = grad_b = None
-        if need_w or need_b:
-            if full:
-                grad_w, grad_b = grad_w_c, grad_b_c
-            else:
-                # One scatter for both parameter gradients (rows of one zero-filled buffer).
-                both = grad_w_c.new_zeros(2, channels).index_copy_(1, out_idx, torch.stack([grad_w_c, grad_b_c]))
-                grad_w, grad_b = both[0], both[1]
-        # The BN output recomputed (y * scale + shift), not saved: it costs one elementwise pass here
-        # (none on Triton, whose reduction applies it on the fly) instead of one activation kept from
-        # forward to backward.
-        scale = w_c * invstd
-        shift = torch.addcmul(b_c, mean, scale, value=-1)
-        _update_utilities(backend, y_c, g_c, ctx.utility, None if full else out_idx, decay, scale, shift)
-        return (grad_y, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 9
+        grads = _bn_gate_backward(grad_out, saved, out_idx, channels, decay, scatter, full, eps, backend,
+                                  ctx.utility, need_y, need_w, need_b)
+        return grads + (None,) * 9
+
+
+class _TorchLayerStep(torch.autograd.Function):
+    """The ``torch`` backend's whole training step of a layer with a fused BN, in eager mode: the
+    compact conv of the selected block, BN and the gate as **one** autograd node (one Python
+    forward and backward per layer instead of two: the step is host-bound on a GPU, see
+    docs/benchmarks-gpu.md). The computation is :class:`compact._CompactConv2d`'s and
+    :class:`_CompactBatchNormGate`'s, through the same helpers. Under ``torch.compile`` the two
+    stay separate (the conv must be the opaque custom op there)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, stats, in_idx, out_idx, conv, channels, momentum, eps,
+                utility, decay, scatter):
+        stride, padding, dilation, groups, x_compact = conv
+        block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
+        y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
+        out, bn_saved, full = _bn_gate_forward(y_c, bn_weight, bn_bias, stats, out_idx, channels, momentum, eps,
+                                               scatter)
+        ctx.save_for_backward(block.x_c, block.w_c, block.read_idx, out_idx, block.input_scale, block.rows,
+                              *bn_saved)
+        ctx.block = block._replace(x_c=None, w_c=None, b_c=None, read_idx=None, input_scale=None, rows=None)
+        ctx.conf = (stride, padding, dilation, x.shape, weight.shape, memory_format_of(x), bias is not None,
+                    channels, decay, scatter, full, eps)
+        ctx.utility = utility  # not saved: backward updates it in place (see _CompactGate)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_c, w_c, read_idx, out_idx, input_scale, rows, *bn_saved = ctx.saved_tensors
+        stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias, channels, decay, scatter, full, eps = \
+            ctx.conf
+        need_x, need_w, need_b, need_bn_w, need_bn_b = ctx.needs_input_grad[:5]
+        need_conv = need_x or need_w or need_b
+        grad_y_c, grad_bn_w, grad_bn_b = _bn_gate_backward(
+            grad_out, bn_saved, out_idx, channels, decay, scatter, full, eps, "torch", ctx.utility,
+            need_conv, need_bn_w, need_bn_b)
+        grads = (None, None, None)
+        if need_conv:
+            block = ctx.block._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows)
+            grads = _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x_shape, w_shape,
+                                    x_memory_format, has_bias, need_x, need_w, need_b)
+        return (*grads, grad_bn_w, grad_bn_b) + (None,) * 10
 
 
 class _GateMask(torch.autograd.Function):
@@ -249,13 +314,24 @@ def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             return a
         mask = channel_mask(out_idx, layer.out_channels, a.dtype).view(1, -1, 1, 1)
         return _GateMask.apply(a, mask, out_idx, layer.utility, layer.decay, track)
+    scatter = not layer.compact_output
+    fused_bn = _fused_batch_norm_applies(bn, track)
+    if fused_bn and backend == "torch" and not torch.compiler.is_compiling():
+        stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else None
+        momentum = _momentum(bn) if stats is not None else 0.0
+        out = _TorchLayerStep.apply(
+            x, weight, bias, bn.weight, bn.bias, stats, in_idx, out_idx,
+            (layer.stride, padding, layer.dilation, layer.groups, x_compact), layer.out_channels, momentum, bn.eps,
+            layer.utility, layer.decay, scatter,
+        )
+        layer.last_output_hw = (out.shape[2], out.shape[3])
+        return out
     y_c = gathered_conv2d(
         x, weight, bias, in_idx, out_idx, layer.stride, padding, layer.dilation, layer.groups,
         backend=backend, layout="compact", input_layout="compact" if x_compact else "full", validate=False,
     )
     layer.last_output_hw = (y_c.shape[2], y_c.shape[3])
-    scatter = not layer.compact_output
-    if _fused_batch_norm_applies(bn, track):
+    if fused_bn:
         stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else None
         momentum = _momentum(bn) if stats is not None else 0.0
         return _CompactBatchNormGate.apply(
