@@ -68,6 +68,9 @@ def main() -> None:
                         help="training steps on fresh batches before timing (the selection moves on each)")
     parser.add_argument("--compile", action="store_true", help="the model's forward under torch.compile")
     args = parser.parse_args()
+    if args.compile:  # the variants share nn.Sequential.forward's recompile budget (benchmarks/conftest.py)
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.accumulated_recompile_limit = 1024
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     for variant in args.variants:
         measure(args.network, args.ratio, variant, torch.device(args.device), dtype, args.top, args.train_steps,

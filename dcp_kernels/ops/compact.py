@@ -42,7 +42,9 @@ def selects_all(idx: torch.Tensor, size: int) -> bool:
 
     Under ``torch.compile`` a selected width is a symbolic size: testing it against ``size`` would
     put a guard on it, and a layer reaching (or leaving) its full width would recompile the model.
-    There the answer is False (the gather path, exact for a full index vector too), with no guard."""
+    So the answer is True only where the width is statically known to be full (eager, or a width the
+    graph holds as a constant); a symbolic width answers False (the gather path, exact for a full
+    index vector too) and adds no guard."""
     return statically_known_true(idx.numel() == size)
 
 

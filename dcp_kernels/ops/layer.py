@@ -316,24 +316,23 @@ def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         return _GateMask.apply(a, mask, out_idx, layer.utility, layer.decay, track)
     scatter = not layer.compact_output
     fused_bn = _fused_batch_norm_applies(bn, track)
-    if fused_bn and backend == "torch" and not torch.compiler.is_compiling():
+    if fused_bn:
         stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else None
         momentum = _momentum(bn) if stats is not None else 0.0
-        out = _TorchLayerStep.apply(
-            x, weight, bias, bn.weight, bn.bias, stats, in_idx, out_idx,
-            (layer.stride, padding, layer.dilation, layer.groups, x_compact), layer.out_channels, momentum, bn.eps,
-            layer.utility, layer.decay, scatter,
-        )
-        layer.last_output_hw = (out.shape[2], out.shape[3])
-        return out
+        if backend == "torch" and not torch.compiler.is_compiling():
+            out = _TorchLayerStep.apply(
+                x, weight, bias, bn.weight, bn.bias, stats, in_idx, out_idx,
+                (layer.stride, padding, layer.dilation, layer.groups, x_compact), layer.out_channels, momentum,
+                bn.eps, layer.utility, layer.decay, scatter,
+            )
+            layer.last_output_hw = (out.shape[2], out.shape[3])
+            return out
     y_c = gathered_conv2d(
         x, weight, bias, in_idx, out_idx, layer.stride, padding, layer.dilation, layer.groups,
         backend=backend, layout="compact", input_layout="compact" if x_compact else "full", validate=False,
     )
     layer.last_output_hw = (y_c.shape[2], y_c.shape[3])
     if fused_bn:
-        stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else None
-        momentum = _momentum(bn) if stats is not None else 0.0
         return _CompactBatchNormGate.apply(
             y_c, bn.weight, bn.bias, stats, out_idx, layer.out_channels, momentum, bn.eps, layer.utility,
             layer.decay, scatter, backend,
