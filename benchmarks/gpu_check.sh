@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check for a time-boxed lease, in one call of the 10-minute limit: about 8.5
 # minutes on one H100/H200 (on an H200, 2026-11-28: 7.3 minutes for stages 1-5 and a 70 s op stage
-# since dropped), the stage limits adding up to a
-# little more, so the last stage (compiled steps) is the one an outer timeout cuts. Builds the
+# since dropped). The stage limits add up to a little more, so the last stage (compiled steps) is the
+# one an outer timeout cuts. Builds the
 # extension, runs the CUDA correctness tests, counts host syncs per training step, then benchmarks at
 # the sizes users train. Each stage has its own time limit and the stages after a failed one still
 # run, so one run reports as much as it can. Raw JSON and short tables go to the output directory.
