@@ -31,13 +31,17 @@ def pytest_addoption(parser):
                           "in the warm-up rounds), to compare compiled DCP with compiled dense and ideal")
 
 
+def allow_compiling_every_variant() -> None:
+    """Every variant of a group compiles the same nn.Sequential.forward (dense, ideal, each backend):
+    their graphs share one code object's recompile budget (8 by default), past which dynamo would
+    silently run the remaining variants eagerly. Raised for the benchmark process only."""
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+
+
 def pytest_configure(config):
     if config.getoption("--compile"):
-        # Every variant of a group compiles the same nn.Sequential.forward (dense, ideal, each backend):
-        # their graphs share one code object's recompile budget (8 by default), past which dynamo would
-        # silently run the remaining variants eagerly.
-        torch._dynamo.config.recompile_limit = 64
-        torch._dynamo.config.accumulated_recompile_limit = 1024
+        allow_compiling_every_variant()
     config.addinivalue_line("markers", "quick: a small benchmark case run by --quick")
     config.addinivalue_line("markers", "gpu_size: a case at GPU training size (skipped on a CPU)")
 

@@ -16,11 +16,12 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_step  # noqa: E402
+from conftest import allow_compiling_every_variant  # noqa: E402
 
 
 def measure(name: str, ratio: float, variant: str, device: torch.device, dtype: torch.dtype, top: int,
             train_steps: int, compile: bool) -> None:
-    factory, batch, size = bench_step.ALL_NETWORKS[name]
+    _, batch, size = bench_step.ALL_NETWORKS[name]
     amp_dtype, channels_last = bench_step._precision(dtype)
     model, _ = bench_step._variant_model(name, ratio, variant, device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -68,9 +69,8 @@ def main() -> None:
                         help="training steps on fresh batches before timing (the selection moves on each)")
     parser.add_argument("--compile", action="store_true", help="the model's forward under torch.compile")
     args = parser.parse_args()
-    if args.compile:  # the variants share nn.Sequential.forward's recompile budget (benchmarks/conftest.py)
-        torch._dynamo.config.recompile_limit = 64
-        torch._dynamo.config.accumulated_recompile_limit = 1024
+    if args.compile:
+        allow_compiling_every_variant()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     for variant in args.variants:
         measure(args.network, args.ratio, variant, torch.device(args.device), dtype, args.top, args.train_steps,

@@ -156,27 +156,41 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
     return grad_x, grad_w, grad_b
 
 
+def block_conv_forward(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact):
+    """The compact convolution of the block, for an autograd Function's forward:
+    ``(y_c, tensors to save, state to keep on ctx)``; :func:`block_conv_backward` takes the last two.
+    The gathered operands are saved, so backward does not gather again."""
+    block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
+    y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
+    saved = (block.x_c, block.w_c, block.read_idx, out_idx, block.input_scale, block.rows)
+    kept = (block._replace(x_c=None, w_c=None, b_c=None, read_idx=None, input_scale=None, rows=None),
+            (stride, padding, dilation, x.shape, weight.shape, memory_format_of(x), bias is not None))
+    return y_c, saved, kept
+
+
+def block_conv_backward(grad_y_c, saved, kept, need_x: bool, need_w: bool, need_b: bool):
+    """(grad_x, grad_w, grad_b) of :func:`block_conv_forward` from what it saved and kept."""
+    x_c, w_c, read_idx, out_idx, input_scale, rows = saved
+    meta, (stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias) = kept
+    block = meta._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows)
+    return _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x_shape, w_shape,
+                           x_memory_format, has_bias, need_x, need_w, need_b)
+
+
 class _CompactConv2d(torch.autograd.Function):
     """Convolution of the ``out_idx x in_idx`` block (see :func:`_gather_block`); returns the
     compact (N, k_out, H', W') output. Saves the gathered operands for its backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact):
-        block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
-        y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
-        ctx.save_for_backward(block.x_c, block.w_c, block.read_idx, out_idx, block.input_scale, block.rows)
-        ctx.block = block._replace(x_c=None, w_c=None, b_c=None, read_idx=None, input_scale=None, rows=None)
-        ctx.conf = (stride, padding, dilation, x.shape, weight.shape, memory_format_of(x), bias is not None)
+        y_c, saved, ctx.kept = block_conv_forward(x, weight, bias, in_idx, out_idx, stride, padding, dilation,
+                                                  groups, x_compact)
+        ctx.save_for_backward(*saved)
         return y_c
 
     @staticmethod
     def backward(ctx, grad_y_c):
-        x_c, w_c, read_idx, out_idx, input_scale, rows = ctx.saved_tensors
-        block = ctx.block._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows)
-        stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x_shape, w_shape,
-                                x_memory_format, has_bias, need_x, need_w, need_b)
+        grads = block_conv_backward(grad_y_c, ctx.saved_tensors, ctx.kept, *ctx.needs_input_grad[:3])
         return (*grads, None, None, None, None, None, None, None)
 
 

@@ -33,9 +33,8 @@ from . import (
     reference,
     scatter_channels,
 )
-from .compact import _block_backward, _gather_block, selects_all, widen
+from .compact import block_conv_backward, block_conv_forward, selects_all, widen
 from .reference import channel_mask
-from .registration import memory_format_of
 
 
 def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, utility: torch.Tensor,
@@ -184,24 +183,21 @@ class _TorchLayerStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, stats, in_idx, out_idx, conv, channels, momentum, eps,
                 utility, decay, scatter):
-        stride, padding, dilation, groups, x_compact = conv
-        block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
-        y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
+        # conv: (stride, padding, dilation, groups, x_compact)
+        y_c, conv_saved, ctx.conv_kept = block_conv_forward(x, weight, bias, in_idx, out_idx, *conv)
         out, bn_saved, full = _bn_gate_forward(y_c, bn_weight, bn_bias, stats, out_idx, channels, momentum, eps,
                                                scatter)
-        ctx.save_for_backward(block.x_c, block.w_c, block.read_idx, out_idx, block.input_scale, block.rows,
-                              *bn_saved)
-        ctx.block = block._replace(x_c=None, w_c=None, b_c=None, read_idx=None, input_scale=None, rows=None)
-        ctx.conf = (stride, padding, dilation, x.shape, weight.shape, memory_format_of(x), bias is not None,
-                    channels, decay, scatter, full, eps)
+        ctx.save_for_backward(*conv_saved, *bn_saved, out_idx)
+        ctx.conv_count = len(conv_saved)
+        ctx.conf = (channels, decay, scatter, full, eps)
         ctx.utility = utility  # not saved: backward updates it in place (see _CompactGate)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_c, w_c, read_idx, out_idx, input_scale, rows, *bn_saved = ctx.saved_tensors
-        stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias, channels, decay, scatter, full, eps = \
-            ctx.conf
+        *saved, out_idx = ctx.saved_tensors
+        conv_saved, bn_saved = saved[:ctx.conv_count], saved[ctx.conv_count:]
+        channels, decay, scatter, full, eps = ctx.conf
         need_x, need_w, need_b, need_bn_w, need_bn_b = ctx.needs_input_grad[:5]
         need_conv = need_x or need_w or need_b
         grad_y_c, grad_bn_w, grad_bn_b = _bn_gate_backward(
@@ -209,9 +205,7 @@ class _TorchLayerStep(torch.autograd.Function):
             need_conv, need_bn_w, need_bn_b)
         grads = (None, None, None)
         if need_conv:
-            block = ctx.block._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows)
-            grads = _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x_shape, w_shape,
-                                    x_memory_format, has_bias, need_x, need_w, need_b)
+            grads = block_conv_backward(grad_y_c, conv_saved, ctx.conv_kept, need_x, need_w, need_b)
         return (*grads, grad_bn_w, grad_bn_b) + (None,) * 10
 
 
