@@ -10,6 +10,7 @@ from torch import nn
 
 from . import ops
 from .graph import ChannelAnalysis, Segment, analyze
+from .graph.optable import is_depthwise
 from .modules import ConcatSource, DCPConv2d, DCPLinear
 from .plan import ConversionPlan, set_submodule
 from .propagation import DecaySchedule, Propagation
@@ -85,6 +86,7 @@ def convert(
     backend: str = "auto",
     compact_activations: bool = True,
     round_to: int = 1,
+    static_shapes: bool = False,
 ) -> Propagation:
     """Make ``model`` a DCP model in place and return its controller.
 
@@ -125,6 +127,9 @@ def convert(
             the exact rule's count per group is rounded to the nearest multiple and the group keeps
             that many of its best channels (docs/algorithm.md). 1 (default) is the paper's exact
             rule; 8 suits GPU tensor cores and bounds the set of shapes kernels see.
+        static_shapes: run every training step with shapes and launches that do not depend on the
+            selection and without any host read (backend ``triton`` only; no grouped convs): the
+            step a CUDA graph can capture. See :meth:`Propagation.set_static_shapes`.
 
     Nothing is changed when an argument or the model is refused. On ``triton`` and ``extension``,
     which have no grouped-conv kernel, grouped convs run on ``torch`` (a ``UserWarning`` names them;
@@ -133,7 +138,15 @@ def convert(
     check_prune_ratio(prune_ratio)
     check_round_to(round_to)
     ops.resolve_backend(backend)
+    if static_shapes and backend != "triton":
+        raise ValueError(f"static_shapes=True needs backend='triton' (got {backend!r})")
     _check_model(model)
+    if static_shapes:
+        grouped = [n for n, m in model.named_modules()
+                   if isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)]
+        if grouped:
+            raise ValueError(f"static_shapes=True: grouped convs have no Triton kernel ({', '.join(grouped[:3])}); "
+                             "leave static_shapes off for this model")
     ignored = _ignored_names(model, ignore)
     analysis = analyze(model, example_inputs, prune_residual=prune_residual, ignore=ignored)
     if not analysis.groups:
@@ -191,6 +204,8 @@ def convert(
         set_submodule(model, bn_name, nn.Identity())
     prop.attach(model)
     prop.set_backend(backend)  # grouped convs to 'torch' where the backend has no grouped kernel (warned)
+    if static_shapes:
+        prop.set_static_shapes(True)
     unexpected = {n: r for n, r in analysis.skipped.items() if n not in analysis.policy}
     if unexpected:
         listed = "; ".join(f"{n}: {r}" for n, r in list(unexpected.items())[:5])

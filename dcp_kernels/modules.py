@@ -10,7 +10,8 @@ from torch import nn
 from . import ops
 from .graph.optable import is_depthwise
 from .ops.compact import block_rows, selects_all
-from .ops.layer import _all_channels, layer_step
+from .ops.layer import _all_channels, _all_kept, counted_layer_step, layer_step
+from .rule import kept_first
 
 
 class SelectionCache:
@@ -87,6 +88,16 @@ class ConcatSource:
     def selection_masks(self) -> list[torch.Tensor]:
         """The ``selected`` masks this source's live channels depend on."""
         return [layer.selected for layer, _ in self.segments if layer is not None]
+
+    @property
+    def static_shapes(self) -> bool:
+        """Whether the segments' layers run static-shape steps (see ``DCPConv2d.static_shapes``)."""
+        return any(layer.static_shapes for layer, _ in self.segments if layer is not None)
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, count)`` of the live channels (:func:`~dcp_kernels.rule.kept_first`), built on
+        the device from the segments' masks: two launches, no host read."""
+        return kept_first(self.selected)
 
     def selected_indices(self) -> torch.Tensor:
         """Indices of the live channels of the concat (cached until a segment's selection changes)."""
@@ -173,6 +184,14 @@ class DCPConv2d(nn.Conv2d):
             dev = self.weight.device
             self.register_buffer("utility", torch.zeros(out_channels, dtype=torch.float32, device=dev))
             self.register_buffer("selected", torch.ones(out_channels, dtype=torch.bool, device=dev))
+            # The selection as the static-shape step reads it (rule.kept_first): the channels with
+            # the selected ones first, and their number. Derived from ``selected`` (not saved).
+            self.register_buffer("kept_order", torch.arange(out_channels, device=dev), persistent=False)
+            self.register_buffer("kept_count", torch.full((1,), out_channels, dtype=torch.int32, device=dev),
+                                 persistent=False)
+        # Static-shape steps (set by Propagation(static_shapes=True)): the selection is read on the
+        # device only, every tensor is full width, and no host value depends on it.
+        self.static_shapes = False
         # The producer whose selection tells which input channels are live. Kept out of
         # ``_modules`` on purpose: it is another layer of the same model, not a child.
         self.__dict__["_input_source"] = None
@@ -248,6 +267,19 @@ class DCPConv2d(nn.Conv2d):
                 raise ValueError(f"{self._label()}: a grouped conv (groups={self.groups}) must keep the same number of "
                                  f"channels in every group, got {per_group.tolist()}")
         self.selected.copy_(selected)
+        self._refresh_kept()
+
+    @torch.no_grad()
+    def _refresh_kept(self) -> None:
+        """Rebuild ``kept_order``/``kept_count`` from ``selected`` (in place: their storage stays,
+        as a captured CUDA graph needs)."""
+        order, count = kept_first(self.selected)
+        self.kept_order.copy_(order)
+        self.kept_count.copy_(count)
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, count)`` of the selected output channels, as the static-shape step reads them."""
+        return self.kept_order, self.kept_count
 
     def selection_masks(self) -> list[torch.Tensor]:
         """The ``selected`` masks this layer's live output channels depend on: its own."""
@@ -293,6 +325,8 @@ class DCPConv2d(nn.Conv2d):
             for key in ("utility", "selected"):
                 state_dict.setdefault(prefix + key, getattr(self, key))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if self.prunable:
+            self._refresh_kept()
 
     # ----------------------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor, in_idx: torch.Tensor | None) -> bool:
@@ -311,15 +345,12 @@ class DCPConv2d(nn.Conv2d):
         return compact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static_shapes:
+            return self._static_forward(x)
         source = self.input_source
         in_idx = source.selected_indices() if source is not None else None
         x_compact = self._check_input(x, in_idx)
-        padding = self.padding
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            # 'same'/'valid' and non-zero padding modes: pad explicitly, then convolve unpadded.
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
-            padding = (0, 0)
+        x, padding = self._explicit_padding(x)
         out_idx = self.selected_indices() if self.prunable else None
         if in_idx is None and out_idx is None:
             y = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
@@ -339,6 +370,34 @@ class DCPConv2d(nn.Conv2d):
                     padding, in_idx, out_idx, x_compact, backend,
                 )
         return layer_step(self, x, self.weight, self.bias, padding, in_idx, out_idx, x_compact, backend)
+
+    def _explicit_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``x`` and the conv's integer padding: 'same'/'valid' and non-zero padding modes are padded
+        explicitly here (then the conv runs unpadded)."""
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=mode), (0, 0)
+        return x, self.padding
+
+    def _static_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The static-shape step: full-width input and output, the selection read on the device."""
+        self._check_input(x, None)
+        x, padding = self._explicit_padding(x)
+        source = self.input_source
+        in_kept = source.kept() if source is not None else _all_kept(self.in_channels, x.device)
+        backend = ops.resolve_backend(self.backend, x.device)
+        if backend != "triton":
+            raise RuntimeError(f"{self._label()}: static_shapes needs backend 'triton' (this layer resolves to "
+                               f"{backend!r}); call prop.set_backend('triton') or leave static_shapes off")
+        ops.check_groups_supported(backend, self.groups, self.weight, self._label())
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # As in forward(): cast what autocast would cast for a conv, then run with it off.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return counted_layer_step(self, x, weight, bias, padding, in_kept)
+        return counted_layer_step(self, x, weight, bias, padding, in_kept)
 
     # ----------------------------------------------------------------------------- accounting
     def conv_flops(self) -> tuple[int, int]:
@@ -425,6 +484,10 @@ class DCPLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label()}: expected {self.in_features} input features, got {x.shape[-1]}")
+        source = self.input_source
+        if source is not None and source.static_shapes:
+            # Static shapes: full width, the dead channels' features zeroed (a mask, no index read).
+            return F.linear(x * source.selected.repeat_interleave(self.block).to(x.dtype), self.weight, self.bias)
         cols = self.selected_features()
         if cols is None:
             return F.linear(x, self.weight, self.bias)

@@ -59,6 +59,7 @@ class Propagation:
         layer_prune_ratios: Mapping[str, float] | None = None,
         round_to: int = 1,
         blocks: Mapping[str, int] | None = None,
+        static_shapes: bool = False,
     ) -> None:
         check_prune_ratio(prune_ratio)
         if not layers:
@@ -94,7 +95,10 @@ class Propagation:
         self._dcp_layers: list = []  # every DCPConv2d of the model (found with the holders)
         # Grouped convs set_backend() moved to 'torch' (name -> the backend asked for).
         self.backend_fallbacks: dict[str, str] = {}
+        self.static_shapes = False
         self._apply_decay()
+        if static_shapes:
+            self.set_static_shapes(True)
 
     # ----------------------------------------------------------------------------- configuration
     def _resolve_groups(self, groups: Sequence[Sequence[str]] | None) -> list[list[int]]:
@@ -240,6 +244,34 @@ class Propagation:
             warnings.warn(f"backend {backend!r} has no grouped-conv kernel: {len(names)} grouped conv(s) run on "
                           f"'torch' instead ({listed}; prop.report() marks them)", stacklevel=2)
 
+    def set_static_shapes(self, enabled: bool = True) -> None:
+        """Run every step with static shapes (``True``) or with compact tensors (``False``, the default).
+
+        Static shapes: each layer's selection is read on the device only (its ``selected`` mask and
+        ``kept_order``/``kept_count``, see :func:`dcp_kernels.rule.kept_first`), activations stay full
+        width with zeros in the unselected channels, and the Triton kernels skip those channels by
+        reading the kept counts from device memory. No tensor shape and no host value depends on the
+        selection, and a selecting step reads nothing back to the host: the whole training step can be
+        captured in a CUDA graph (docs/api.md, "Static shapes"). Needs backend ``triton`` on every
+        layer and no grouped convs (groups > 1, not depthwise). Costs: full-width activations (memory
+        as dense) and BatchNorm over all channels.
+        """
+        from .modules import DCPConv2d
+
+        enabled = bool(enabled)
+        layers = self._all_dcp_layers()
+        if enabled:
+            grouped = [layer._label() for layer in layers if layer.grouped]
+            if grouped:
+                raise ValueError(f"static_shapes: {len(grouped)} grouped conv(s) have no Triton kernel "
+                                 f"({', '.join(grouped[:3])}); leave static_shapes off for this model")
+        for layer in layers:
+            layer.static_shapes = enabled
+            if enabled and isinstance(layer, DCPConv2d) and layer.prunable:
+                layer._refresh_kept()
+        self.static_shapes = enabled
+        self._written = None  # the next select() writes every layer's state in the new form
+
     def _all_dcp_layers(self) -> list["DCPConv2d"]:
         from .modules import DCPConv2d
 
@@ -291,11 +323,17 @@ class Propagation:
                 return  # still every channel, and nobody wrote a selection since: nothing to redo
             for layer in self.layers:
                 layer.selected.fill_(True)
-                layer._adopt_indices(None)
+                if self.static_shapes:
+                    layer._refresh_kept()
+                else:
+                    layer._adopt_indices(None)
             self._written = ("all", self._write_versions())
             self._counts = self._group_sizes()
             return
         mask = self._selection_mask()
+        if self.static_shapes:
+            self._write_static(mask)
+            return
         indices, counts = self._rule.indices(mask)
         parts = torch.split(mask, self._group_sizes())
         targets = [(self.layers[i], part, idx) for members, part, idx in zip(self.groups, parts, indices)
@@ -306,6 +344,19 @@ class Propagation:
             layer._adopt_indices(idx)
         self._written = ("selected", self._write_versions())
         self._counts = counts
+
+    def _write_static(self, mask: torch.Tensor) -> None:
+        """Write the selection ``mask`` into every layer's ``selected``, ``kept_order`` and
+        ``kept_count`` in place (one sort for all groups, three multi-tensor copies, no host read)."""
+        orders, counts = self._rule.kept_first(mask)
+        parts = torch.split(mask, self._group_sizes())
+        count_parts = torch.split(counts, 1)
+        targets = [(self.layers[i], g) for g, members in enumerate(self.groups) for i in members]
+        torch._foreach_copy_([layer.selected for layer, _ in targets], [parts[g] for _, g in targets])
+        torch._foreach_copy_([layer.kept_order for layer, _ in targets], [orders[g] for _, g in targets])
+        torch._foreach_copy_([layer.kept_count for layer, _ in targets], [count_parts[g] for _, g in targets])
+        # kept() reads the counts when asked; nothing is read back here.
+        self._written = None
 
     @torch.no_grad()
     def sync_utilities(self) -> None:
@@ -522,4 +573,5 @@ class _SelectBeforeForward:
         # index vectors it implies are computed here, so the compiled forward only reads them.
         if module.training and self.propagation.auto_select:
             self.propagation.step()
-        self.propagation.refresh_indices()
+        if not self.propagation.static_shapes:  # static-shape steps read no index vector
+            self.propagation.refresh_indices()

@@ -177,6 +177,18 @@ class SelectionRule:
         return list(parts[0::2]), counts
 
 
+    def kept_first(self, mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per group, a permutation of its channels with the selected ones first (each part in
+        increasing order), and every group's selected count as an int32 device vector.
+
+        The static-shape form of :meth:`indices` (:func:`kept_first`): the same one sort, no
+        host read, and shapes that do not depend on the selection."""
+        c = self._device_constants(mask.device)
+        keys, order = torch.sort(torch.where(mask, c.key_selected, c.key_unselected), stable=True)
+        counts = (torch.searchsorted(keys, c.first_unselected_key) - c.start).to(torch.int32)
+        return list(torch.split(order - c.start_of, self.sizes)), counts
+
+
 class _Constants(NamedTuple):
     """A :class:`SelectionRule`'s device constants, built once per device."""
 
@@ -219,6 +231,16 @@ def select_channels(
     if sum(sizes) != utilities.numel() or utilities.dim() != 1:
         raise ValueError(f"utilities has shape {tuple(utilities.shape)} but the layers hold {sum(sizes)} channels")
     return SelectionRule(sizes, keep, min_channels, round_to=round_to, blocks=blocks)(utilities)
+
+
+def kept_first(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, count)`` of a bool channel mask: the channel indices with the selected ones first
+    (both parts in increasing order) and the selected count as an int32 (1,) tensor.
+
+    The selection in a form whose shapes never change (for CUDA graphs and the Triton kernels that
+    read the count on the device): two launches, no host read."""
+    order = torch.sort(mask.logical_not().to(torch.uint8), stable=True).indices
+    return order, mask.sum(dtype=torch.int32).view(1)
 
 
 def host_read(counts: torch.Tensor) -> list[int]:

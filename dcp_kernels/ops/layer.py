@@ -337,7 +337,120 @@ def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return _CompactGate.apply(a_c, out_idx, layer.out_channels, layer.utility, layer.decay, track, scatter, backend)
 
 
+class _CountedBatchNormGate(torch.autograd.Function):
+    """The static-shape form of :class:`_CompactBatchNormGate`: training-mode BN of the full-width conv
+    output ``y`` (zeros in the unselected channels), the running statistics of the selected channels
+    updated, the gate ``out = BN(y) * mask``; backward updates the utilities of the selected channels.
+
+    Every tensor is full width and the selection is read on the device only (``mask`` and the counted
+    ``kept`` pair), so the same launches with the same shapes run whatever is selected. BN's
+    statistics of an unselected (all-zero) channel are computed and discarded; its BN parameter
+    gradients come out exactly 0 (its gradient is gated to 0). Saves what BN's backward needs, and
+    recomputes the BN output for the utility inside the Triton reduction.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, stats, mask, kept, momentum, eps, utility, decay):
+        new_stats = (stats[0].clone(), stats[1].clone()) if stats is not None else (None, None)
+        a, mean, invstd = torch.native_batch_norm(y, weight, bias, *new_stats, True, momentum, eps)
+        if stats is not None:
+            for old, new in zip(stats, new_stats):
+                torch.where(mask, new, old, out=old)  # selected channels only (docs/algorithm.md)
+        ctx.conf = (eps, decay)
+        ctx.utility = utility  # not saved: backward updates it in place (see _CompactGate)
+        ctx.save_for_backward(y, weight, bias, mean, invstd, mask, *kept)
+        return a * mask.view(1, -1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, weight, bias, mean, invstd, mask, *kept = ctx.saved_tensors
+        eps, decay = ctx.conf
+        need_y, need_w, need_b = ctx.needs_input_grad[:3]
+        g = grad_out * mask.view(1, -1, 1, 1)
+        grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            g, y, weight, None, None, mean, invstd, True, eps, [need_y, need_w or need_b, need_w or need_b])
+        scale = weight * invstd
+        shift = torch.addcmul(bias, mean, scale, value=-1)
+        _triton_backend().update_utility_counted(y, g, utility=ctx.utility, kept=tuple(kept), decay=decay,
+                                                 scale=scale, shift=shift)
+        return grad_y, (grad_w if need_w else None), (grad_b if need_b else None), *(None,) * 7
+
+
+class _CountedGate(torch.autograd.Function):
+    """The static-shape gate without a fused BN: ``out = a * mask`` on full-width ``a``; backward, when
+    tracking, updates the selected channels' utilities from ``a`` and ``g = grad * mask``."""
+
+    @staticmethod
+    def forward(ctx, a, mask, kept, utility, decay, track):
+        ctx.track, ctx.decay = track, decay
+        ctx.utility = utility  # not saved: see _CompactGate
+        ctx.save_for_backward(a if track else None, mask, *kept)
+        return a * mask.view(1, -1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, mask, *kept = ctx.saved_tensors
+        g = grad_out * mask.view(1, -1, 1, 1)
+        if ctx.track:
+            _triton_backend().update_utility_counted(a, g, utility=ctx.utility, kept=tuple(kept), decay=ctx.decay)
+        return g, None, None, None, None, None
+
+
+def _masked_batch_norm(bn: torch.nn.BatchNorm2d, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``bn`` on the full-width ``y``, the running statistics of the ``mask`` channels only updated
+    (static shapes: a masked write-back instead of an index copy)."""
+    update_stats = bn.training and bn.track_running_stats
+    if not update_stats:
+        return bn(y)
+    factor = _momentum(bn)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    a = F.batch_norm(y, rm, rv, bn.weight, bn.bias, True, factor, bn.eps)
+    with torch.no_grad():
+        torch.where(mask, rm, bn.running_mean, out=bn.running_mean)
+        torch.where(mask, rv, bn.running_var, out=bn.running_var)
+    return a
+
+
+def counted_layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       padding: tuple[int, int], in_kept: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``gate(BN(conv(x)))`` of ``layer`` as a static-shape step on the Triton kernels.
+
+    ``x`` is full width; ``in_kept`` the input source's ``(order, count)`` and the layer's own
+    selection is its ``selected`` mask and ``kept()`` pair (rule.kept_first). Every tensor is full
+    width (zeros outside the kept channels), every launch and shape is the same whatever is
+    selected, and nothing is read on the host: the step a CUDA graph can capture.
+    """
+    gated = layer.prunable
+    out_kept = layer.kept() if gated else _all_kept(layer.out_channels, x.device)
+    y = _triton_backend().counted_conv2d(
+        x, weight, bias, in_kept, out_kept, layer.stride, padding, layer.dilation, layer.groups > 1)
+    layer.last_output_hw = (y.shape[2], y.shape[3])
+    bn = layer.norm
+    if not gated:
+        return y if bn is None else bn(y)
+    track = layer.training and torch.is_grad_enabled()
+    mask = layer.selected
+    if _fused_batch_norm_applies(bn, track):
+        stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else None
+        momentum = _momentum(bn) if stats is not None else 0.0
+        return _CountedBatchNormGate.apply(y, bn.weight, bn.bias, stats, mask, out_kept, momentum, bn.eps,
+                                           layer.utility, layer.decay)
+    a = y if bn is None else _masked_batch_norm(bn, y, mask)
+    return _CountedGate.apply(a, mask, out_kept, layer.utility, layer.decay, track)
+
+
 _ARANGE_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
+_ALL_KEPT_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _all_kept(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, count)`` of a selection of all ``n`` channels (rule.kept_first), one per (n, device)."""
+    key = (n, device)
+    kept = _ALL_KEPT_CACHE.get(key)
+    if kept is None:
+        kept = _ALL_KEPT_CACHE[key] = (torch.arange(n, device=device),
+                                      torch.full((1,), n, dtype=torch.int32, device=device))
+    return kept
 
 
 def _all_channels(n: int, device: torch.device) -> torch.Tensor:

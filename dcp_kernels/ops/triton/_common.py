@@ -120,12 +120,25 @@ def reading_output_pixel(ih, iw, kh, kw, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_
 
 
 @triton.jit
-def store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs, chan, chan_ok, b_ptr,
+def kept_count(count_ptr, K, COUNTED: tl.constexpr):
+    """How many channels of an index vector are kept: the host's ``K``, or (``COUNTED``) the int32
+    read from ``count_ptr``. Counted index vectors are permutations of all channels, the kept ones
+    first (rule.kept_first): the grid then spans every channel, lanes past the count are not read,
+    and a tile with no kept lane skips its reduction, so it stores exact zeros (the unselected
+    channels of a full-width output)."""
+    if COUNTED:
+        return tl.load(count_ptr)
+    else:
+        return K
+
+
+@triton.jit
+def store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs, chan, chan_ok, chan_live, b_ptr,
                  syn, syc, syh, syw, ACC: tl.constexpr, Y_COMPACT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Forward epilogue: bias, then the store into output channel ``chan`` (full width) or ``offs``
-    (compact) of the (pixels x channels) tile."""
+    """Forward epilogue: bias (of the live channels), then the store into output channel ``chan`` (full
+    width) or ``offs`` (compact) of the (pixels x channels) tile."""
     if HAS_BIAS:
-        acc += tl.load(b_ptr + chan, mask=chan_ok, other=0.0).to(ACC)[None, :]
+        acc += tl.load(b_ptr + chan, mask=chan_live, other=0.0).to(ACC)[None, :]
     y_chan = offs if Y_COMPACT else chan
     y_off = (n_img * syn + oh * syh + ow * syw)[:, None] + y_chan[None, :] * syc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & chan_ok[None, :])

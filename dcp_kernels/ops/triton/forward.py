@@ -21,6 +21,7 @@ from ._common import (
     dot_acc,
     dot_mode,
     gemm_configs,
+    kept_count,
     split_pixels,
     store_output,
 )
@@ -29,13 +30,13 @@ from ._common import (
 @triton.autotune(configs=gemm_configs(), key=CONV_TUNE_KEY)
 @triton.jit(do_not_specialize=CONV_UNSPECIALIZED)
 def _conv_forward_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, in_count_ptr, out_count_ptr,
     M, H, W, OH, OW, K_IN, K_OUT, C_IN, C_OUT, M_BUCKET,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr,
     X_COMPACT: tl.constexpr, Y_COMPACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, COUNTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -46,6 +47,10 @@ def _conv_forward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < K_OUT
     co = tl.load(out_idx_ptr + offs_n, mask=n_ok, other=0)
+    k_in = kept_count(in_count_ptr, K_IN, COUNTED)
+    k_out = kept_count(out_count_ptr, K_OUT, COUNTED)
+    n_live = offs_n < k_out
+    k_end = tl.where(pid_n * BLOCK_N < k_out, k_in, 0)  # a tile of unselected channels stores zeros
     w_out = co * swo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for kh in tl.static_range(KH):
@@ -54,17 +59,17 @@ def _conv_forward_kernel(
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
             pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_pix = n_img * sxn + ih * sxh + iw * sxw
-            for k0 in range(0, K_IN, BLOCK_K):
+            for k0 in range(0, k_end, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < K_IN
+                k_ok = offs_k < k_in
                 ci = tl.load(in_idx_ptr + offs_k, mask=k_ok, other=0)
                 ci_x = offs_k if X_COMPACT else ci
                 a = tl.load(x_ptr + x_pix[:, None] + ci_x[None, :] * sxc,
                             mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_ptr + ci[:, None] * swi + w_out[None, :] + kh * swh + kw * sww,
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                            mask=k_ok[:, None] & n_live[None, :], other=0.0)
                 acc = dot_acc(a, b, acc, DOT)
-    store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs_n, co, n_ok, b_ptr,
+    store_output(acc, y_ptr, n_img, oh, ow, m_ok, offs_n, co, n_ok, n_live, b_ptr,
                  syn, syc, syh, syw, ACC, Y_COMPACT, HAS_BIAS)
 
 
@@ -72,12 +77,17 @@ def conv_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     in_idx: torch.Tensor, out_idx: torch.Tensor, y: torch.Tensor,
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-    *, x_compact: bool, y_compact: bool,
+    *, x_compact: bool, y_compact: bool, counts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Write the selected output channels of the convolution into ``y`` (preallocated).
 
     ``y`` is either full width (only channels ``out_idx`` are written; the caller zeroes the rest)
     or compact (``y_compact``: channel j holds output channel ``out_idx[j]``).
+
+    ``counts``: ``(in_count, out_count)`` int32 device scalars; the index vectors are then
+    permutations of all channels, the kept ones first (:func:`dcp_kernels.rule.kept_first`), and
+    every channel of the full-width ``y`` is written (zeros outside the kept ones): nothing about
+    the selection is known on the host.
     """
     n, _, h, w = x.shape
     _, _, oh, ow = y.shape
@@ -90,10 +100,11 @@ def conv_forward(
 
     wrap_triton(_conv_forward_kernel)[grid](
         x, weight, bias if bias is not None else dummy, y, in_idx, out_idx,
+        *(counts if counts is not None else (in_idx, out_idx)),
         m, h, w, oh, ow, k_in, k_out, weight.shape[1], weight.shape[0], bucket(m),
         *x.stride(), *weight.stride(), *y.stride(),
         *stride, *padding, *dilation, KH=kh, KW=kw, ACC=accumulator(x.dtype),
         X_COMPACT=x_compact, Y_COMPACT=y_compact, HAS_BIAS=bias is not None,
-        DOT=dot_mode(x.dtype),
+        DOT=dot_mode(x.dtype), COUNTED=counts is not None,
     )
     return y
