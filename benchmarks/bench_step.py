@@ -5,6 +5,8 @@ Variants per network and prune ratio (one group each):
   reference  converted with the paper's masked implementation
   torch      converted with our compact backend (compact activations between layers)
   triton     converted with the Triton kernels (CUDA only; skipped elsewhere)
+  triton-static  the same with ``static_shapes=True`` (full-width activations, the selection read on
+             the device only: the step CUDA graphs capture; benchmarks/bench_graphs.py graphs it)
   ideal      the same network built dense with exactly the per-layer widths the selection kept
              (the finalized model): what perfect skipping costs. Global selection keeps layers
              unevenly, so this is not simply (1 - prune_ratio)**2 of dense.
@@ -81,8 +83,9 @@ GROUPED = {"resnext50-64px-b16", "resnext50-imagenet-b64"}
 RATIOS = [0.0, 0.3, 0.5, 0.7]
 GPU_RATIOS = [0.5, 0.7]
 QUICK_RATIOS = [0.5]
-VARIANTS = ["dense", *(name for name in ops.BACKENDS if name != "triton" or importlib.util.find_spec("triton")),
-            "ideal"]
+_TRITON = importlib.util.find_spec("triton") is not None
+VARIANTS = ["dense", *(name for name in ops.BACKENDS if name != "triton" or _TRITON),
+            *(["triton-static"] if _TRITON else []), "ideal"]
 
 _CACHE: dict = {}
 
@@ -141,8 +144,9 @@ def _prepared(name, ratio, backend, device, dtype=torch.float32):
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         # Widths in multiples of 8 on a GPU (tensor cores; dcp-train's CUDA default), exact rule elsewhere.
-        prop = dcp_kernels.convert(model, ratio, explore_epochs=1, backend=backend,
-                                   round_to=8 if device.type == "cuda" else 1)
+        static = backend == "triton-static"
+        prop = dcp_kernels.convert(model, ratio, explore_epochs=1, backend="triton" if static else backend,
+                                   round_to=8 if device.type == "cuda" else 1, static_shapes=static)
         for seed in (1, 2):  # two exploration steps
             _sgd_step(model, *_batch(batch, size, device, seed, channels_last), amp_dtype)()
         prop.epoch_end()
@@ -179,8 +183,10 @@ def _skip_reason(name, variant, device):
         return "a GPU-size training step (minutes per step on a CPU): run with --device cuda"
     if name.startswith(("resnet50", "resnext50")) and importlib.util.find_spec("torchvision") is None:
         return "needs torchvision (the dev extra)"
-    if name in GROUPED and variant in ("triton", "extension"):
+    if name in GROUPED and variant in ("triton", "triton-static", "extension"):
         return f"backend {variant!r} has no grouped-conv kernel (its grouped layers would run on torch)"
+    if variant == "triton-static":
+        variant = "triton"
     return None if variant is None else backend_skip_reason(variant, device)
 
 

@@ -4,7 +4,8 @@
 the host with the device (``.item()``, ``nonzero``, device-to-host copies, ...). This script runs a
 converted network past exploration, then counts those warnings over a few selecting steps and
 prints one line per backend (and writes JSON with ``--json``). Expected: one per step (the batched
-read of all layers' kept counts, ``dcp_kernels.rule.host_read``), zero while exploring. The CPU
+read of all layers' kept counts, ``dcp_kernels.rule.host_read``), zero while exploring; zero always
+for ``triton-static`` (``static_shapes=True``: the selection is never read on the host). The CPU
 equivalent, which runs in the test suite, is tests/test_syncs.py. It also counts the CUDA kernels
 one selecting step launches (``torch.profiler`` kernel events), for dense and each backend: a CIFAR
 step is launch-bound, so this is the count the GPU-step work drives down (CPU counts of the same
@@ -43,7 +44,9 @@ def count_syncs(backend: str, steps: int, device: torch.device) -> dict:
     if backend == "dense":
         prop = None
     else:
-        prop = dcp_kernels.convert(model, 0.5, explore_epochs=1, backend=backend, round_to=8)
+        static = backend == "triton-static"
+        prop = dcp_kernels.convert(model, 0.5, explore_epochs=1, backend="triton" if static else backend, round_to=8,
+                                   static_shapes=static)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(64, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (64,), device=device)
@@ -87,7 +90,8 @@ def main() -> None:
         raise SystemExit("sync_check: needs a CUDA device (the CPU equivalent is tests/test_syncs.py)")
     device = torch.device("cuda")
     results = []
-    for backend, usable in [("dense", True), *dcp_kernels.backends(device).items()]:
+    available = dcp_kernels.backends(device)
+    for backend, usable in [("dense", True), *available.items(), ("triton-static", available["triton"])]:
         if not usable:
             continue
         try:

@@ -384,6 +384,10 @@ class DCPConv2d(nn.Conv2d):
         self._check_input(x, None)
         x, padding = self._explicit_padding(x)
         source = self.input_source
+        if source is None and not self.prunable:  # a dense layer: nothing to skip, nothing selected
+            y = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            self.last_output_hw = (y.shape[2], y.shape[3])
+            return y if self.norm is None else self.norm(y)
         in_kept = source.kept() if source is not None else _all_kept(self.in_channels, x.device)
         backend = ops.resolve_backend(self.backend, x.device)
         if backend != "triton":
@@ -486,8 +490,9 @@ class DCPLinear(nn.Linear):
             raise ValueError(f"{self._label()}: expected {self.in_features} input features, got {x.shape[-1]}")
         source = self.input_source
         if source is not None and source.static_shapes:
-            # Static shapes: full width, the dead channels' features zeroed (a mask, no index read).
-            return F.linear(x * source.selected.repeat_interleave(self.block).to(x.dtype), self.weight, self.bias)
+            # Static shapes: full width, the unselected channels' features zeroed (a mask, no index read).
+            keep = source.selected.to(x.dtype).unsqueeze(-1)  # (channels, 1) against (..., channels, block)
+            return F.linear((x.unflatten(-1, (-1, self.block)) * keep).flatten(-2), self.weight, self.bias)
         cols = self.selected_features()
         if cols is None:
             return F.linear(x, self.weight, self.bias)

@@ -237,13 +237,16 @@ def test_saved_activations_near_the_finalized_network(prune):
 
 
 @pytest.mark.skipif(not dcp_kernels.ops.backends("cpu")["triton"], reason="needs Triton (TRITON_INTERPRET=1)")
-def test_triton_launches_per_step_stay_bounded(monkeypatch):
+@pytest.mark.parametrize("static_shapes, bound", [(False, 2.25), (True, 2.1)], ids=["compact", "static-shapes"])
+def test_triton_launches_per_step_stay_bounded(monkeypatch, static_shapes, bound):
     """The Triton backend's launches per steady-state step, counted at the launch sites: the aten ops
     of the step and of the custom ops' own code (zero fills, split-K sums) plus every Triton kernel
     launch (counted in the wrappers that launch them; the interpreter's own tensor work is not a
     GPU launch and is not counted). Allocations count as ops, as in the dense count. Measured on this
     VGG (2026-11-28): 228 aten ops + 24 kernels = 252 vs dense 110 (2.29x), then 233 (2.12x) with
-    the leaner selection; the ``torch`` backend takes 254 (2.31x)."""
+    the leaner selection; the ``torch`` backend takes 254 (2.31x). With ``static_shapes=True``: 199 +
+    24 = 223 (2.03x; no gathers or scatters, but BN over all channels with a masked running-statistic
+    write-back, and the gate's mask multiplies)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     import dcp_kernels.ops.triton as triton_backend
@@ -285,7 +288,7 @@ def test_triton_launches_per_step_stay_bounded(monkeypatch):
     dense = MODELS["vgg"]()
     converted = MODELS["vgg"]()
     converted.load_state_dict(dense.state_dict())
-    prop = dcp_kernels.convert(converted, 0.5, explore_epochs=1, backend="triton")
+    prop = dcp_kernels.convert(converted, 0.5, explore_epochs=1, backend="triton", static_shapes=static_shapes)
     dense_ops = _launches(dense)
     opt = torch.optim.SGD(converted.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
@@ -298,4 +301,4 @@ def test_triton_launches_per_step_stay_bounded(monkeypatch):
         _step(converted, opt, x, y)
     total = counter.count + len(kernels)
     assert len(kernels) >= 5 * 4, "every layer launches its forward, gradient and utility kernels"
-    assert total <= 2.25 * dense_ops, f"{total} launches per Triton step vs {dense_ops} dense ({total / dense_ops:.2f}x)"
+    assert total <= bound * dense_ops, f"{total} launches per Triton step vs {dense_ops} dense ({total / dense_ops:.2f}x)"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import dcp_kernels
 from dcp_kernels.train import cli
 from dcp_kernels.train.data import cifar10_spec, imagefolder_spec, load_digits
 from dcp_kernels.train.recipes import RECIPES
@@ -78,9 +79,14 @@ def _user_error_cases(tmp_path):
         (["--device", "nonsense"], "--device 'nonsense' is not a device"),
         (["--dense-run", str(tmp_path)], f"--dense-run {tmp_path}: no metrics.csv there"),
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+        (["--static-shapes"], "--static-shapes needs --backend triton (got auto)"),
+        (["--cuda-graphs", "--backend", "triton", "--amp", "fp16"], "--cuda-graphs does not support --amp fp16"),
+        (["--cuda-graphs", "--backend", "triton", "--dense"], "--cuda-graphs is for DCP training"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU is visible"))
+    if dcp_kernels.ops.backends("cpu")["triton"]:  # the backend check passes: the device check speaks
+        cases.append((["--cuda-graphs", "--backend", "triton"], "--cuda-graphs needs --device cuda"))
     return cases
 
 

@@ -141,6 +141,109 @@ def test_utility_kernel_matches_reference_and_is_deterministic(layout):
     torch.testing.assert_close(half, want, rtol=1e-5, atol=1e-7)
 
 
+def _masked_reference(x, w, b, in_mask, out_mask, stride, padding, dilation, groups, grad):
+    """Dense conv of the masked input, masked output: what a counted conv computes (fp64, exact)."""
+    x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    b = None if b is None else b.detach().requires_grad_(True)
+    y = torch.nn.functional.conv2d(x * in_mask.view(1, -1, 1, 1), w, b, stride, padding, dilation, groups)
+    y = y * out_mask.view(1, -1, 1, 1)
+    (y * grad).sum().backward()
+    return y, x.grad * in_mask.view(1, -1, 1, 1), w.grad, None if b is None else b.grad
+
+
+def _mask(n, k, seed):
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[sorted_subset(n, k, seed)] = True
+    return mask
+
+
+def _poisoned(allocate):
+    def poisoned(*args, **kwargs):
+        t = allocate(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    return poisoned
+
+
+# k = 1, k = C, and ragged widths across several 32-wide tiles (the interpreter's tile size).
+COUNTED_CASES = [
+    pytest.param(40, 37, 40, 35, 1, 1, 1, True, id="ragged-tiles"),
+    pytest.param(9, 1, 7, 7, 2, 1, 1, False, id="k_in=1,k_out=C"),
+    pytest.param(9, 9, 7, 1, 1, 2, 2, True, id="k_in=C,k_out=1,dilated"),
+]
+
+
+@pytest.mark.parametrize("c_in, k_in, c_out, k_out, stride, padding, dilation, bias", COUNTED_CASES)
+@pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
+def test_counted_conv_matches_the_masked_reference(c_in, k_in, c_out, k_out, stride, padding, dilation, bias,
+                                                   depthwise, monkeypatch):
+    """The counted ops (the selection read on the device, capacity grids): forward and all three
+    gradients equal the masked dense conv in fp64, and every element of every output is written
+    (outputs start as NaN-filled memory here, so an element left unwritten shows)."""
+    from dcp_kernels.rule import kept_first
+
+    if depthwise:
+        c_out, k_out = c_in, k_in
+    groups = c_in if depthwise else 1
+    x = torch.randn(2, c_in, 6, 7, dtype=torch.float64)
+    w = torch.randn(c_out, c_in // groups, 3, 3, dtype=torch.float64)
+    b = torch.randn(c_out, dtype=torch.float64) if bias else None
+    in_mask, out_mask = _mask(c_in, k_in, 1), _mask(c_out, k_out, 2)
+    y_ref = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+    grad = torch.randn_like(y_ref)
+    want = _masked_reference(x, w, b, in_mask, out_mask, stride, padding, dilation, groups, grad)
+    xt, wt = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    bt = None if b is None else b.clone().requires_grad_(True)
+    for name in ("empty", "empty_like"):  # NaN-filled fresh memory: an element left unwritten shows
+        monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
+    y = _kernels().counted_conv2d(xt, wt, bt, kept_first(in_mask), kept_first(out_mask), (stride, stride),
+                                  (padding, padding), (dilation, dilation), depthwise)
+    (y * grad).sum().backward()
+    monkeypatch.undo()
+    for got, expected in zip((y, xt.grad, wt.grad, None if bt is None else bt.grad), want):
+        if expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_counted_grad_weight_split_k_writes_the_whole_weight(split):
+    """Counted split-K: full-size partial sums, every element written, equal to the one-pass result."""
+    from dcp_kernels.ops.triton.grad_weight import conv_grad_weight
+    from dcp_kernels.rule import kept_first
+
+    x, gy = torch.randn(3, 7, 9, 9), torch.randn(3, 6, 5, 5)
+    in_kept, out_kept = kept_first(_mask(7, 4, 1)), kept_first(_mask(6, 5, 2))
+    one = torch.full((6, 7, 3, 3), float("nan"))
+    many = torch.full((6, 7, 3, 3), float("nan"))
+    counts = (in_kept[1], out_kept[1])
+    conv_grad_weight(gy, x, in_kept[0], out_kept[0], one, (2, 2), (1, 1), (1, 1), gy_compact=False,
+                     x_compact=False, split=1, counts=counts)
+    conv_grad_weight(gy, x, in_kept[0], out_kept[0], many, (2, 2), (1, 1), (1, 1), gy_compact=False,
+                     x_compact=False, split=split, counts=counts)
+    assert torch.isfinite(one).all() and torch.isfinite(many).all()
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+    block = _mask(6, 5, 2).view(-1, 1) & _mask(7, 4, 1).view(1, -1)
+    assert (one[~block] == 0).all(), "zeros outside the kept block"
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_counted_utility_update_matches_the_rule(affine):
+    """The counted utility update touches exactly the kept channels, as the rule's update does."""
+    from dcp_kernels.rule import kept_first, update_utilities
+
+    a, g = torch.randn(3, 10, 4, 5), torch.randn(3, 10, 4, 5)
+    mask = _mask(10, 6, 3)
+    g = g * mask.view(1, -1, 1, 1)
+    scale, shift = (torch.rand(10) + 0.5, torch.randn(10)) if affine else (None, None)
+    a_eff = a * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) if affine else a
+    want = torch.rand(10)
+    got = want.clone()
+    idx = mask.nonzero().squeeze(1)
+    v = ops.reference.channel_utility(a_eff, g).index_select(0, idx)
+    update_utilities(want, v, idx, 0.6)
+    _kernels().update_utility_counted(a, g, got, kept_first(mask), 0.6, scale, shift)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_empty_batch():
     x, w = torch.randn(0, 4, 5, 5, requires_grad=True), torch.randn(3, 4, 3, 3, requires_grad=True)
     y = ops.gathered_conv2d(x, w, None, torch.tensor([1, 2]), torch.tensor([0, 2]), 1, 1, backend="triton")

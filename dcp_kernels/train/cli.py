@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dcp_kernels
+from dcp_kernels.cuda_graphs import GraphedStep
 from dcp_kernels.models import resnet_cifar, vgg
 from dcp_kernels.propagation import DecaySchedule
 from dcp_kernels.rule import check_prune_ratio, check_round_to
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=None,
                    help="keep each layer's width a multiple of this (default: 8 on CUDA for tensor cores "
                         "and few distinct shapes, 1 elsewhere: the paper's exact rule)")
+    p.add_argument("--static-shapes", action="store_true",
+                   help="train with shapes and launches independent of the selection and no host read per step "
+                        "(needs --backend triton)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each training step in a CUDA graph and replay it (implies --static-shapes; "
+                        "needs --backend triton on a CUDA device, one process, --amp off or bf16)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"], help="autocast precision")
     p.add_argument("--seed", type=int, default=0)
@@ -112,6 +119,14 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
     if args.round_to is not None:
         _library_check("--round-to", check_round_to, args.round_to)
     _library_check(f"--backend {args.backend!r}", dcp_kernels.ops.resolve_backend, args.backend)
+    for flag, on in (("--static-shapes", args.static_shapes), ("--cuda-graphs", args.cuda_graphs)):
+        if on and args.dense:
+            raise UsageError(f"{flag} is for DCP training; drop it with --dense")
+        if on and args.backend != "triton":
+            raise UsageError(f"{flag} needs --backend triton (got {args.backend})")
+    if args.cuda_graphs and args.amp == "fp16":
+        raise UsageError("--cuda-graphs does not support --amp fp16 (its loss scaler reads the device every step); "
+                         "use --amp bf16 or off")
     # Milestones scale with a shortened schedule so --epochs keeps the recipe's shape.
     scale = hp["epochs"] / recipe.epochs
     hp["milestones"] = tuple(sorted({max(1, round(m * scale)) for m in recipe.milestones}))
@@ -372,6 +387,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     random.seed(args.seed)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    if args.cuda_graphs and (device.type != "cuda" or world > 1):
+        raise UsageError("--cuda-graphs needs --device cuda and a single process")
     out = Path(args.out)  # created once the inputs are known good (no empty directory for a failed start)
     if not args.dense:
         try:
@@ -393,7 +410,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
         schedule = DecaySchedule(hp["decay"], recipe.decay_step, hp["milestones"][:-1], hp["milestones"][-1])
         round_to = args.round_to if args.round_to is not None else (8 if device.type == "cuda" else 1)
         prop = dcp_kernels.convert(model, hp["prune_ratio"], explore_epochs=hp["explore_epochs"], decay=schedule,
-                                   backend=args.backend, round_to=round_to)
+                                   backend=args.backend, round_to=round_to,
+                                   static_shapes=args.static_shapes or args.cuda_graphs)
         prop.distributed = world > 1  # average utilities over ranks before each selection
     opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(hp["milestones"]), gamma=0.1)
@@ -444,7 +462,20 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     start_time = time.perf_counter()
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    # Under CUDA graphs autocast must not cache casts across the capture (PyTorch's graph rule).
+    autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not args.cuda_graphs))
+                if amp_dtype else contextlib.nullcontext)
+
+    def graph_step(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step GraphedStep captures (no zero_grad: it resets the gradients itself)."""
+        with autocast():
+            logits = train_model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+        loss.backward()
+        opt.step()
+        return loss, logits
+
+    graphed = GraphedStep(graph_step, model, prop, opt) if args.cuda_graphs else None
 
     def save_checkpoint(epoch_done: int, within_epoch: dict | None) -> None:
         _save_atomically({"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -469,13 +500,16 @@ def run(argv: Sequence[str] | None = None) -> dict:
         t0 = time.perf_counter() - earlier_seconds
         for xb, yb in bar:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            with autocast():
-                logits = train_model(xb)
-                loss = F.cross_entropy(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            if graphed is not None:
+                loss, logits = graphed(xb, yb)
+            else:
+                with autocast():
+                    logits = train_model(xb)
+                    loss = F.cross_entropy(logits.float(), yb)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             seen += len(yb)
             step += 1
             with torch.no_grad():

@@ -1,0 +1,136 @@
+"""A whole DCP training step captured in a CUDA graph and replayed.
+
+On a GPU a DCP step at CIFAR-to-ImageNet sizes is host-bound: Python, autograd and kernel launches
+for every layer cost more than the kernels (docs/benchmarks-gpu.md). A CUDA graph records the step's
+kernels once and replays them with one launch. That needs a step whose launches and shapes never
+change and which reads nothing back to the host: a model converted with
+``convert(..., backend="triton", static_shapes=True)`` (selection, forward, backward, utility update
+and optimizer step all on the device).
+
+:class:`GraphedStep` wraps a user's step function::
+
+    prop = dcp_kernels.convert(model, 0.5, backend="triton", static_shapes=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def train_step(x, y):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        return loss, logits
+
+    step = GraphedStep(train_step, model, prop, opt)
+    for x, y in loader:
+        loss, logits = step(x, y)  # eager for the first steps, then captured once and replayed
+
+The first ``warmup`` calls run eagerly (Triton autotuning, optimizer state, the selection rule's
+constants); the next call captures the step and replays it; later calls replay it. What a graph
+holds as constants is checked before every replay, and the step is captured again (after one eager
+step) when it changed: the epoch (exploration ending, the utility decay schedule) and the optimizer's
+learning rates. A batch of another shape (an epoch's short last batch) runs eagerly. Every call
+trains on its own batch exactly once: the results equal eager training (tests/test_static_shapes.py,
+on a GPU).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .propagation import Propagation
+
+
+class GraphedStep:
+    """Run ``step_fn(*batch)`` (forward, loss, backward, ``optimizer.step()``; no ``zero_grad``) as a
+    replayed CUDA graph. Returns ``step_fn``'s tensors: on replays, static tensors that the next call
+    overwrites (clone what you keep).
+
+    Args:
+        step_fn: the training step; it must not read device values on the host (no ``.item()``).
+        model: the converted model (its BatchNorms are checked for graph-safe settings).
+        prop: its controller, converted with ``static_shapes=True`` and selecting automatically.
+        optimizer: the optimizer ``step_fn`` steps (its gradients are reset here, set to None
+            before each eager step and before a capture). Adam-style optimizers need
+            ``capturable=True``.
+        warmup: eager calls before the first capture (at least 1).
+    """
+
+    def __init__(self, step_fn: Callable[..., Any], model: nn.Module, prop: Propagation,
+                 optimizer: torch.optim.Optimizer, *, warmup: int = 3) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("GraphedStep needs a CUDA device (CUDA graphs); run the step eagerly on this machine")
+        if not prop.static_shapes:
+            raise ValueError("GraphedStep needs a model converted with static_shapes=True (backend='triton')")
+        if not prop.auto_select:
+            raise ValueError("GraphedStep needs prop.auto_select=True: the selection runs inside the captured step")
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
+        cumulative = [name for name, m in model.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None and m.track_running_stats]
+        if cumulative:
+            raise ValueError(f"GraphedStep: BatchNorm momentum=None (cumulative average) reads the batch count on the "
+                             f"host every step ({', '.join(cumulative[:3])}); set a float momentum")
+        self.step_fn, self.model, self.prop, self.optimizer = step_fn, model, prop, optimizer
+        self.warmup = warmup
+        self.captures = 0  # how many times the step was captured (tests, logs)
+        self.replays = 0
+        self._eager_left = warmup
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._key: tuple | None = None
+        self._inputs: tuple[torch.Tensor, ...] = ()
+        self._outputs: Any = None
+        self._stream = torch.cuda.Stream()
+
+    def _constants(self) -> tuple:
+        """What a captured graph holds as constants: a change needs a new capture."""
+        return (self.prop.epoch, self.prop.exploring, tuple(float(g["lr"]) for g in self.optimizer.param_groups))
+
+    @staticmethod
+    def _shapes(batch: Sequence[torch.Tensor]) -> tuple:
+        return tuple((tuple(t.shape), t.dtype, t.device) for t in batch)
+
+    def _eager(self, batch: Sequence[torch.Tensor]) -> Any:
+        # On a side stream, as a capture runs (CUDA graph warm-up practice: lazy handles and
+        # workspaces get created on the stream the capture will use).
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.step_fn(*batch)
+        torch.cuda.current_stream().wait_stream(self._stream)
+        return out
+
+    def _capture(self, batch: Sequence[torch.Tensor]) -> None:
+        self._graph = None  # release the previous graph's memory pool first
+        self._inputs = tuple(t.clone() for t in batch)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients get allocated inside the graph's pool
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        steps_before = self.prop.steps
+        with torch.cuda.graph(graph, stream=self._stream):
+            self._outputs = self.step_fn(*self._inputs)
+        # Capturing records the kernels without running them; the controller's Python step counter
+        # moved once: undo it, the replay below counts the step.
+        self.prop.steps = steps_before
+        self._graph, self._key = graph, (self._constants(), self._shapes(batch))
+        self.captures += 1
+
+    def __call__(self, *batch: torch.Tensor) -> Any:
+        constants = self._constants()
+        if self._key is not None and self._key[0] != constants:
+            self._graph, self._key = None, None
+            self._eager_left = max(self._eager_left, 1)  # one eager step in the new setting first
+        if self._eager_left > 0:
+            self._eager_left -= 1
+            return self._eager(batch)
+        if self._graph is None:
+            self._capture(batch)
+        elif self._key[1] != self._shapes(batch):
+            return self._eager(batch)  # e.g. an epoch's short last batch
+        for static, fresh in zip(self._inputs, batch):
+            static.copy_(fresh, non_blocking=True)
+        self._graph.replay()
+        self.prop.steps += 1  # what the selection hook's step() counts in an eager step
+        self.replays += 1
+        return self._outputs
