@@ -6,7 +6,7 @@ with NumPy and never meets Triton's compiler: a construct the interpreter accept
 rejects (a type mismatch between the branches of a ``tl.where``, a loop bound of the wrong kind, a
 ``return`` where the code generator allows none) would first fail on a GPU. This test compiles each
 kernel ahead of time for ``GPUTarget("cuda", 90, 32)`` in both modes (host kept widths, and ``COUNTED``:
-kept counts read from device memory), with small tiles and 1x1 taps to keep it quick (~25 s; the
+kept counts read from device memory) and the static step's BatchNorm kernels, with small tiles and 1x1 taps to keep it quick (~25 s; the
 kernel bodies' constructs are the same at every tile size). It runs in a subprocess because the
 suite's process has decorated the kernels for the interpreter.
 """
@@ -25,11 +25,18 @@ def _compile_all() -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dcp_kernels.ops.triton import depthwise, forward, grad_input, grad_weight, utility
+    from dcp_kernels.ops.triton import (
+        batch_norm,
+        depthwise,
+        forward,
+        grad_input,
+        grad_weight,
+        utility,
+    )
 
     index_types = {"in_idx_ptr": "*i64", "out_idx_ptr": "*i64", "idx_ptr": "*i64",
                    "in_count_ptr": "*i32", "out_count_ptr": "*i32", "count_ptr": "*i32"}
-    float_args = {"inv_count", "decay"}
+    float_args = {"inv_count", "decay", "momentum", "eps", "unbias", "inv_m"}
 
     def compile_for_hopper(kernel, constants) -> int:
         fn = kernel
@@ -60,6 +67,16 @@ def _compile_all() -> list[str]:
         for name, kernel, constants in cases:
             assert compile_for_hopper(kernel, {**constants, "COUNTED": counted}) > 0, name
             done.append(f"{name}{'-counted' if counted else ''}")
+    # The static step's BatchNorm + gate kernels (counted by construction).
+    tiles = dict(BLOCK_M=32, BLOCK_C=16)
+    for name, kernel, constants in (
+        ("bn_stats", batch_norm._bn_stats_kernel, dict(tiles, TRACK=True)),
+        ("bn_apply", batch_norm._bn_apply_kernel, tiles),
+        ("bn_backward_reduce", batch_norm._bn_backward_reduce_kernel, tiles),
+        ("bn_backward_apply", batch_norm._bn_backward_apply_kernel, tiles),
+    ):
+        assert compile_for_hopper(kernel, constants) > 0, name
+        done.append(name)
     return done
 
 
@@ -69,7 +86,8 @@ def test_every_kernel_compiles_for_sm90_in_both_modes():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [f"{name}{suffix}" for suffix in ("", "-counted") for name in (
         "forward", "grad_input", "grad_weight", "depthwise_forward", "depthwise_grad_input",
-        "depthwise_grad_weight", "channel_utility", "utility_update")]
+        "depthwise_grad_weight", "channel_utility", "utility_update")] + [
+        "bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply"]
 
 
 if __name__ == "__main__":

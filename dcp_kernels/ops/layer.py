@@ -338,42 +338,35 @@ def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 class _CountedBatchNormGate(torch.autograd.Function):
-    """The static-shape form of :class:`_CompactBatchNormGate`: training-mode BN of the full-width conv
-    output ``y`` (zeros in the unselected channels), the running statistics of the selected channels
-    updated, the gate ``out = BN(y) * mask``; backward updates the utilities of the selected channels.
+    """The static-shape form of :class:`_CompactBatchNormGate`: training-mode BN of the kept channels
+    of the full-width conv output ``y`` and the gate, by the Triton kernels of
+    ``ops/triton/batch_norm.py`` (two launches forward, three backward with the utility update).
 
-    Every tensor is full width and the selection is read on the device only (``mask`` and the counted
-    ``kept`` pair), so the same launches with the same shapes run whatever is selected. BN's
-    statistics of an unselected (all-zero) channel are computed and discarded; its BN parameter
-    gradients come out exactly 0 (its gradient is gated to 0). Saves what BN's backward needs, and
-    recomputes the BN output for the utility inside the Triton reduction.
+    The unselected channels are neither normalised nor read: the output holds exact zeros there
+    and their running statistics stay as they were; their BN parameter gradients are exactly 0. The
+    selection is read on the device only (the ``kept`` pair), so the same launches with the same
+    shapes run whatever is selected. Saves ``y`` and the batch statistics; the utility is reduced in
+    the same pass as BN's backward sums.
     """
 
     @staticmethod
-    def forward(ctx, y, weight, bias, stats, mask, kept, momentum, eps, utility, decay):
-        new_stats = (stats[0].clone(), stats[1].clone()) if stats is not None else (None, None)
-        a, mean, invstd = torch.native_batch_norm(y, weight, bias, *new_stats, True, momentum, eps)
-        if stats is not None:
-            for old, new in zip(stats, new_stats):
-                torch.where(mask, new, old, out=old)  # selected channels only (docs/algorithm.md)
-        ctx.conf = (eps, decay)
+    def forward(ctx, y, weight, bias, stats, kept, momentum, eps, utility, decay):
+        kernels = _triton_backend()
+        out, mean, invstd = kernels.batch_norm_gate(y, weight, bias, stats, kept, momentum, eps)
+        ctx.decay = decay
         ctx.utility = utility  # not saved: backward updates it in place (see _CompactGate)
-        ctx.save_for_backward(y, weight, bias, mean, invstd, mask, *kept)
-        return a * mask.view(1, -1, 1, 1)
+        ctx.save_for_backward(y, weight, bias, mean, invstd, *kept)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        y, weight, bias, mean, invstd, mask, *kept = ctx.saved_tensors
-        eps, decay = ctx.conf
-        need_y, need_w, need_b = ctx.needs_input_grad[:3]
-        g = grad_out * mask.view(1, -1, 1, 1)
-        grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            g, y, weight, None, None, mean, invstd, True, eps, [need_y, need_w or need_b, need_w or need_b])
-        scale = weight * invstd
-        shift = torch.addcmul(bias, mean, scale, value=-1)
-        _triton_backend().update_utility_counted(y, g, utility=ctx.utility, kept=tuple(kept), decay=decay,
-                                                 scale=scale, shift=shift)
-        return grad_y, (grad_w if need_w else None), (grad_b if need_b else None), *(None,) * 7
+        y, weight, bias, mean, invstd, *kept = ctx.saved_tensors
+        kernels = _triton_backend()
+        grad_y, grad_w, grad_b, v = kernels.batch_norm_gate_backward(grad_out, y, weight, bias, mean, invstd,
+                                                                      tuple(kept))
+        kernels.update_utility_from(v, ctx.utility, tuple(kept), ctx.decay)
+        need_w, need_b = ctx.needs_input_grad[1:3]
+        return grad_y, (grad_w if need_w else None), (grad_b if need_b else None), *(None,) * 6
 
 
 class _CountedGate(torch.autograd.Function):
@@ -433,7 +426,7 @@ def counted_layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: 
     if _fused_batch_norm_applies(bn, track):
         stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else None
         momentum = _momentum(bn) if stats is not None else 0.0
-        return _CountedBatchNormGate.apply(y, bn.weight, bn.bias, stats, mask, out_kept, momentum, bn.eps,
+        return _CountedBatchNormGate.apply(y, bn.weight, bn.bias, stats, out_kept, momentum, bn.eps,
                                            layer.utility, layer.decay)
     a = y if bn is None else _masked_batch_norm(bn, y, mask)
     return _CountedGate.apply(a, mask, out_kept, layer.utility, layer.decay, track)

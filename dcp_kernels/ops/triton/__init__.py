@@ -39,6 +39,7 @@ from ..registration import (
     register_conv_autograd,
 )
 from ._common import interpreting
+from .batch_norm import batch_norm_gate, batch_norm_gate_backward
 from .depthwise import depthwise_forward, depthwise_grad_input, depthwise_grad_weight
 from .forward import conv_forward
 from .grad_input import conv_grad_input
@@ -288,3 +289,13 @@ def update_utility_counted(a: Tensor, g: Tensor, utility: Tensor, kept: tuple[Te
     """:func:`update_utility` for full-width ``a``/``g`` and a counted selection ``kept``: the kept
     channels' utilities only, two launches, nothing read on the host."""
     update_utility_counted_op(a, g, scale, shift, utility, *kept, float(decay))
+
+
+def update_utility_from(v: Tensor, utility: Tensor, kept: tuple[Tensor, Tensor], decay: float) -> None:
+    """``utility[order[j]] = decay * utility[order[j]] + v[j] / max(v)`` for j < count: the update of a
+    utility vector ``v`` already reduced (by :func:`batch_norm_gate_backward`), one launch."""
+    _update_kernel(utility, v, kept[0], decay, count=kept[1])
+
+
+__all__ = ["batch_norm_gate", "batch_norm_gate_backward", "channel_utility", "counted_conv2d", "gathered_conv2d",
+           "update_utility", "update_utility_counted", "update_utility_from"]
