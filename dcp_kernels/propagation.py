@@ -253,8 +253,8 @@ class Propagation:
         reading the kept counts from device memory. No tensor shape and no host value depends on the
         selection, and a selecting step reads nothing back to the host: the whole training step can be
         captured in a CUDA graph (docs/api.md, "Static shapes"). Needs backend ``triton`` on every
-        layer and no grouped convs (groups > 1, not depthwise). Costs: full-width activations (memory
-        as dense) and BatchNorm over all channels.
+        layer and no grouped convs (groups > 1, not depthwise). Cost: full-width activations (memory
+        as dense).
         """
         from .modules import DCPConv2d
 

@@ -25,14 +25,14 @@ def small_resnet():
     return resnet_cifar(8, num_classes=5, width=6)
 
 
-def _train(model, prop, steps, seed=0, size=16, explore_steps=1, device="cpu"):
+def _train(model, prop, steps, seed=0, size=16, explore_steps=1, device="cpu", batch=8):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     history = []
     model.train()
     for step in range(steps):
-        x = torch.randn(8, 3, size, size, generator=g).to(device)
-        y = torch.randint(0, 5, (8,), generator=g).to(device)
+        x = torch.randn(batch, 3, size, size, generator=g).to(device)
+        y = torch.randint(0, 5, (batch,), generator=g).to(device)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES, assert_close_to_scale
-from test_convert import small_vgg
+from test_convert import _train, small_vgg
 from test_syncs import SyncCounter
 from test_zoo import BranchConcat
 from torch import nn
@@ -58,21 +58,6 @@ def _batches(steps, size, device, batch=8, seed=0):
              torch.randint(0, 5, (batch,), generator=g).to(device)) for _ in range(steps)]
 
 
-def _train(model, prop, batches, explore_steps=1):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    history = []
-    for step, (x, y) in enumerate(batches):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(torch.cat([layer.selected for layer in prop.layers]).clone())
-        if step + 1 == explore_steps:
-            prop.epoch_end()
-    return history
-
-
 # On the CPU (the interpreter is slow) the two models that cover every layer kind; VGG on a GPU too.
 TRAIN_CASES = [pytest.param(device, name, id=f"{name}-{device}") for device in DEVICES for name in MODELS
                if device != "cpu" or name != "vgg"]
@@ -88,8 +73,9 @@ def test_static_step_trains_like_the_reference(device, name):
     ref = dcp_kernels.convert(ref_model, 0.5, explore_epochs=1, backend="reference", **CONVERT[name])
     fast = dcp_kernels.convert(fast_model, 0.5, explore_epochs=1, backend="triton", static_shapes=True,
                                **CONVERT[name])
-    batches = _batches(5, 8, device, batch=4) if device == "cpu" else _batches(5, 16, device)
-    ref_hist, fast_hist = _train(ref_model, ref, batches), _train(fast_model, fast, batches)
+    shape = dict(size=8, batch=4) if device == "cpu" else dict(size=16)
+    _, ref_hist = _train(ref_model, ref, 5, device=device, **shape)
+    _, fast_hist = _train(fast_model, fast, 5, device=device, **shape)
     for step, (a, b) in enumerate(zip(ref_hist, fast_hist)):
         assert torch.equal(a, b), f"selection differs at step {step}"
     assert not ref_hist[-1].all(), "selection should prune after exploration"

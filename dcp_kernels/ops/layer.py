@@ -14,6 +14,11 @@ One entry point, :func:`layer_step`, dispatches the whole step by backend, so ea
   ``torch`` in eager mode the conv joins that node too (:class:`_TorchLayerStep`: one autograd node
   per layer, forward and backward, for a step whose time on a GPU is host work).
 
+The static-shape step (``static_shapes=True``, Triton only) has its own entry point,
+:func:`counted_layer_step`: full-width tensors, the selection read on the device (kept-first
+permutations with device counts), the Triton conv and BN + gate kernels skipping the unselected
+channels; the same launches and shapes whatever is selected, nothing read on the host.
+
 ``layer`` is the ``DCPConv2d`` (duck-typed: parameters, buffers, ``norm``, ``decay``...): the module
 keeps the state and the wiring, this module the computation. Arguments arrive already cast for
 autocast (done once, in ``DCPConv2d.forward``).

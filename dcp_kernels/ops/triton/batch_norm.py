@@ -36,6 +36,36 @@ else:
                       for m, c, w in ((64, 32, 4), (128, 16, 4), (256, 16, 8), (128, 32, 8))]
 
 
+@triton.jit
+def _channel_block(idx_ptr, count_ptr, C, B, BLOCK_C: tl.constexpr):
+    """A reduction program's channel slots: (slot, in range, kept, channel index, batches to reduce:
+    ``B``, or 0 for a block without a kept slot, which then stores zeros)."""
+    slot = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_store = slot < C
+    kept = tl.load(count_ptr)
+    chan = tl.load(idx_ptr + slot, mask=c_store, other=0)
+    return slot, c_store, slot < kept, chan, tl.where(tl.program_id(0) * BLOCK_C < kept, B, 0)
+
+
+@triton.jit
+def _pixel_channel_tile(idx_ptr, count_ptr, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """An elementwise program's (pixels x channel slots) tile: (pixels, pixel in range, slot in
+    range, kept, channel index)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_store = slot < C
+    chan = tl.load(idx_ptr + slot, mask=c_store, other=0)
+    return offs_m, offs_m < M, c_store, slot < tl.load(count_ptr), chan
+
+
+@triton.jit
+def _pixel_offsets(offs_m, HW, W, sn, sh, sw):
+    """Element offsets of flat pixel indices over (N, H, W) for strides ``sn, sh, sw`` (64-bit)."""
+    n = (offs_m // HW).to(tl.int64)
+    p = offs_m % HW
+    return n * sn + (p // W) * sh + (p % W) * sw
+
+
 # restore_value: autotuning runs each configuration on the real arguments; the running statistics it
 # updates in place must come back as they were.
 @triton.autotune(configs=_STATS_CONFIGS, key=["B", "C", "HW"], restore_value=["rm_ptr", "rv_ptr"])
@@ -45,12 +75,7 @@ def _bn_stats_kernel(
     B, C, HW, W, syn, syc, syh, syw, momentum, eps, unbias,
     TRACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    slot = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_store = slot < C
-    kept = tl.load(count_ptr)
-    live = slot < kept
-    chan = tl.load(idx_ptr + slot, mask=c_store, other=0)
-    batches = tl.where(tl.program_id(0) * BLOCK_C < kept, B, 0)
+    _, c_store, live, chan, batches = _channel_block(idx_ptr, count_ptr, C, B, BLOCK_C)
     seen = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -91,13 +116,6 @@ else:
                       for m, c, w in ((64, 32, 4), (128, 32, 4), (64, 64, 4), (256, 16, 8))]
 
 
-@triton.jit
-def _pixel_offsets(offs_m, HW, W, sn, sh, sw):
-    n = (offs_m // HW).to(tl.int64)
-    p = offs_m % HW
-    return n * sn + (p // W) * sh + (p % W) * sw
-
-
 @triton.autotune(configs=_APPLY_CONFIGS, key=["M", "C", "HW"])
 @triton.jit
 def _bn_apply_kernel(
@@ -105,12 +123,7 @@ def _bn_apply_kernel(
     M, C, HW, W, syn, syc, syh, syw, son, soc, soh, sow,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    slot = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_store = slot < C
-    live = slot < tl.load(count_ptr)
-    chan = tl.load(idx_ptr + slot, mask=c_store, other=0)
+    offs_m, m_ok, c_store, live, chan = _pixel_channel_tile(idx_ptr, count_ptr, M, C, BLOCK_M, BLOCK_C)
     scale = tl.load(w_ptr + chan, mask=live, other=0.0).to(tl.float32) * tl.load(invstd_ptr + chan, mask=live,
                                                                                  other=0.0)
     shift = tl.load(b_ptr + chan, mask=live, other=0.0).to(tl.float32) - tl.load(mean_ptr + chan, mask=live,
@@ -129,12 +142,7 @@ def _bn_backward_reduce_kernel(
     B, C, HW, W, sgn, sgc, sgh, sgw, syn, syc, syh, syw, inv_count,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    slot = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_store = slot < C
-    kept = tl.load(count_ptr)
-    live = slot < kept
-    chan = tl.load(idx_ptr + slot, mask=c_store, other=0)
-    batches = tl.where(tl.program_id(0) * BLOCK_C < kept, B, 0)
+    slot, c_store, live, chan, batches = _channel_block(idx_ptr, count_ptr, C, B, BLOCK_C)
     mean = tl.load(mean_ptr + chan, mask=live, other=0.0)
     invstd = tl.load(invstd_ptr + chan, mask=live, other=0.0)
     weight = tl.load(w_ptr + chan, mask=live, other=0.0).to(tl.float32)
@@ -175,12 +183,7 @@ def _bn_backward_apply_kernel(
     M, C, HW, W, sgn, sgc, sgh, sgw, syn, syc, syh, syw, sdn, sdc, sdh, sdw, inv_m,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    slot = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_store = slot < C
-    live = slot < tl.load(count_ptr)
-    chan = tl.load(idx_ptr + slot, mask=c_store, other=0)
+    offs_m, m_ok, c_store, live, chan = _pixel_channel_tile(idx_ptr, count_ptr, M, C, BLOCK_M, BLOCK_C)
     mean = tl.load(mean_ptr + chan, mask=live, other=0.0)
     invstd = tl.load(invstd_ptr + chan, mask=live, other=0.0)
     scale = tl.load(w_ptr + chan, mask=live, other=0.0).to(tl.float32) * invstd
