@@ -8,6 +8,7 @@ utilities); it reads nothing back to the host; and it runs the same aten ops wit
 whatever is selected (what a captured graph replays). The capture itself needs a GPU
 (``test_cuda_graph_replays_the_eager_steps``, run by benchmarks/gpu_check.sh).
 """
+import contextlib
 import copy
 
 import pytest
@@ -219,3 +220,101 @@ def test_cuda_graph_replays_the_eager_steps():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
         else:
             assert torch.equal(got, want), key
+
+
+class _FakeGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` on the CPU: ``replay()`` re-runs the captured step on the
+    static inputs and writes its results into the static outputs, as a replay would."""
+
+    graphed = None  # the GraphedStep under test
+
+    def replay(self):
+        g = _FakeGraph.graphed
+        steps = g.prop.steps  # a replay runs no Python: the selection hook's counter does not move
+        g.optimizer.zero_grad(set_to_none=True)  # a captured backward writes fresh gradients
+        fresh = g.step_fn(*g._inputs)
+        for static, value in zip(g._outputs, fresh):
+            static.copy_(value)
+        g.prop.steps = steps
+
+
+class _FakeCapture:
+    """Stands in for ``torch.cuda.graph(...)``: a capture records kernels without running them, so
+    everything the step body changed (parameters, buffers, optimizer state) is put back on exit."""
+
+    def __init__(self, graph, stream=None):
+        g = _FakeGraph.graphed
+        self.tensors = [t for _, t in list(g.model.named_parameters()) + list(g.model.named_buffers())]
+
+    def __enter__(self):
+        g = _FakeGraph.graphed
+        self.saved = [t.detach().clone() for t in self.tensors]
+        self.optimizer_state = copy.deepcopy(g.optimizer.state_dict())
+
+    def __exit__(self, *exc):
+        g = _FakeGraph.graphed
+        with torch.no_grad():
+            for t, saved in zip(self.tensors, self.saved):
+                t.copy_(saved)
+        g.optimizer.load_state_dict(self.optimizer_state)
+
+
+class _NoStream:
+    def wait_stream(self, other):
+        pass
+
+
+def test_graphed_step_bookkeeping_with_a_stand_in_graph(monkeypatch):
+    """GraphedStep's own logic, on the CPU with a stand-in for the CUDA graph (what a capture and a
+    replay do is emulated, see _FakeCapture/_FakeGraph; the real capture is
+    test_cuda_graph_replays_the_eager_steps, GPU only): eager warm-up calls, one capture, replays; a
+    new capture after one eager step when the epoch or the learning rate changes; a batch of another
+    shape runs eagerly; every call trains on its batch exactly once, so training equals eager
+    training, and the controller counts every step."""
+    from dcp_kernels import cuda_graphs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: _NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+
+    torch.manual_seed(0)
+    base = DepthwiseNet()
+    models = [copy.deepcopy(base).train() for _ in range(2)]
+    props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, backend="triton", static_shapes=True) for m in models]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+
+    def make_step(model, opt):
+        def step(x, y):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            opt.step()
+            return loss, logits
+        return step
+
+    graphed = cuda_graphs.GraphedStep(make_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=2)
+    _FakeGraph.graphed = graphed
+    batches = _batches(10, 8, "cpu", batch=4)
+    batches[6] = tuple(t[:3] for t in batches[6])  # a short batch: eager
+    eager = make_step(models[0], opts[0])
+    for step, (x, y) in enumerate(batches):
+        opts[0].zero_grad(set_to_none=True)
+        want, _ = eager(x, y)
+        got, _ = graphed(x, y)
+        assert torch.equal(got, want), f"step {step}"
+        if step == 3:
+            for prop in props:
+                prop.epoch_end()
+        if step == 7:
+            for opt in opts:
+                opt.param_groups[0]["lr"] = 0.02
+    # eager 0, 1; capture (and replay) 2, replay 3; epoch: eager 4, capture 5, eager 6 (short),
+    # replay 7; learning rate: eager 8, capture 9.
+    assert (graphed.captures, graphed.replays) == (3, 5)
+    assert props[0].steps == props[1].steps == 10
+    for (key, want), got in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(got, want), key
