@@ -28,13 +28,14 @@ RATIO = 0.5
 VARIANTS = ["dense", "dense-graphed", "triton-static", "triton-static-graphed", "ideal", "ideal-graphed"]
 
 
-def _plain_step(model, opt, x, y, amp_dtype):
-    def step():
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
+def _plain_step(model, opt, amp_dtype):
+    """Forward, loss, backward and SGD step on a batch (no zero_grad: the callers reset gradients)."""
+    def step(x, y):
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()
-        return loss
+        return (loss,)
     return step
 
 
@@ -42,28 +43,28 @@ def _graphed_plain(model, x, y, amp_dtype):
     """A dense network's step captured once (the PyTorch whole-network recipe: three warm-up steps on
     a side stream, then the capture); returns a callable that replays it."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    body = _plain_step(model, opt, x, y, amp_dtype)
+    body = _plain_step(model, opt, amp_dtype)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
-            body()
+            body(x, y)
     torch.cuda.current_stream().wait_stream(side)
     opt.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    with torch.cuda.graph(graph, stream=side):
+        body(x, y)
     return graph.replay
 
 
 def _eager_plain(model, x, y, amp_dtype):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    body = _plain_step(model, opt, x, y, amp_dtype)
+    body = _plain_step(model, opt, amp_dtype)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        body()
+        body(x, y)
     return step
 
 
@@ -95,8 +96,7 @@ def _steps(name, device, dtype, x, y):
     ideal = copy.deepcopy(prop.finalize())
     graphed_model, graphed_prop = _static_dcp(name, device, dtype)
     opt = torch.optim.SGD(graphed_model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    graphed = GraphedStep(_plain_step(graphed_model, opt, x, y, amp_dtype), graphed_model, graphed_prop, opt,
-                          warmup=2)
+    graphed = GraphedStep(_plain_step(graphed_model, opt, amp_dtype), graphed_model, graphed_prop, opt, warmup=2)
     steps = {
         "dense": _eager_plain(dense.train(), x, y, amp_dtype),
         "dense-graphed": _graphed_plain(copy.deepcopy(dense).train(), x, y, amp_dtype),

@@ -14,7 +14,8 @@
 # Stages (limits in seconds):
 #   1. extension build (CUDA kernels for TORCH_CUDA_ARCH_LIST, default 9.0) in the background   240
 #   2. Triton CUDA tests (DCP_TRITON_AUTOTUNE=0: one tile configuration, one compile a kernel)  150
-#   3. static-shape step on CUDA: training vs the reference, CUDA-graph replay vs eager          90
+#   3. static-shape step on CUDA: counted and BN kernels, training vs the reference,
+#      CUDA-graph replay vs eager                                                                 90
 #   4. extension CUDA tests, once the build is done                                              60
 #   5. host syncs (expect 1; triton-static 0) and CUDA kernels per steady-state step            60
 #      (benchmarks/sync_check.py, VGG-16 CIFAR batch 64)
@@ -51,7 +52,8 @@ DCP_TRITON_AUTOTUNE=0 timeout 150 python3 -m pytest -q -p no:cacheprovider --max
   | tail -40 | tee -a "$out/gpu-tests.txt"
 
 stage "static-shape step and CUDA graphs" | tee -a "$out/gpu-tests.txt"
-DCP_TRITON_AUTOTUNE=0 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_static_shapes.py -k cuda 2>&1 \
+DCP_TRITON_AUTOTUNE=0 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_static_shapes.py \
+  tests/test_triton.py -k "cuda_graph or trains_like or counted or static_batch_norm" 2>&1 \
   | tail -15 | tee -a "$out/gpu-tests.txt"
 
 wait $build_pid
