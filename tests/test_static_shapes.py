@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICES, assert_close_to_scale
 from test_convert import _train, small_vgg
-from test_syncs import SyncCounter
+from test_syncs import SyncCounter, _step
 from test_zoo import BranchConcat
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -129,10 +129,7 @@ def test_static_step_reads_nothing_on_the_host_and_runs_the_same_ops_whatever_is
     for step, (x, y) in enumerate(_batches(6, 8, "cpu", batch=4)):
         counter, trace, reads_before = SyncCounter(), _OpTrace(), len(reads)
         with counter, trace:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            _step(model, opt, x, y)
         if step == 0:
             prop.epoch_end()
             continue
@@ -181,6 +178,18 @@ def test_static_shapes_refuses_what_it_cannot_run():
         model.train()(torch.randn(2, 3, 8, 8))
 
 
+def _graphable_step(model, opt):
+    """A training step as GraphedStep takes it: forward, loss, backward, optimizer step (the caller
+    resets the gradients); returns (loss, logits)."""
+    def step(x, y):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        return loss, logits
+    return step
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_replays_the_eager_steps():
     """A captured and replayed step trains exactly like the eager one (selections, weights, BN
@@ -194,17 +203,8 @@ def test_cuda_graph_replays_the_eager_steps():
     props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, backend="triton", static_shapes=True) for m in models]
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) for m in models]
 
-    def make_step(model, opt):
-        def step(x, y):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            opt.step()
-            return loss, logits
-        return step
-
-    eager = make_step(models[0], opts[0])
-    graphed = GraphedStep(make_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=2)
+    eager = _graphable_step(models[0], opts[0])
+    graphed = GraphedStep(_graphable_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=2)
     for step, (x, y) in enumerate(_batches(12, 16, "cuda")):
         opts[0].zero_grad(set_to_none=True)
         want, _ = eager(x, y)
@@ -293,20 +293,11 @@ def test_graphed_step_bookkeeping_with_a_stand_in_graph(monkeypatch):
     props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, backend="triton", static_shapes=True) for m in models]
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
 
-    def make_step(model, opt):
-        def step(x, y):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            opt.step()
-            return loss, logits
-        return step
-
-    graphed = cuda_graphs.GraphedStep(make_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=2)
+    graphed = cuda_graphs.GraphedStep(_graphable_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=2)
     _FakeGraph.graphed = graphed
     batches = _batches(10, 8, "cpu", batch=4)
     batches[6] = tuple(t[:3] for t in batches[6])  # a short batch: eager
-    eager = make_step(models[0], opts[0])
+    eager = _graphable_step(models[0], opts[0])
     for step, (x, y) in enumerate(batches):
         opts[0].zero_grad(set_to_none=True)
         want, _ = eager(x, y)
