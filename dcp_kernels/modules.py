@@ -176,6 +176,9 @@ class DCPConv2d(nn.Conv2d):
         # output then stays compact (only the selected channels) on the fast backends.
         self.compact_output = False
         self.decay = 0.6
+        # (controller's network-wide utility update, this layer's row): set by Propagation. Without
+        # one (a layer used on its own) the backward updates the utilities at once.
+        self._utility_updates: tuple[Any, int] | None = None
         self.last_output_hw: tuple[int, int] | None = None
         if norm is not None:
             self._check_norm(norm)

@@ -22,6 +22,7 @@ from .plan import ConversionPlan  # noqa: F401  (re-exported: its historical hom
 from .rule import (  # noqa: F401  (re-exported: the rule's historical home)
     DecaySchedule,
     SelectionRule,
+    UtilityUpdates,
     check_prune_ratio,
     check_round_to,
     keep_count,
@@ -96,6 +97,10 @@ class Propagation:
         # Grouped convs set_backend() moved to 'torch' (name -> the backend asked for).
         self.backend_fallbacks: dict[str, str] = {}
         self.static_shapes = False
+        # Every layer's backward leaves its utility measurement here; one update for all at the end.
+        self.utility_updates = UtilityUpdates(self.layers)
+        for slot, layer in enumerate(self.layers):
+            layer._utility_updates = (self.utility_updates, slot)
         self._apply_decay()
         if static_shapes:
             self.set_static_shapes(True)
@@ -318,6 +323,7 @@ class Propagation:
         :meth:`SelectionRule.indices`): one host read per selecting step for the whole network, and
         none while exploring once every channel is selected.
         """
+        self.utility_updates.flush()  # a backward pass that failed half-way: its layers' updates
         if self.exploring and not force:
             if self._written == ("all", self._write_versions()):
                 return  # still every channel, and nobody wrote a selection since: nothing to redo

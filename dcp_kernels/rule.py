@@ -268,6 +268,123 @@ def update_utilities(utility: torch.Tensor, v: torch.Tensor, idx: torch.Tensor |
         utility.index_copy_(0, idx, torch.add(v, utility.index_select(0, idx), alpha=decay))
 
 
+class UtilityUpdates:
+    """The utility updates of one backward pass, applied to every layer at once when it ends.
+
+    Each layer's backward leaves its raw importances ``v`` (float32, 0 outside its selection) in its
+    row of a padded ``(layers, widest)`` buffer (:meth:`pending_row`); when the backward pass ends (an
+    autograd final callback, queued by the first layer that contributes) one network-wide update
+    applies :func:`update_utilities` to every layer that contributed: ``U = decay * U + v / max(v)``
+    on its selected channels (``layer.selected``), the others unchanged. Seven launches for the whole
+    network instead of six per layer: on a GPU each launch per layer and step costs about as much as a
+    small layer's convolution (docs/benchmarks-gpu.md). Under ``torch.compile`` (a traced backward
+    queues no callback) and outside a backward pass, :meth:`pending_row` answers None and the caller
+    updates at once, as before.
+
+    ``layers`` are the controller's prunable layers (anything with ``utility``, ``selected`` and
+    ``decay``). Nothing here is state: pickling drops the buffers.
+    """
+
+    def __init__(self, layers: Sequence) -> None:
+        self.layers = list(layers)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pending: torch.Tensor | None = None  # (layers, widest) float32
+        self._selected: torch.Tensor | None = None  # (layers, widest) bool, scratch
+        self._contributed: dict[int, bool] = {}  # rows written in the pass under way -> written in full
+        self._stale: set[int] = set()  # rows still holding an applied pass's values (others are zero)
+        self._task = -2  # the autograd graph task whose end will apply the updates
+        self._factors: tuple[float, torch.Tensor, torch.Tensor] | None = None  # see _factor_values
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_pending=None, _selected=None, _contributed={}, _stale=set(), _task=-2, _factors=None)
+        return state
+
+    def pending_row(self, slot: int, *, full: bool) -> torch.Tensor | None:
+        """Row ``slot``'s float32 buffer (one entry per channel) for the raw importances of this
+        backward pass, or None when the caller must update at once (no backward pass under way, or a
+        traced one). ``full``: the caller writes every entry; else the row comes zeroed and the caller
+        writes the selected channels only. A layer contributing twice in one pass (a module called
+        twice) has its first contribution applied first, as an immediate update would."""
+        if torch.compiler.is_compiling():
+            return None
+        task = torch._C._current_graph_task_id()
+        if task < 0:
+            return None
+        pending = self._buffers()
+        if task != self._task:
+            self.flush()  # an earlier pass stopped before its end (an error): apply what it measured
+            self._task = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._apply)
+        elif slot in self._contributed:
+            self._apply_rows({slot: self._contributed.pop(slot)})
+        if not full and slot in self._stale:
+            pending[slot].zero_()
+        self._stale.discard(slot)
+        self._contributed[slot] = full
+        return pending[slot, : self.layers[slot].utility.numel()]
+
+    def _buffers(self) -> torch.Tensor:
+        device = self.layers[0].utility.device
+        if self._pending is None or self._pending.device != device:
+            shape = (len(self.layers), max(layer.utility.numel() for layer in self.layers))
+            self._reset()
+            self._pending = torch.zeros(shape, dtype=torch.float32, device=device)
+            self._selected = torch.zeros(shape, dtype=torch.bool, device=device)
+        return self._pending
+
+    def _factor_values(self, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(decay, 1.0) as device scalars, made once per decay value: ``where`` with Python numbers
+        would fill two new device scalars every step."""
+        if self._factors is None or self._factors[0] != decay or self._factors[1].device != self._pending.device:
+            values = torch.tensor([decay, 1.0], device=self._pending.device)
+            self._factors = (decay, values[0], values[1])
+        return self._factors[1], self._factors[2]
+
+    def flush(self) -> None:
+        """Apply the measurements of a backward pass that stopped before its end (an error in a
+        hook, out of memory): the layers whose backward ran update their utilities, as they would
+        have at once. Called before each selection; nothing to do (no launch) otherwise."""
+        if self._contributed:
+            self._apply()
+
+    def _apply(self) -> None:
+        rows, self._contributed, self._task = self._contributed, {}, -2
+        if rows:
+            self._apply_rows(rows)
+
+    @torch.no_grad()
+    def _apply_rows(self, rows: dict[int, bool]) -> None:
+        """:func:`update_utilities` for ``rows`` (slot -> written in full) from their pending
+        importances. Rows written in part are zeroed after use, rows written in full marked stale."""
+        pending = self._pending
+        slots = list(rows)
+        layers = [self.layers[s] for s in slots]
+        widths = [layer.utility.numel() for layer in layers]
+        # Per-row max-normalisation; 0/0 -> NaN -> 0 gives "v = 0 when max(v) == 0" (update_utilities).
+        normalised = torch.nan_to_num_(pending / pending.amax(dim=1, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
+        selected_rows = [self._selected[s, :w] for s, w in zip(slots, widths)]
+        torch._foreach_copy_(selected_rows, [layer.selected for layer in layers])
+        decays = {float(layer.decay) for layer in layers}
+        if len(decays) == 1:  # the controller's schedule: one decay for all layers
+            factor = torch.where(self._selected, *self._factor_values(decays.pop()))
+            factors = [factor[s, :w] for s, w in zip(slots, widths)]
+        else:
+            factors = [torch.where(row, float(layer.decay), 1.0) for row, layer in zip(selected_rows, layers)]
+        utilities = [layer.utility for layer in layers]
+        torch._foreach_mul_(utilities, factors)
+        torch._foreach_add_(utilities, [normalised[s, :w] for s, w in zip(slots, widths)])
+        partial = [s for s in slots if not rows[s]]
+        if len(partial) == len(self.layers):
+            pending.zero_()
+        else:
+            for s in partial:
+                pending[s].zero_()
+        self._stale.update(s for s in slots if rows[s])
+
+
 @dataclass
 class DecaySchedule:
     """Utility decay ``d`` per epoch: ``start``, ``+step`` at each milestone, ``1.0`` from ``final`` on."""

@@ -523,3 +523,68 @@ def test_grouped_convs_run_on_torch_where_no_grouped_kernel_exists(backend):
     model.b.backend = backend
     with pytest.raises(NotImplementedError, match=f"'b': backend '{backend}' has no grouped-conv kernel"):
         model(torch.randn(2, 3, 8, 8))
+
+
+def _deferred_update_step(model, prop, x, y, case, failures):
+    """One training step of ``case`` (see the test below); ``failures`` counts the injected errors."""
+    captured = []
+    hooks = []
+    if case == "part-of-the-network":  # the loss reads the second layer's output only
+        hooks.append(prop.layers[1].register_forward_hook(lambda m, i, out: captured.append(out)))
+    if case == "failed-backward" and not failures:
+        def fail_once(grad):
+            failures.append(1)
+            raise RuntimeError("injected")
+        def on_output(module, inputs, out):
+            out.register_hook(fail_once)  # runs after the later layers' backward
+
+        hooks.append(prop.layers[0].register_forward_hook(on_output))
+    if case == "two-forwards":  # each layer's backward runs twice in one pass
+        logits = model(x[:4])
+        loss = F.cross_entropy(logits, y[:4]) + F.cross_entropy(model(x[4:]), y[4:])
+    else:
+        loss = F.cross_entropy(model(x), y)
+        if captured:
+            loss = captured[0].square().mean()
+    for hook in hooks:
+        hook.remove()
+    try:
+        loss.backward()
+    except RuntimeError as error:
+        assert "injected" in str(error)
+
+
+@pytest.mark.parametrize("case", ["plain", "two-forwards", "part-of-the-network", "failed-backward"])
+def test_network_wide_utility_update_equals_updating_each_layer_at_once(case):
+    """The compact backends leave each layer's utility measurement in a network-wide buffer and update
+    all layers at the end of the backward pass (``rule.UtilityUpdates``); the reference updates in
+    each layer's backward. Equal utilities and selections every step, also when a layer's backward
+    runs twice in one pass, when the pass reaches only part of the network (the others keep their
+    utilities), and after a pass that failed half-way (its layers' measurements still count)."""
+    torch.manual_seed(0)
+    ref_model = small_vgg()
+    fast_model = copy.deepcopy(ref_model)
+    ref = dcp_kernels.convert(ref_model, 0.5, explore_epochs=1, backend="reference")
+    fast = dcp_kernels.convert(fast_model, 0.5, explore_epochs=1, backend="torch")
+    g = torch.Generator().manual_seed(1)
+    ref_failures, fast_failures = [], []
+    for step in range(5):
+        x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
+        for model, prop, failures in ((ref_model, ref, ref_failures), (fast_model, fast, fast_failures)):
+            model.train()
+            _deferred_update_step(model, prop, x, y, case if step >= 2 else "plain", failures)
+            model.zero_grad(set_to_none=True)
+            if step == 0:
+                prop.epoch_end()
+        if case == "failed-backward" and step == 2:
+            # The failed pass never reached its end: its measurements are applied before the next
+            # selection, which a forward (without gradients, so without a measurement) makes.
+            with torch.no_grad():
+                ref_model(x), fast_model(x)
+        for name, a, b in zip(ref.layer_names, ref.layers, fast.layers):
+            torch.testing.assert_close(b.selected, a.selected, msg=f"step {step}, {name}: selection")
+            # Utilities are O(1) (max-normalised sums); measured difference ~1e-7.
+            torch.testing.assert_close(b.utility, a.utility, rtol=0, atol=1e-5, msg=f"step {step}, {name}: utility")
+    assert ref_failures == fast_failures == ([1] if case == "failed-backward" else [])
+    if case == "part-of-the-network":  # the layers past the second kept the utilities of step 1
+        assert not fast.layers[-1].utility.equal(torch.zeros_like(fast.layers[-1].utility))

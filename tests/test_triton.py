@@ -290,6 +290,12 @@ def test_static_batch_norm_gate_matches_batch_norm_and_the_mask(case, monkeypatc
     want_v = reference.channel_utility(a.detach(), grad_out.float() * gate)[order]
     want_v[int(count):] = 0
     torch.testing.assert_close(v, want_v, **tol)
+    # Written at the channels into a given vector (a row of the network-wide utility update), every
+    # entry (NaN-filled first): the utility at the kept channels, 0 elsewhere.
+    row = torch.full((y.shape[1],), float("nan"))
+    kernels.batch_norm_gate_backward(grad_out, y, weight, bias, mean, invstd, kept_first(mask), utility_out=row)
+    torch.testing.assert_close(row, torch.where(mask, reference.channel_utility(a.detach(), grad_out.float() * gate),
+                                                0.0), **tol)
     if running is not None:
         torch.testing.assert_close(running[0], torch.where(mask, want_rm, rm), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(running[1], torch.where(mask, want_rv, rv), rtol=1e-5, atol=1e-6)

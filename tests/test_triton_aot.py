@@ -72,7 +72,8 @@ def _compile_all() -> list[str]:
     for name, kernel, constants in (
         ("bn_stats", batch_norm._bn_stats_kernel, dict(tiles, TRACK=True)),
         ("bn_apply", batch_norm._bn_apply_kernel, tiles),
-        ("bn_backward_reduce", batch_norm._bn_backward_reduce_kernel, tiles),
+        ("bn_backward_reduce", batch_norm._bn_backward_reduce_kernel, dict(tiles, V_BY_CHANNEL=True)),
+        ("bn_backward_reduce_slots", batch_norm._bn_backward_reduce_kernel, dict(tiles, V_BY_CHANNEL=False)),
         ("bn_backward_apply", batch_norm._bn_backward_apply_kernel, tiles),
     ):
         assert compile_for_hopper(kernel, constants) > 0, name
@@ -87,7 +88,7 @@ def test_every_kernel_compiles_for_sm90_in_both_modes():
     assert result.stdout.split() == [f"{name}{suffix}" for suffix in ("", "-counted") for name in (
         "forward", "grad_input", "grad_weight", "depthwise_forward", "depthwise_grad_input",
         "depthwise_grad_weight", "channel_utility", "utility_update")] + [
-        "bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply"]
+        "bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_reduce_slots", "bn_backward_apply"]
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ autocast (done once, in ``DCPConv2d.forward``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ..rule import update_utilities
+from ..rule import UtilityUpdates, update_utilities
 from . import (
     _triton_backend,
     channel_utility,
@@ -42,16 +42,42 @@ from .compact import block_conv_backward, block_conv_forward, selects_all, widen
 from .reference import channel_mask
 
 
-def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, utility: torch.Tensor,
-                      idx: torch.Tensor | None, decay: float, scale: torch.Tensor | None = None,
+class _UtilitySink(NamedTuple):
+    """Where a layer's backward puts its utility update: the layer's buffer and decay, and its row of
+    the controller's network-wide update (:class:`~dcp_kernels.rule.UtilityUpdates`, slot), if any.
+
+    Handed to the autograd functions as a plain argument: the buffer is updated in place in backward,
+    which would trip autograd's version check on a retained graph if it were saved."""
+
+    utility: torch.Tensor
+    decay: float
+    updates: tuple[UtilityUpdates, int] | None
+
+    @classmethod
+    def of(cls, layer: Any) -> "_UtilitySink":
+        return cls(layer.utility, layer.decay, getattr(layer, "_utility_updates", None))
+
+    def pending_row(self, *, full: bool) -> torch.Tensor | None:
+        """This layer's row of the network-wide update of the backward pass under way, or None (no
+        controller, a traced backward, no pass under way): then the layer updates at once."""
+        if self.updates is None:
+            return None
+        batch, slot = self.updates
+        return batch.pending_row(slot, full=full)
+
+
+def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _UtilitySink,
+                      idx: torch.Tensor | None, scale: torch.Tensor | None = None,
                       shift: torch.Tensor | None = None) -> None:
     """The backward's utility work: ``v = channel_utility(a', g)`` with ``a' = a * scale + shift`` per
     channel when given, then ``U[idx] = decay * U[idx] + v / max(v)`` (``idx`` None: all channels).
 
     Triton: two launches (reduction with the affine on the fly, then one update program). Others:
-    PyTorch ops (the extension's reduction kernel where built)."""
+    PyTorch ops (the extension's reduction kernel where built); the reduction then lands in the
+    layer's row of the controller's network-wide update (one scatter), which runs once for all
+    layers at the end of the backward pass: five launches per layer less than updating here."""
     if backend == "triton":
-        _triton_backend().update_utility(a, g, utility, idx, decay, scale, shift)
+        _triton_backend().update_utility(a, g, sink.utility, idx, sink.decay, scale, shift)
         return
     if scale is not None:
         a = torch.addcmul(shift.view(1, -1, 1, 1), a, scale.view(1, -1, 1, 1))
@@ -61,7 +87,13 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, utility: t
         v = channel_utility(a, g, backend=backend)
     else:
         v = reference.channel_utility(a, g, mean=False)
-    update_utilities(utility, v, idx, decay)
+    row = sink.pending_row(full=idx is None)
+    if row is None:
+        update_utilities(sink.utility, v, idx, sink.decay)
+    elif idx is None:
+        row.copy_(v)
+    else:
+        row.index_copy_(0, idx, v)
 
 
 class _CompactGate(torch.autograd.Function):
@@ -73,13 +105,11 @@ class _CompactGate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a_c, out_idx, channels, utility, decay, track, scatter, backend):
-        ctx.track, ctx.decay, ctx.full = track, decay, selects_all(out_idx, channels)
+    def forward(ctx, a_c, out_idx, channels, sink, track, scatter, backend):
+        ctx.track, ctx.full = track, selects_all(out_idx, channels)
         ctx.backend = backend
         ctx.scatter = scatter and not ctx.full
-        # The utility buffer is held as a plain attribute, not saved: backward updates it in
-        # place, which would trip autograd's version check on a retained graph.
-        ctx.utility = utility
+        ctx.sink = sink  # not saved (see _UtilitySink)
         ctx.save_for_backward(a_c if track else None, out_idx)
         if ctx.scatter:
             return widen(a_c, out_idx, channels)
@@ -92,8 +122,8 @@ class _CompactGate(torch.autograd.Function):
         a_c, out_idx = ctx.saved_tensors
         g_c = grad_out.index_select(1, out_idx) if ctx.scatter else grad_out
         if ctx.track:
-            _update_utilities(ctx.backend, a_c, g_c, ctx.utility, None if ctx.full else out_idx, ctx.decay)
-        return g_c, None, None, None, None, None, None, None
+            _update_utilities(ctx.backend, a_c, g_c, ctx.sink, None if ctx.full else out_idx)
+        return g_c, None, None, None, None, None, None
 
 
 def _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps, scatter):
@@ -124,10 +154,10 @@ def _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps,
     return out, (y_c, w_c, b_c, mean, invstd), full
 
 
-def _bn_gate_backward(grad_out, saved, out_idx, channels, decay, scatter, full, eps, backend, utility,
+def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, backend, sink: _UtilitySink,
                       need_y, need_w, need_b):
     """Backward of :func:`_bn_gate_forward`: (grad_y_c, grad_bn_weight, grad_bn_bias), the BN parameter
-    gradients full-size (zeros outside ``out_idx``) or None; updates ``utility`` in place."""
+    gradients full-size (zeros outside ``out_idx``) or None; updates the utilities (``sink``)."""
     y_c, w_c, b_c, mean, invstd = saved
     g_c = grad_out.index_select(1, out_idx) if scatter and not full else grad_out
     grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
@@ -146,7 +176,7 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, decay, scatter, full, 
     # forward to backward.
     scale = w_c * invstd
     shift = torch.addcmul(b_c, mean, scale, value=-1)
-    _update_utilities(backend, y_c, g_c, utility, None if full else out_idx, decay, scale, shift)
+    _update_utilities(backend, y_c, g_c, sink, None if full else out_idx, scale, shift)
     return grad_y, (grad_w if need_w else None), (grad_b if need_b else None)
 
 
@@ -160,21 +190,21 @@ class _CompactBatchNormGate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y_c, weight, bias, stats, out_idx, channels, momentum, eps, utility, decay, scatter, backend):
+    def forward(ctx, y_c, weight, bias, stats, out_idx, channels, momentum, eps, sink, scatter, backend):
         out, saved, full = _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps, scatter)
-        ctx.conf = (channels, decay, scatter, full, eps, backend)
-        ctx.utility = utility  # not saved: backward updates it in place (see _CompactGate)
+        ctx.conf = (channels, scatter, full, eps, backend)
+        ctx.sink = sink  # not saved (see _UtilitySink)
         ctx.save_for_backward(*saved, out_idx)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         *saved, out_idx = ctx.saved_tensors
-        channels, decay, scatter, full, eps, backend = ctx.conf
+        channels, scatter, full, eps, backend = ctx.conf
         need_y, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = _bn_gate_backward(grad_out, saved, out_idx, channels, decay, scatter, full, eps, backend,
-                                  ctx.utility, need_y, need_w, need_b)
-        return grads + (None,) * 9
+        grads = _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, backend,
+                                  ctx.sink, need_y, need_w, need_b)
+        return grads + (None,) * 8
 
 
 class _TorchLayerStep(torch.autograd.Function):
@@ -187,31 +217,31 @@ class _TorchLayerStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, stats, in_idx, out_idx, conv, channels, momentum, eps,
-                utility, decay, scatter):
+                sink, scatter):
         # conv: (stride, padding, dilation, groups, x_compact)
         y_c, conv_saved, ctx.conv_kept = block_conv_forward(x, weight, bias, in_idx, out_idx, *conv)
         out, bn_saved, full = _bn_gate_forward(y_c, bn_weight, bn_bias, stats, out_idx, channels, momentum, eps,
                                                scatter)
         ctx.save_for_backward(*conv_saved, *bn_saved, out_idx)
         ctx.conv_count = len(conv_saved)
-        ctx.conf = (channels, decay, scatter, full, eps)
-        ctx.utility = utility  # not saved: backward updates it in place (see _CompactGate)
+        ctx.conf = (channels, scatter, full, eps)
+        ctx.sink = sink  # not saved (see _UtilitySink)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         *saved, out_idx = ctx.saved_tensors
         conv_saved, bn_saved = saved[:ctx.conv_count], saved[ctx.conv_count:]
-        channels, decay, scatter, full, eps = ctx.conf
+        channels, scatter, full, eps = ctx.conf
         need_x, need_w, need_b, need_bn_w, need_bn_b = ctx.needs_input_grad[:5]
         need_conv = need_x or need_w or need_b
         grad_y_c, grad_bn_w, grad_bn_b = _bn_gate_backward(
-            grad_out, bn_saved, out_idx, channels, decay, scatter, full, eps, "torch", ctx.utility,
+            grad_out, bn_saved, out_idx, channels, scatter, full, eps, "torch", ctx.sink,
             need_conv, need_bn_w, need_bn_b)
         grads = (None, None, None)
         if need_conv:
             grads = block_conv_backward(grad_y_c, conv_saved, ctx.conv_kept, need_x, need_w, need_b)
-        return (*grads, grad_bn_w, grad_bn_b) + (None,) * 10
+        return (*grads, grad_bn_w, grad_bn_b) + (None,) * 9
 
 
 class _GateMask(torch.autograd.Function):
@@ -322,7 +352,7 @@ def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             out = _TorchLayerStep.apply(
                 x, weight, bias, bn.weight, bn.bias, stats, in_idx, out_idx,
                 (layer.stride, padding, layer.dilation, layer.groups, x_compact), layer.out_channels, momentum,
-                bn.eps, layer.utility, layer.decay, scatter,
+                bn.eps, _UtilitySink.of(layer), scatter,
             )
             layer.last_output_hw = (out.shape[2], out.shape[3])
             return out
@@ -333,13 +363,13 @@ def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     layer.last_output_hw = (y_c.shape[2], y_c.shape[3])
     if fused_bn:
         return _CompactBatchNormGate.apply(
-            y_c, bn.weight, bn.bias, stats, out_idx, layer.out_channels, momentum, bn.eps, layer.utility,
-            layer.decay, scatter, backend,
+            y_c, bn.weight, bn.bias, stats, out_idx, layer.out_channels, momentum, bn.eps, _UtilitySink.of(layer),
+            scatter, backend,
         )
     a_c = y_c if bn is None else batch_norm(bn, y_c, out_idx, full=not gated)
     if not gated:
         return a_c
-    return _CompactGate.apply(a_c, out_idx, layer.out_channels, layer.utility, layer.decay, track, scatter, backend)
+    return _CompactGate.apply(a_c, out_idx, layer.out_channels, _UtilitySink.of(layer), track, scatter, backend)
 
 
 class _CountedBatchNormGate(torch.autograd.Function):
@@ -355,11 +385,10 @@ class _CountedBatchNormGate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, weight, bias, stats, kept, momentum, eps, utility, decay):
+    def forward(ctx, y, weight, bias, stats, kept, momentum, eps, sink):
         kernels = _triton_backend()
         out, mean, invstd = kernels.batch_norm_gate(y, weight, bias, stats, kept, momentum, eps)
-        ctx.decay = decay
-        ctx.utility = utility  # not saved: backward updates it in place (see _CompactGate)
+        ctx.sink = sink  # not saved (see _UtilitySink)
         ctx.save_for_backward(y, weight, bias, mean, invstd, *kept)
         return out
 
@@ -367,11 +396,15 @@ class _CountedBatchNormGate(torch.autograd.Function):
     def backward(ctx, grad_out):
         y, weight, bias, mean, invstd, *kept = ctx.saved_tensors
         kernels = _triton_backend()
+        # The reduction writes the utility straight into the layer's row of the network-wide update
+        # (every channel: 0 outside the selection), or it is applied here with one more launch.
+        row = ctx.sink.pending_row(full=True)
         grad_y, grad_w, grad_b, v = kernels.batch_norm_gate_backward(grad_out, y, weight, bias, mean, invstd,
-                                                                      tuple(kept))
-        kernels.update_utility_from(v, ctx.utility, tuple(kept), ctx.decay)
+                                                                      tuple(kept), utility_out=row)
+        if row is None:
+            kernels.update_utility_from(v, ctx.sink.utility, tuple(kept), ctx.sink.decay)
         need_w, need_b = ctx.needs_input_grad[1:3]
-        return grad_y, (grad_w if need_w else None), (grad_b if need_b else None), *(None,) * 6
+        return grad_y, (grad_w if need_w else None), (grad_b if need_b else None), *(None,) * 5
 
 
 class _CountedGate(torch.autograd.Function):
@@ -432,7 +465,7 @@ def counted_layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: 
         stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else None
         momentum = _momentum(bn) if stats is not None else 0.0
         return _CountedBatchNormGate.apply(y, bn.weight, bn.bias, stats, out_kept, momentum, bn.eps,
-                                           layer.utility, layer.decay)
+                                           _UtilitySink.of(layer))
     a = y if bn is None else _masked_batch_norm(bn, y, mask)
     return _CountedGate.apply(a, mask, out_kept, layer.utility, layer.decay, track)
 

@@ -140,7 +140,7 @@ def _bn_apply_kernel(
 def _bn_backward_reduce_kernel(
     g_ptr, y_ptr, idx_ptr, count_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, gw_ptr, gb_ptr, v_ptr,
     B, C, HW, W, sgn, sgc, sgh, sgw, syn, syc, syh, syw, inv_count,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, V_BY_CHANNEL: tl.constexpr,
 ):
     slot, c_store, live, chan, batches = _channel_block(idx_ptr, count_ptr, C, B, BLOCK_C)
     mean = tl.load(mean_ptr + chan, mask=live, other=0.0)
@@ -173,7 +173,10 @@ def _bn_backward_reduce_kernel(
         y_sample += syn
     tl.store(gw_ptr + chan, tl.where(live, sum_gx, 0.0).to(gw_ptr.dtype.element_ty), mask=c_store)
     tl.store(gb_ptr + chan, tl.where(live, sum_g, 0.0).to(gb_ptr.dtype.element_ty), mask=c_store)
-    tl.store(v_ptr + slot, utility * inv_count, mask=c_store)
+    if V_BY_CHANNEL:  # at the channel, 0 outside the selection: every entry written
+        tl.store(v_ptr + chan, tl.where(live, utility * inv_count, 0.0), mask=c_store)
+    else:  # in the permutation's slots (past the count: 0)
+        tl.store(v_ptr + slot, utility * inv_count, mask=c_store)
 
 
 @triton.autotune(configs=_APPLY_CONFIGS, key=["M", "C", "HW"])
@@ -233,20 +236,21 @@ def batch_norm_gate(
 
 def batch_norm_gate_backward(
     grad_out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-    invstd: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor],
+    invstd: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor], utility_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_y, grad_weight, grad_bias, v)`` of :func:`batch_norm_gate`, where ``v`` (float32, in
-    ``order``'s slots, 0 past the count) is each kept channel's DCP utility of the BN output. Two
-    launches; every element of every result written."""
+    """``(grad_y, grad_weight, grad_bias, v)`` of :func:`batch_norm_gate`, where ``v`` (float32) is each
+    kept channel's DCP utility of the BN output: in ``order``'s slots (0 past the count), or, written
+    into ``utility_out`` when given (a float32 vector of ``C``), at the channels (0 outside the
+    selection). Two launches; every element of every result written."""
     n, c, h, w = y.shape
     order, count = kept
     grad_w = torch.empty_like(weight)
     grad_b = torch.empty_like(bias)
-    v = torch.empty(c, dtype=torch.float32, device=y.device)
+    v = torch.empty(c, dtype=torch.float32, device=y.device) if utility_out is None else utility_out
     m = n * h * w
     wrap_triton(_bn_backward_reduce_kernel)[lambda meta: (triton.cdiv(c, meta["BLOCK_C"]),)](
         grad_out, y, order, count, weight, bias, mean, invstd, grad_w, grad_b, v, n, c, h * w, w,
-        *grad_out.stride(), *y.stride(), 1.0 / m,
+        *grad_out.stride(), *y.stride(), 1.0 / m, V_BY_CHANNEL=utility_out is not None,
     )
     grad_y = torch.empty_like(y)
     wrap_triton(_bn_backward_apply_kernel)[
