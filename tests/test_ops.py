@@ -18,6 +18,10 @@ SHAPES = [
     (2, 7, 5, 8, 8, (3, 1), (2, 1), (1, 0), 1, 1, False),
     (2, 6, 6, 9, 9, 3, 1, 1, 1, 6, True),   # depthwise
     (2, 5, 5, 8, 7, 3, 2, 1, 1, 5, False),  # depthwise, strided
+    # Weight blocks bigger than the input (the deep layers of a CIFAR VGG): the torch backend keeps
+    # the weight, not the gathered block, and gathers it again in backward.
+    (1, 12, 10, 2, 2, 3, 1, 1, 1, 1, True),
+    (1, 6, 6, 2, 2, 3, 1, 1, 1, 6, False),  # depthwise
 ]
 KEEPS = ["all", "half", "one"]
 
@@ -123,6 +127,8 @@ GROUPED = [
     pytest.param((3, 12, 8, 8, 8, 3, 1, 2, 2, 2, True), 3, 1, id="12to8-g2-dilated-keep3of6-1of4"),
     pytest.param((2, 4, 8, 6, 6, 3, 1, 1, 1, 4, True), 1, 1, id="4to8-g4-multiplier-keep1of2"),
     pytest.param((2, 6, 6, 5, 5, 1, 1, 0, 1, 2, False), 2, 3, id="6to6-g2-1x1-keep2of3-all"),
+    # A weight block bigger than the input: gathered again in backward (see SHAPES).
+    pytest.param((1, 16, 16, 2, 2, 3, 1, 1, 1, 2, True), 3, 5, id="16to16-g2-2x2px-block-gathered-again"),
 ]
 
 

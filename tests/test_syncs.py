@@ -166,10 +166,10 @@ class LaunchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _launches(model, prop=None):
+def _launches(model, prop=None, batch=4, size=16):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
-    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
     _step(model, opt, x, y)
     if prop is not None:
         prop.epoch_end()
@@ -180,31 +180,44 @@ def _launches(model, prop=None):
     return counter.count
 
 
-def test_launches_per_step_stay_bounded():
+@pytest.mark.parametrize("name, bound", [("test-vgg", 2.2), ("vgg16", 2.1)])
+def test_launches_per_step_stay_bounded(name, bound):
     """A GPU step at CIFAR size is launch-bound: every extra op per layer costs about as much as the
-    convolution (docs/benchmarks-gpu.md). Measured on this VGG (5 prunable layers, ``torch`` backend,
-    steady state) against the same dense network's 110: 326 (2.96x) before trimming the utility
+    convolution (docs/benchmarks-gpu.md). VGG-16 (width 0.25, batch 8, 32 px; 13 prunable layers,
+    ``torch`` backend, steady state) against the same dense network's 252: 572 (2.27x) at the start
+    of 2026-11-28's fifth session, 508 (**2.02x**) after it (target 2.0x). The test VGG
+    (5 prunable layers, where the per-step selection and utility update weigh more) against its
+    dense 110: 326 (2.96x) before trimming the utility
     update and the weight-block gather, 299 (2.72x) after (2026-11-27), 278 (2.53x) with BN and
     gate as one autograd node (``ops/layer.py``, 2026-11-28), 254 (2.31x) with the selection in 25
     ops instead of 44 and the utility reduction without its cancelled 1/(B*H*W) (2026-11-28), 237
     (2.15x) with one network-wide utility update at the end of the backward pass instead of one per
-    layer (``rule.UtilityUpdates``: 7 ops per step instead of 5 per layer, 2026-11-28). The bound keeps
-    it from creeping back up; what remains per layer is listed in docs/benchmarks-gpu.md."""
+    layer (``rule.UtilityUpdates``: 7 ops per step instead of 5 per layer, 2026-11-28), 239 (2.17x)
+    with the two deepest layers' weight blocks gathered again in backward instead of saved (memory,
+    see test_saved_activations_near_the_finalized_network), 234 (2.13x) with one zero buffer for a
+    layer's weight and BN-parameter gradients. The bounds keep them from creeping back up; what
+    remains per layer is listed in docs/benchmarks-gpu.md."""
+    make, batch, size = MODELS["vgg"], 4, 16
+    if name == "vgg16":
+        make, batch, size = (lambda: vgg("vgg16", width=0.25)), 8, 32
     torch.manual_seed(0)
-    dense = MODELS["vgg"]()
-    converted = MODELS["vgg"]()
+    dense = make()
+    converted = make()
     converted.load_state_dict(dense.state_dict())
     prop = dcp_kernels.convert(converted, 0.5, explore_epochs=1, backend="torch")
-    dense_ops, dcp_ops = _launches(dense), _launches(converted, prop)
-    assert dcp_ops <= 2.2 * dense_ops, f"{dcp_ops} ops per DCP step vs {dense_ops} dense ({dcp_ops / dense_ops:.2f}x)"
+    dense_ops, dcp_ops = _launches(dense, batch=batch, size=size), _launches(converted, prop, batch=batch, size=size)
+    assert dcp_ops <= bound * dense_ops, f"{dcp_ops} ops per DCP step vs {dense_ops} dense ({dcp_ops / dense_ops:.2f}x)"
 
 
 def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd keeps from the forward for the backward."""
+    """Bytes of the distinct storages autograd keeps from the forward for the backward, the model's
+    parameters left out (they stay in memory anyway; a conv saving its weight costs nothing)."""
     storages: dict[int, int] = {}
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in parameters:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -214,18 +227,21 @@ def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("prune", [0.3, 0.5, 0.7])
 def test_saved_activations_near_the_finalized_network(prune):
-    """What a training step keeps for backward, counted exactly (bytes of saved storages): the fused
-    BN + gate saves the conv output and the batch statistics only, so DCP keeps about what the
-    finalized network of the same widths keeps. Measured on this VGG-16 at width 0.25, batch 8,
-    32 px: 1.07x / 1.06x / 1.03x the finalized network at prune 0.3 / 0.5 / 0.7 (the rest: the
-    gathered weight blocks and index vectors); 1.37x / 1.38x / 1.40x before, when the gate kept
-    its own copy of the activation. Dense keeps 8.98 MB, DCP 6.70 / 4.37 / 3.45 MB."""
+    """What a training step keeps for backward, counted exactly (bytes of saved storages other than
+    the parameters): the fused BN + gate saves the conv output and the batch statistics only, and a
+    gathered weight block is saved only where it is smaller than the layer's input (elsewhere
+    backward gathers it again), so DCP keeps about what the finalized network of the same widths
+    keeps. VGG-16 at width 0.25, batch 16, 32 px (the activation-to-weight proportion of the full
+    VGG-16 at batch 64, whose figures are the same within 0.01x): 1.08x / 1.05x / 1.03x the finalized
+    network at prune 0.3 / 0.5 / 0.7, against 1.25x / 1.16x / 1.09x when every block was saved
+    (full size, batch 64: 185 -> 161 MB at prune 0.3 against dense's 166; 2026-11-28). Dense keeps
+    10.6 MB, DCP 9.8 / 8.2 / 5.8 MB."""
     torch.manual_seed(0)
     dense = vgg("vgg16", width=0.25)
     model = vgg("vgg16", width=0.25)
     model.load_state_dict(dense.state_dict())
     prop = dcp_kernels.convert(model, prune, explore_epochs=1, backend="torch")
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(3):
         _step(model, opt, x, y)

@@ -113,26 +113,35 @@ def _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact) -> _Block
             input_scale = channel_mask(in_idx, c_in, x.dtype).index_select(0, out_idx).view(1, -1, 1, 1)
     else:
         read_idx, full_in = in_idx, selects_all(in_idx, c_in)
-    if depthwise or full_in:
-        w_c = weight if full_out else weight.index_select(0, out_idx)
-    else:
+    if not (depthwise or full_in):
         # One gather of the block (and the same rows scatter its gradient in backward).
         if groups == 1:
             rows = block_rows(out_idx, in_idx, c_in)
         else:
             rows = grouped_block_rows(out_idx, in_idx, in_per_group, c_out // groups, groups)
-        w_c = weight.reshape(c_out * in_per_group, -1).index_select(0, rows)
-        w_c = w_c.view(out_idx.numel(), in_idx.numel() // groups, *weight.shape[2:])
+    w_c = _weight_block(weight, out_idx, rows, in_idx.numel() // groups, full_out)
     x_c = x if (full_in or x_compact) else x.index_select(1, read_idx)
     if input_scale is not None:
         x_c = x_c * input_scale
     return _Block(x_c, w_c, b_c, read_idx, input_scale, rows, groups, depthwise, full_in or x_compact, full_out)
 
 
+def _weight_block(weight: torch.Tensor, out_idx: torch.Tensor, rows: torch.Tensor | None, k_in: int,
+                  full_out: bool) -> torch.Tensor:
+    """The block of ``weight`` the compact convolution runs with: whole input rows of ``out_idx``
+    (``rows`` None), or the flat weight rows ``rows`` as a (k_out, k_in, kh, kw) block."""
+    if rows is None:
+        return weight if full_out else weight.index_select(0, out_idx)
+    w_c = weight.reshape(weight.shape[0] * weight.shape[1], -1).index_select(0, rows)
+    return w_c.view(out_idx.numel(), k_in, *weight.shape[2:])
+
+
 def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation, x_shape, w_shape,
-                    x_memory_format, has_bias: bool, need_x: bool, need_w: bool, need_b: bool):
+                    x_memory_format, has_bias: bool, need_x: bool, need_w: bool, need_b: bool,
+                    w_zeros: torch.Tensor | None = None):
     """(grad_x, grad_w, grad_b) of the block's convolution, in the full (or x's compact) layout;
-    None for a gradient not asked for. Grad-weight is non-zero only on the block."""
+    None for a gradient not asked for. Grad-weight is non-zero only on the block; it is scattered
+    into ``w_zeros`` when given (zeros of the weight's shape, allocated with other gradients)."""
     x_c, w_c, read_idx, rows = block.x_c, block.w_c, block.read_idx, block.rows
     gx_c, gw_c, gb_c = torch.ops.aten.convolution_backward(
         grad_y_c, x_c, w_c, [w_c.shape[0]] if has_bias else None,
@@ -146,9 +155,10 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
         grad_x = gx_c if block.x_as_is else zeros_except(x_shape, read_idx, gx_c, x_memory_format)
     if need_w:
         if rows is None:
-            grad_w = gw_c if block.full_out else gw_c.new_zeros(w_shape).index_copy_(0, out_idx, gw_c)
+            grad_w = gw_c if block.full_out else (gw_c.new_zeros(w_shape) if w_zeros is None else w_zeros).index_copy_(
+                0, out_idx, gw_c)
         else:
-            grad_w = gw_c.new_zeros(w_shape)
+            grad_w = gw_c.new_zeros(w_shape) if w_zeros is None else w_zeros
             grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(
                 0, rows, gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1))
     if need_b and has_bias:
@@ -159,22 +169,38 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
 def block_conv_forward(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact):
     """The compact convolution of the block, for an autograd Function's forward:
     ``(y_c, tensors to save, state to keep on ctx)``; :func:`block_conv_backward` takes the last two.
-    The gathered operands are saved, so backward does not gather again."""
+
+    The gathered input is saved (grad-weight reads it), so backward does not gather it again. The
+    gathered weight block is saved when it is no bigger than the saved input; otherwise the weight
+    itself is (a reference, no copy) and backward gathers the block again (one launch): in the deep
+    layers of VGG-like networks at CIFAR size the blocks outweigh the activations, and keeping them
+    put the step's peak memory above dense's (docs/benchmarks.md)."""
     block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
     y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
-    saved = (block.x_c, block.w_c, block.read_idx, out_idx, block.input_scale, block.rows)
+    regather = block.w_c is not weight and block.w_c.numel() > block.x_c.numel()
+    saved = (block.x_c, weight if regather else block.w_c, block.read_idx, out_idx, block.input_scale, block.rows)
     kept = (block._replace(x_c=None, w_c=None, b_c=None, read_idx=None, input_scale=None, rows=None),
-            (stride, padding, dilation, x.shape, weight.shape, memory_format_of(x), bias is not None))
+            (stride, padding, dilation, x.shape, weight.shape, memory_format_of(x), bias is not None, regather))
     return y_c, saved, kept
 
 
-def block_conv_backward(grad_y_c, saved, kept, need_x: bool, need_w: bool, need_b: bool):
-    """(grad_x, grad_w, grad_b) of :func:`block_conv_forward` from what it saved and kept."""
+def block_scatters_weight_grad(saved, kept) -> bool:
+    """Whether :func:`block_conv_backward` scatters grad-weight into zeros (the block is not the whole
+    weight), so that a caller may hand it the zeros (``w_zeros``)."""
+    return saved[5] is not None or not kept[0].full_out
+
+
+def block_conv_backward(grad_y_c, saved, kept, need_x: bool, need_w: bool, need_b: bool,
+                        w_zeros: torch.Tensor | None = None):
+    """(grad_x, grad_w, grad_b) of :func:`block_conv_forward` from what it saved and kept (grad-weight
+    scattered into ``w_zeros`` when given, see :func:`block_scatters_weight_grad`)."""
     x_c, w_c, read_idx, out_idx, input_scale, rows = saved
-    meta, (stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias) = kept
+    meta, (stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias, regather) = kept
+    if regather:  # forward kept the weight, not its block (see block_conv_forward)
+        w_c = _weight_block(w_c, out_idx, rows, x_c.shape[1] // meta.groups, meta.full_out)
     block = meta._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows)
     return _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x_shape, w_shape,
-                           x_memory_format, has_bias, need_x, need_w, need_b)
+                           x_memory_format, has_bias, need_x, need_w, need_b, w_zeros)
 
 
 class _CompactConv2d(torch.autograd.Function):

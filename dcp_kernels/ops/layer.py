@@ -38,7 +38,13 @@ from . import (
     reference,
     scatter_channels,
 )
-from .compact import block_conv_backward, block_conv_forward, selects_all, widen
+from .compact import (
+    block_conv_backward,
+    block_conv_forward,
+    block_scatters_weight_grad,
+    selects_all,
+    widen,
+)
 from .reference import channel_mask
 
 
@@ -155,9 +161,10 @@ def _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps,
 
 
 def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, backend, sink: _UtilitySink,
-                      need_y, need_w, need_b):
+                      need_y, need_w, need_b, zeros: torch.Tensor | None = None):
     """Backward of :func:`_bn_gate_forward`: (grad_y_c, grad_bn_weight, grad_bn_bias), the BN parameter
-    gradients full-size (zeros outside ``out_idx``) or None; updates the utilities (``sink``)."""
+    gradients full-size (zeros outside ``out_idx``; the rows of ``zeros``, a (2, channels) zero
+    tensor, when given) or None; updates the utilities (``sink``)."""
     y_c, w_c, b_c, mean, invstd = saved
     g_c = grad_out.index_select(1, out_idx) if scatter and not full else grad_out
     grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
@@ -169,7 +176,8 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
             grad_w, grad_b = grad_w_c, grad_b_c
         else:
             # One scatter for both parameter gradients (rows of one zero-filled buffer).
-            both = grad_w_c.new_zeros(2, channels).index_copy_(1, out_idx, torch.stack([grad_w_c, grad_b_c]))
+            both = grad_w_c.new_zeros(2, channels) if zeros is None else zeros
+            both.index_copy_(1, out_idx, torch.stack([grad_w_c, grad_b_c]))
             grad_w, grad_b = both[0], both[1]
     # The BN output recomputed (y * scale + shift), not saved: it costs one elementwise pass here
     # (none on Triton, whose reduction applies it on the fly) instead of one activation kept from
@@ -224,6 +232,8 @@ class _TorchLayerStep(torch.autograd.Function):
                                                scatter)
         ctx.save_for_backward(*conv_saved, *bn_saved, out_idx)
         ctx.conv_count = len(conv_saved)
+        # One zero buffer for the weight's and the BN parameters' gradients where they share a dtype.
+        ctx.shared_zeros = weight.shape if weight.dtype == bn_weight.dtype == bn_bias.dtype else None
         ctx.conf = (channels, scatter, full, eps)
         ctx.sink = sink  # not saved (see _UtilitySink)
         return out
@@ -235,12 +245,19 @@ class _TorchLayerStep(torch.autograd.Function):
         channels, scatter, full, eps = ctx.conf
         need_x, need_w, need_b, need_bn_w, need_bn_b = ctx.needs_input_grad[:5]
         need_conv = need_x or need_w or need_b
+        w_zeros = bn_zeros = None
+        if (ctx.shared_zeros is not None and need_w and (need_bn_w or need_bn_b) and not full
+                and block_scatters_weight_grad(conv_saved, ctx.conv_kept)):
+            # Both gradients are scattered into zeros: one allocation and one fill for the two.
+            w_numel = ctx.shared_zeros.numel()
+            zeros = grad_out.new_zeros(w_numel + 2 * channels, dtype=bn_saved[1].dtype)
+            w_zeros, bn_zeros = zeros[:w_numel].view(ctx.shared_zeros), zeros[w_numel:].view(2, channels)
         grad_y_c, grad_bn_w, grad_bn_b = _bn_gate_backward(
             grad_out, bn_saved, out_idx, channels, scatter, full, eps, "torch", ctx.sink,
-            need_conv, need_bn_w, need_bn_b)
+            need_conv, need_bn_w, need_bn_b, bn_zeros)
         grads = (None, None, None)
         if need_conv:
-            grads = block_conv_backward(grad_y_c, conv_saved, ctx.conv_kept, need_x, need_w, need_b)
+            grads = block_conv_backward(grad_y_c, conv_saved, ctx.conv_kept, need_x, need_w, need_b, w_zeros)
         return (*grads, grad_bn_w, grad_bn_b) + (None,) * 9
 
 
