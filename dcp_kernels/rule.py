@@ -275,9 +275,10 @@ class UtilityUpdates:
     row of a padded ``(layers, widest)`` buffer (:meth:`pending_row`); when the backward pass ends (an
     autograd final callback, queued by the first layer that contributes) one network-wide update
     applies :func:`update_utilities` to every layer that contributed: ``U = decay * U + v / max(v)``
-    on its selected channels (``layer.selected``), the others unchanged. Seven launches for the whole
-    network instead of six per layer: on a GPU each launch per layer and step costs about as much as a
-    small layer's convolution (docs/benchmarks-gpu.md). Under ``torch.compile`` (a traced backward
+    on its selected channels (``layer.selected``), the others unchanged. Seven ops for the whole
+    network instead of five per layer (one kernel per layer on the static Triton step): on a GPU each
+    launch per layer and step costs about as much as a small layer's convolution
+    (docs/benchmarks-gpu.md). Under ``torch.compile`` (a traced backward
     queues no callback) and outside a backward pass, :meth:`pending_row` answers None and the caller
     updates at once, as before.
 
