@@ -481,6 +481,8 @@ class DCPLinear(nn.Linear):
         idx = source.selected_indices()
         if selects_all(idx, source.out_channels):
             return None
+        if self.block == 1:  # one feature per channel: the channel indices themselves
+            return idx
         # Channel c owns features [c * block, (c + 1) * block): the same flat-index arithmetic as a
         # weight block's rows.
         def columns() -> torch.Tensor:
@@ -489,9 +491,16 @@ class DCPLinear(nn.Linear):
         return self.__dict__["_columns"].get(source.selection_masks(), columns)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self._label()}: expected {self.in_features} input features, got {x.shape[-1]}")
         source = self.input_source
+        if x.shape[-1] != self.in_features:
+            # The source's output may travel compact (only its selected channels' features), as
+            # between converted convs: then only the matching weight columns are read.
+            cols = self.selected_features() if source is not None and not source.static_shapes else None
+            if cols is None or x.shape[-1] != cols.numel():
+                also = f" (or the {cols.numel()} features of its source's selected channels)" if cols is not None else ""
+                raise ValueError(f"{self._label()}: expected {self.in_features} input features{also}, "
+                                 f"got {x.shape[-1]}")
+            return F.linear(x, self.weight.index_select(1, cols), self.bias)
         if source is not None and source.static_shapes:
             # Static shapes: full width, the unselected channels' features zeroed (a mask, no index read).
             keep = source.selected.to(x.dtype).unsqueeze(-1)  # (channels, 1) against (..., channels, block)

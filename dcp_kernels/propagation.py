@@ -345,7 +345,9 @@ class Propagation:
         targets = [(self.layers[i], part, idx) for members, part, idx in zip(self.groups, parts, indices)
                    for i in members]
         # One multi-tensor copy writes every layer's mask (a per-layer copy_ is one launch each).
-        torch._foreach_copy_([layer.selected for layer, _, _ in targets], [part for _, part, _ in targets])
+        masks = [layer.selected for layer, _, _ in targets]
+        torch._foreach_copy_(masks, [part for _, part, _ in targets])
+        _mark_written(masks)
         for layer, _, idx in targets:
             layer._adopt_indices(idx)
         self._written = ("selected", self._write_versions())
@@ -358,7 +360,9 @@ class Propagation:
         parts = torch.split(mask, self._group_sizes())
         count_parts = torch.split(counts, 1)
         targets = [(self.layers[i], g) for g, members in enumerate(self.groups) for i in members]
-        torch._foreach_copy_([layer.selected for layer, _ in targets], [parts[g] for _, g in targets])
+        masks = [layer.selected for layer, _ in targets]
+        torch._foreach_copy_(masks, [parts[g] for _, g in targets])
+        _mark_written(masks)
         torch._foreach_copy_([layer.kept_order for layer, _ in targets], [orders[g] for _, g in targets])
         torch._foreach_copy_([layer.kept_count for layer, _ in targets], [count_parts[g] for _, g in targets])
         # kept() reads the counts when asked; nothing is read back here.
@@ -562,6 +566,13 @@ class Propagation:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+def _mark_written(masks: list[torch.Tensor]) -> None:
+    """Bump the masks' version counters after a multi-tensor copy into them: the caches derived from a
+    mask (``SelectionCache``) key on its version, and ``_foreach_copy_`` leaves it unchanged while a
+    ``TorchDispatchMode`` is active (measured with torch 2.14; a plain ``copy_`` bumps it)."""
+    torch.autograd.graph.increment_version(masks)
 
 
 class _SelectBeforeForward:

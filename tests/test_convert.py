@@ -299,8 +299,82 @@ def test_activations_between_converted_layers(compact):
     kept = prop.kept()["0.0"]
     assert kept < 8
     assert seen["relu"] == (kept if compact else 8)
-    # The last conv feeds the Linear classifier, so its output stays full width either way.
-    assert not model[0][11].compact_output
+    # The last conv feeds the Linear classifier through pooling and nn.Flatten, which work at any
+    # width: its output travels compact too, and the Linear reads only the matching weight columns.
+    assert model[0][11].compact_output == compact
+
+
+class _HeadAfterReshape(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> a reshape -> Linear."""
+
+    def __init__(self, reshape):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(48, 5)
+        self.reshape = reshape
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        if self.reshape == "flatten":
+            x = torch.flatten(x, 1)
+        elif self.reshape == "view-batch":
+            x = x.view(x.size(0), -1)
+        else:  # a size written in the code: would break on a compact tensor
+            x = x.view(-1, 48)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("reshape, compact", [("flatten", True), ("view-batch", True), ("view-fixed", False)])
+def test_linear_head_reads_compact_features_only_after_reshapes_that_work_at_any_width(reshape, compact):
+    """A Linear head gets the last conv's selected channels only (no scatter to full width and gather
+    back) when every reshape on the way works whatever the width; ``view(-1, 48)`` keeps it full
+    width. Either way training equals the reference's."""
+    torch.manual_seed(0)
+    ref_model = _HeadAfterReshape(reshape)
+    fast_model = copy.deepcopy(ref_model)
+    ref = dcp_kernels.convert(ref_model, 0.5, explore_epochs=1, backend="reference")
+    fast = dcp_kernels.convert(fast_model, 0.5, explore_epochs=1, backend="torch")
+    assert fast_model.conv2.compact_output is compact and isinstance(fast_model.fc, DCPLinear)
+    seen = []
+    fast_model.fc.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-1]))
+    _, ref_hist = _train(ref_model, ref, 4)
+    _, fast_hist = _train(fast_model, fast, 4)
+    for a, b in zip(ref_hist, fast_hist):
+        assert torch.equal(a, b)
+    kept = int(fast_model.conv2.selected.sum())
+    assert kept < 12 and seen[-1] == (4 * kept if compact else 48)
+    for (name, p), q in zip(ref_model.state_dict().items(), fast_model.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    if reshape != "view-fixed":  # the finalized network runs the same forward code, 48 and all
+        plain = fast.finalize().eval()
+        x = torch.randn(2, 3, 16, 16)
+        torch.testing.assert_close(plain(x), fast_model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_linear_reads_the_current_selection_when_it_was_made_under_a_dispatch_mode():
+    """``_foreach_copy_`` leaves version counters as they were while a ``TorchDispatchMode`` is active
+    (an op counter, a FLOP counter): the controller bumps them itself, so caches keyed on a mask's
+    version (a Linear's columns) see every new selection."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    model = _HeadAfterReshape("flatten")
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, backend="torch")
+    x = torch.randn(2, 3, 16, 16)
+    model.train()
+    for seed in range(4):
+        for layer in prop.layers:
+            layer.utility.copy_(torch.rand(layer.utility.shape, generator=torch.Generator().manual_seed(seed)))
+        with Passthrough():
+            model(x)  # selects, then the Linear reads its columns
+        channels = model.conv2.selected.nonzero().flatten()  # each owns 4 features (2x2 pooled)
+        assert model.fc.selected_features().equal((channels.unsqueeze(1) * 4 + torch.arange(4)).flatten())
 
 
 def test_finalize_keeps_the_trained_selection_or_selects_when_exploring():

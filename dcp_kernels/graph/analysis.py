@@ -123,10 +123,14 @@ class _Space:
 @dataclass(frozen=True)
 class _Chan:
     """What the channel dimension of a traced tensor holds: segments ``(space id | None, width)``;
-    ``block`` is the number of features per channel once flattened (None: still (N, C, ...))."""
+    ``block`` is the number of features per channel once flattened (None: still (N, C, ...)).
+    ``any_width``: every reshape on the way works whatever the channel count (a flatten from dim 1,
+    ``view(x.size(0), -1)``), so the tensor may carry only the selected channels; False after a
+    reshape to sizes fixed in the code (``view(-1, 4096)``), which a compact tensor would break."""
 
     segs: tuple[tuple[int | None, int], ...]
     block: int | None = None
+    any_width: bool = True
 
 
 class _Analyzer:
@@ -341,15 +345,17 @@ class _Analyzer:
         if block is None or width * block != in_features:
             self.block(x, f"read by {name!r} (Linear) in a layout DCP does not follow")
             return
-        self.unsimple(x)
+        if not (x.any_width and len(x.segs) == 1):
+            self.unsimple(x)  # the Linear reads full-width features
         self.linear_readers[name] = (x, block)
 
-    def flattened(self, node: fx.Node, x: _Chan) -> _Chan | None:
+    def flattened(self, node: fx.Node, x: _Chan, any_width: bool = True) -> _Chan | None:
+        """(N, C, ...) flattened to (N, C * block); ``any_width``: by an op that works whatever C is."""
         shape = _shape(node.args[0])
         if x.block is not None or shape is None or len(shape) < 2:
             self.block(x, "flattened in a way DCP does not follow")
             return None
-        return _Chan(x.segs, math.prod(shape[2:]))
+        return _Chan(x.segs, math.prod(shape[2:]), x.any_width and any_width)
 
     def visit_function(self, node: fx.Node) -> _Chan | None:
         target = node.target
@@ -385,7 +391,7 @@ class _Analyzer:
                 return self.flattened(node, x)
             if target in ("view", "reshape") and x is not None and (
                     _is_batch_flatten(node.args[1:]) or _flattens_per_sample(node)):
-                return self.flattened(node, x)
+                return self.flattened(node, x, any_width=_is_batch_flatten(node.args[1:], any_width=True))
             if target in _SUM_METHODS or target in _PRODUCT_METHODS:
                 return self.combine(node, residual=target in _SUM_METHODS)
             if target in _SPATIAL_REDUCTIONS.values():
@@ -518,13 +524,14 @@ class _Analyzer:
         for name, chan in self.channelwise.items():
             if prunable(chan):
                 analysis.channelwise[name] = segments(chan)
-        for group in analysis.groups:  # compact only when every reader is a conv reading the group alone
+        # Compact only when every reader is a conv, or a Linear after reshapes that work at any width,
+        # reading the group alone.
+        for group in analysis.groups:
             if group.compact:
                 index = analysis.groups.index(group)
                 readers = [segs for segs in analysis.conv_inputs.values() if any(s.group == index for s in segs)]
-                group.compact = all(len(segs) == 1 for segs in readers) and not any(
-                    any(s.group == index for s in segs) for segs, _ in analysis.linear_inputs.values()
-                )
+                readers += [segs for segs, _ in analysis.linear_inputs.values() if any(s.group == index for s in segs)]
+                group.compact = all(len(segs) == 1 for segs in readers)
         return analysis
 
 

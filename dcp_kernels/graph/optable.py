@@ -143,8 +143,9 @@ def _flatten_from_dim1(args, kwargs) -> bool:
     return start == 1 and end == -1
 
 
-def _is_batch_flatten(shape_args) -> bool:
-    """``x.view(x.size(0), -1)`` or ``x.view(-1, K)``: one flat feature vector per sample."""
+def _is_batch_flatten(shape_args, any_width: bool = False) -> bool:
+    """``x.view(x.size(0), -1)`` or ``x.view(-1, K)``: one flat feature vector per sample
+    (``any_width``: only the first form, which works whatever the channel count)."""
     if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
         shape_args = tuple(shape_args[0])
     if len(shape_args) != 2:
@@ -154,6 +155,8 @@ def _is_batch_flatten(shape_args) -> bool:
         (first.op == "call_method" and first.args[1:] == (0,))
         or (first.op == "call_function" and first.target is operator.getitem and first.args[1] == 0)
     )
+    if any_width:
+        return batch_size and second == -1
     return (batch_size and second == -1) or (first == -1 and isinstance(second, int))
 
 
