@@ -154,13 +154,15 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
             gx_c = gx_c * block.input_scale
         grad_x = gx_c if block.x_as_is else zeros_except(x_shape, read_idx, gx_c, x_memory_format)
     if need_w:
-        if rows is None:
-            grad_w = gw_c if block.full_out else (gw_c.new_zeros(w_shape) if w_zeros is None else w_zeros).index_copy_(
-                0, out_idx, gw_c)
+        if rows is None and block.full_out:  # the block is the whole weight
+            grad_w = gw_c
         else:
             grad_w = gw_c.new_zeros(w_shape) if w_zeros is None else w_zeros
-            grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(
-                0, rows, gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1))
+            if rows is None:  # whole input rows of the selected outputs
+                grad_w.index_copy_(0, out_idx, gw_c)
+            else:
+                grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(
+                    0, rows, gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1))
     if need_b and has_bias:
         grad_b = gb_c if block.full_out else gb_c.new_zeros(w_shape[0]).index_copy_(0, out_idx, gb_c)
     return grad_x, grad_w, grad_b
