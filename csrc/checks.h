@@ -37,16 +37,18 @@ inline void check_dense(const at::Tensor& t, const char* name) {
 }
 
 // Validates the forward/backward arguments and returns the geometry of the convolution.
+// `any_x_layout`: x may have any strides (NCHW, channels-last), else it must be contiguous NCHW.
 inline ConvGeometry check_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, bool depthwise, bool x_compact) {
+                               at::IntArrayRef padding, at::IntArrayRef dilation, bool depthwise, bool x_compact,
+                               bool any_x_layout = false) {
   TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (C_out, C_in/groups, kh, kw), got ", weight.dim(), " dims");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
               " does not match x dtype ", x.scalar_type());
   TORCH_CHECK(weight.device() == x.device(), "weight is on ", weight.device(), " but x is on ", x.device());
-  check_dense(x, "x");
+  if (!any_x_layout) check_dense(x, "x");  // the fused kernels read x through its strides
   check_dense(weight, "weight");
   check_pair(stride, "stride");
   check_pair(padding, "padding");

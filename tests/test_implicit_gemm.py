@@ -1,0 +1,159 @@
+"""The fused gather implicit-GEMM convolution of the CUDA extension (csrc/cuda/fused_conv_cuda.cu).
+
+``dcp::implicit_gemm_conv2d[_backward]`` on CPU tensors is the kernels' host model: their host code
+unchanged (checks, allocation, problems, tile family and split-K choice, csrc/fused_conv.h) and, in
+place of each kernel, loops over the same block tiles, K tiles, split-K ranges and epilogues, every
+operand read through the same index functions (csrc/implicit_gemm.h). Checked against the reference
+convolution here: the index arithmetic, tiling, split-K and epilogues. Not checked without a GPU: the
+kernels' thread-level code (shared-memory staging, tensor-core fragments); the CUDA tests at the end
+run the same grid on the kernels themselves where a GPU exists.
+
+Unwritten outputs show: with deterministic algorithms on, PyTorch fills ``empty`` tensors with NaN.
+"""
+import pytest
+import torch
+from conftest import sorted_subset
+
+from dcp_kernels import ops
+from dcp_kernels.ops import extension
+
+pytestmark = pytest.mark.skipif(not extension.AVAILABLE, reason=f"the C++ extension is not built here ({extension.LOAD_ERROR})")
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and extension.CUDA_BUILT),
+                                reason="needs a CUDA device and a CUDA build of the extension")
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_empty_tensors():
+    saved = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    torch.utils.deterministic.fill_uninitialized_memory = saved[1]
+
+
+def _case(n, c_in, c_out, h, w, kernel, k_in, k_out, depthwise, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    channels_in = c_out if depthwise else c_in
+    x = torch.randn(n, channels_in, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, 1 if depthwise else c_in, *kernel, generator=g, dtype=torch.float64)
+    weight /= weight[0].numel() ** 0.5  # outputs O(1)
+    bias = torch.randn(c_out, generator=g, dtype=torch.float64)
+    in_idx, out_idx = sorted_subset(channels_in, k_in, seed + 1), sorted_subset(c_out, k_out, seed + 2)
+    to = dict(device=device, dtype=dtype)
+    return x.to(**to), weight.to(**to), bias.to(**to), in_idx.to(device), out_idx.to(device)
+
+
+def _reference(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, grad_seed=3):
+    """y (full width) and the gradients of sum(y * r) for a fixed random r, in float64."""
+    x64, w64, b64 = (t.detach().double().cpu().requires_grad_(True) for t in (x, weight, bias))
+    groups = x.shape[1] if depthwise else 1
+    y = ops.gathered_conv2d(x64, w64, b64, in_idx.cpu(), out_idx.cpu(), stride, padding, dilation, groups,
+                            backend="reference")
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    (y * r).sum().backward()
+    return y.detach(), r, x64.grad, w64.grad, b64.grad
+
+
+def _run(device_op, x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact, y_compact,
+         mma, splits):
+    """Forward and backward through the op pair, inputs in the layouts asked for; results on the CPU in float64."""
+    y_ref, r, gx_ref, gw_ref, gb_ref = _reference(x, weight, bias, in_idx, out_idx, stride, padding, dilation,
+                                                  depthwise)
+    x_in = x[:, in_idx] if x_compact else x
+    conf = ([stride] * 2, [padding] * 2, [dilation] * 2, depthwise, x_compact, y_compact)
+    forward, backward = device_op
+    y = forward(x_in, weight, bias, in_idx, out_idx, *conf, mma, splits)
+    grad_y = r.to(x.device, x.dtype)
+    if y_compact:
+        grad_y = grad_y[:, out_idx.cpu()].to(x.device)
+    gx, gw, gb = backward(grad_y, x_in, weight, in_idx, out_idx, *conf, [True, True, True], mma, splits)
+    cpu = in_idx.cpu(), out_idx.cpu()
+    want = (y_ref[:, cpu[1]] if y_compact else y_ref, gx_ref[:, cpu[0]] if x_compact else gx_ref, gw_ref, gb_ref)
+    return [t.cpu().double() for t in (y, gx, gw, gb)], want
+
+
+OPS = (lambda *a: torch.ops.dcp.implicit_gemm_conv2d(*a), lambda *a: torch.ops.dcp.implicit_gemm_conv2d_backward(*a))
+
+# (n, c_in, c_out, h, w, kernel, k_in, k_out, stride, padding, dilation): sizes off the 64-wide tiles,
+# k = 1 and k = C, 1x1 and non-square kernels, strides and dilations that leave input pixels unread.
+GEOMETRIES = [
+    (2, 6, 5, 7, 9, (3, 3), 4, 3, 1, 1, 1),
+    (3, 9, 70, 11, 10, (3, 3), 9, 67, 2, 1, 1),
+    (2, 5, 4, 9, 9, (3, 2), 1, 1, 1, 2, 2),
+    (2, 7, 8, 8, 8, (1, 1), 7, 8, 1, 0, 1),
+    (1, 66, 3, 5, 6, (3, 3), 65, 2, 2, 0, 1),
+    (4, 4, 4, 13, 12, (5, 5), 2, 4, 3, 2, 1),
+]
+
+
+@pytest.mark.parametrize("x_compact, y_compact", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "N{}-C{}x{}-{}x{}-k{}-keep{}x{}-s{}p{}d{}".format(
+    g[0], g[1], g[2], g[3], g[4], "x".join(map(str, g[5])), g[6], g[7], g[8], g[9], g[10]))
+def test_host_model_matches_the_reference_float64(geometry, x_compact, y_compact):
+    n, c_in, c_out, h, w, kernel, k_in, k_out, stride, padding, dilation = geometry
+    case = _case(n, c_in, c_out, h, w, kernel, k_in, k_out, False, torch.float64, "cpu")
+    got, want = _run(OPS, *case, stride, padding, dilation, False, x_compact, y_compact, mma=0, splits=0)
+    for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 1000])
+def test_split_k_ranges_cover_the_batch_once(splits):
+    """Grad-weight split 1..many ways (1000: more splits than K tiles, clamped): every split's range
+    summed once, in order."""
+    case = _case(3, 9, 7, 9, 11, (3, 3), 5, 4, False, torch.float64, "cpu")
+    got, want = _run(OPS, *case, 1, 1, 1, False, False, False, mma=0, splits=splits)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_input_is_read_through_its_strides():
+    x, weight, bias, in_idx, out_idx = _case(2, 8, 6, 7, 7, (3, 3), 5, 4, False, torch.float64, "cpu")
+    got, want = _run(OPS, x.contiguous(memory_format=torch.channels_last), weight, bias, in_idx, out_idx, 1, 1, 1,
+                     False, False, False, mma=0, splits=2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", [(2, 5, 6, 9, 8, (3, 3), 3, 4, 1, 1, 1), (3, 4, 7, 10, 9, (3, 3), 4, 7, 2, 1, 2),
+                                      (1, 3, 5, 6, 6, (5, 5), 1, 1, 1, 2, 1)])
+def test_host_model_depthwise_matches_the_reference(geometry):
+    n, _, c, h, w, kernel, k_in, k_out, stride, padding, dilation = geometry
+    case = _case(n, c, c, h, w, kernel, k_in, k_out, True, torch.float64, "cpu")
+    for y_compact in (False, True):
+        got, want = _run(OPS, *case, stride, padding, dilation, True, False, y_compact, mma=0, splits=0)
+        for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+# Largest |error| / max|value| over the four results, measured (2026-11-28, 3 seeds, both tile families):
+# 4.2e-4 (float16) and 3.9e-3 (bfloat16), i.e. rounding the outputs to 16 bits (half an ulp at the largest
+# value: 4.9e-4 and 3.9e-3; float accumulation adds nothing visible). Tolerance: twice that bound.
+HALF_TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.mark.parametrize("mma", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_host_model_in_half_precision_with_both_tile_families(dtype, mma):
+    """fp16/bf16 inputs, float accumulation, on the SIMT tiles and the tensor-core tiles (64x64x16)."""
+    case = _case(2, 20, 70, 9, 9, (3, 3), 17, 66, False, dtype, "cpu")
+    got, want = _run(OPS, *case, 1, 1, 1, False, False, False, mma=mma, splits=0)
+    # The reference runs on the same rounded inputs in float64: what is left is accumulation and output rounding.
+    for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want):
+        scale = float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=0, atol=HALF_TOLERANCE[dtype] * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_configuration_errors_name_the_argument():
+    x, weight, bias, in_idx, out_idx = _case(1, 4, 4, 5, 5, (3, 3), 2, 2, False, torch.float32, "cpu")
+    conf = ([1, 1], [1, 1], [1, 1], False, False, False)
+    with pytest.raises(RuntimeError, match="mma=1 \\(tensor-core tiles\\) needs float16/bfloat16"):
+        torch.ops.dcp.implicit_gemm_conv2d(x, weight, bias, in_idx, out_idx, *conf, 1, 0)
+    with pytest.raises(RuntimeError, match="mma must be -1"):
+        torch.ops.dcp.implicit_gemm_conv2d(x, weight, bias, in_idx, out_idx, *conf, 2, 0)
+    with pytest.raises(RuntimeError, match="wgrad_splits must be >= 0"):
+        torch.ops.dcp.implicit_gemm_conv2d_backward(torch.ones(1, 4, 5, 5), x, weight, in_idx, out_idx, *conf,
+                                                    [False, True, False], 0, -1)
+    with pytest.raises(RuntimeError, match="grad_y has shape"):
+        torch.ops.dcp.implicit_gemm_conv2d_backward(torch.ones(1, 4, 4, 5), x, weight, in_idx, out_idx, *conf,
+                                                    [True, True, True], 0, 0)
