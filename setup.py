@@ -51,11 +51,17 @@ def _extension_kwargs() -> dict:
         print("dcp_kernels: WARNING: torch is not importable at build time; building without the extension")
         return {}
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
-    cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension sets (C++20 for torch 2.14)
+    # Warnings of our sources are shown (torch's headers, included as system headers, are not judged);
+    # DCP_WERROR=1 (CI, benchmarks/gpu_check.sh) makes them errors. The C++ standard is the one
+    # torch.utils.cpp_extension sets (C++20 for torch 2.14).
+    werror = os.environ.get("DCP_WERROR") == "1"
+    system_headers = [f"-isystem{path}" for path in cpp_extension.include_paths("cuda" if cuda_home else "cpu")]
+    cxx = ["-O3", "-Wall", "-Wextra", *system_headers, *(["-Werror"] if werror else [])]
+    nvcc = ["-O3", "-Xcompiler=-Wall" + (",-Werror" if werror else ""), *(["--Werror=all-warnings"] if werror else [])]
     if cuda_home and cuda_sources:
         ext = cpp_extension.CUDAExtension(
             "dcp_kernels._C", sources + cuda_sources, define_macros=[("DCP_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         )
     else:
         ext = cpp_extension.CppExtension("dcp_kernels._C", sources, extra_compile_args={"cxx": cxx})

@@ -17,7 +17,7 @@
 // The module's one attribute, WITH_CUDA, says whether the CUDA kernels were compiled in.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* module = PyModule_Create(&module_def);
 #ifdef DCP_WITH_CUDA
   const long with_cuda = 1;

@@ -97,6 +97,7 @@ at::Tensor fused_conv2d(const at::Tensor& x, const at::Tensor& weight, const c10
                         bool y_compact, const FusedConfig& cfg) {
   const auto cg = check_conv(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact,
                              /*any_x_layout=*/true);
+  TORCH_CHECK(!bias.has_value() || bias->is_contiguous(), "bias must be contiguous; call .contiguous() first");
   const auto g = fused::geometry(cg, in_idx, out_idx);
   const auto sel = fused::selection(in_idx, out_idx, x_compact, y_compact);
   const int64_t channels = y_compact ? g.k_out : g.c_out;

@@ -5,21 +5,21 @@ unchanged (checks, allocation, problems, tile family and split-K choice, csrc/fu
 place of each kernel, loops over the same block tiles, K tiles, split-K ranges and epilogues, every
 operand read through the same index functions (csrc/implicit_gemm.h). Checked against the reference
 convolution here: the index arithmetic, tiling, split-K and epilogues. Not checked without a GPU: the
-kernels' thread-level code (shared-memory staging, tensor-core fragments); the CUDA tests at the end
-run the same grid on the kernels themselves where a GPU exists.
+kernels' thread-level code (shared-memory staging, tensor-core fragments): where a GPU exists, every
+test here also runs on CUDA tensors, i.e. on the kernels themselves, with the same configurations forced.
 
 Unwritten outputs show: with deterministic algorithms on, PyTorch fills ``empty`` tensors with NaN.
 """
 import pytest
 import torch
-from conftest import sorted_subset
+from conftest import DEVICES, sorted_subset
 
 from dcp_kernels import ops
 from dcp_kernels.ops import extension
 
 pytestmark = pytest.mark.skipif(not extension.AVAILABLE, reason=f"the C++ extension is not built here ({extension.LOAD_ERROR})")
-needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and extension.CUDA_BUILT),
-                                reason="needs a CUDA device and a CUDA build of the extension")
+# On CPU tensors the ops run the host model; on CUDA tensors (where a GPU exists) the kernels.
+DEVICES_BUILT = [d for d in DEVICES if d == "cpu" or extension.CUDA_BUILT]
 
 
 @pytest.fixture(autouse=True)
@@ -87,28 +87,31 @@ GEOMETRIES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES_BUILT)
 @pytest.mark.parametrize("x_compact, y_compact", [(False, False), (True, True), (False, True)])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "N{}-C{}x{}-{}x{}-k{}-keep{}x{}-s{}p{}d{}".format(
     g[0], g[1], g[2], g[3], g[4], "x".join(map(str, g[5])), g[6], g[7], g[8], g[9], g[10]))
-def test_host_model_matches_the_reference_float64(geometry, x_compact, y_compact):
+def test_matches_the_reference_float64(geometry, x_compact, y_compact, device):
     n, c_in, c_out, h, w, kernel, k_in, k_out, stride, padding, dilation = geometry
-    case = _case(n, c_in, c_out, h, w, kernel, k_in, k_out, False, torch.float64, "cpu")
+    case = _case(n, c_in, c_out, h, w, kernel, k_in, k_out, False, torch.float64, device)
     got, want = _run(OPS, *case, stride, padding, dilation, False, x_compact, y_compact, mma=0, splits=0)
     for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES_BUILT)
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 1000])
-def test_split_k_ranges_cover_the_batch_once(splits):
+def test_split_k_ranges_cover_the_batch_once(splits, device):
     """Grad-weight split 1..many ways (1000: more splits than K tiles, clamped): every split's range
     summed once, in order."""
-    case = _case(3, 9, 7, 9, 11, (3, 3), 5, 4, False, torch.float64, "cpu")
+    case = _case(3, 9, 7, 9, 11, (3, 3), 5, 4, False, torch.float64, device)
     got, want = _run(OPS, *case, 1, 1, 1, False, False, False, mma=0, splits=splits)
     torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-12)
 
 
-def test_channels_last_input_is_read_through_its_strides():
-    x, weight, bias, in_idx, out_idx = _case(2, 8, 6, 7, 7, (3, 3), 5, 4, False, torch.float64, "cpu")
+@pytest.mark.parametrize("device", DEVICES_BUILT)
+def test_channels_last_input_is_read_through_its_strides(device):
+    x, weight, bias, in_idx, out_idx = _case(2, 8, 6, 7, 7, (3, 3), 5, 4, False, torch.float64, device)
     got, want = _run(OPS, x.contiguous(memory_format=torch.channels_last), weight, bias, in_idx, out_idx, 1, 1, 1,
                      False, False, False, mma=0, splits=2)
     for a, b in zip(got, want):
@@ -117,9 +120,10 @@ def test_channels_last_input_is_read_through_its_strides():
 
 @pytest.mark.parametrize("geometry", [(2, 5, 6, 9, 8, (3, 3), 3, 4, 1, 1, 1), (3, 4, 7, 10, 9, (3, 3), 4, 7, 2, 1, 2),
                                       (1, 3, 5, 6, 6, (5, 5), 1, 1, 1, 2, 1)])
-def test_host_model_depthwise_matches_the_reference(geometry):
+@pytest.mark.parametrize("device", DEVICES_BUILT)
+def test_depthwise_matches_the_reference(geometry, device):
     n, _, c, h, w, kernel, k_in, k_out, stride, padding, dilation = geometry
-    case = _case(n, c, c, h, w, kernel, k_in, k_out, True, torch.float64, "cpu")
+    case = _case(n, c, c, h, w, kernel, k_in, k_out, True, torch.float64, device)
     for y_compact in (False, True):
         got, want = _run(OPS, *case, stride, padding, dilation, True, False, y_compact, mma=0, splits=0)
         for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want):
@@ -132,11 +136,14 @@ def test_host_model_depthwise_matches_the_reference(geometry):
 HALF_TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
+@pytest.mark.parametrize("device", DEVICES_BUILT)
 @pytest.mark.parametrize("mma", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_host_model_in_half_precision_with_both_tile_families(dtype, mma):
+def test_half_precision_with_both_tile_families(dtype, mma, device):
     """fp16/bf16 inputs, float accumulation, on the SIMT tiles and the tensor-core tiles (64x64x16)."""
-    case = _case(2, 20, 70, 9, 9, (3, 3), 17, 66, False, dtype, "cpu")
+    if device == "cuda" and mma and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("tensor-core tiles need compute capability 8.0")
+    case = _case(2, 20, 70, 9, 9, (3, 3), 17, 66, False, dtype, device)
     got, want = _run(OPS, *case, 1, 1, 1, False, False, False, mma=mma, splits=0)
     # The reference runs on the same rounded inputs in float64: what is left is accumulation and output rounding.
     for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want):
@@ -157,3 +164,14 @@ def test_configuration_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="grad_y has shape"):
         torch.ops.dcp.implicit_gemm_conv2d_backward(torch.ones(1, 4, 4, 5), x, weight, in_idx, out_idx, *conf,
                                                     [True, True, True], 0, 0)
+
+
+def test_opcheck_of_the_configured_ops():
+    """Schemas, fake kernels and dispatch of the configured ops (torch.library.opcheck)."""
+    x, weight, bias, in_idx, out_idx = _case(2, 5, 4, 6, 6, (3, 3), 3, 2, False, torch.float32, "cpu")
+    conf = ([2, 2], [1, 1], [1, 1], False, False)
+    for y_compact in (False, True):
+        torch.library.opcheck(torch.ops.dcp.implicit_gemm_conv2d.default,
+                              (x, weight, bias, in_idx, out_idx, *conf, y_compact, 0, 0))
+    torch.library.opcheck(torch.ops.dcp.implicit_gemm_conv2d_backward.default,
+                          (torch.randn(2, 2, 3, 3), x, weight, in_idx, out_idx, *conf, True, [True, True, True], 0, 2))

@@ -358,6 +358,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_no_cuda(const at::Tensor
   no_cuda();
 }
 at::Tensor utility_no_cuda(const at::Tensor&, const at::Tensor&) { no_cuda(); }
+at::Tensor implicit_gemm_no_cuda(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                 const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                                 at::IntArrayRef, bool, bool, bool, int64_t, int64_t) {
+  no_cuda();
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> implicit_gemm_backward_no_cuda(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+    at::IntArrayRef, at::IntArrayRef, bool, bool, bool, std::array<bool, 3>, int64_t, int64_t) {
+  no_cuda();
+}
 }  // namespace
 }  // namespace dcp
 
@@ -365,5 +375,7 @@ TORCH_LIBRARY_IMPL(dcp, CUDA, m) {
   m.impl("gathered_conv2d", &dcp::conv_no_cuda);
   m.impl("gathered_conv2d_backward", &dcp::backward_no_cuda);
   m.impl("channel_utility", &dcp::utility_no_cuda);
+  m.impl("implicit_gemm_conv2d", &dcp::implicit_gemm_no_cuda);
+  m.impl("implicit_gemm_conv2d_backward", &dcp::implicit_gemm_backward_no_cuda);
 }
 #endif

@@ -2,8 +2,10 @@
 
 Importing ``_C`` registers the ``dcp::gathered_conv2d``, ``dcp::gathered_conv2d_backward`` and
 ``dcp::channel_utility`` ops (schemas in ``csrc/dcp_ops.cpp``, CPU kernels in ``csrc/cpu/``, CUDA
-kernels in ``csrc/cuda/``); this module adds their fake kernels and autograd formula and is the
-``extension`` backend's entry point. Without a built extension the package works on its PyTorch and
+kernels in ``csrc/cuda/``: on CUDA the fused gather implicit-GEMM kernels), and
+``dcp::implicit_gemm_conv2d[_backward]``, those kernels with tile family and split-K forced (on CPU
+tensors their host model, for the tests); this module adds their fake kernels and autograd formula
+and is the ``extension`` backend's entry point. Without a built extension the package works on its PyTorch and
 Triton backends, and says so in the log.
 """
 from __future__ import annotations
@@ -48,6 +50,11 @@ if AVAILABLE:
     torch.library.register_fake("dcp::gathered_conv2d_backward")(
         functools.partial(fake_conv2d_backward, x_memory_format=torch.contiguous_format))
     torch.library.register_fake("dcp::channel_utility")(fake_channel_utility)
+    # The fused kernels with their configuration explicit (tests, benchmarks): same outputs.
+    torch.library.register_fake("dcp::implicit_gemm_conv2d")(
+        lambda *args: fake_conv2d(*args[:11], memory_format=torch.contiguous_format))
+    torch.library.register_fake("dcp::implicit_gemm_conv2d_backward")(
+        lambda *args: fake_conv2d_backward(*args[:12], x_memory_format=torch.contiguous_format))
     register_conv_autograd("dcp::gathered_conv2d", torch.ops.dcp.gathered_conv2d_backward)
 else:
     logger.warning(
