@@ -16,18 +16,20 @@
 #   2. Triton CUDA tests (DCP_TRITON_AUTOTUNE=0: one tile configuration, one compile a kernel)  150
 #   3. static-shape step on CUDA: counted and BN kernels, training vs the reference,
 #      CUDA-graph replay vs eager                                                                 90
-#   4. extension CUDA tests, once the build is done                                              60
+#   4. extension CUDA tests, once the build is done (the fused implicit-GEMM kernels: the op
+#      grids, and tests/test_implicit_gemm.py with every tile family and split forced)            75
+#   4b. op level, fused kernels vs cuDNN on the compact tensors (ideal) vs gather->cuDNN->scatter
+#      (torch) vs Triton: ResNet-50 3x3 convs, batch 64, bf16, keep 0.5, forward + backward        60
 #   5. host syncs (expect 1; triton-static 0) and CUDA kernels per steady-state step            60
 #      (benchmarks/sync_check.py, VGG-16 CIFAR batch 64)
 #   6. step level, interleaved, prune 0.5, Triton untuned (DCP_TRITON_AUTOTUNE=0), every backend
 #      and triton-static: VGG-16 and ResNet-56 CIFAR batch 128 fp32 (TF32)                       50
 #   7. eager vs CUDA graphs (benchmarks/bench_graphs.py): dense, triton-static, ideal;
 #      VGG-16 and ResNet-56 CIFAR b128 fp32, ResNet-50 b64 bf16                                  100
-#   8. where the step's time goes (benchmarks/profile_step.py: wall vs GPU busy vs host time):
-#      VGG-16 CIFAR b128, dense / torch / ideal / triton-static                                    40
 # (Dropped after their 2026-11-28 run, recorded in docs/benchmarks-gpu.md: compiled steps, the
-# profile after 150 steps, the ResNet-50 b128 step (stage 7 has ResNet-50 b64). The op-level stage,
-# Triton autotuned, needs benchmarks/gpu.sh.)
+# profile after 150 steps, the ResNet-50 b128 step (stage 7 has ResNet-50 b64), where the step's time
+# goes (benchmarks/profile_step.py, run it alone). The op-level grid, Triton autotuned, needs
+# benchmarks/gpu.sh.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench-gpu}
@@ -41,7 +43,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torc
 date -u +%F | tee -a "$out/gpu.txt"
 
 stage "extension build (background)"
-(TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 DCP_REQUIRE_EXTENSION=1 \
+(TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 DCP_REQUIRE_EXTENSION=1 DCP_WERROR=1 \
   timeout 240 python3 setup.py -q build_ext --inplace --build-temp /tmp/dcp_build >"$out/build.txt" 2>&1;
   echo "build exit $?" >>"$out/build.txt") &
 build_pid=$!
@@ -59,10 +61,18 @@ DCP_TRITON_AUTOTUNE=0 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/
 wait $build_pid
 tail -3 "$out/build.txt"
 stage "extension CUDA tests" | tee -a "$out/gpu-tests.txt"
-timeout 60 python3 -m pytest -q -p no:cacheprovider --maxfail=25 \
-  tests/test_ops.py tests/test_convert.py tests/test_extension.py -k "cuda and extension" 2>&1 \
+timeout 75 python3 -m pytest -q -p no:cacheprovider --maxfail=25 \
+  tests/test_ops.py tests/test_convert.py tests/test_extension.py tests/test_implicit_gemm.py \
+  -k "(cuda and extension) or (test_implicit_gemm and cuda)" 2>&1 \
   | tail -40 | tee -a "$out/gpu-tests.txt"
 python3 -c "import dcp_kernels; print('backends on cuda:', dcp_kernels.backends('cuda'))" | tee -a "$out/gpu.txt"
+
+stage "op level: fused extension kernels vs ideal / torch / triton, ResNet-50 b64 bf16 keep 0.5"
+DCP_TRITON_AUTOTUNE=0 timeout 60 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py --benchmark-only \
+  --device cuda --dtype bf16 -k "fwd+bwd and resnet50-imagenet-b64 and keep0.5 and not reference" \
+  --benchmark-json="$out/bench-ops-fused.json" 2>&1 | tail -4
+python3 benchmarks/report.py "$out/bench-ops-fused.json" > "$out/bench-ops-fused.md" 2>&1
+tail -30 "$out/bench-ops-fused.md"
 
 stage "host syncs and kernel launches per step"
 DCP_TRITON_AUTOTUNE=0 timeout 60 python3 benchmarks/sync_check.py --json "$out/syncs.json" 2>&1 | tail -8 \
@@ -84,7 +94,4 @@ stage "eager vs CUDA graphs: CIFAR b128 fp32, ResNet-50 b64 bf16, prune 0.5"
   > "$out/bench-graphs.md" 2>&1
 tail -30 "$out/bench-graphs.md"
 
-stage "where the step's time goes (wall vs GPU busy vs host)"
-DCP_TRITON_AUTOTUNE=0 timeout 40 python3 benchmarks/profile_step.py vgg16-cifar-b128 --variants dense torch ideal triton-static \
-  2>&1 | grep -v "^USDT\|Warn\|warn" | tee "$out/profile-step.txt"
 stage done
