@@ -79,10 +79,21 @@ DCP_HD int64_t input_coord(int64_t o, int64_t k, int64_t stride, int64_t pad, in
 // (off the stride grid or outside the output).
 DCP_HD int64_t output_coord(int64_t i, int64_t k, int64_t stride, int64_t pad, int64_t dil, int64_t size) {
   const int64_t t = i + pad - k * dil;
-  if (t < 0 || t % stride != 0) return -1;
+  if (t < 0) return -1;
+  if (stride == 1) return t < size ? t : -1;  // no division in the common case
+  if (t % stride != 0) return -1;
   const int64_t o = t / stride;
   return o < size ? o : -1;
 }
+
+// Each problem splits its operand offsets into a part per GEMM row (Row), per K index (Depth) and per
+// GEMM column (Col): a kernel block decomposes its 64 rows and 64 columns once, and each K tile's
+// indices once, into shared memory, so loading an element is a few adds and a bounds check, not the
+// divisions of a flat index. `ok` is false for indices past the matrix (the element is a zero): a
+// value-initialised `Row{}` is such a one (the structs are trivial, so they can live in __shared__).
+//   a(row, depth): offset of A(m, k), or -1 for a zero (padding, past the matrix)
+//   b(depth, col): offset of B(k, n), or -1
+//   c(m, n):       offset of C(m, n) (the epilogue; once per output element)
 
 // y[:, out_idx] = conv(x[:, in_idx], weight[out_idx][:, in_idx]) (+ bias[out_idx]).
 struct ForwardProblem {
@@ -91,18 +102,37 @@ struct ForwardProblem {
   Strides x, y;
   static constexpr bool kHasBias = true;
 
+  struct Row {  // output pixel (b, oy, ox)
+    int64_t base, iy0, ix0;
+    bool ok;
+  };
+  struct Depth {  // (input channel i, tap)
+    int64_t channel, dy, dx, weight;
+    bool ok;
+  };
+  struct Col {  // output channel j
+    int64_t weight;
+    bool ok;
+  };
+
   DCP_HD int64_t rows() const { return g.n * g.oh * g.ow; }
   DCP_HD int64_t cols() const { return g.k_out; }
   DCP_HD int64_t depth() const { return g.k_in * g.taps(); }
-  DCP_HD int64_t a(int64_t m, int64_t k) const {  // x
+  DCP_HD Row row(int64_t m) const {
     const Pixel p = unflatten(m, g.oh, g.ow);
-    const int64_t i = k / g.taps(), tap = k % g.taps();
-    const int64_t iy = input_coord(p.y, tap / g.kw, g.stride_h, g.pad_h, g.dil_h);
-    const int64_t ix = input_coord(p.x, tap % g.kw, g.stride_w, g.pad_w, g.dil_w);
-    if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return -1;
-    return x.at(p.b, s.x_channel(i), iy, ix);
+    return {p.b * x.n, input_coord(p.y, 0, g.stride_h, g.pad_h, 1), input_coord(p.x, 0, g.stride_w, g.pad_w, 1), true};
   }
-  DCP_HD int64_t b(int64_t k, int64_t n) const { return s.weight(g, n, k / g.taps(), k % g.taps()); }  // weight
+  DCP_HD Depth depth_at(int64_t k) const {
+    const int64_t i = k / g.taps(), tap = k % g.taps();
+    return {s.x_channel(i) * x.c, (tap / g.kw) * g.dil_h, (tap % g.kw) * g.dil_w, s.in_idx[i] * g.taps() + tap, true};
+  }
+  DCP_HD Col col(int64_t n) const { return {s.out_idx[n] * g.c_in * g.taps(), true}; }
+  DCP_HD int64_t a(const Row& r, const Depth& d) const {  // x
+    const int64_t iy = r.iy0 + d.dy, ix = r.ix0 + d.dx;
+    if (!r.ok || !d.ok || iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return -1;
+    return r.base + d.channel + iy * x.h + ix * x.w;
+  }
+  DCP_HD int64_t b(const Depth& d, const Col& c_) const { return d.ok && c_.ok ? c_.weight + d.weight : -1; }
   DCP_HD int64_t c(int64_t m, int64_t n) const {  // y
     const Pixel p = unflatten(m, g.oh, g.ow);
     return y.at(p.b, s.y_channel(n), p.y, p.x);
@@ -117,18 +147,40 @@ struct GradInputProblem {
   Strides gy, gx;
   static constexpr bool kHasBias = false;
 
+  struct Row {  // input pixel (b, iy, ix), shifted by the padding
+    int64_t base, ty, tx;
+    bool ok;
+  };
+  struct Depth {  // (output channel j, tap)
+    int64_t channel, dy, dx, weight;
+    bool ok;
+  };
+  struct Col {  // input channel i
+    int64_t weight;
+    bool ok;
+  };
+
   DCP_HD int64_t rows() const { return g.n * g.h * g.w; }
   DCP_HD int64_t cols() const { return g.k_in; }
   DCP_HD int64_t depth() const { return g.k_out * g.taps(); }
-  DCP_HD int64_t a(int64_t m, int64_t k) const {  // grad_y
+  DCP_HD Row row(int64_t m) const {
     const Pixel p = unflatten(m, g.h, g.w);
-    const int64_t j = k / g.taps(), tap = k % g.taps();
-    const int64_t oy = output_coord(p.y, tap / g.kw, g.stride_h, g.pad_h, g.dil_h, g.oh);
-    const int64_t ox = output_coord(p.x, tap % g.kw, g.stride_w, g.pad_w, g.dil_w, g.ow);
-    if (oy < 0 || ox < 0) return -1;
-    return gy.at(p.b, s.y_channel(j), oy, ox);
+    return {p.b * gy.n, p.y + g.pad_h, p.x + g.pad_w, true};
   }
-  DCP_HD int64_t b(int64_t k, int64_t n) const { return s.weight(g, k / g.taps(), n, k % g.taps()); }  // weight
+  DCP_HD Depth depth_at(int64_t k) const {
+    const int64_t j = k / g.taps(), tap = k % g.taps();
+    return {s.y_channel(j) * gy.c, (tap / g.kw) * g.dil_h, (tap % g.kw) * g.dil_w,
+            s.out_idx[j] * g.c_in * g.taps() + tap, true};
+  }
+  DCP_HD Col col(int64_t n) const { return {s.in_idx[n] * g.taps(), true}; }
+  DCP_HD int64_t a(const Row& r, const Depth& d) const {  // grad_y at the output pixel reading this input pixel
+    if (!r.ok || !d.ok) return -1;
+    const int64_t oy = output_coord(r.ty - d.dy, 0, g.stride_h, 0, 1, g.oh);
+    const int64_t ox = output_coord(r.tx - d.dx, 0, g.stride_w, 0, 1, g.ow);
+    if (oy < 0 || ox < 0) return -1;
+    return r.base + d.channel + oy * gy.h + ox * gy.w;
+  }
+  DCP_HD int64_t b(const Depth& d, const Col& c_) const { return d.ok && c_.ok ? d.weight + c_.weight : -1; }
   DCP_HD int64_t c(int64_t m, int64_t n) const {  // grad_x
     const Pixel p = unflatten(m, g.h, g.w);
     return gx.at(p.b, s.x_channel(n), p.y, p.x);
@@ -143,24 +195,55 @@ struct GradWeightProblem {
   Strides gy, x;
   static constexpr bool kHasBias = false;
 
+  struct Row {  // output channel j
+    int64_t channel;
+    bool ok;
+  };
+  struct Depth {  // output pixel (b, oy, ox)
+    int64_t grad_y, x_base, iy0, ix0;
+    bool ok;
+  };
+  struct Col {  // (input channel i, tap)
+    int64_t channel, dy, dx;
+    bool ok;
+  };
+
   DCP_HD int64_t rows() const { return g.k_out; }
   DCP_HD int64_t cols() const { return g.k_in * g.taps(); }
   DCP_HD int64_t depth() const { return g.n * g.oh * g.ow; }
-  DCP_HD int64_t a(int64_t m, int64_t k) const {  // grad_y
+  DCP_HD Row row(int64_t m) const { return {s.y_channel(m) * gy.c, true}; }
+  DCP_HD Depth depth_at(int64_t k) const {
     const Pixel p = unflatten(k, g.oh, g.ow);
-    return gy.at(p.b, s.y_channel(m), p.y, p.x);
+    return {p.b * gy.n + p.y * gy.h + p.x * gy.w, p.b * x.n, input_coord(p.y, 0, g.stride_h, g.pad_h, 1),
+            input_coord(p.x, 0, g.stride_w, g.pad_w, 1), true};
   }
-  DCP_HD int64_t b(int64_t k, int64_t n) const {  // x
-    const Pixel p = unflatten(k, g.oh, g.ow);
+  DCP_HD Col col(int64_t n) const {
     const int64_t i = n / g.taps(), tap = n % g.taps();
-    const int64_t iy = input_coord(p.y, tap / g.kw, g.stride_h, g.pad_h, g.dil_h);
-    const int64_t ix = input_coord(p.x, tap % g.kw, g.stride_w, g.pad_w, g.dil_w);
-    if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return -1;
-    return x.at(p.b, s.x_channel(i), iy, ix);
+    return {s.x_channel(i) * x.c, (tap / g.kw) * g.dil_h, (tap % g.kw) * g.dil_w, true};
+  }
+  DCP_HD int64_t a(const Row& r, const Depth& d) const { return r.ok && d.ok ? d.grad_y + r.channel : -1; }  // grad_y
+  DCP_HD int64_t b(const Depth& d, const Col& c_) const {  // x
+    const int64_t iy = d.iy0 + c_.dy, ix = d.ix0 + c_.dx;
+    if (!d.ok || !c_.ok || iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return -1;
+    return d.x_base + c_.channel + iy * x.h + ix * x.w;
   }
   DCP_HD int64_t c(int64_t m, int64_t n) const { return s.weight(g, m, n / g.taps(), n % g.taps()); }  // grad_w
   DCP_HD int64_t bias(int64_t) const { return 0; }
 };
+
+// The decomposed index, or the zero-element one past the end of the matrix.
+template <typename Problem>
+DCP_HD typename Problem::Row row_or_none(const Problem& p, int64_t m) {
+  return m < p.rows() ? p.row(m) : typename Problem::Row{};
+}
+template <typename Problem>
+DCP_HD typename Problem::Col col_or_none(const Problem& p, int64_t n) {
+  return n < p.cols() ? p.col(n) : typename Problem::Col{};
+}
+template <typename Problem>
+DCP_HD typename Problem::Depth depth_or_none(const Problem& p, int64_t k) {
+  return k < p.depth() ? p.depth_at(k) : typename Problem::Depth{};
+}
 
 // Block tile shapes. Simt: 256 threads, each a 4 x 4 strided micro-tile, float/double FMAs.
 // Mma: 4 warps in 2 x 2, each 32 x 32 as 2 x 2 16x16x16 tensor-core fragments (fp16/bf16 inputs,

@@ -28,25 +28,31 @@ struct HostModel {
   template <typename Tile, typename Problem, typename scalar_t, typename acc_t>
   static void gemm(const Problem& p, const scalar_t* a, const scalar_t* b, const scalar_t* bias, scalar_t* c,
                    acc_t* workspace, const igemm::SplitK& split) {
-    const int64_t rows = p.rows(), cols = p.cols(), depth = p.depth();
+    const int64_t rows = p.rows(), cols = p.cols();
     const int64_t tiles_m = (rows + Tile::kM - 1) / Tile::kM, tiles_n = (cols + Tile::kN - 1) / Tile::kN;
     std::vector<acc_t> a_tile(Tile::kM * Tile::kK), b_tile(Tile::kK * Tile::kN), acc(Tile::kM * Tile::kN);
+    std::vector<typename Problem::Row> row_info(Tile::kM);
+    std::vector<typename Problem::Col> col_info(Tile::kN);
+    std::vector<typename Problem::Depth> depth_info(Tile::kK);
     // Grid order of the kernels: x over M tiles, y over N tiles, z over splits.
     for (int64_t s = 0; s < split.splits; ++s) {
       for (int64_t tn = 0; tn < tiles_n; ++tn) {
         for (int64_t tm = 0; tm < tiles_m; ++tm) {
           const int64_t m0 = tm * Tile::kM, n0 = tn * Tile::kN;
+          // Decomposed once per block, as the kernels stage them in shared memory.
+          for (int mm = 0; mm < Tile::kM; ++mm) row_info[mm] = igemm::row_or_none(p, m0 + mm);
+          for (int nn = 0; nn < Tile::kN; ++nn) col_info[nn] = igemm::col_or_none(p, n0 + nn);
           std::fill(acc.begin(), acc.end(), acc_t(0));
           for (int64_t k0 = split.begin(s, Tile::kK); k0 < split.end(s, Tile::kK); k0 += Tile::kK) {
+            for (int kk = 0; kk < Tile::kK; ++kk) depth_info[kk] = igemm::depth_or_none(p, k0 + kk);
             // Stage the tiles as the kernels do: zeros outside the matrix and in the padding.
             for (int kk = 0; kk < Tile::kK; ++kk) {
-              const int64_t k = k0 + kk;
               for (int mm = 0; mm < Tile::kM; ++mm) {
-                const int64_t m = m0 + mm, off = (m < rows && k < depth) ? p.a(m, k) : -1;
+                const int64_t off = p.a(row_info[mm], depth_info[kk]);
                 a_tile[mm * Tile::kK + kk] = off >= 0 ? static_cast<acc_t>(a[off]) : acc_t(0);
               }
               for (int nn = 0; nn < Tile::kN; ++nn) {
-                const int64_t n = n0 + nn, off = (n < cols && k < depth) ? p.b(k, n) : -1;
+                const int64_t off = p.b(depth_info[kk], col_info[nn]);
                 b_tile[kk * Tile::kN + nn] = off >= 0 ? static_cast<acc_t>(b[off]) : acc_t(0);
               }
             }

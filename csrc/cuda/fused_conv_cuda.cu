@@ -3,7 +3,9 @@
 // Each pass (forward, grad-input, grad-weight) is one implicit GEMM over the selected block whose
 // global loads read the selected channels of the full (or compact) activations and the selected
 // weight block in place, through the index tensors (csrc/implicit_gemm.h): no compact copy of an
-// activation or the weight is made. A block computes a 64 x 64 output tile:
+// activation or the weight is made. A block decomposes its 64 rows and 64 columns once, and each K
+// tile's indices once, into shared memory; an operand load is then a few adds and a bounds check.
+// A block computes a 64 x 64 output tile:
 //   * SIMT tiles (float, double; and fp16/bf16 before sm_80): 256 threads, 4 x 4 outputs each, K tiles
 //     of 8 staged in shared memory in the accumulation type;
 //   * tensor-core tiles (fp16/bf16 on sm_80+): 4 warps of 2 x 2 WMMA 16x16x16 fragments, K tiles of
@@ -47,6 +49,16 @@ __device__ __forceinline__ void check_selection(const igemm::Geometry& g, const 
   }
 }
 
+// The block's rows and columns, decomposed once into shared memory (see csrc/implicit_gemm.h).
+// Ends with a barrier: the K loop reads them.
+template <typename Tile, typename Problem>
+__device__ __forceinline__ void stage_rows_and_cols(const Problem& p, int64_t m0, int64_t n0,
+                                                    typename Problem::Row* rows, typename Problem::Col* cols) {
+  for (int i = threadIdx.x; i < Tile::kM; i += blockDim.x) rows[i] = igemm::row_or_none(p, m0 + i);
+  for (int i = threadIdx.x; i < Tile::kN; i += blockDim.x) cols[i] = igemm::col_or_none(p, n0 + i);
+  __syncthreads();
+}
+
 template <typename Problem, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(igemm::SimtTile::kThreads)
     simt_gemm_kernel(const Problem p, const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
@@ -57,10 +69,14 @@ __global__ void __launch_bounds__(igemm::SimtTile::kThreads)
   static_assert(T::kM == T::kN && kLanes * kLanes == T::kThreads, "one thread per 4 x 4 micro-tile");
   __shared__ acc_t a_tile[T::kK][T::kM];
   __shared__ acc_t b_tile[T::kK][T::kN];
+  __shared__ typename Problem::Row row_info[T::kM];
+  __shared__ typename Problem::Col col_info[T::kN];
+  __shared__ typename Problem::Depth depth_info[T::kK];
   check_selection(p.g, p.s);
-  const int64_t rows = p.rows(), cols = p.cols(), depth = p.depth();
+  const int64_t rows = p.rows(), cols = p.cols();
   const int64_t m0 = int64_t(blockIdx.x) * T::kM, n0 = int64_t(blockIdx.y) * T::kN, s = blockIdx.z;
   const int tm = threadIdx.x % kLanes, tn = threadIdx.x / kLanes;
+  stage_rows_and_cols<T>(p, m0, n0, row_info, col_info);
   acc_t acc[kMicro][kMicro];
 #pragma unroll
   for (int i = 0; i < kMicro; ++i) {
@@ -69,17 +85,17 @@ __global__ void __launch_bounds__(igemm::SimtTile::kThreads)
   }
   const int64_t k_end = split.end(s, T::kK);
   for (int64_t k0 = split.begin(s, T::kK); k0 < k_end; k0 += T::kK) {
+    if (threadIdx.x < T::kK) depth_info[threadIdx.x] = igemm::depth_or_none(p, k0 + threadIdx.x);
+    __syncthreads();
     // Rows vary fastest across threads: consecutive output pixels, consecutive addresses in NCHW.
     for (int e = threadIdx.x; e < T::kK * T::kM; e += T::kThreads) {
       const int kk = e / T::kM, mm = e % T::kM;
-      const int64_t m = m0 + mm, k = k0 + kk;
-      const int64_t off = (m < rows && k < depth) ? p.a(m, k) : -1;
+      const int64_t off = p.a(row_info[mm], depth_info[kk]);
       a_tile[kk][mm] = off >= 0 ? static_cast<acc_t>(a[off]) : acc_t(0);
     }
     for (int e = threadIdx.x; e < T::kK * T::kN; e += T::kThreads) {
       const int kk = e / T::kN, nn = e % T::kN;
-      const int64_t n = n0 + nn, k = k0 + kk;
-      const int64_t off = (n < cols && k < depth) ? p.b(k, n) : -1;
+      const int64_t off = p.b(depth_info[kk], col_info[nn]);
       b_tile[kk][nn] = off >= 0 ? static_cast<acc_t>(b[off]) : acc_t(0);
     }
     __syncthreads();
@@ -123,11 +139,15 @@ __global__ void __launch_bounds__(igemm::MmaTile::kThreads)
   __shared__ __align__(32) uint16_t a_tile[T::kM * kLdA];  // row-major (m, k)
   __shared__ __align__(32) uint16_t b_tile[T::kK * kLdB];  // row-major (k, n)
   __shared__ __align__(32) float c_tile[T::kM * kLdC];
+  __shared__ typename Problem::Row row_info[T::kM];
+  __shared__ typename Problem::Col col_info[T::kN];
+  __shared__ typename Problem::Depth depth_info[T::kK];
   check_selection(p.g, p.s);
   const uint16_t* a_bits = reinterpret_cast<const uint16_t*>(a);
   const uint16_t* b_bits = reinterpret_cast<const uint16_t*>(b);
-  const int64_t rows = p.rows(), cols = p.cols(), depth = p.depth();
+  const int64_t rows = p.rows(), cols = p.cols();
   const int64_t m0 = int64_t(blockIdx.x) * T::kM, n0 = int64_t(blockIdx.y) * T::kN, s = blockIdx.z;
+  stage_rows_and_cols<T>(p, m0, n0, row_info, col_info);
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;  // 2 x 2 warps, 32 x 32 outputs each
   wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[2][2];
 #pragma unroll
@@ -137,16 +157,16 @@ __global__ void __launch_bounds__(igemm::MmaTile::kThreads)
   }
   const int64_t k_end = split.end(s, T::kK);
   for (int64_t k0 = split.begin(s, T::kK); k0 < k_end; k0 += T::kK) {
+    if (threadIdx.x < T::kK) depth_info[threadIdx.x] = igemm::depth_or_none(p, k0 + threadIdx.x);
+    __syncthreads();
     for (int e = threadIdx.x; e < T::kM * T::kK; e += T::kThreads) {
       const int mm = e % T::kM, kk = e / T::kM;
-      const int64_t m = m0 + mm, k = k0 + kk;
-      const int64_t off = (m < rows && k < depth) ? p.a(m, k) : -1;
+      const int64_t off = p.a(row_info[mm], depth_info[kk]);
       a_tile[mm * kLdA + kk] = off >= 0 ? a_bits[off] : uint16_t(0);  // +0.0 in fp16 and bf16
     }
     for (int e = threadIdx.x; e < T::kK * T::kN; e += T::kThreads) {
       const int nn = e % T::kN, kk = e / T::kN;
-      const int64_t n = n0 + nn, k = k0 + kk;
-      const int64_t off = (n < cols && k < depth) ? p.b(k, n) : -1;
+      const int64_t off = p.b(depth_info[kk], col_info[nn]);
       b_tile[kk * kLdB + nn] = off >= 0 ? b_bits[off] : uint16_t(0);
     }
     __syncthreads();

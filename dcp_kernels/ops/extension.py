@@ -77,10 +77,11 @@ def gathered_conv2d(
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
     *, x_compact: bool = False, y_compact: bool = False,
 ) -> Tensor:
-    """The op contract on the extension's kernels (NCHW; other layouts are made contiguous first)."""
+    """The op contract on the extension's kernels. The CUDA kernels read ``x`` through its strides
+    (channels-last as is); the CPU kernels take NCHW, so other layouts are made contiguous there."""
     return torch.ops.dcp.gathered_conv2d(
-        x.contiguous(), weight.contiguous(), bias, in_idx, out_idx, list(stride), list(padding), list(dilation),
-        groups > 1, x_compact, y_compact,
+        x if x.is_cuda else x.contiguous(), weight.contiguous(), bias, in_idx, out_idx, list(stride),
+        list(padding), list(dilation), groups > 1, x_compact, y_compact,
     )
 
 
