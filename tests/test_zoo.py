@@ -353,6 +353,27 @@ def test_recorded_run_finds_the_same_graph_as_fx(name, monkeypatch):
             assert getattr(recorded, field) == getattr(traced, field), field
 
 
+@pytest.mark.parametrize("reshape", ["flatten", "view-batch", "view-fixed"])
+def test_recorded_run_reads_flattens_as_fx_does(reshape, monkeypatch):
+    """A recorded run sees every size as a number: ``view(x.size(0), -1)`` is recorded as
+    ``view(2, -1)``, still a flatten to any width; ``view(-1, 48)`` keeps its conv dense as under fx."""
+    from test_convert import _HeadAfterReshape
+
+    from dcp_kernels import graph
+    from dcp_kernels.graph import analysis
+
+    model = _HeadAfterReshape(reshape)
+    traced = graph.analyze(model, prune_residual=False)
+    with monkeypatch.context() as m:
+        m.setattr(analysis, "trace", lambda model: (_ for _ in ()).throw(TypeError("fx refused")))
+        with pytest.warns(UserWarning, match="recorded run"):
+            recorded = graph.analyze(model, prune_residual=False)
+    for field in ("groups", "conv_inputs", "linear_inputs", "channelwise", "skipped"):
+        assert getattr(recorded, field) == getattr(traced, field), field
+    assert ("conv2" in traced.skipped) is (reshape == "view-fixed") and bool(traced.linear_inputs) is (
+        reshape != "view-fixed")
+
+
 def _small_densenet():
     return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
                                        num_classes=5)

@@ -42,6 +42,7 @@ from .optable import (
     _SUM_METHODS,
     _SUMS,
     _describe,
+    _fixes_feature_count,
     _flatten_from_dim1,
     _flattens_per_sample,
     _is_batch_flatten,
@@ -123,14 +124,13 @@ class _Space:
 @dataclass(frozen=True)
 class _Chan:
     """What the channel dimension of a traced tensor holds: segments ``(space id | None, width)``;
-    ``block`` is the number of features per channel once flattened (None: still (N, C, ...)).
-    ``any_width``: every reshape on the way works whatever the channel count (a flatten from dim 1,
-    ``view(x.size(0), -1)``), so the tensor may carry only the selected channels; False after a
-    reshape to sizes fixed in the code (``view(-1, 4096)``), which a compact tensor would break."""
+    ``block`` is the number of features per channel once flattened (None: still (N, C, ...)). Every
+    flatten DCP follows works whatever the channel count (``flatten(1)``, ``view(x.size(0), -1)``), so
+    the tensor may carry only the selected channels; a flatten to a count written in the code
+    (``view(-1, 4096)``) blocks the channels before it instead."""
 
     segs: tuple[tuple[int | None, int], ...]
     block: int | None = None
-    any_width: bool = True
 
 
 class _Analyzer:
@@ -345,17 +345,17 @@ class _Analyzer:
         if block is None or width * block != in_features:
             self.block(x, f"read by {name!r} (Linear) in a layout DCP does not follow")
             return
-        if not (x.any_width and len(x.segs) == 1):
+        if len(x.segs) > 1:
             self.unsimple(x)  # the Linear reads full-width features
         self.linear_readers[name] = (x, block)
 
-    def flattened(self, node: fx.Node, x: _Chan, any_width: bool = True) -> _Chan | None:
-        """(N, C, ...) flattened to (N, C * block); ``any_width``: by an op that works whatever C is."""
+    def flattened(self, node: fx.Node, x: _Chan) -> _Chan | None:
+        """(N, C, ...) flattened to (N, C * block)."""
         shape = _shape(node.args[0])
         if x.block is not None or shape is None or len(shape) < 2:
             self.block(x, "flattened in a way DCP does not follow")
             return None
-        return _Chan(x.segs, math.prod(shape[2:]), x.any_width and any_width)
+        return _Chan(x.segs, math.prod(shape[2:]))
 
     def visit_function(self, node: fx.Node) -> _Chan | None:
         target = node.target
@@ -391,7 +391,13 @@ class _Analyzer:
                 return self.flattened(node, x)
             if target in ("view", "reshape") and x is not None and (
                     _is_batch_flatten(node.args[1:]) or _flattens_per_sample(node)):
-                return self.flattened(node, x, any_width=_is_batch_flatten(node.args[1:], any_width=True))
+                if _fixes_feature_count(node.args[1:]):
+                    # Training would run (at full width), but the finalized network would not.
+                    self.block(x, f"flattened by {_describe(node)} to a feature count written in the code, "
+                                  "which fewer channels would break; flatten with torch.flatten(x, 1) or "
+                                  "x.view(x.size(0), -1) to prune it")
+                    return None
+                return self.flattened(node, x)
             if target in _SUM_METHODS or target in _PRODUCT_METHODS:
                 return self.combine(node, residual=target in _SUM_METHODS)
             if target in _SPATIAL_REDUCTIONS.values():

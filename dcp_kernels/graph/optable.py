@@ -143,21 +143,33 @@ def _flatten_from_dim1(args, kwargs) -> bool:
     return start == 1 and end == -1
 
 
-def _is_batch_flatten(shape_args, any_width: bool = False) -> bool:
-    """``x.view(x.size(0), -1)`` or ``x.view(-1, K)``: one flat feature vector per sample
-    (``any_width``: only the first form, which works whatever the channel count)."""
+def _shape_pair(shape_args) -> tuple | None:
+    """The two sizes of ``view(a, b)`` / ``view((a, b))``, or None for another arity."""
     if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
         shape_args = tuple(shape_args[0])
-    if len(shape_args) != 2:
+    return tuple(shape_args) if len(shape_args) == 2 else None
+
+
+def _is_batch_flatten(shape_args) -> bool:
+    """``x.view(x.size(0), -1)`` or ``x.view(-1, K)``: one flat feature vector per sample."""
+    pair = _shape_pair(shape_args)
+    if pair is None:
         return False
-    first, second = shape_args
+    first, second = pair
     batch_size = isinstance(first, fx.Node) and _is_shape_query(first) and (
         (first.op == "call_method" and first.args[1:] == (0,))
         or (first.op == "call_function" and first.target is operator.getitem and first.args[1] == 0)
     )
-    if any_width:
-        return batch_size and second == -1
     return (batch_size and second == -1) or (first == -1 and isinstance(second, int))
+
+
+def _fixes_feature_count(shape_args) -> bool:
+    """A per-sample flatten to a feature count given as a number (``view(-1, 4096)``,
+    ``view(x.size(0), 4096)``): the model then runs only at that width, so the channels before it
+    cannot be cut. In a recorded graph (record.py) every size is a number, a computed one too; only
+    ``-1`` shows that the count was left to the tensor, so there a number is taken as fixed."""
+    pair = _shape_pair(shape_args)
+    return pair is not None and isinstance(pair[1], int) and pair[1] != -1
 
 
 def _flattens_per_sample(node: fx.Node) -> bool:
