@@ -16,6 +16,7 @@
 
 #include <array>
 #include <tuple>
+#include <type_traits>
 
 #include "checks.h"
 #include "implicit_gemm.h"
@@ -127,8 +128,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_conv2d_backward(
     bool depthwise, bool x_compact, bool y_compact, std::array<bool, 3> output_mask, const FusedConfig& cfg) {
   const auto cg = check_conv(x, weight, c10::nullopt, in_idx, out_idx, stride, padding, dilation, depthwise,
                              x_compact, /*any_x_layout=*/true);
-  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == cg.n && grad_y.size(1) == (y_compact ? out_idx.numel() : cg.c_out) &&
-                  grad_y.size(2) == cg.oh && grad_y.size(3) == cg.ow,
+  const int64_t y_channels = y_compact ? out_idx.numel() : cg.c_out;
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == cg.n && grad_y.size(1) == y_channels && grad_y.size(2) == cg.oh &&
+                  grad_y.size(3) == cg.ow,
               "grad_y has shape ", grad_y.sizes(), ", which does not match the convolution's output");
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
               "grad_y must be a ", x.scalar_type(), " tensor on ", x.device());
@@ -139,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_conv2d_backward(
              grad_b = at::empty({0}, x.options());
   // Full-width gradients are zero outside the selection: one fill each, then only the block.
   if (output_mask[0]) {
-    grad_x = x_compact ? at::empty({g.n, g.k_in, g.h, g.w}, x.options()) : at::zeros({g.n, x.size(1), g.h, g.w}, x.options());
+    grad_x = x_compact ? at::empty({g.n, g.k_in, g.h, g.w}, x.options())
+                       : at::zeros({g.n, x.size(1), g.h, g.w}, x.options());
   }
   if (output_mask[1]) grad_w = at::zeros_like(weight, at::MemoryFormat::Contiguous);
   if (output_mask[2]) grad_b = at::zeros({g.c_out}, x.options());

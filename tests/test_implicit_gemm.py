@@ -17,7 +17,8 @@ from conftest import DEVICES, sorted_subset
 from dcp_kernels import ops
 from dcp_kernels.ops import extension
 
-pytestmark = pytest.mark.skipif(not extension.AVAILABLE, reason=f"the C++ extension is not built here ({extension.LOAD_ERROR})")
+pytestmark = pytest.mark.skipif(not extension.AVAILABLE,
+                                reason=f"the C++ extension is not built here ({extension.LOAD_ERROR})")
 # On CPU tensors the ops run the host model; on CUDA tensors (where a GPU exists) the kernels.
 DEVICES_BUILT = [d for d in DEVICES if d == "cpu" or extension.CUDA_BUILT]
 

@@ -39,7 +39,8 @@ namespace {
 constexpr int kThreads = 256;
 
 // Every block checks the indices it may read before reading them (cheap next to a tile's work:
-// k_in + k_out loads spread over the block's threads).
+// k_in + k_out loads spread over the block's threads); the barrier keeps every thread from using an
+// index before the check of it has run. Call it from all threads, before any early exit.
 __device__ __forceinline__ void check_selection(const igemm::Geometry& g, const igemm::Selection& s) {
   for (int64_t i = threadIdx.x; i < g.k_in; i += blockDim.x) {
     CUDA_KERNEL_ASSERT(s.in_idx[i] >= 0 && s.in_idx[i] < g.c_in && "in_idx holds an index outside [0, C_in)");
@@ -47,6 +48,7 @@ __device__ __forceinline__ void check_selection(const igemm::Geometry& g, const 
   for (int64_t j = threadIdx.x; j < g.k_out; j += blockDim.x) {
     CUDA_KERNEL_ASSERT(s.out_idx[j] >= 0 && s.out_idx[j] < g.c_out && "out_idx holds an index outside [0, C_out)");
   }
+  __syncthreads();
 }
 
 // The block's rows and columns, decomposed once into shared memory (see csrc/implicit_gemm.h).
@@ -387,10 +389,11 @@ struct CudaExecutor {
   }
 };
 
-at::Tensor implicit_gemm_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                     const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
-                                     at::IntArrayRef padding, at::IntArrayRef dilation, bool depthwise, bool x_compact,
-                                     bool y_compact, int64_t mma, int64_t wgrad_splits) {
+at::Tensor implicit_gemm_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                     const c10::optional<at::Tensor>& bias, const at::Tensor& in_idx,
+                                     const at::Tensor& out_idx, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, bool depthwise, bool x_compact, bool y_compact,
+                                     int64_t mma, int64_t wgrad_splits) {
   const c10::cuda::CUDAGuard guard(x.device());
   return fused_conv2d<CudaExecutor>(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact,
                                     y_compact, FusedConfig{mma, wgrad_splits});
