@@ -12,6 +12,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 
 #include <array>
@@ -23,8 +24,9 @@
 
 namespace dcp {
 
-// How to run: `mma` -1 chooses (tensor-core tiles for fp16/bf16 where the device has them), 0 forces
-// the SIMT tiles, 1 the tensor-core tiles (fp16/bf16 only); `wgrad_splits` 0 chooses, else forces.
+// How to run: `mma` -1 chooses (tensor-core tiles where the device has them for fp16/bf16, and for
+// fp32 as TF32 when PyTorch allows cuDNN's convolutions TF32: torch.backends.cudnn.allow_tf32), 0
+// forces the SIMT tiles, 1 the tensor-core tiles (not for float64); `wgrad_splits` 0 chooses.
 struct FusedConfig {
   int64_t mma = -1;
   int64_t wgrad_splits = 0;
@@ -50,9 +52,10 @@ inline bool use_mma(const FusedConfig& cfg, at::ScalarType dtype, bool supported
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   TORCH_CHECK(cfg.mma >= -1 && cfg.mma <= 1, "mma must be -1 (choose), 0 (SIMT tiles) or 1 (tensor-core tiles), got ",
               cfg.mma);
-  TORCH_CHECK(cfg.mma != 1 || (half && supported), "mma=1 (tensor-core tiles) needs float16/bfloat16 tensors ",
-              "on a device with compute capability 8.0 or newer, got ", dtype);
-  return cfg.mma == 1 || (cfg.mma == -1 && half && supported);
+  TORCH_CHECK(cfg.mma != 1 || ((half || dtype == at::kFloat) && supported), "mma=1 (tensor-core tiles) needs ",
+              "float16/bfloat16/float32 tensors on a device with compute capability 8.0 or newer, got ", dtype);
+  const bool tf32 = dtype == at::kFloat && at::globalContext().allowTF32CuDNN();
+  return cfg.mma == 1 || (cfg.mma == -1 && (half || tf32) && supported);
 }
 
 // C = A x B for `problem` on the tile family chosen, split `splits` ways along K (1: no workspace).
@@ -74,7 +77,7 @@ template <typename Exec, typename scalar_t, typename Problem>
 void run_gemm(const Problem& p, const scalar_t* a, const scalar_t* b, const scalar_t* bias, scalar_t* c, bool mma,
               int64_t splits, const at::Tensor& like) {
   if (p.rows() == 0 || p.cols() == 0) return;
-  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
     if (mma) return run_gemm_on<Exec, igemm::MmaTile>(p, a, b, bias, c, splits, like);
   }
   run_gemm_on<Exec, igemm::SimtTile>(p, a, b, bias, c, splits, like);

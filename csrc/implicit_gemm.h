@@ -19,6 +19,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define DCP_HD __host__ __device__ __forceinline__
@@ -246,14 +248,37 @@ DCP_HD typename Problem::Depth depth_or_none(const Problem& p, int64_t k) {
 }
 
 // Block tile shapes. Simt: 256 threads, each a 4 x 4 strided micro-tile, float/double FMAs.
-// Mma: 4 warps in 2 x 2, each 32 x 32 as 2 x 2 16x16x16 tensor-core fragments (fp16/bf16 inputs,
-// float accumulation). The host model walks the same tiles.
+// Mma: 4 warps in 2 x 2, each 32 x 32 as 2 x 2 tensor-core fragments, float accumulation: 16x16x16
+// for fp16/bf16 inputs, 16x16x8 (two per K tile) for fp32 inputs as TF32. The host model walks the
+// same tiles.
 struct SimtTile {
   static constexpr int kM = 64, kN = 64, kK = 8, kThreads = 256;
 };
 struct MmaTile {
   static constexpr int kM = 64, kN = 64, kK = 16, kThreads = 128;
 };
+
+// fp32 on the tensor-core tiles is TF32 (as cuDNN's convolutions, when PyTorch allows them TF32):
+// each operand rounded to 10 mantissa bits, to nearest with ties away from zero (the rounding of
+// cvt.rna.tf32.f32, which the kernels apply when they stage the tiles).
+DCP_HD float round_to_tf32(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits += 0x1000u;  // finite: half of the 13 dropped bits
+  bits &= 0xffffe000u;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// An operand as the tile family multiplies it: rounded to TF32 for fp32 on tensor-core tiles.
+template <typename Tile, typename acc_t, typename scalar_t>
+DCP_HD acc_t tile_operand(scalar_t v) {
+  if constexpr (std::is_same_v<Tile, MmaTile> && std::is_same_v<scalar_t, float>) {
+    return round_to_tf32(v);
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
 
 // The K range of split `s` of `splits`: whole K tiles, the first splits no longer than the last.
 struct SplitK {

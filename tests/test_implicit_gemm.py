@@ -152,11 +152,40 @@ def test_half_precision_with_both_tile_families(dtype, mma, device):
         torch.testing.assert_close(a, b, rtol=0, atol=HALF_TOLERANCE[dtype] * scale, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("device", DEVICES_BUILT)
+def test_float32_on_tensor_core_tiles_is_tf32(device):
+    """fp32 on the tensor-core tiles multiplies TF32 operands (10 mantissa bits, as cuDNN with TF32
+    allowed), accumulating in fp32; the SIMT tiles stay exact fp32."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("tensor-core tiles need compute capability 8.0")
+    case = _case(2, 20, 70, 9, 9, (3, 3), 17, 66, False, torch.float32, device)
+    tf32, _ = _run(OPS, *case, 1, 1, 1, False, False, False, mma=1, splits=0)
+    exact, want = _run(OPS, *case, 1, 1, 1, False, False, False, mma=0, splits=0)
+    for name, t, e, w in zip(("y", "grad_x", "grad_weight", "grad_bias"), tf32, exact, want):
+        scale = float(w.abs().max())
+        # Largest error / scale measured (2026-11-28, seeds 0-2): fp32 1.4e-6, TF32 3.6e-4 (TF32 rounds each
+        # operand by up to 4.9e-4 relative; errors of a sum partly cancel). Tolerances: 1e-5 and 2e-3.
+        torch.testing.assert_close(e, w, rtol=0, atol=1e-5 * scale, msg=lambda m: f"{name} (fp32): {m}")
+        torch.testing.assert_close(t, w, rtol=0, atol=2e-3 * scale, msg=lambda m: f"{name} (tf32): {m}")
+    # grad_bias sums grad_y only: no product, so no TF32 rounding; the three GEMMs are rounded.
+    assert all(float((t - e).abs().max()) > 0 for t, e in zip(tf32[:3], exact[:3]))
+
+
+def test_tf32_rounding_is_to_nearest_ties_away():
+    x = torch.tensor([1 + 2 ** -11, 1 + 2 ** -10 + 2 ** -11, -(1 + 2 ** -11), 1 + 2 ** -12, 3.0e38, float("inf")])
+    w = torch.ones(1, 1, 1, 1)
+    idx = torch.tensor([0])
+    got = torch.ops.dcp.implicit_gemm_conv2d(x.view(6, 1, 1, 1), w, None, idx, idx, [1, 1], [0, 0], [1, 1],
+                                             False, False, False, 1, 0).flatten()
+    want = torch.tensor([1 + 2 ** -10, 1 + 2 ** -9, -(1 + 2 ** -10), 1.0, 3.0e38, float("inf")])
+    assert torch.equal(got[:4], want[:4]) and float(got[4]) == pytest.approx(3.0e38, rel=1e-3) and got[5] == want[5]
+
+
 def test_configuration_errors_name_the_argument():
     x, weight, bias, in_idx, out_idx = _case(1, 4, 4, 5, 5, (3, 3), 2, 2, False, torch.float32, "cpu")
     conf = ([1, 1], [1, 1], [1, 1], False, False, False)
-    with pytest.raises(RuntimeError, match="mma=1 \\(tensor-core tiles\\) needs float16/bfloat16"):
-        torch.ops.dcp.implicit_gemm_conv2d(x, weight, bias, in_idx, out_idx, *conf, 1, 0)
+    with pytest.raises(RuntimeError, match="mma=1 \\(tensor-core tiles\\) needs float16/bfloat16/float32"):
+        torch.ops.dcp.implicit_gemm_conv2d(x.double(), weight.double(), bias.double(), in_idx, out_idx, *conf, 1, 0)
     with pytest.raises(RuntimeError, match="mma must be -1"):
         torch.ops.dcp.implicit_gemm_conv2d(x, weight, bias, in_idx, out_idx, *conf, 2, 0)
     with pytest.raises(RuntimeError, match="wgrad_splits must be >= 0"):

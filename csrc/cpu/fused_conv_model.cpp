@@ -49,11 +49,11 @@ struct HostModel {
             for (int kk = 0; kk < Tile::kK; ++kk) {
               for (int mm = 0; mm < Tile::kM; ++mm) {
                 const int64_t off = p.a(row_info[mm], depth_info[kk]);
-                a_tile[mm * Tile::kK + kk] = off >= 0 ? static_cast<acc_t>(a[off]) : acc_t(0);
+                a_tile[mm * Tile::kK + kk] = off >= 0 ? igemm::tile_operand<Tile, acc_t>(a[off]) : acc_t(0);
               }
               for (int nn = 0; nn < Tile::kN; ++nn) {
                 const int64_t off = p.b(depth_info[kk], col_info[nn]);
-                b_tile[kk * Tile::kN + nn] = off >= 0 ? static_cast<acc_t>(b[off]) : acc_t(0);
+                b_tile[kk * Tile::kN + nn] = off >= 0 ? igemm::tile_operand<Tile, acc_t>(b[off]) : acc_t(0);
               }
             }
             for (int mm = 0; mm < Tile::kM; ++mm) {

@@ -6,10 +6,11 @@
 // activation or the weight is made. A block decomposes its 64 rows and 64 columns once, and each K
 // tile's indices once, into shared memory; an operand load is then a few adds and a bounds check.
 // A block computes a 64 x 64 output tile:
-//   * SIMT tiles (float, double; and fp16/bf16 before sm_80): 256 threads, 4 x 4 outputs each, K tiles
-//     of 8 staged in shared memory in the accumulation type;
-//   * tensor-core tiles (fp16/bf16 on sm_80+): 4 warps of 2 x 2 WMMA 16x16x16 fragments, K tiles of
-//     16 staged as 16-bit values, float accumulation, the tile written back through shared memory.
+//   * SIMT tiles (double; float without TF32; all types before sm_80): 256 threads, 4 x 4 outputs
+//     each, K tiles of 8 staged in shared memory in the accumulation type;
+//   * tensor-core tiles (sm_80+; fp16/bf16, and fp32 as TF32 when PyTorch allows cuDNN TF32): 4 warps
+//     of 2 x 2 WMMA fragments (16x16x16, or 16x16x8 for TF32), K tiles of 16 staged in shared memory,
+//     float accumulation, the tile written back through shared memory.
 // Grad-weight reduces over the batch: split-K over gridDim.z with float partial sums reduced in
 // split order by a second kernel (deterministic, no float atomics). Depthwise convs run direct
 // kernels; grad-weight and grad-bias reduce in a fixed-order shared-memory tree (deterministic).
@@ -127,7 +128,38 @@ __global__ void __launch_bounds__(igemm::SimtTile::kThreads)
   }
 }
 
-template <typename Problem, typename scalar_t, typename native_t>
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // WMMA for TF32 and bf16: the host pass, sm_80+ devices
+// What the tensor-core tiles stage in shared memory and multiply, per input type.
+template <typename scalar_t>
+struct MmaOperand {  // fp16, bf16: staged as their 16 bits, one 16x16x16 mma per K tile
+  using staged_t = uint16_t;
+  using fragment_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, __nv_bfloat16>;
+  using load_t = fragment_t;
+  static constexpr int kStep = 16;
+  static __device__ __forceinline__ staged_t stage(const scalar_t* src, int64_t off) {
+    return off >= 0 ? reinterpret_cast<const uint16_t*>(src)[off] : uint16_t(0);  // +0.0 in fp16 and bf16
+  }
+  template <typename Fragment>
+  static __device__ __forceinline__ void to_fragment_precision(Fragment&) {}
+};
+template <>
+struct MmaOperand<float> {  // fp32 as TF32: staged rounded (igemm::round_to_tf32), two 16x16x8 mmas per K tile
+  using staged_t = float;
+  using fragment_t = nvcuda::wmma::precision::tf32;
+  using load_t = float;
+  static constexpr int kStep = 8;
+  static __device__ __forceinline__ staged_t stage(const float* src, int64_t off) {
+    return off >= 0 ? igemm::round_to_tf32(src[off]) : 0.0f;
+  }
+  // WMMA wants TF32 fragments converted after loading (a no-op on values already rounded).
+  template <typename Fragment>
+  static __device__ __forceinline__ void to_fragment_precision(Fragment& f) {
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+  }
+};
+#endif
+
+template <typename Problem, typename scalar_t>
 __global__ void __launch_bounds__(igemm::MmaTile::kThreads)
     mma_gemm_kernel(const Problem p, const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
                     const scalar_t* __restrict__ bias, scalar_t* __restrict__ c, float* __restrict__ workspace,
@@ -135,23 +167,26 @@ __global__ void __launch_bounds__(igemm::MmaTile::kThreads)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using T = igemm::MmaTile;
-  static_assert(sizeof(scalar_t) == 2 && sizeof(native_t) == 2, "16-bit operands");
-  // Row strides padded (WMMA: multiples of 8 halves / 4 floats; fragment pointers 32-byte aligned).
-  constexpr int kLdA = T::kK + 8, kLdB = T::kN + 8, kLdC = T::kN + 4, kFrag = 16;
-  __shared__ __align__(32) uint16_t a_tile[T::kM * kLdA];  // row-major (m, k)
-  __shared__ __align__(32) uint16_t b_tile[T::kK * kLdB];  // row-major (k, n)
+  using Op = MmaOperand<scalar_t>;
+  using staged_t = typename Op::staged_t;
+  using load_t = typename Op::load_t;
+  constexpr int kFrag = 16, kStep = Op::kStep;
+  static_assert(T::kK % kStep == 0, "whole mmas per K tile");
+  // Row strides padded: multiples of 8 16-bit / 4 32-bit elements (WMMA's ldm), and every fragment
+  // pointer 32-byte aligned (rows of 16, columns of 16, K steps of 8 or 16 elements).
+  constexpr int kLdA = T::kK + 8, kLdB = T::kN + 8, kLdC = T::kN + 4;
+  __shared__ __align__(32) staged_t a_tile[T::kM * kLdA];  // row-major (m, k)
+  __shared__ __align__(32) staged_t b_tile[T::kK * kLdB];  // row-major (k, n)
   __shared__ __align__(32) float c_tile[T::kM * kLdC];
   __shared__ typename Problem::Row row_info[T::kM];
   __shared__ typename Problem::Col col_info[T::kN];
   __shared__ typename Problem::Depth depth_info[T::kK];
   check_selection(p.g, p.s);
-  const uint16_t* a_bits = reinterpret_cast<const uint16_t*>(a);
-  const uint16_t* b_bits = reinterpret_cast<const uint16_t*>(b);
   const int64_t rows = p.rows(), cols = p.cols();
   const int64_t m0 = int64_t(blockIdx.x) * T::kM, n0 = int64_t(blockIdx.y) * T::kN, s = blockIdx.z;
   stage_rows_and_cols<T>(p, m0, n0, row_info, col_info);
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;  // 2 x 2 warps, 32 x 32 outputs each
-  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[2][2];
+  wmma::fragment<wmma::accumulator, kFrag, kFrag, kStep, float> acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -163,26 +198,31 @@ __global__ void __launch_bounds__(igemm::MmaTile::kThreads)
     __syncthreads();
     for (int e = threadIdx.x; e < T::kM * T::kK; e += T::kThreads) {
       const int mm = e % T::kM, kk = e / T::kM;
-      const int64_t off = p.a(row_info[mm], depth_info[kk]);
-      a_tile[mm * kLdA + kk] = off >= 0 ? a_bits[off] : uint16_t(0);  // +0.0 in fp16 and bf16
+      a_tile[mm * kLdA + kk] = Op::stage(a, p.a(row_info[mm], depth_info[kk]));
     }
     for (int e = threadIdx.x; e < T::kK * T::kN; e += T::kThreads) {
       const int nn = e % T::kN, kk = e / T::kN;
-      const int64_t off = p.b(depth_info[kk], col_info[nn]);
-      b_tile[kk * kLdB + nn] = off >= 0 ? b_bits[off] : uint16_t(0);
+      b_tile[kk * kLdB + nn] = Op::stage(b, p.b(depth_info[kk], col_info[nn]));
     }
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, native_t, wmma::row_major> fa[2];
-    wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, native_t, wmma::row_major> fb[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      wmma::load_matrix_sync(fa[i], reinterpret_cast<const native_t*>(a_tile + (wm * 32 + i * kFrag) * kLdA), kLdA);
-      wmma::load_matrix_sync(fb[i], reinterpret_cast<const native_t*>(b_tile + wn * 32 + i * kFrag), kLdB);
-    }
+    for (int ks = 0; ks < T::kK; ks += kStep) {
+      wmma::fragment<wmma::matrix_a, kFrag, kFrag, kStep, typename Op::fragment_t, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, kFrag, kFrag, kStep, typename Op::fragment_t, wmma::row_major> fb[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(fa[i], reinterpret_cast<const load_t*>(a_tile + (wm * 32 + i * kFrag) * kLdA + ks),
+                               kLdA);
+        wmma::load_matrix_sync(fb[i], reinterpret_cast<const load_t*>(b_tile + ks * kLdB + wn * 32 + i * kFrag),
+                               kLdB);
+        Op::to_fragment_precision(fa[i]);
+        Op::to_fragment_precision(fb[i]);
+      }
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      }
     }
     __syncthreads();
   }
@@ -338,9 +378,7 @@ struct CudaExecutor {
     const dim3 grid(unsigned(tiles_m), unsigned(tiles_n), unsigned(split.splits));
     auto stream = c10::cuda::getCurrentCUDAStream();
     if constexpr (std::is_same_v<Tile, igemm::MmaTile>) {
-      using native_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, __nv_bfloat16>;
-      mma_gemm_kernel<Problem, scalar_t, native_t><<<grid, Tile::kThreads, 0, stream>>>(p, a, b, bias, c, workspace,
-                                                                                          split);
+      mma_gemm_kernel<Problem, scalar_t><<<grid, Tile::kThreads, 0, stream>>>(p, a, b, bias, c, workspace, split);
     } else {
       simt_gemm_kernel<Problem, scalar_t, acc_t><<<grid, Tile::kThreads, 0, stream>>>(p, a, b, bias, c, workspace,
                                                                                         split);
