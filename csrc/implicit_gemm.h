@@ -384,7 +384,55 @@ struct Depthwise {
     if (oy < 0 || ox < 0) return -1;
     return y.at(b, s.y_channel(j), oy, ox);
   }
+
+  // The per-element work of the depthwise kernels (one thread each; the host model loops over them).
+  // Output element e (of N * k_out * OH * OW): y = keep * sum over taps of x * w (+ bias).
+  template <typename acc_t, typename scalar_t>
+  DCP_HD void forward_element(int64_t e, const scalar_t* xs, const scalar_t* w, const scalar_t* bias,
+                              scalar_t* ys) const {
+    int64_t b, j, oy, ox;
+    output_element(e, b, j, oy, ox);
+    acc_t v = 0;
+    if (keep(j)) {
+      for (int64_t tap = 0; tap < g.taps(); ++tap) {
+        const int64_t off = x_at_tap(b, j, oy, ox, tap);
+        if (off >= 0) v += static_cast<acc_t>(xs[off]) * static_cast<acc_t>(w[weight(j, tap)]);
+      }
+    }
+    if (bias != nullptr) v += static_cast<acc_t>(bias[s.out_idx[j]]);
+    ys[y.at(b, s.y_channel(j), oy, ox)] = static_cast<scalar_t>(v);
+  }
+  // Input element e (of N * k_out * H * W; `x` holds grad_x's strides): written only for a kept
+  // channel (an unselected input channel keeps its zero gradient).
+  template <typename acc_t, typename scalar_t>
+  DCP_HD void grad_input_element(int64_t e, const scalar_t* gy, const scalar_t* w, scalar_t* gx) const {
+    int64_t b, j, iy, ix;
+    input_element(e, b, j, iy, ix);
+    if (!keep(j)) return;
+    acc_t v = 0;
+    for (int64_t tap = 0; tap < g.taps(); ++tap) {
+      const int64_t off = grad_y_at_tap(b, j, iy, ix, tap);
+      if (off >= 0) v += static_cast<acc_t>(gy[off]) * static_cast<acc_t>(w[weight(j, tap)]);
+    }
+    gx[x.at(b, s.out_idx[j], iy, ix)] = static_cast<scalar_t>(v);
+  }
+  // Output pixel e's (of N * OH * OW) share of grad_weight[out_idx[j], 0, tap].
+  template <typename acc_t, typename scalar_t>
+  DCP_HD acc_t grad_weight_term(int64_t e, int64_t j, int64_t tap, const scalar_t* gy, const scalar_t* xs) const {
+    const auto px = unflatten(e, g.oh, g.ow);
+    const int64_t off = x_at_tap(px.b, j, px.y, px.x, tap);
+    if (off < 0) return acc_t(0);
+    return static_cast<acc_t>(gy[y.at(px.b, s.y_channel(j), px.y, px.x)]) * static_cast<acc_t>(xs[off]);
+  }
 };
+
+// Output pixel e's (of N * OH * OW) share of grad_bias[out_idx[j]]: grad_y there.
+template <typename acc_t, typename scalar_t>
+DCP_HD acc_t grad_bias_term(const Geometry& g, const Selection& s, const Strides& gy_strides, int64_t e, int64_t j,
+                            const scalar_t* gy) {
+  const auto px = unflatten(e, g.oh, g.ow);
+  return static_cast<acc_t>(gy[gy_strides.at(px.b, s.y_channel(j), px.y, px.x)]);
+}
 
 }  // namespace igemm
 }  // namespace dcp

@@ -337,20 +337,27 @@ def test_untraceable_model_falls_back_to_a_recorded_run():
     assert isinstance(model.fc, dcp_kernels.modules.DCPLinear)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121"])
-def test_recorded_run_finds_the_same_graph_as_fx(name, monkeypatch):
+def _traced_and_recorded(model, monkeypatch, prune_residual=False):
+    """The graph analysis of ``model`` from an fx trace, and from a recorded run (fx made to refuse);
+    the fields in which the two must agree are asserted equal."""
     from dcp_kernels import graph
     from dcp_kernels.graph import analysis
 
+    traced = graph.analyze(model, prune_residual=prune_residual)
+    with monkeypatch.context() as m:
+        m.setattr(analysis, "trace", lambda model: (_ for _ in ()).throw(TypeError("fx refused")))
+        with pytest.warns(UserWarning, match="recorded run"):
+            recorded = graph.analyze(model, prune_residual=prune_residual)
+    for field in ("groups", "conv_inputs", "linear_inputs", "channelwise", "skipped"):
+        assert getattr(recorded, field) == getattr(traced, field), field
+    return traced
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121"])
+def test_recorded_run_finds_the_same_graph_as_fx(name, monkeypatch):
     model = getattr(torchvision.models, name)(num_classes=5)
     for prune_residual in (False, True):
-        traced = graph.analyze(model, prune_residual=prune_residual)
-        with monkeypatch.context() as m:
-            m.setattr(analysis, "trace", lambda model: (_ for _ in ()).throw(TypeError("fx refused")))
-            with pytest.warns(UserWarning, match="recorded run"):
-                recorded = graph.analyze(model, prune_residual=prune_residual)
-        for field in ("groups", "conv_inputs", "linear_inputs", "channelwise", "skipped"):
-            assert getattr(recorded, field) == getattr(traced, field), field
+        _traced_and_recorded(model, monkeypatch, prune_residual)
 
 
 @pytest.mark.parametrize("reshape", ["flatten", "view-batch", "view-fixed"])
@@ -359,17 +366,7 @@ def test_recorded_run_reads_flattens_as_fx_does(reshape, monkeypatch):
     ``view(2, -1)``, still a flatten to any width; ``view(-1, 48)`` keeps its conv dense as under fx."""
     from test_convert import _HeadAfterReshape
 
-    from dcp_kernels import graph
-    from dcp_kernels.graph import analysis
-
-    model = _HeadAfterReshape(reshape)
-    traced = graph.analyze(model, prune_residual=False)
-    with monkeypatch.context() as m:
-        m.setattr(analysis, "trace", lambda model: (_ for _ in ()).throw(TypeError("fx refused")))
-        with pytest.warns(UserWarning, match="recorded run"):
-            recorded = graph.analyze(model, prune_residual=False)
-    for field in ("groups", "conv_inputs", "linear_inputs", "channelwise", "skipped"):
-        assert getattr(recorded, field) == getattr(traced, field), field
+    traced = _traced_and_recorded(_HeadAfterReshape(reshape), monkeypatch)
     assert ("conv2" in traced.skipped) is (reshape == "view-fixed") and bool(traced.linear_inputs) is (
         reshape != "view-fixed")
 

@@ -270,42 +270,20 @@ template <typename scalar_t>
 __global__ void depthwise_forward_kernel(const igemm::Depthwise p, const scalar_t* __restrict__ x,
                                          const scalar_t* __restrict__ w, const scalar_t* __restrict__ bias,
                                          scalar_t* __restrict__ y) {
-  using acc_t = at::opmath_type<scalar_t>;
   check_selection(p.g, p.s);
-  const auto& g = p.g;
-  const int64_t total = g.n * g.k_out * g.oh * g.ow;
+  const int64_t total = p.g.n * p.g.k_out * p.g.oh * p.g.ow;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    int64_t bi, j, oy, ox;
-    p.output_element(e, bi, j, oy, ox);
-    acc_t v = 0;
-    if (p.keep(j)) {
-      for (int64_t tap = 0; tap < g.taps(); ++tap) {
-        const int64_t off = p.x_at_tap(bi, j, oy, ox, tap);
-        if (off >= 0) v += static_cast<acc_t>(x[off]) * static_cast<acc_t>(w[p.weight(j, tap)]);
-      }
-    }
-    if (bias != nullptr) v += static_cast<acc_t>(bias[p.s.out_idx[j]]);
-    y[p.y.at(bi, p.s.y_channel(j), oy, ox)] = static_cast<scalar_t>(v);
+    p.forward_element<at::opmath_type<scalar_t>>(e, x, w, bias, y);
   }
 }
 
 template <typename scalar_t>
 __global__ void depthwise_grad_input_kernel(const igemm::Depthwise p, const scalar_t* __restrict__ gy,
                                             const scalar_t* __restrict__ w, scalar_t* __restrict__ gx) {
-  using acc_t = at::opmath_type<scalar_t>;
   check_selection(p.g, p.s);
-  const auto& g = p.g;
-  const int64_t total = g.n * g.k_out * g.h * g.w;
+  const int64_t total = p.g.n * p.g.k_out * p.g.h * p.g.w;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    int64_t bi, j, iy, ix;
-    p.input_element(e, bi, j, iy, ix);
-    if (!p.keep(j)) continue;  // an unselected input channel keeps its zero gradient
-    acc_t v = 0;
-    for (int64_t tap = 0; tap < g.taps(); ++tap) {
-      const int64_t off = p.grad_y_at_tap(bi, j, iy, ix, tap);
-      if (off >= 0) v += static_cast<acc_t>(gy[off]) * static_cast<acc_t>(w[p.weight(j, tap)]);
-    }
-    gx[p.x.at(bi, p.s.out_idx[j], iy, ix)] = static_cast<scalar_t>(v);
+    p.grad_input_element<at::opmath_type<scalar_t>>(e, gy, w, gx);
   }
 }
 
@@ -316,14 +294,11 @@ __global__ void depthwise_grad_weight_kernel(const igemm::Depthwise p, const sca
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t partial[kThreads];
   check_selection(p.g, p.s);
-  const auto& g = p.g;
   const int64_t j = blockIdx.x, tap = blockIdx.y;
   if (!p.keep(j)) return;  // uniform over the block: its gradient stays zero
   acc_t v = 0;
-  for (int64_t e = threadIdx.x; e < g.n * g.oh * g.ow; e += blockDim.x) {
-    const auto px = igemm::unflatten(e, g.oh, g.ow);
-    const int64_t off = p.x_at_tap(px.b, j, px.y, px.x, tap);
-    if (off >= 0) v += static_cast<acc_t>(gy[p.y.at(px.b, p.s.y_channel(j), px.y, px.x)]) * static_cast<acc_t>(x[off]);
+  for (int64_t e = threadIdx.x; e < p.g.n * p.g.oh * p.g.ow; e += blockDim.x) {
+    v += p.grad_weight_term<acc_t>(e, j, tap, gy, x);
   }
   v = block_sum(v, partial);
   if (threadIdx.x == 0) gw[p.weight(j, tap)] = static_cast<scalar_t>(v);
@@ -339,8 +314,7 @@ __global__ void grad_bias_kernel(const igemm::Geometry g, const igemm::Selection
   const int64_t j = blockIdx.x;
   acc_t v = 0;
   for (int64_t e = threadIdx.x; e < g.n * g.oh * g.ow; e += blockDim.x) {
-    const auto px = igemm::unflatten(e, g.oh, g.ow);
-    v += static_cast<acc_t>(gy[gy_strides.at(px.b, s.y_channel(j), px.y, px.x)]);
+    v += igemm::grad_bias_term<acc_t>(g, s, gy_strides, e, j, gy);
   }
   v = block_sum(v, partial);
   if (threadIdx.x == 0) gb[s.out_idx[j]] = static_cast<scalar_t>(v);
