@@ -57,7 +57,10 @@ def _extension_kwargs() -> dict:
     werror = os.environ.get("DCP_WERROR") == "1"
     system_headers = [f"-isystem{path}" for path in cpp_extension.include_paths("cuda" if cuda_home else "cpu")]
     cxx = ["-O3", "-Wall", "-Wextra", *system_headers, *(["-Werror"] if werror else [])]
-    nvcc = ["-O3", "-Xcompiler=-Wall" + (",-Werror" if werror else ""), *(["--Werror=all-warnings"] if werror else [])]
+    # --threads=0: the GPU architectures' device compiles run in parallel (one CPU each; 140 s -> 88 s for
+    # fused_conv_cuda.cu, sm_80 + sm_90, on 2 cores).
+    nvcc = ["-O3", "--threads=0", "-Xcompiler=-Wall" + (",-Werror" if werror else ""),
+            *(["--Werror=all-warnings"] if werror else [])]
     if cuda_home and cuda_sources:
         ext = cpp_extension.CUDAExtension(
             "dcp_kernels._C", sources + cuda_sources, define_macros=[("DCP_WITH_CUDA", None)],

@@ -13,7 +13,10 @@ inline void check_pair(at::IntArrayRef v, const char* name) {
   TORCH_CHECK(v.size() == 2, name, " must hold 2 values (height, width), got ", v.size());
 }
 
-inline void check_index(const at::Tensor& idx, const char* name, int64_t size, const at::Tensor& x) {
+// `range_on_host`: check the index range on the host for CPU tensors (false for the CUDA kernels'
+// CPU emulation, which checks them on the "device" as the kernels do on a GPU).
+inline void check_index(const at::Tensor& idx, const char* name, int64_t size, const at::Tensor& x,
+                        bool range_on_host = true) {
   TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1, name,
               " must be a 1-D int64 tensor, got ", idx.scalar_type(), " with ", idx.dim(), " dims");
   TORCH_CHECK(idx.device() == x.device(), name, " is on ", idx.device(), " but x is on ", x.device());
@@ -24,7 +27,7 @@ inline void check_index(const at::Tensor& idx, const char* name, int64_t size, c
   // there the kernels check each index as they read it (a device-side assert, as ATen's own index
   // ops do), and the Python API checks the range with a clear message when validate=True
   // (dcp_kernels.ops.gathered_conv2d; the library's layers pass indices it built, unchecked).
-  if (idx.device().is_cpu()) {
+  if (range_on_host && idx.device().is_cpu()) {
     auto range = at::aminmax(idx);
     const int64_t lo = std::get<0>(range).item<int64_t>(), hi = std::get<1>(range).item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < size, name, " holds indices outside [0, ", size, "): min ", lo, ", max ", hi);
@@ -38,10 +41,11 @@ inline void check_dense(const at::Tensor& t, const char* name) {
 
 // Validates the forward/backward arguments and returns the geometry of the convolution.
 // `any_x_layout`: x may have any strides (NCHW, channels-last), else it must be contiguous NCHW.
+// `index_range_on_host`: see check_index.
 inline ConvGeometry check_conv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, bool depthwise, bool x_compact,
-                               bool any_x_layout = false) {
+                               bool any_x_layout = false, bool index_range_on_host = true) {
   TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (C_out, C_in/groups, kh, kw), got ", weight.dim(), " dims");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
@@ -82,8 +86,8 @@ inline ConvGeometry check_conv(const at::Tensor& x, const at::Tensor& weight, co
                     bias->device() == x.device(),
                 "bias must be a (", g.c_out, ",) tensor of ", x.scalar_type(), " on ", x.device());
   }
-  check_index(in_idx, "in_idx", g.c_in, x);
-  check_index(out_idx, "out_idx", g.c_out, x);
+  check_index(in_idx, "in_idx", g.c_in, x, index_range_on_host);
+  check_index(out_idx, "out_idx", g.c_out, x, index_range_on_host);
   return g;
 }
 

@@ -6,7 +6,7 @@
 //                                  into a full-size zero grad-weight, grad-bias
 //   dcp::channel_utility           v_c = sum_b |sum_hw g*a| / (B*H*W), float32
 //   dcp::implicit_gemm_conv2d[_backward]  the CUDA fused kernels with tile family and split-K forced;
-//                                  on CPU tensors their host model (for the tests)
+//                                  on CPU tensors the same kernels emulated (for the tests)
 //
 // Kernels: csrc/cpu/ (CPU), csrc/cuda/ (CUDA). Autograd and fake (meta) kernels are registered from
 // Python (dcp_kernels/ops/registration.py) so the ops work under torch.compile.
@@ -43,7 +43,8 @@ TORCH_LIBRARY(dcp, m) {
   m.def("channel_utility(Tensor a, Tensor g) -> Tensor");
   // The fused gather implicit-GEMM convolution with its configuration explicit (mma: -1 choose,
   // 0 SIMT tiles, 1 tensor-core tiles; wgrad_splits: 0 choose): on CUDA tensors the kernels that
-  // gathered_conv2d runs there, on CPU tensors their host model (csrc/cpu/fused_conv_model.cpp).
+  // gathered_conv2d runs there, on CPU tensors the same kernels under the CPU emulation of CUDA
+  // (csrc/cpu/fused_conv_emulated.cpp).
   m.def(
       "implicit_gemm_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor in_idx, Tensor out_idx, "
       "int[] stride, int[] padding, int[] dilation, bool depthwise, bool x_compact, bool y_compact, "

@@ -1,9 +1,12 @@
-// The fused gather convolution's host side, shared by the CUDA kernels and their CPU host model:
+// The fused gather convolution's host side, shared by the CUDA kernels on a GPU and their CPU emulation:
 // argument checks, output allocation, the GEMM problems of each pass (csrc/implicit_gemm.h), the
-// choice of tile and split-K, and the order of the passes. An executor runs the passes:
-//   csrc/cuda/fused_conv_cuda.cu   CudaExecutor: the kernels (what `dcp::gathered_conv2d` runs on CUDA)
-//   csrc/cpu/fused_conv_model.cpp  HostModel: the same tiles, split-K ranges and epilogues as plain
-//                                  loops on the CPU (`dcp::implicit_gemm_conv2d`, for the tests)
+// choice of tile and split-K, and the order of the passes. An executor runs the passes: the kernels of
+// csrc/fused_conv_kernels.cuh, launched by KernelExecutor<Device> with
+//   csrc/cuda/fused_conv_cuda.cu       CudaDevice: on the GPU (`dcp::gathered_conv2d` on CUDA tensors)
+//   csrc/cpu/fused_conv_emulated.cpp   EmulatedDevice: under the CPU emulation of CUDA
+//                                      (`dcp::implicit_gemm_conv2d` on CPU tensors, for the tests)
+// Index ranges are not checked here: every kernel checks the indices it reads on the device (no host
+// sync), on a GPU and in the CPU emulation alike.
 // Executor interface (all static):
 //   bool mma_supported(const at::Tensor&)        tensor-core tiles usable for this device
 //   int64_t multiprocessors(const at::Tensor&)   for the split-K choice
@@ -100,7 +103,7 @@ at::Tensor fused_conv2d(const at::Tensor& x, const at::Tensor& weight, const c10
                         at::IntArrayRef padding, at::IntArrayRef dilation, bool depthwise, bool x_compact,
                         bool y_compact, const FusedConfig& cfg) {
   const auto cg = check_conv(x, weight, bias, in_idx, out_idx, stride, padding, dilation, depthwise, x_compact,
-                             /*any_x_layout=*/true);
+                             /*any_x_layout=*/true, /*index_range_on_host=*/false);
   TORCH_CHECK(!bias.has_value() || bias->is_contiguous(), "bias must be contiguous; call .contiguous() first");
   const auto g = fused::geometry(cg, in_idx, out_idx);
   const auto sel = fused::selection(in_idx, out_idx, x_compact, y_compact);
@@ -130,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_conv2d_backward(
     const at::Tensor& out_idx, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     bool depthwise, bool x_compact, bool y_compact, std::array<bool, 3> output_mask, const FusedConfig& cfg) {
   const auto cg = check_conv(x, weight, c10::nullopt, in_idx, out_idx, stride, padding, dilation, depthwise,
-                             x_compact, /*any_x_layout=*/true);
+                             x_compact, /*any_x_layout=*/true, /*index_range_on_host=*/false);
   const int64_t y_channels = y_compact ? out_idx.numel() : cg.c_out;
   TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == cg.n && grad_y.size(1) == y_channels && grad_y.size(2) == cg.oh &&
                   grad_y.size(3) == cg.ow,

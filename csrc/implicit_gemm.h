@@ -1,5 +1,5 @@
 // Index arithmetic of the fused gather implicit-GEMM convolution, shared by the CUDA kernels
-// (csrc/cuda/fused_conv_cuda.cu) and their host model (csrc/cpu/fused_conv_model.cpp).
+// (csrc/fused_conv_kernels.cuh), on a GPU and in their CPU emulation.
 //
 // Every pass of a convolution restricted to the selected block (out_idx x in_idx) is one GEMM
 // C[M, N] = sum_K A[M, K] B[K, N] whose operands are never materialised: A(m, k) and B(k, n) are
@@ -249,8 +249,7 @@ DCP_HD typename Problem::Depth depth_or_none(const Problem& p, int64_t k) {
 
 // Block tile shapes. Simt: 256 threads, each a 4 x 4 strided micro-tile, float/double FMAs.
 // Mma: 4 warps in 2 x 2, each 32 x 32 as 2 x 2 tensor-core fragments, float accumulation: 16x16x16
-// for fp16/bf16 inputs, 16x16x8 (two per K tile) for fp32 inputs as TF32. The host model walks the
-// same tiles.
+// for fp16/bf16 inputs, 16x16x8 (two per K tile) for fp32 inputs as TF32.
 struct SimtTile {
   static constexpr int kM = 64, kN = 64, kK = 8, kThreads = 256;
 };
@@ -268,16 +267,6 @@ DCP_HD float round_to_tf32(float v) {
   bits &= 0xffffe000u;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
-}
-
-// An operand as the tile family multiplies it: rounded to TF32 for fp32 on tensor-core tiles.
-template <typename Tile, typename acc_t, typename scalar_t>
-DCP_HD acc_t tile_operand(scalar_t v) {
-  if constexpr (std::is_same_v<Tile, MmaTile> && std::is_same_v<scalar_t, float>) {
-    return round_to_tf32(v);
-  } else {
-    return static_cast<acc_t>(v);
-  }
 }
 
 // The K range of split `s` of `splits`: whole K tiles, the first splits no longer than the last.
@@ -385,7 +374,7 @@ struct Depthwise {
     return y.at(b, s.y_channel(j), oy, ox);
   }
 
-  // The per-element work of the depthwise kernels (one thread each; the host model loops over them).
+  // The per-element work of the depthwise kernels (one thread each).
   // Output element e (of N * k_out * OH * OW): y = keep * sum over taps of x * w (+ bias).
   template <typename acc_t, typename scalar_t>
   DCP_HD void forward_element(int64_t e, const scalar_t* xs, const scalar_t* w, const scalar_t* bias,

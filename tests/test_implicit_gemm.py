@@ -1,12 +1,14 @@
-"""The fused gather implicit-GEMM convolution of the CUDA extension (csrc/cuda/fused_conv_cuda.cu).
+"""The fused gather implicit-GEMM convolution of the CUDA extension (csrc/fused_conv_kernels.cuh).
 
-``dcp::implicit_gemm_conv2d[_backward]`` on CPU tensors is the kernels' host model: their host code
-unchanged (checks, allocation, problems, tile family and split-K choice, csrc/fused_conv.h) and, in
-place of each kernel, loops over the same block tiles, K tiles, split-K ranges and epilogues, every
-operand read through the same index functions (csrc/implicit_gemm.h). Checked against the reference
-convolution here: the index arithmetic, tiling, split-K and epilogues. Not checked without a GPU: the
-kernels' thread-level code (shared-memory staging, tensor-core fragments): where a GPU exists, every
-test here also runs on CUDA tensors, i.e. on the kernels themselves, with the same configurations forced.
+``dcp::implicit_gemm_conv2d[_backward]`` on CPU tensors runs the CUDA kernels' own source, compiled by the
+host compiler, under the CPU emulation of the CUDA execution model (csrc/emulation/cuda_emulation.h:
+a fiber per CUDA thread, shared memory, barriers checked for divergence and run in two thread orders,
+device-side asserts, emulated WMMA fragments with the API's alignment rules), with the host side
+unchanged (checks, allocation, problems, tile family and split-K choice, csrc/fused_conv.h). Checked
+against the reference convolution here: the index arithmetic, tiling, split-K, epilogues and the
+kernels' thread-level code (staging, barriers, fragment offsets). Not checked without a GPU: speed, and
+whatever nvcc compiles differently from the host compiler. Where a GPU exists, every test here also
+runs on CUDA tensors, i.e. on the kernels on the device, with the same configurations forced.
 
 Unwritten outputs show: with deterministic algorithms on, PyTorch fills ``empty`` tensors with NaN.
 """
@@ -19,7 +21,7 @@ from dcp_kernels.ops import extension
 
 pytestmark = pytest.mark.skipif(not extension.AVAILABLE,
                                 reason=f"the C++ extension is not built here ({extension.LOAD_ERROR})")
-# On CPU tensors the ops run the host model; on CUDA tensors (where a GPU exists) the kernels.
+# On CPU tensors the ops run the kernels emulated; on CUDA tensors (where a GPU exists) on the device.
 DEVICES_BUILT = [d for d in DEVICES if d == "cpu" or extension.CUDA_BUILT]
 
 
@@ -205,3 +207,42 @@ def test_opcheck_of_the_configured_ops():
                               (x, weight, bias, in_idx, out_idx, *conf, y_compact, 0, 0))
     torch.library.opcheck(torch.ops.dcp.implicit_gemm_conv2d_backward.default,
                           (torch.randn(2, 2, 3, 3), x, weight, in_idx, out_idx, *conf, True, [True, True, True], 0, 2))
+
+
+def test_out_of_range_indices_trip_the_kernels_device_side_assert():
+    """The kernels check every index they read on the device (no host sync): in the emulation, as on
+    a GPU, an index outside the weight's channels fails the launch, naming the argument."""
+    x, weight, bias, in_idx, out_idx = _case(1, 4, 6, 5, 5, (3, 3), 2, 3, False, torch.float32, "cpu")
+    conf = ([1, 1], [1, 1], [1, 1], False, False, False)
+    bad_in, bad_out = in_idx.clone(), out_idx.clone()
+    bad_in[-1], bad_out[-1] = 4, 6
+    with pytest.raises(RuntimeError, match=r"device-side assert.*in_idx holds an index outside \[0, C_in\)"):
+        torch.ops.dcp.implicit_gemm_conv2d(x, weight, bias, bad_in, out_idx, *conf, 0, 0)
+    with pytest.raises(RuntimeError, match=r"device-side assert.*out_idx holds an index outside \[0, C_out\)"):
+        torch.ops.dcp.implicit_gemm_conv2d_backward(torch.ones(1, 6, 5, 5), x, weight, in_idx, bad_out, *conf,
+                                                    [True, True, True], 1, 0)
+
+
+def test_the_emulation_catches_races_divergent_barriers_and_wmma_misuse():
+    """What the emulation claims to catch, shown on small kernels with each bug (and their fixed twins)."""
+    run = torch.ops.dcp._emulation_selftest
+    # Each thread reads its neighbour's shared slot: after a barrier right, without one wrong in one
+    # of the two thread orders (each block of two runs in one).
+    for side in ("next", "previous"):
+        shift = 1 if side == "next" else -1
+        want = torch.arange(64).roll(-shift).repeat(2, 1) + torch.tensor([[0], [1000]])
+        assert torch.equal(run(f"synced_{side}"), want.int())
+        assert not torch.equal(run(f"race_{side}"), want.int())
+    with pytest.raises(RuntimeError, match=r"thread \(31, 0, 0\) waits at the __syncthreads\(\) of line \d+, "
+                                           r"thread \(32, 0, 0\) at line"):
+        run("divergent_barriers")
+    with pytest.raises(RuntimeError, match=r"thread \(0, 0, 0\) returned while .* waits at the __syncthreads"):
+        run("return_before_barrier")
+    run("wmma_aligned")
+    with pytest.raises(RuntimeError, match="load_matrix_sync .*not 256-bit aligned"):
+        run("wmma_misaligned")
+    with pytest.raises(RuntimeError, match="ldm = 18 is not a multiple of 16 bytes"):
+        run("wmma_bad_ldm")
+    with pytest.raises(RuntimeError, match=r"device-side assert .* thread \(5, 0, 0\) of block \(0, 0, 0\): "
+                                           "thread 5 asserts"):
+        run("assert")

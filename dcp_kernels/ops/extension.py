@@ -4,7 +4,7 @@ Importing ``_C`` registers the ``dcp::gathered_conv2d``, ``dcp::gathered_conv2d_
 ``dcp::channel_utility`` ops (schemas in ``csrc/dcp_ops.cpp``, CPU kernels in ``csrc/cpu/``, CUDA
 kernels in ``csrc/cuda/``: on CUDA the fused gather implicit-GEMM kernels), and
 ``dcp::implicit_gemm_conv2d[_backward]``, those kernels with tile family and split-K forced (on CPU
-tensors their host model, for the tests); this module adds their fake kernels and autograd formula
+tensors the same kernels under a CPU emulation of CUDA, for the tests); this module adds their fake kernels and autograd formula
 and is the ``extension`` backend's entry point. Without a built extension the package works on its PyTorch and
 Triton backends, and says so in the log.
 """
