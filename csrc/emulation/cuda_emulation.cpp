@@ -50,6 +50,8 @@ void thread_entry() {
     if (block.error.empty()) block.error = failure.what;
   } catch (const std::exception& failure) {
     if (block.error.empty()) block.error = failure.what();
+  } catch (...) {  // nothing may unwind past the fiber's first frame
+    if (block.error.empty()) block.error = "an exception of unknown type";
   }
   self.state = Thread::State::kDone;
   swapcontext(&self.context, &block.scheduler);  // a finished thread is never resumed
