@@ -91,13 +91,12 @@ __device__ __forceinline__ void check_selection(const igemm::Geometry& g, const 
 }
 
 // The block's rows and columns, decomposed once into shared memory (see csrc/implicit_gemm.h).
-// Ends with a barrier: the K loop reads them.
+// No barrier of its own: the first barrier of pipelined_k_loop comes before anything reads them.
 template <typename Tile, typename Problem>
 __device__ __forceinline__ void stage_rows_and_cols(const Problem& p, int64_t m0, int64_t n0,
                                                     typename Problem::Row* rows, typename Problem::Col* cols) {
   for (int i = threadIdx.x; i < Tile::kM; i += blockDim.x) rows[i] = igemm::row_or_none(p, m0 + i);
   for (int i = threadIdx.x; i < Tile::kN; i += blockDim.x) cols[i] = igemm::col_or_none(p, n0 + i);
-  __syncthreads();
 }
 
 // The K loop of both tile families, software-pipelined: while the block multiplies one K tile from
@@ -106,7 +105,8 @@ __device__ __forceinline__ void stage_rows_and_cols(const Problem& p, int64_t m0
 //   load_a(offset) / load_b(offset) -> staged_t     an operand element (offset -1: a zero of the padding)
 //   store_a(buffer, mm, kk, v) / store_b(buffer, kk, nn, v)   into shared buffer 0 or 1
 //   multiply(buffer)                                 accumulate the tile staged in `buffer`
-// `depths`: two slots of K-index decompositions in shared memory; rows/cols staged already.
+// `depths`: two slots of K-index decompositions in shared memory; rows/cols staged already (ordered
+// before their first read by the barrier after the first K indices).
 template <typename Tile, typename staged_t, typename Problem, typename LoadA, typename LoadB, typename StoreA,
           typename StoreB, typename Multiply>
 __device__ __forceinline__ void pipelined_k_loop(const Problem& p, const igemm::SplitK& split, int64_t s,

@@ -4,29 +4,32 @@
 // Every CUDA thread of a block is a fiber (ucontext) with its own stack; `__syncthreads()` switches
 // back to a scheduler, which resumes the threads once all of them wait at the barrier. Blocks run
 // one after another, so `__shared__` arrays can be function-local statics. What it checks besides the
-// results (each a launch error naming the kernel's source line):
+// results:
 //   * barriers: every thread of a block waits at the same `__syncthreads()` or none does (a thread
-//     that returns while others wait, or threads at different barriers, is an error: on a GPU, a hang
-//     or undefined behaviour);
+//     that returns while others wait, or threads at different barriers, fails the launch, naming the
+//     threads and source lines: on a GPU, a hang or undefined behaviour);
 //   * races on shared memory: between barriers the threads run one at a time, in thread order or in
 //     reverse, alternating by phase and by block, so a read of shared memory that a missing barrier
 //     leaves unordered after another thread's write sees the wrong value in one of the two orders
-//     (given a grid of two blocks or more);
-//   * device-side asserts (`DCP_KERNEL_ASSERT`) become errors of the launch, as on a GPU;
+//     (given a grid of two blocks or more): the results are wrong;
+//   * device-side asserts (`DCP_KERNEL_ASSERT`) fail the launch, as on a GPU;
 //   * WMMA: fragments are emulated (each thread holds the whole tile: the real distribution over a
-//     warp is opaque to kernels that use the API), with the API's preconditions checked: 256-bit
-//     aligned pointers and `ldm` a multiple of 16 bytes; TF32 mmas read only an operand's top 19 bits
-//     as the hardware does, so unrounded operands show.
+//     warp is opaque to kernels that use the API), with the API's preconditions checked (256-bit
+//     aligned pointers, `ldm` a multiple of 16 bytes: a launch failure). The emulated TF32 mma
+//     truncates its operands to 19 bits (what the hardware does with the low bits of an operand not
+//     converted to TF32 is unspecified), so a missing rounding shows in the results.
 // What it cannot check: timing, memory coalescing, bank conflicts, register pressure, warp-level
-// scheduling other than the two orders above, reads of shared memory the block never wrote (the
-// statics keep the previous block's values, not garbage), out-of-bounds global accesses, and anything
-// nvcc does differently from the host compiler. It is slow (one fiber switch per thread per barrier): for tests at small sizes.
+// scheduling other than the two orders above, whether a warp's threads call a WMMA function with the
+// same arguments, reads of shared memory the block never wrote (the statics keep the previous block's
+// values, not garbage), out-of-bounds global accesses, and anything nvcc compiles differently from
+// the host compiler. It is slow (one fiber switch per thread per barrier): for tests at small sizes.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <type_traits>
 
