@@ -90,13 +90,28 @@ __device__ __forceinline__ void check_selection(const igemm::Geometry& g, const 
   __syncthreads();
 }
 
-// The block's rows and columns, decomposed once into shared memory (see csrc/implicit_gemm.h).
-// No barrier of its own: the first barrier of pipelined_k_loop comes before anything reads them.
+// What both GEMM kernels keep in shared memory about their block: its rows and columns, decomposed
+// once, and two slots of K-index decompositions (see csrc/implicit_gemm.h and pipelined_k_loop).
 template <typename Tile, typename Problem>
-__device__ __forceinline__ void stage_rows_and_cols(const Problem& p, int64_t m0, int64_t n0,
-                                                    typename Problem::Row* rows, typename Problem::Col* cols) {
-  for (int i = threadIdx.x; i < Tile::kM; i += blockDim.x) rows[i] = igemm::row_or_none(p, m0 + i);
-  for (int i = threadIdx.x; i < Tile::kN; i += blockDim.x) cols[i] = igemm::col_or_none(p, n0 + i);
+struct BlockIndices {
+  typename Problem::Row rows[Tile::kM];
+  typename Problem::Col cols[Tile::kN];
+  typename Problem::Depth depths[2][Tile::kK];
+};
+
+// The block's output tile origin (m0, n0) and K split s; the indices checked and the block's rows
+// and columns decomposed into `idx`. No barrier after the decomposition: the first barrier of
+// pipelined_k_loop comes before anything reads it.
+struct BlockOrigin {
+  int64_t m0, n0, s;
+};
+template <typename Tile, typename Problem>
+__device__ __forceinline__ BlockOrigin gemm_prologue(const Problem& p, BlockIndices<Tile, Problem>& idx) {
+  check_selection(p.g, p.s);
+  const BlockOrigin o{int64_t(blockIdx.x) * Tile::kM, int64_t(blockIdx.y) * Tile::kN, int64_t(blockIdx.z)};
+  for (int i = threadIdx.x; i < Tile::kM; i += blockDim.x) idx.rows[i] = igemm::row_or_none(p, o.m0 + i);
+  for (int i = threadIdx.x; i < Tile::kN; i += blockDim.x) idx.cols[i] = igemm::col_or_none(p, o.n0 + i);
+  return o;
 }
 
 // The K loop of both tile families, software-pipelined: while the block multiplies one K tile from
@@ -105,15 +120,16 @@ __device__ __forceinline__ void stage_rows_and_cols(const Problem& p, int64_t m0
 //   load_a(offset) / load_b(offset) -> staged_t     an operand element (offset -1: a zero of the padding)
 //   store_a(buffer, mm, kk, v) / store_b(buffer, kk, nn, v)   into shared buffer 0 or 1
 //   multiply(buffer)                                 accumulate the tile staged in `buffer`
-// `depths`: two slots of K-index decompositions in shared memory; rows/cols staged already (ordered
-// before their first read by the barrier after the first K indices).
+// `idx`: from gemm_prologue (rows and columns decomposed; its writes ordered before their first read
+// here by the barrier after the first K indices).
 template <typename Tile, typename staged_t, typename Problem, typename LoadA, typename LoadB, typename StoreA,
           typename StoreB, typename Multiply>
 __device__ __forceinline__ void pipelined_k_loop(const Problem& p, const igemm::SplitK& split, int64_t s,
-                                                 const typename Problem::Row* rows,
-                                                 const typename Problem::Col* cols,
-                                                 typename Problem::Depth (*depths)[Tile::kK], LoadA load_a,
-                                                 LoadB load_b, StoreA store_a, StoreB store_b, Multiply multiply) {
+                                                 BlockIndices<Tile, Problem>& idx, LoadA load_a, LoadB load_b,
+                                                 StoreA store_a, StoreB store_b, Multiply multiply) {
+  const auto* rows = idx.rows;
+  const auto* cols = idx.cols;
+  auto* depths = idx.depths;
   constexpr int kA = Tile::kK * Tile::kM / Tile::kThreads, kB = Tile::kK * Tile::kN / Tile::kThreads;
   static_assert(kA * Tile::kThreads == Tile::kK * Tile::kM && kB * Tile::kThreads == Tile::kK * Tile::kN,
                 "each thread stages whole elements");
@@ -179,14 +195,11 @@ __global__ void __launch_bounds__(igemm::SimtTile::kThreads)
   static_assert(T::kM == T::kN && kLanes * kLanes == T::kThreads, "one thread per 4 x 4 micro-tile");
   __shared__ acc_t a_tile[2][T::kK][T::kM];
   __shared__ acc_t b_tile[2][T::kK][T::kN];
-  __shared__ typename Problem::Row row_info[T::kM];
-  __shared__ typename Problem::Col col_info[T::kN];
-  __shared__ typename Problem::Depth depth_info[2][T::kK];
-  check_selection(p.g, p.s);
+  __shared__ BlockIndices<T, Problem> idx;
+  const BlockOrigin origin = gemm_prologue(p, idx);
+  const int64_t m0 = origin.m0, n0 = origin.n0, s = origin.s;
   const int64_t rows = p.rows(), cols = p.cols();
-  const int64_t m0 = int64_t(blockIdx.x) * T::kM, n0 = int64_t(blockIdx.y) * T::kN, s = blockIdx.z;
   const int tm = threadIdx.x % kLanes, tn = threadIdx.x / kLanes;
-  stage_rows_and_cols<T>(p, m0, n0, row_info, col_info);
   acc_t acc[kMicro][kMicro];
 DCP_UNROLL
   for (int i = 0; i < kMicro; ++i) {
@@ -194,7 +207,7 @@ DCP_UNROLL
     for (int j = 0; j < kMicro; ++j) acc[i][j] = acc_t(0);
   }
   pipelined_k_loop<T, acc_t>(
-      p, split, s, row_info, col_info, depth_info,
+      p, split, s, idx,
       [&](int64_t off) { return off >= 0 ? static_cast<acc_t>(a[off]) : acc_t(0); },
       [&](int64_t off) { return off >= 0 ? static_cast<acc_t>(b[off]) : acc_t(0); },
       [&](int buffer, int mm, int kk, acc_t v) { a_tile[buffer][kk][mm] = v; },
@@ -276,13 +289,10 @@ __global__ void __launch_bounds__(igemm::MmaTile::kThreads)
   __shared__ __align__(32) staged_t a_tile[2][T::kM * kLdA];  // row-major (m, k)
   __shared__ __align__(32) staged_t b_tile[2][T::kK * kLdB];  // row-major (k, n)
   __shared__ __align__(32) float c_tile[T::kM * kLdC];
-  __shared__ typename Problem::Row row_info[T::kM];
-  __shared__ typename Problem::Col col_info[T::kN];
-  __shared__ typename Problem::Depth depth_info[2][T::kK];
-  check_selection(p.g, p.s);
+  __shared__ BlockIndices<T, Problem> idx;
+  const BlockOrigin origin = gemm_prologue(p, idx);
+  const int64_t m0 = origin.m0, n0 = origin.n0, s = origin.s;
   const int64_t rows = p.rows(), cols = p.cols();
-  const int64_t m0 = int64_t(blockIdx.x) * T::kM, n0 = int64_t(blockIdx.y) * T::kN, s = blockIdx.z;
-  stage_rows_and_cols<T>(p, m0, n0, row_info, col_info);
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;  // 2 x 2 warps, 32 x 32 outputs each
   wmma::fragment<wmma::accumulator, kFrag, kFrag, kStep, float> acc[2][2];
 DCP_UNROLL
@@ -291,7 +301,7 @@ DCP_UNROLL
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   }
   pipelined_k_loop<T, staged_t>(
-      p, split, s, row_info, col_info, depth_info, [&](int64_t off) { return Op::stage(a, off); },
+      p, split, s, idx, [&](int64_t off) { return Op::stage(a, off); },
       [&](int64_t off) { return Op::stage(b, off); },
       [&](int buffer, int mm, int kk, staged_t v) { a_tile[buffer][mm * kLdA + kk] = v; },
       [&](int buffer, int kk, int nn, staged_t v) { b_tile[buffer][kk * kLdB + nn] = v; },
