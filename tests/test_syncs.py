@@ -180,13 +180,14 @@ def _launches(model, prop=None, batch=4, size=16):
     return counter.count
 
 
-@pytest.mark.parametrize("name, bound", [("test-vgg", 2.15), ("vgg16", 2.05)])
+@pytest.mark.parametrize("name, bound", [("test-vgg", 2.1), ("vgg16", 2.0)])
 def test_launches_per_step_stay_bounded(name, bound):
     """A GPU step at CIFAR size is launch-bound: every extra op per layer costs about as much as the
     convolution (docs/benchmarks-gpu.md). VGG-16 (width 0.25, batch 8, 32 px; 13 prunable layers,
     ``torch`` backend, steady state) against the same dense network's 252: 572 (2.27x) at the start
-    of 2026-11-28's fifth session, 508 (2.02x) with the changes below, **501 (1.99x)** with the Linear
-    head reading the last conv's compact output (target 2.0x). The test VGG
+    of 2026-11-28's fifth session, 508 (2.02x) with the changes below, 501 (1.99x) with the Linear
+    head reading the last conv's compact output (target 2.0x), **489 (1.94x)** with weight blocks
+    indexed by their two index vectors instead of flat row indices (2026-11-28, eighth). The test VGG
     (5 prunable layers, where the per-step selection and utility update weigh more) against its
     dense 110: 326 (2.96x) before trimming the utility
     update and the weight-block gather, 299 (2.72x) after (2026-11-27), 278 (2.53x) with BN and
@@ -196,7 +197,8 @@ def test_launches_per_step_stay_bounded(name, bound):
     layer (``rule.UtilityUpdates``: 7 ops per step instead of 5 per layer, 2026-11-28), 239 (2.17x)
     with the two deepest layers' weight blocks gathered again in backward instead of saved (memory,
     see test_saved_activations_near_the_finalized_network), 234 (2.13x) with one zero buffer for a
-    layer's weight and BN-parameter gradients, 227 (2.06x) with the compact Linear head. The bounds
+    layer's weight and BN-parameter gradients, 227 (2.06x) with the compact Linear head, 223 (2.03x)
+    without flat row indices. The bounds
     keep them from creeping back up; what remains per layer is listed in docs/benchmarks-gpu.md."""
     make, batch, size = MODELS["vgg"], 4, 16
     if name == "vgg16":
@@ -235,8 +237,9 @@ def test_saved_activations_near_the_finalized_network(prune):
     keeps. VGG-16 at width 0.25, batch 16, 32 px (the activation-to-weight proportion of the full
     VGG-16 at batch 64, whose figures are the same within 0.01x): 1.08x / 1.05x / 1.03x the finalized
     network at prune 0.3 / 0.5 / 0.7, against 1.25x / 1.16x / 1.09x when every block was saved
-    (full size, batch 64: 185 -> 161 MB at prune 0.3 against dense's 166; 2026-11-28). Dense keeps
-    10.6 MB, DCP 9.8 / 8.2 / 5.8 MB."""
+    (full size, batch 64: 185 -> 161 MB at prune 0.3 against dense's 166; 2026-11-28), and
+    **1.03x / 1.02x / 1.01x** since no flat (k_out * k_in) row indices of the weight blocks are
+    saved (2026-11-28, eighth session). Dense keeps 10.6 MB, DCP 9.3 / 7.9 / 5.6 MB."""
     torch.manual_seed(0)
     dense = vgg("vgg16", width=0.25)
     model = vgg("vgg16", width=0.25)
@@ -250,7 +253,7 @@ def test_saved_activations_near_the_finalized_network(prune):
             prop.epoch_end()
     dcp_bytes = _saved_bytes(model, x)  # this forward selects; the finalized net has its widths
     ideal_bytes = _saved_bytes(prop.finalize(), x)
-    assert dcp_bytes <= 1.1 * ideal_bytes, f"DCP keeps {dcp_bytes / ideal_bytes:.2f}x the finalized network"
+    assert dcp_bytes <= 1.06 * ideal_bytes, f"DCP keeps {dcp_bytes / ideal_bytes:.2f}x the finalized network"
     assert dcp_bytes < _saved_bytes(dense, x)
 
 

@@ -49,11 +49,8 @@ def selects_all(idx: torch.Tensor, size: int) -> bool:
 
 
 def block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, c_in: int) -> torch.Tensor:
-    """Rows of the (C_out * C_in, kh * kw) weight view that form the ``out_idx x in_idx`` block.
-
-    One gather/scatter over this flat index is several times faster on CPU than two
-    ``index_select`` calls (measured: 512x512x3x3 at half keep, 0.17 ms vs 0.61 ms to gather).
-    """
+    """Rows of the (C_out * C_in, kh * kw) weight view that form the ``out_idx x in_idx`` block
+    (flat indices; the Linear head's feature columns and Triton's grad-weight scatter use them)."""
     return torch.add(in_idx.unsqueeze(0), out_idx.unsqueeze(1), alpha=c_in).flatten()  # one kernel
 
 
@@ -85,7 +82,8 @@ class _Block(NamedTuple):
     b_c: torch.Tensor | None
     read_idx: torch.Tensor  # input channels read (depthwise: out_idx)
     input_scale: torch.Tensor | None  # depthwise: 0/1 per read channel (outside in_idx: 0)
-    rows: torch.Tensor | None  # rows of the flat weight view forming the block (None: whole rows)
+    rows: torch.Tensor | None  # grouped convs: rows of the flat weight view forming the block
+    columns: bool  # groups=1: the block is weight[out_idx][:, in_idx] (False: whole input rows)
     groups: int  # of the compact convolution
     depthwise: bool
     x_as_is: bool  # x was used without a gather (every channel read, or already compact)
@@ -113,27 +111,33 @@ def _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact) -> _Block
             input_scale = channel_mask(in_idx, c_in, x.dtype).index_select(0, out_idx).view(1, -1, 1, 1)
     else:
         read_idx, full_in = in_idx, selects_all(in_idx, c_in)
-    if not (depthwise or full_in):
-        # One gather of the block (and the same rows scatter its gradient in backward).
-        if groups == 1:
-            rows = block_rows(out_idx, in_idx, c_in)
-        else:
-            rows = grouped_block_rows(out_idx, in_idx, in_per_group, c_out // groups, groups)
-    w_c = _weight_block(weight, out_idx, rows, in_idx.numel() // groups, full_out)
+    columns = not (depthwise or full_in) and groups == 1
+    if not (depthwise or full_in or columns):
+        rows = grouped_block_rows(out_idx, in_idx, in_per_group, c_out // groups, groups)
+    w_c = _weight_block(weight, out_idx, in_idx, rows, columns, full_out)
     x_c = x if (full_in or x_compact) else x.index_select(1, read_idx)
     if input_scale is not None:
         x_c = x_c * input_scale
-    return _Block(x_c, w_c, b_c, read_idx, input_scale, rows, groups, depthwise, full_in or x_compact, full_out)
+    return _Block(x_c, w_c, b_c, read_idx, input_scale, rows, columns, groups, depthwise, full_in or x_compact,
+                  full_out)
 
 
-def _weight_block(weight: torch.Tensor, out_idx: torch.Tensor, rows: torch.Tensor | None, k_in: int,
-                  full_out: bool) -> torch.Tensor:
-    """The block of ``weight`` the compact convolution runs with: whole input rows of ``out_idx``
-    (``rows`` None), or the flat weight rows ``rows`` as a (k_out, k_in, kh, kw) block."""
+def _weight_block(weight: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor, rows: torch.Tensor | None,
+                  columns: bool, full_out: bool) -> torch.Tensor:
+    """The block of ``weight`` the compact convolution runs with, in one gather: the ``out_idx x
+    in_idx`` block (``columns``), the flat weight rows ``rows`` of a grouped conv as a (k_out,
+    k_in / groups, kh, kw) block, or whole input rows of ``out_idx`` (neither).
+
+    The groups=1 block is indexed by the two index vectors (broadcast, nothing materialized), not
+    by flat (k_out * k_in) row indices: those cost 8 bytes per block row, kept for backward, which
+    put VGG-16's step above dense's peak memory at prune 0.3 (docs/benchmarks.md), and a launch to
+    build them."""
+    if columns:
+        return weight.index_select(1, in_idx) if full_out else weight[out_idx.unsqueeze(1), in_idx]
     if rows is None:
         return weight if full_out else weight.index_select(0, out_idx)
     w_c = weight.reshape(weight.shape[0] * weight.shape[1], -1).index_select(0, rows)
-    return w_c.view(out_idx.numel(), k_in, *weight.shape[2:])
+    return w_c.view(out_idx.numel(), -1, *weight.shape[2:])
 
 
 def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation, x_shape, w_shape,
@@ -154,11 +158,15 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
             gx_c = gx_c * block.input_scale
         grad_x = gx_c if block.x_as_is else zeros_except(x_shape, read_idx, gx_c, x_memory_format)
     if need_w:
-        if rows is None and block.full_out:  # the block is the whole weight
+        if rows is None and block.full_out and not block.columns:  # the block is the whole weight
             grad_w = gw_c
         else:
             grad_w = gw_c.new_zeros(w_shape) if w_zeros is None else w_zeros
-            if rows is None:  # whole input rows of the selected outputs
+            if block.columns and block.full_out:
+                grad_w.index_copy_(1, read_idx, gw_c)
+            elif block.columns:
+                grad_w.index_put_((out_idx.unsqueeze(1), read_idx), gw_c)
+            elif rows is None:  # whole input rows of the selected outputs
                 grad_w.index_copy_(0, out_idx, gw_c)
             else:
                 grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(
@@ -189,7 +197,7 @@ def block_conv_forward(x, weight, bias, in_idx, out_idx, stride, padding, dilati
 def block_scatters_weight_grad(saved, kept) -> bool:
     """Whether :func:`block_conv_backward` scatters grad-weight into zeros (the block is not the whole
     weight), so that a caller may hand it the zeros (``w_zeros``)."""
-    return saved[5] is not None or not kept[0].full_out
+    return saved[5] is not None or kept[0].columns or not kept[0].full_out
 
 
 def block_conv_backward(grad_y_c, saved, kept, need_x: bool, need_w: bool, need_b: bool,
@@ -199,7 +207,7 @@ def block_conv_backward(grad_y_c, saved, kept, need_x: bool, need_w: bool, need_
     x_c, w_c, read_idx, out_idx, input_scale, rows = saved
     meta, (stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias, regather) = kept
     if regather:  # forward kept the weight, not its block (see block_conv_forward)
-        w_c = _weight_block(w_c, out_idx, rows, x_c.shape[1] // meta.groups, meta.full_out)
+        w_c = _weight_block(w_c, out_idx, read_idx, rows, meta.columns, meta.full_out)
     block = meta._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows)
     return _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x_shape, w_shape,
                            x_memory_format, has_bias, need_x, need_w, need_b, w_zeros)

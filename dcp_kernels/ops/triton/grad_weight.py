@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..compact import block_rows
 from ._common import (
     CONV_TUNE_KEY,
     CONV_UNSPECIALIZED,
@@ -146,6 +145,5 @@ def conv_grad_weight(
         grad_w.copy_(dst.sum(0))  # fixed-order reduction
     elif split > 1:
         block = dst.sum(0).view(k_out, k_in, kh, kw).to(grad_w.dtype)  # fixed-order reduction
-        rows = block_rows(out_idx, in_idx, grad_w.shape[1])
-        grad_w.view(grad_w.shape[0] * grad_w.shape[1], -1).index_copy_(0, rows, block.view(-1, kh * kw))
+        grad_w.index_put_((out_idx.unsqueeze(1), in_idx), block)
     return grad_w
