@@ -208,14 +208,16 @@ def _excess(dcp: LaunchCounter, dense: LaunchCounter) -> str:
     return ", ".join(f"{op} +{n}" for op, n in (dcp.ops - dense.ops).most_common(12))
 
 
-@pytest.mark.parametrize("name, bound", [("test-vgg", 3.2), ("vgg16", 3.2)])
+@pytest.mark.parametrize("name, bound", [("test-vgg", 3.0), ("vgg16", 3.0)])
 def test_launches_per_step_stay_bounded(name, bound):
     """A GPU step at CIFAR size is launch-bound: every extra op per layer costs about as much as the
     convolution (docs/benchmarks-gpu.md). Counted as a GPU run would launch (since 2026-11-28's
     eighth session): allocations are not launches, and SGD runs ``foreach`` as it does on CUDA.
     VGG-16 (width 0.25, batch 8, 32 px; 13 prunable layers, ``torch`` backend, steady state):
-    **364 ops vs dense's 116 (3.14x)**; the test VGG (5 prunable layers): 170 vs 54 (3.15x). What
-    the ``torch`` backend adds per layer is listed in docs/benchmarks-gpu.md (about 17 ops: BN-vector
+    364 ops vs dense's 116 (3.14x), then **338 (2.91x)** with the BN output for the utility
+    recomputed by BN's own op (one launch instead of three); the test VGG (5 prunable layers): 170
+    -> 160 vs 54 (3.15x -> 2.96x). What
+    the ``torch`` backend adds per layer is listed in docs/benchmarks-gpu.md (about 15 ops: BN-vector
     gathers and write-backs, the utility reduction, the gradient scatters); the static Triton step
     is the path with few launches (test_triton_launches_per_step_stay_bounded).
 

@@ -75,18 +75,19 @@ class _UtilitySink(NamedTuple):
 def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _UtilitySink,
                       idx: torch.Tensor | None, scale: torch.Tensor | None = None,
                       shift: torch.Tensor | None = None) -> None:
-    """The backward's utility work: ``v = channel_utility(a', g)`` with ``a' = a * scale + shift`` per
-    channel when given, then ``U[idx] = decay * U[idx] + v / max(v)`` (``idx`` None: all channels).
+    """The backward's utility work: ``v = channel_utility(a', g)``, then ``U[idx] = decay * U[idx] +
+    v / max(v)`` (``idx`` None: all channels). ``a' = a * scale + shift`` per channel where
+    ``scale`` and ``shift`` are given (Triton only: its reduction applies them on the fly), else
+    ``a' = a``.
 
-    Triton: two launches (reduction with the affine on the fly, then one update program). Others:
-    PyTorch ops (the extension's reduction kernel where built); the reduction then lands in the
-    layer's row of the controller's network-wide update (one scatter), which runs once for all
-    layers at the end of the backward pass: five launches per layer less than updating here."""
+    Triton: two launches (reduction, then one update program). Others: PyTorch ops (the extension's
+    reduction kernel where built); the reduction then lands in the layer's row of the controller's
+    network-wide update (one scatter), which runs once for all layers at the end of the backward
+    pass: five launches per layer less than updating here."""
     if backend == "triton":
         _triton_backend().update_utility(a, g, sink.utility, idx, sink.decay, scale, shift)
         return
-    if scale is not None:
-        a = torch.addcmul(shift.view(1, -1, 1, 1), a, scale.view(1, -1, 1, 1))
+    assert scale is None and shift is None, "only Triton's reduction applies a BN affine on the fly"
     # The max-normalisation in update_utilities cancels the reduction's constant 1 / (B*H*W): the
     # PyTorch reduction leaves it out (one launch less per layer); the extension's kernel has it built in.
     if backend == "extension":
@@ -179,12 +180,19 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
             both = grad_w_c.new_zeros(2, channels) if zeros is None else zeros
             both.index_copy_(1, out_idx, torch.stack([grad_w_c, grad_b_c]))
             grad_w, grad_b = both[0], both[1]
-    # The BN output recomputed (y * scale + shift), not saved: it costs one elementwise pass here
-    # (none on Triton, whose reduction applies it on the fly) instead of one activation kept from
-    # forward to backward.
-    scale = w_c * invstd
-    shift = torch.addcmul(b_c, mean, scale, value=-1)
-    _update_utilities(backend, y_c, g_c, sink, None if full else out_idx, scale, shift)
+    # The BN output is recomputed for the utility, not saved (one activation less kept from forward
+    # to backward). Triton's reduction applies y * scale + shift on the fly (no pass over memory).
+    # Elsewhere the forward's own op recomputes it from the same input: one launch where scale, shift
+    # and the affine took three (a GPU step at CIFAR size is launch-bound), at the price of BN's
+    # statistics pass over y_c.
+    idx = None if full else out_idx
+    if backend == "triton":
+        scale = w_c * invstd
+        shift = torch.addcmul(b_c, mean, scale, value=-1)
+        _update_utilities(backend, y_c, g_c, sink, idx, scale, shift)
+    else:
+        a_c = torch.native_batch_norm(y_c, w_c, b_c, None, None, True, 0.0, eps)[0]
+        _update_utilities(backend, a_c, g_c, sink, idx)
     return grad_y, (grad_w if need_w else None), (grad_b if need_b else None)
 
 
