@@ -83,7 +83,7 @@ class _Block(NamedTuple):
     read_idx: torch.Tensor  # input channels read (depthwise: out_idx)
     input_scale: torch.Tensor | None  # depthwise: 0/1 per read channel (outside in_idx: 0)
     rows: torch.Tensor | None  # grouped convs: rows of the flat weight view forming the block
-    columns: bool  # groups=1: the block is weight[out_idx][:, in_idx] (False: whole input rows)
+    columns: bool  # groups=1, part of the inputs: the block is weight[out_idx][:, in_idx]
     groups: int  # of the compact convolution
     depthwise: bool
     x_as_is: bool  # x was used without a gather (every channel read, or already compact)
