@@ -57,6 +57,15 @@ def _extension_kwargs() -> dict:
     werror = os.environ.get("DCP_WERROR") == "1"
     system_headers = [f"-isystem{path}" for path in cpp_extension.include_paths("cuda" if cuda_home else "cpu")]
     cxx = ["-O3", "-Wall", "-Wextra", *system_headers, *(["-Werror"] if werror else [])]
+    # DCP_SANITIZE=address: an AddressSanitizer build of the C++ code (CPU-only: DCP_NO_CUDA=1), for
+    # running the CUDA kernels' emulation with out-of-bounds checks (csrc/README.md, "Sanitizer").
+    sanitize = os.environ.get("DCP_SANITIZE")
+    link = []
+    if sanitize:
+        if sanitize != "address" or cuda_home:
+            raise SystemExit(f"DCP_SANITIZE={sanitize!r}: only 'address' is supported, with DCP_NO_CUDA=1")
+        cxx += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+        link = ["-fsanitize=address"]
     # --threads=0: the GPU architectures' device compiles run in parallel (one CPU each; 140 s -> 88 s for
     # fused_conv_cuda.cu, sm_80 + sm_90, on 2 cores).
     nvcc = ["-O3", "--threads=0", "-Xcompiler=-Wall" + (",-Werror" if werror else ""),
@@ -67,7 +76,8 @@ def _extension_kwargs() -> dict:
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         )
     else:
-        ext = cpp_extension.CppExtension("dcp_kernels._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("dcp_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=link)
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):
         def build_extension(self, extension):

@@ -246,3 +246,6 @@ def test_the_emulation_catches_races_divergent_barriers_and_wmma_misuse():
     with pytest.raises(RuntimeError, match=r"device-side assert .* thread \(5, 0, 0\) of block \(0, 0, 0\): "
                                            "thread 5 asserts"):
         run("assert")
+    # Out-of-bounds reads are caught only by an AddressSanitizer build (csrc/sanitize.sh, run in CI,
+    # makes "read_out_of_bounds" fail with ASan's report); here its in-bounds twin.
+    assert torch.equal(run("read_in_bounds"), torch.arange(64, dtype=torch.float32))

@@ -9,9 +9,27 @@
 #include <string>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 namespace dcp {
 namespace emu {
 namespace {
+
+// AddressSanitizer builds (DCP_SANITIZE=address, csrc/README.md) tell it about every stack switch,
+// so that it checks the fibers' stacks as stacks; elsewhere these are no-ops.
+#if defined(__SANITIZE_ADDRESS__)
+void start_switch(void** fake_stack, const void* bottom, std::size_t size) {
+  __sanitizer_start_switch_fiber(fake_stack, bottom, size);
+}
+void finish_switch(void* fake_stack, const void** bottom, std::size_t* size) {
+  __sanitizer_finish_switch_fiber(fake_stack, bottom, size);
+}
+#else
+void start_switch(void**, const void*, std::size_t) {}
+void finish_switch(void*, const void**, std::size_t*) {}
+#endif
 
 // Kernel frames are small (the largest, a tensor-core kernel's fragments, about 10 KB); the stacks
 // are allocated untouched, so only the pages a thread uses are ever committed.
@@ -28,6 +46,7 @@ struct Thread {
   uint3 index;
   State state = State::kReady;
   int barrier_line = 0;
+  void* fake_stack = nullptr;  // AddressSanitizer's, while the thread is switched out
 };
 
 // The block being run on this OS thread.
@@ -37,6 +56,10 @@ struct Block {
   Thread* current = nullptr;
   const std::function<void()>* body = nullptr;
   std::string error;  // the first failure of the block
+  // The scheduler's stack (the OS thread's), for AddressSanitizer's switches back to it.
+  void* scheduler_fake_stack = nullptr;
+  const void* scheduler_stack = nullptr;
+  std::size_t scheduler_stack_size = 0;
 };
 
 thread_local Block* running = nullptr;
@@ -44,6 +67,7 @@ thread_local Block* running = nullptr;
 void thread_entry() {
   Block& block = *running;
   Thread& self = *block.current;
+  finish_switch(nullptr, &block.scheduler_stack, &block.scheduler_stack_size);
   try {
     (*block.body)();
   } catch (const KernelAssert& failure) {
@@ -54,6 +78,7 @@ void thread_entry() {
     if (block.error.empty()) block.error = "an exception of unknown type";
   }
   self.state = Thread::State::kDone;
+  start_switch(nullptr, block.scheduler_stack, block.scheduler_stack_size);  // nullptr: this stack ends
   swapcontext(&self.context, &block.scheduler);  // a finished thread is never resumed
 }
 
@@ -73,7 +98,9 @@ std::string run_block(Block& block, std::size_t block_number) {
       if (t.state != Thread::State::kReady) continue;
       threadIdx = t.index;
       block.current = &t;
+      start_switch(&block.scheduler_fake_stack, t.stack.get(), kStackBytes);
       swapcontext(&block.scheduler, &t.context);
+      finish_switch(block.scheduler_fake_stack, nullptr, nullptr);
       if (!block.error.empty()) return block.error;
     }
     const Thread* waiting = nullptr;
@@ -117,7 +144,9 @@ void barrier(int line) {
   Thread& self = *running->current;
   self.state = Thread::State::kAtBarrier;
   self.barrier_line = line;
+  start_switch(&self.fake_stack, running->scheduler_stack, running->scheduler_stack_size);
   swapcontext(&self.context, &running->scheduler);
+  finish_switch(self.fake_stack, nullptr, nullptr);
 }
 
 namespace {

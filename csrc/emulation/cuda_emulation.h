@@ -17,12 +17,17 @@
 //     warp is opaque to kernels that use the API), with the API's preconditions checked (256-bit
 //     aligned pointers, `ldm` a multiple of 16 bytes: a launch failure). The emulated TF32 mma
 //     truncates its operands to 19 bits (what the hardware does with the low bits of an operand not
-//     converted to TF32 is unspecified), so a missing rounding shows in the results.
+//     converted to TF32 is unspecified), so a missing rounding shows in the results;
+//   * out-of-bounds accesses, in an AddressSanitizer build only (csrc/sanitize.sh, run by CI): reads
+//     and writes past a tensor (activations, weights, index vectors, workspaces) or past a
+//     `__shared__` array fail with ASan's report, as compute-sanitizer's memcheck would on a GPU
+//     (the scheduler tells ASan about every fiber switch).
 // What it cannot check: timing, memory coalescing, bank conflicts, register pressure, warp-level
 // scheduling other than the two orders above, whether a warp's threads call a WMMA function with the
 // same arguments, reads of shared memory the block never wrote (the statics keep the previous block's
-// values, not garbage), out-of-bounds global accesses, and anything nvcc compiles differently from
-// the host compiler. It is slow (one fiber switch per thread per barrier): for tests at small sizes.
+// values, not garbage), accesses that stay inside a tensor's storage but outside the tensor (a view),
+// and anything nvcc compiles differently from the host compiler. It is slow (one fiber switch per
+// thread per barrier): for tests at small sizes.
 #pragma once
 
 #include <c10/util/BFloat16.h>

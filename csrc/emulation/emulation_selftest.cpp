@@ -46,6 +46,13 @@ void wmma_load_kernel(int offset, unsigned ldm) {
   wmma::load_matrix_sync(a, tile + offset, ldm);
 }
 
+// Each thread reads its element of `in` at `offset`; past the end of the buffer for the last threads
+// when offset > 0 (only an AddressSanitizer build, DCP_SANITIZE=address, catches that).
+void read_kernel(const float* in, float* out, int offset) {
+  const int t = int(threadIdx.x);
+  out[t] = in[t + offset];
+}
+
 void assert_kernel() {
   if (threadIdx.x == 5) kernel_assert_failed("thread 5 asserts", __FILE__, __LINE__);
   barrier(__LINE__);
@@ -66,6 +73,12 @@ at::Tensor selftest(const std::string& name) {
   else if (name == "wmma_misaligned") launch(name.c_str(), &wmma_load_kernel, one_block, dim3(32), 2, 16u);
   else if (name == "wmma_bad_ldm") launch(name.c_str(), &wmma_load_kernel, one_block, dim3(32), 8, 18u);
   else if (name == "assert") launch(name.c_str(), &assert_kernel, one_block, threads);
+  else if (name == "read_in_bounds" || name == "read_out_of_bounds") {
+    auto in = at::arange(kThreads, at::kFloat), out = at::empty({kThreads}, at::kFloat);
+    launch(name.c_str(), &read_kernel, one_block, threads, in.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+           name == "read_in_bounds" ? 0 : 4);
+    return out;
+  }
   else TORCH_CHECK(false, "unknown emulation self-test case '", name, "'");
   return at::empty({0});
 }
