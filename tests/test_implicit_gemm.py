@@ -247,5 +247,9 @@ def test_the_emulation_catches_races_divergent_barriers_and_wmma_misuse():
                                            "thread 5 asserts"):
         run("assert")
     # Out-of-bounds reads are caught only by an AddressSanitizer build (csrc/sanitize.sh, run in CI,
-    # makes "read_out_of_bounds" fail with ASan's report); here its in-bounds twin.
+    # makes "read_out_of_bounds" fail with ASan's report); here its in-bounds twin, and the refusal
+    # to run the out-of-bounds case without ASan.
     assert torch.equal(run("read_in_bounds"), torch.arange(64, dtype=torch.float32))
+    if not run("sanitized").item():
+        with pytest.raises(RuntimeError, match="needs an AddressSanitizer build"):
+            run("read_out_of_bounds")

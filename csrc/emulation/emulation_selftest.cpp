@@ -67,18 +67,30 @@ at::Tensor selftest(const std::string& name) {
     launch(name.c_str(), &neighbour_kernel, two_blocks, threads, out.mutable_data_ptr<int>(), next ? 1 : -1, synced);
     return out;
   }
+  if (name == "sanitized") {  // whether this is an AddressSanitizer build: 1 or 0
+#if defined(__SANITIZE_ADDRESS__)
+    return at::ones({1}, at::kInt);
+#else
+    return at::zeros({1}, at::kInt);
+#endif
+  }
+  if (name == "read_in_bounds" || name == "read_out_of_bounds") {
+#if !defined(__SANITIZE_ADDRESS__)
+    // Past the end is undefined behaviour that only an ASan build turns into a report.
+    TORCH_CHECK(name == "read_in_bounds", "emulation self-test '", name,
+                "' needs an AddressSanitizer build (csrc/sanitize.sh)");
+#endif
+    auto in = at::arange(kThreads, at::kFloat), out = at::empty({kThreads}, at::kFloat);
+    launch(name.c_str(), &read_kernel, one_block, threads, in.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+           name == "read_in_bounds" ? 0 : 4);
+    return out;
+  }
   if (name == "divergent_barriers") launch(name.c_str(), &divergent_barrier_kernel, one_block, threads);
   else if (name == "return_before_barrier") launch(name.c_str(), &return_before_barrier_kernel, one_block, threads);
   else if (name == "wmma_aligned") launch(name.c_str(), &wmma_load_kernel, one_block, dim3(32), 8, 16u);
   else if (name == "wmma_misaligned") launch(name.c_str(), &wmma_load_kernel, one_block, dim3(32), 2, 16u);
   else if (name == "wmma_bad_ldm") launch(name.c_str(), &wmma_load_kernel, one_block, dim3(32), 8, 18u);
   else if (name == "assert") launch(name.c_str(), &assert_kernel, one_block, threads);
-  else if (name == "read_in_bounds" || name == "read_out_of_bounds") {
-    auto in = at::arange(kThreads, at::kFloat), out = at::empty({kThreads}, at::kFloat);
-    launch(name.c_str(), &read_kernel, one_block, threads, in.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
-           name == "read_in_bounds" ? 0 : 4);
-    return out;
-  }
   else TORCH_CHECK(false, "unknown emulation self-test case '", name, "'");
   return at::empty({0});
 }
