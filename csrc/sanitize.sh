@@ -5,7 +5,8 @@
 # compute-sanitizer would on a GPU. Builds a CPU-only ASan copy of the extension in a temporary
 # folder (the checkout is not touched), then:
 #   1. proves the sanitizer is live: a self-test kernel reading past its buffer must be reported;
-#   2. runs the kernels' tests (tests/test_implicit_gemm.py, the extension's op tests) under it;
+#   2. runs the kernels' tests (tests/test_implicit_gemm.py, tests/test_extension.py and the op grid's
+#      extension cases, which also cover the CPU kernels of csrc/cpu/) under it;
 #      any out-of-bounds read or write fails them with ASan's report (kernel, file and line).
 # Needs g++ with libasan (gcc's own runtime is preloaded into Python, with libstdc++ so that ASan
 # sees C++ exceptions). About 1.5 minutes on 2 cores. Usage: bash csrc/sanitize.sh (from any folder,
@@ -55,7 +56,8 @@ fi
 rm -f "$work"/report.*
 
 echo "sanitize: the kernels' tests under AddressSanitizer"
-if ! run -m pytest -q -p no:cacheprovider tests/test_implicit_gemm.py tests/test_extension.py; then
+if ! run -m pytest -q -p no:cacheprovider tests/test_implicit_gemm.py tests/test_extension.py tests/test_ops.py \
+    -k "test_implicit_gemm or test_extension or extension"; then
   cat "$work"/report.* 2>/dev/null | head -60 >&2 || true
   echo "sanitize: failed (ASan's report above, if it found a bad access)" >&2
   exit 1
