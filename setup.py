@@ -58,7 +58,7 @@ def _extension_kwargs() -> dict:
     system_headers = [f"-isystem{path}" for path in cpp_extension.include_paths("cuda" if cuda_home else "cpu")]
     cxx = ["-O3", "-Wall", "-Wextra", *system_headers, *(["-Werror"] if werror else [])]
     # DCP_SANITIZE=address: an AddressSanitizer build of the C++ code (CPU-only: DCP_NO_CUDA=1), for
-    # running the CUDA kernels' emulation with out-of-bounds checks (csrc/README.md, "Sanitizer").
+    # running the CUDA kernels' emulation with out-of-bounds checks (csrc/sanitize.sh).
     sanitize = os.environ.get("DCP_SANITIZE")
     link = []
     if sanitize:

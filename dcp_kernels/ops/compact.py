@@ -132,12 +132,35 @@ def _weight_block(weight: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Ten
     by flat (k_out * k_in) row indices: those cost 8 bytes per block row, kept for backward, which
     put VGG-16's step above dense's peak memory at prune 0.3 (docs/benchmarks.md), and a launch to
     build them."""
+    if _is_whole_weight(rows, columns, full_out):
+        return weight
     if columns:
         return weight.index_select(1, in_idx) if full_out else weight[out_idx.unsqueeze(1), in_idx]
     if rows is None:
-        return weight if full_out else weight.index_select(0, out_idx)
+        return weight.index_select(0, out_idx)
     w_c = weight.reshape(weight.shape[0] * weight.shape[1], -1).index_select(0, rows)
     return w_c.view(out_idx.numel(), -1, *weight.shape[2:])
+
+
+def _is_whole_weight(rows: torch.Tensor | None, columns: bool, full_out: bool) -> bool:
+    """Whether the block :func:`_weight_block` picks is the whole weight (nothing to gather or scatter)."""
+    return rows is None and not columns and full_out
+
+
+def _scatter_weight_block(grad_w: torch.Tensor, gw_c: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor,
+                          rows: torch.Tensor | None, columns: bool, full_out: bool) -> torch.Tensor:
+    """Write the block's gradient ``gw_c`` into ``grad_w`` (full-size zeros) where
+    :func:`_weight_block` gathered the block from (its cases, in the same order)."""
+    if columns and full_out:
+        grad_w.index_copy_(1, in_idx, gw_c)
+    elif columns:
+        grad_w.index_put_((out_idx.unsqueeze(1), in_idx), gw_c)
+    elif rows is None:  # whole input rows of the selected outputs
+        grad_w.index_copy_(0, out_idx, gw_c)
+    else:
+        grad_w.view(grad_w.shape[0] * grad_w.shape[1], -1).index_copy_(
+            0, rows, gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1))
+    return grad_w
 
 
 def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation, x_shape, w_shape,
@@ -158,19 +181,11 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
             gx_c = gx_c * block.input_scale
         grad_x = gx_c if block.x_as_is else zeros_except(x_shape, read_idx, gx_c, x_memory_format)
     if need_w:
-        if rows is None and block.full_out and not block.columns:  # the block is the whole weight
+        if _is_whole_weight(rows, block.columns, block.full_out):
             grad_w = gw_c
         else:
-            grad_w = gw_c.new_zeros(w_shape) if w_zeros is None else w_zeros
-            if block.columns and block.full_out:
-                grad_w.index_copy_(1, read_idx, gw_c)
-            elif block.columns:
-                grad_w.index_put_((out_idx.unsqueeze(1), read_idx), gw_c)
-            elif rows is None:  # whole input rows of the selected outputs
-                grad_w.index_copy_(0, out_idx, gw_c)
-            else:
-                grad_w.view(w_shape[0] * w_shape[1], -1).index_copy_(
-                    0, rows, gw_c.reshape(gw_c.shape[0] * gw_c.shape[1], -1))
+            grad_w = _scatter_weight_block(gw_c.new_zeros(w_shape) if w_zeros is None else w_zeros, gw_c, out_idx,
+                                           read_idx, rows, block.columns, block.full_out)
     if need_b and has_bias:
         grad_b = gb_c if block.full_out else gb_c.new_zeros(w_shape[0]).index_copy_(0, out_idx, gb_c)
     return grad_x, grad_w, grad_b
@@ -197,7 +212,7 @@ def block_conv_forward(x, weight, bias, in_idx, out_idx, stride, padding, dilati
 def block_scatters_weight_grad(saved, kept) -> bool:
     """Whether :func:`block_conv_backward` scatters grad-weight into zeros (the block is not the whole
     weight), so that a caller may hand it the zeros (``w_zeros``)."""
-    return saved[5] is not None or kept[0].columns or not kept[0].full_out
+    return not _is_whole_weight(saved[5], kept[0].columns, kept[0].full_out)
 
 
 def block_conv_backward(grad_y_c, saved, kept, need_x: bool, need_w: bool, need_b: bool,
