@@ -87,6 +87,7 @@ def convert(
     compact_activations: bool = True,
     round_to: int = 1,
     static_shapes: bool = False,
+    capacity_multiple: int = 8,
 ) -> Propagation:
     """Make ``model`` a DCP model in place and return its controller.
 
@@ -127,9 +128,13 @@ def convert(
             the exact rule's count per group is rounded to the nearest multiple and the group keeps
             that many of its best channels (docs/algorithm.md). 1 (default) is the paper's exact
             rule; 8 suits GPU tensor cores and bounds the set of shapes kernels see.
-        static_shapes: run every training step with shapes and launches that do not depend on the
-            selection and without any host read (backend ``triton`` only; no grouped convs): the
-            step a CUDA graph can capture. See :meth:`Propagation.set_static_shapes`.
+        static_shapes: run every training step at shapes that do not change from step to step.
+            Backend ``torch`` (or ``auto``): capacity widths, compact tensors of a fixed number of
+            slots per layer, padded with masked unselected channels, convolved by ATen (cuDNN,
+            oneDNN); one host read per selecting step. Backend ``triton``: full-width tensors, the
+            selection read on the device only (no host read; no grouped convs). See
+            :meth:`Propagation.set_static_shapes`.
+        capacity_multiple: capacity widths are multiples of this (8 suits tensor cores).
 
     Nothing is changed when an argument or the model is refused. On ``triton`` and ``extension``,
     which have no grouped-conv kernel, grouped convs run on ``torch`` (a ``UserWarning`` names them;
@@ -138,10 +143,11 @@ def convert(
     check_prune_ratio(prune_ratio)
     check_round_to(round_to)
     ops.resolve_backend(backend)
-    if static_shapes and backend != "triton":
-        raise ValueError(f"static_shapes=True needs backend='triton' (got {backend!r})")
+    if static_shapes and backend not in ("triton", "torch", "auto"):
+        raise ValueError(f"static_shapes=True needs backend='torch' (capacity widths) or 'triton' (full width), "
+                         f"got {backend!r}")
     _check_model(model)
-    if static_shapes:
+    if static_shapes and backend == "triton":
         grouped = [n for n, m in model.named_modules()
                    if isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)]
         if grouped:
@@ -196,6 +202,7 @@ def convert(
         {n: new_layers[n] for n in order}, prune_ratio, min_channels=min_channels, explore_epochs=explore_epochs,
         decay=decay, plan=plan, groups=plan.groups, layer_prune_ratios=layer_prune_ratios, round_to=round_to,
         blocks={g.producers[0]: g.blocks for g in analysis.groups if g.blocks > 1},
+        capacity_multiple=capacity_multiple,
     )
 
     for name, layer in {**new_layers, **new_linears}.items():

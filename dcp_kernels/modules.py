@@ -10,7 +10,7 @@ from torch import nn
 from . import ops
 from .graph.optable import is_depthwise
 from .ops.compact import block_rows, selects_all
-from .ops.layer import _all_channels, _all_kept, counted_layer_step, layer_step
+from .ops.layer import Slots, _all_channels, _all_kept, counted_layer_step, layer_step
 from .rule import kept_first
 
 
@@ -75,6 +75,7 @@ class ConcatSource:
         self.out_channels = sum(width for _, width in segments)
         self.dcp_name = name or "concat"
         self._indices = SelectionCache()
+        self._scale = SelectionCache()
 
     def _device(self) -> torch.device:
         return next(layer.selected.device for layer, _ in self.segments if layer is not None)
@@ -110,6 +111,22 @@ class ConcatSource:
             return torch.cat(parts)
 
         return self._indices.get(self.selection_masks(), build)
+
+    def slot_scale(self) -> torch.Tensor | None:
+        """Under capacity widths: 1.0 / 0.0 per entry of :meth:`selected_indices` (selected / padding),
+        the segments' scales side by side; None when no segment has capacity slots."""
+        def build() -> torch.Tensor | None:
+            scales = [layer.slot_scale() if layer is not None else None for layer, _ in self.segments]
+            if all(scale is None for scale in scales):
+                return None
+            device = self._device()
+            return torch.cat([
+                scale if scale is not None else
+                torch.ones((layer.selected_indices() if layer is not None else _all_channels(width, device)).numel(),
+                           device=device)
+                for scale, (layer, width) in zip(scales, self.segments)])
+
+        return self._scale.get(self.selection_masks(), build)
 
 
 def _check_source(label: str, source: Any, channels: int, what: str) -> None:
@@ -199,6 +216,9 @@ class DCPConv2d(nn.Conv2d):
         # ``_modules`` on purpose: it is another layer of the same model, not a child.
         self.__dict__["_input_source"] = None
         self.__dict__["_indices"] = SelectionCache()
+        # Capacity widths: the Slots of the index vector in the cache above, valid while the mask is
+        # the one they were written for (else None: the exact index vector is rebuilt instead).
+        self.__dict__["_slots"] = SelectionCache()
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -299,21 +319,35 @@ class DCPConv2d(nn.Conv2d):
 
         return self.__dict__["_indices"].get(self.selection_masks(), build)
 
-    def _adopt_indices(self, idx: torch.Tensor | None) -> None:
+    def _adopt_indices(self, idx: torch.Tensor | None, slots: Slots | None = None) -> None:
         """Take the selected indices from the controller, which built every layer's in one batched
         computation right after writing ``selected`` (``None``: every channel). Valid until
-        ``selected`` changes again, exactly like an index vector computed here."""
+        ``selected`` changes again, exactly like an index vector computed here.
+
+        ``slots``: capacity widths (docs/algorithm.md, "Static capacity widths"): ``idx`` is then the
+        layer's fixed-length slot vector, selected channels and padding, and ``slots`` says which is
+        which; its length stays the same from step to step (no dynamic-size marking)."""
         sel = self.selected
+        self.__dict__["_slots"].put(self.selection_masks(), slots)
         if idx is None:
             # The layer's own tensor, not the shared cached arange: a conv whose input and output
             # widths are equal would otherwise get one tensor as both in_idx and out_idx, which
             # torch.compile cannot trace through an autograd.Function (a graph break).
             idx = torch.arange(self.out_channels, device=sel.device)
-        else:
+        elif slots is None:
             # Kept widths change on nearly every step: let torch.compile trace them as symbolic
             # sizes from the start instead of recompiling for each new width.
             torch._dynamo.maybe_mark_dynamic(idx, 0)
         self.__dict__["_indices"].put(self.selection_masks(), idx)
+
+    def slot_state(self) -> Slots | None:
+        """The capacity slots of :meth:`selected_indices` (None: it holds the selected channels only)."""
+        return self.__dict__["_slots"].get(self.selection_masks(), lambda: None)
+
+    def slot_scale(self) -> torch.Tensor | None:
+        """1.0 / 0.0 per entry of :meth:`selected_indices` under capacity widths, else None."""
+        slots = self.slot_state() if self.prunable else None
+        return None if slots is None else slots.scale
 
     def _apply(self, fn, recurse=True):
         # .half()/.double()/.to(dtype) convert floating buffers; utilities stay float32 by definition.
@@ -355,11 +389,14 @@ class DCPConv2d(nn.Conv2d):
         x_compact = self._check_input(x, in_idx)
         x, padding = self._explicit_padding(x)
         out_idx = self.selected_indices() if self.prunable else None
+        # Capacity widths: fixed-length index vectors padded with unselected channels, run on ATen.
+        in_scale = source.slot_scale() if source is not None else None
+        slots = self.slot_state() if self.prunable else None
         if in_idx is None and out_idx is None:
             y = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
             self.last_output_hw = (y.shape[2], y.shape[3])
             return y if self.norm is None else self.norm(y)
-        backend = ops.resolve_backend(self.backend, x.device)
+        backend = "torch" if (in_scale is not None or slots is not None) else ops.resolve_backend(self.backend, x.device)
         ops.check_groups_supported(backend, self.groups, self.weight, self._label())
         if backend != "reference" and torch.is_autocast_enabled(x.device.type):
             # Autocast does not look inside custom autograd Functions: cast here what it would cast
@@ -370,9 +407,10 @@ class DCPConv2d(nn.Conv2d):
             with torch.autocast(x.device.type, enabled=False):
                 return layer_step(
                     self, x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype),
-                    padding, in_idx, out_idx, x_compact, backend,
+                    padding, in_idx, out_idx, x_compact, backend, in_scale, slots,
                 )
-        return layer_step(self, x, self.weight, self.bias, padding, in_idx, out_idx, x_compact, backend)
+        return layer_step(self, x, self.weight, self.bias, padding, in_idx, out_idx, x_compact, backend, in_scale,
+                          slots)
 
     def _explicit_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``x`` and the conv's integer padding: 'same'/'valid' and non-zero padding modes are padded
@@ -479,7 +517,7 @@ class DCPLinear(nn.Linear):
         if source is None:
             return None
         idx = source.selected_indices()
-        if selects_all(idx, source.out_channels):
+        if selects_all(idx, source.out_channels) and source.slot_scale() is None:
             return None
         if self.block == 1:  # one feature per channel: the channel indices themselves
             return idx
@@ -500,7 +538,7 @@ class DCPLinear(nn.Linear):
                 also = f" (or the {cols.numel()} features of its source's selected channels)" if cols is not None else ""
                 raise ValueError(f"{self._label()}: expected {self.in_features} input features{also}, "
                                  f"got {x.shape[-1]}")
-            return F.linear(x, self.weight.index_select(1, cols), self.bias)
+            return F.linear(x, self._weight_columns(cols), self.bias)
         if source is not None and source.static_shapes:
             # Static shapes: full width, the unselected channels' features zeroed (a mask, no index read).
             keep = source.selected.to(x.dtype).unsqueeze(-1)  # (channels, 1) against (..., channels, block)
@@ -508,7 +546,18 @@ class DCPLinear(nn.Linear):
         cols = self.selected_features()
         if cols is None:
             return F.linear(x, self.weight, self.bias)
-        return F.linear(x.index_select(-1, cols), self.weight.index_select(1, cols), self.bias)
+        return F.linear(x.index_select(-1, cols), self._weight_columns(cols), self.bias)
+
+    def _weight_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        """The weight columns ``cols``; under capacity widths those of padding channels zeroed (their
+        features may be non-zero, and the reference does not read them)."""
+        w = self.weight.index_select(1, cols)
+        scale = self.input_source.slot_scale()
+        if scale is None:
+            return w
+        if self.block > 1:
+            scale = scale.repeat_interleave(self.block)
+        return w * scale.to(w.dtype)
 
     def extra_repr(self) -> str:
         source = self.input_source

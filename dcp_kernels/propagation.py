@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import rule
+from .ops.layer import Slots
 from .plan import ConversionPlan  # noqa: F401  (re-exported: its historical home)
 from .rule import (  # noqa: F401  (re-exported: the rule's historical home)
     DecaySchedule,
@@ -61,6 +62,7 @@ class Propagation:
         round_to: int = 1,
         blocks: Mapping[str, int] | None = None,
         static_shapes: bool = False,
+        capacity_multiple: int = 8,
     ) -> None:
         check_prune_ratio(prune_ratio)
         if not layers:
@@ -97,6 +99,17 @@ class Propagation:
         # Grouped convs set_backend() moved to 'torch' (name -> the backend asked for).
         self.backend_fallbacks: dict[str, str] = {}
         self.static_shapes = False
+        # Capacity widths (static_shapes on 'torch'): per group its slot count, the largest kept count
+        # since the last epoch end, and its slot buffers (written in place while the capacity holds).
+        if not isinstance(capacity_multiple, int) or isinstance(capacity_multiple, bool) or capacity_multiple < 1:
+            raise ValueError(f"capacity_multiple must be an int >= 1 (8 suits tensor cores), got {capacity_multiple!r}")
+        self.capacity_multiple = capacity_multiple
+        self.capacity = False
+        self._capacities: list[int | None] = [None] * len(self.groups)
+        self._peaks = [0] * len(self.groups)
+        self._slot_buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.groups)
+        # Selecting steps at which some capacity changed (each starts a new set of shapes).
+        self.capacity_changes = 0
         # Every layer's backward leaves its utility measurement here; one update for all at the end.
         self.utility_updates = UtilityUpdates(self.layers)
         for slot, layer in enumerate(self.layers):
@@ -252,7 +265,16 @@ class Propagation:
     def set_static_shapes(self, enabled: bool = True) -> None:
         """Run every step with static shapes (``True``) or with compact tensors (``False``, the default).
 
-        Static shapes: each layer's selection is read on the device only (its ``selected`` mask and
+        On backend ``torch`` (or ``auto``): **capacity widths** (docs/algorithm.md, "Static capacity
+        widths"). Each group's compact tensors get a fixed number of slots, its capacity (at least
+        its kept count, rounded up to ``capacity_multiple``, grown at once when a count exceeds it,
+        fitted to the epoch's largest count at :meth:`epoch_end`); the slots past the kept channels
+        hold unselected channels whose outputs are masked to zero, so the step computes what the
+        reference computes, with ATen's convolutions (cuDNN, oneDNN) at shapes that stay the same
+        from step to step. One host read per selecting step (the counts, which decide the
+        capacities). :meth:`capacities` and :meth:`capacity_waste` report them.
+
+        On backend ``triton``: full width. Each layer's selection is read on the device only (its ``selected`` mask and
         ``kept_order``/``kept_count``, see :func:`dcp_kernels.rule.kept_first`), activations stay full
         width with zeros in the unselected channels, and the Triton kernels skip those channels by
         reading the kept counts from device memory. No tensor shape and no host value depends on the
@@ -265,17 +287,31 @@ class Propagation:
 
         enabled = bool(enabled)
         layers = self._all_dcp_layers()
-        if enabled:
+        backends = {layer.backend for layer in layers}
+        capacity = enabled and "triton" not in backends
+        if capacity and not backends <= {"torch", "auto"}:
+            raise ValueError(f"static_shapes=True runs capacity widths on backend 'torch' (or full width on 'triton'); "
+                             f"this model's layers use {sorted(backends)}: call prop.set_backend('torch') first")
+        if enabled and not capacity:
             grouped = [layer._label() for layer in layers if layer.grouped]
             if grouped:
                 raise ValueError(f"static_shapes: {len(grouped)} grouped conv(s) have no Triton kernel "
                                  f"({', '.join(grouped[:3])}); leave static_shapes off for this model")
         for layer in layers:
-            layer.static_shapes = enabled
-            if enabled and isinstance(layer, DCPConv2d) and layer.prunable:
+            layer.static_shapes = enabled and not capacity
+            if enabled and not capacity and isinstance(layer, DCPConv2d) and layer.prunable:
                 layer._refresh_kept()
         self.static_shapes = enabled
+        self.capacity = capacity
+        self._capacities = [None] * len(self.groups)
+        self._peaks = [0] * len(self.groups)
+        self._slot_buffers = [None] * len(self.groups)
         self._written = None  # the next select() writes every layer's state in the new form
+
+    @property
+    def full_width_static(self) -> bool:
+        """The Triton static-shape step (full-width tensors, no index vectors)."""
+        return self.static_shapes and not self.capacity
 
     def _all_dcp_layers(self) -> list["DCPConv2d"]:
         from .modules import DCPConv2d
@@ -289,14 +325,16 @@ class Propagation:
         return [self.layers[members[0]].out_channels for members in self.groups]
 
     def utility_vector(self) -> torch.Tensor:
-        """One utility per selectable channel: groups in order, a group's channel utility being the
-        sum of its members' (coupled channels are kept or dropped together)."""
+        """One utility per selectable channel: groups in order, a coupled group's channel utility
+        being the **mean** of its members' (docs/algorithm.md, "Coupled groups"): each member's
+        utility is max-normalised per layer, so a mean ranks a group on the same scale as a single
+        layer, where a sum would rank an m-member group about m times higher and never prune it."""
         parts = []
         for members in self.groups:
-            u = self.layers[members[0]].utility
-            for i in members[1:]:
-                u = u + self.layers[i].utility
-            parts.append(u)
+            if len(members) == 1:
+                parts.append(self.layers[members[0]].utility)
+            else:
+                parts.append(torch.stack([self.layers[i].utility for i in members]).mean(0))
         return torch.cat(parts)
 
     def _selection_mask(self) -> torch.Tensor:
@@ -329,7 +367,7 @@ class Propagation:
                 return  # still every channel, and nobody wrote a selection since: nothing to redo
             for layer in self.layers:
                 layer.selected.fill_(True)
-                if self.static_shapes:
+                if self.full_width_static:
                     layer._refresh_kept()
                 else:
                     layer._adopt_indices(None)
@@ -337,8 +375,11 @@ class Propagation:
             self._counts = self._group_sizes()
             return
         mask = self._selection_mask()
-        if self.static_shapes:
+        if self.full_width_static:
             self._write_static(mask)
+            return
+        if self.capacity:
+            self._write_capacity(mask)
             return
         indices, counts = self._rule.indices(mask)
         parts = torch.split(mask, self._group_sizes())
@@ -352,6 +393,65 @@ class Propagation:
             layer._adopt_indices(idx)
         self._written = ("selected", self._write_versions())
         self._counts = counts
+
+    def _write_capacity(self, mask: torch.Tensor) -> None:
+        """Write the selection ``mask`` and every group's capacity slots (one host read: the counts).
+
+        A group's slot buffers (indices, selected, scale) keep their storage while its capacity
+        holds, so the tensors every step reads are the same objects (what a captured graph needs)."""
+        indices, selected, counts = self._rule.capacity_indices(mask, self._fit_capacities)
+        parts = torch.split(mask, self._group_sizes())
+        masks = [self.layers[i].selected for members in self.groups for i in members]
+        torch._foreach_copy_(masks, [parts[g] for g, members in enumerate(self.groups) for _ in members])
+        _mark_written(masks)
+        caps = [int(c) for c in self._capacities]
+        fresh = (selected, selected.float())  # the float scale in one op for all groups
+        sources = [list(indices), list(torch.split(fresh[0], caps)), list(torch.split(fresh[1], caps))]
+        reuse = [g for g, buf in enumerate(self._slot_buffers)
+                 if buf is not None and buf[0].numel() == caps[g] and buf[0].device == mask.device]
+        if reuse:
+            for k in range(3):
+                torch._foreach_copy_([self._slot_buffers[g][k] for g in reuse], [sources[k][g] for g in reuse])
+        for g in range(len(self.groups)):
+            if g not in reuse:
+                self._slot_buffers[g] = tuple(sources[k][g].clone() for k in range(3))
+        for g, members in enumerate(self.groups):
+            idx, sel, scale = self._slot_buffers[g]
+            for i in members:
+                self.layers[i]._adopt_indices(idx, Slots(sel, scale))
+        self._written = ("selected", self._write_versions())
+        self._counts = counts
+
+    def _fit_capacities(self, counts: Sequence[int]) -> list[int]:
+        """Capacities for this step's kept ``counts``: a group keeps its capacity while its count
+        fits, and grows at once (:func:`~dcp_kernels.rule.capacity_for`) when it does not. A group
+        in blocks (grouped convs: equal counts per block) always has its full width."""
+        sizes, before = self._group_sizes(), list(self._capacities)
+        for g, count in enumerate(counts):
+            self._peaks[g] = max(self._peaks[g], int(count))
+            cap = self._capacities[g]
+            if self.group_blocks[g] > 1:
+                cap = sizes[g]
+            elif cap is None or count > cap:
+                cap = rule.capacity_for(int(count), sizes[g], self.capacity_multiple)
+            self._capacities[g] = cap
+        if before != self._capacities and None not in before:
+            self.capacity_changes += 1
+        return list(self._capacities)
+
+    def capacities(self) -> dict[str, int]:
+        """Under capacity widths: each prunable layer's slot count (its compact tensors' width);
+        ``{}`` before the first selecting step or when capacity widths are off."""
+        if not self.capacity or None in self._capacities:
+            return {}
+        return {self.layer_names[i]: int(self._capacities[g]) for g, members in enumerate(self.groups)
+                for i in members}
+
+    def capacity_waste(self) -> float | None:
+        """Slots over kept channels, summed over the groups (1.0: no padding); None when off."""
+        if not self.capacity or None in self._capacities or self._counts is None:
+            return None
+        return sum(int(c) for c in self._capacities) / max(1, sum(self._counts))
 
     def _write_static(self, mask: torch.Tensor) -> None:
         """Write the selection ``mask`` into every layer's ``selected``, ``kept_order`` and
@@ -414,9 +514,18 @@ class Propagation:
             _all_channels(layer.out_channels, layer.weight.device)
 
     def epoch_end(self) -> None:
-        """Advance the epoch counter: ends exploration and moves the decay schedule."""
+        """Advance the epoch counter: ends exploration and moves the decay schedule. Under capacity
+        widths each capacity is fitted to the largest kept count of the epoch that ended (it only
+        grew during it), so shrinking happens here, at most once an epoch."""
         self.epoch += 1
         self._apply_decay()
+        if self.capacity and None not in self._capacities and any(self._peaks):
+            sizes, before = self._group_sizes(), list(self._capacities)
+            self._capacities = [size if blocks > 1 else rule.capacity_for(peak, size, self.capacity_multiple)
+                                for peak, size, blocks in zip(self._peaks, sizes, self.group_blocks)]
+            self._peaks = [0] * len(self.groups)
+            if before != self._capacities:
+                self.capacity_changes += 1
 
     # ----------------------------------------------------------------------------- inspection
     def utilities(self) -> dict[str, torch.Tensor]:
@@ -508,6 +617,8 @@ class Propagation:
             "groups": [[self.layer_names[i] for i in members] for members in self.groups],
             "layer_prune_ratios": {self.layer_names[self.groups[g][0]]: r for g, r in self.group_ratios.items()},
             "round_to": self.round_to,
+            "capacity_multiple": self.capacity_multiple,
+            "capacities": list(self._capacities),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -532,6 +643,11 @@ class Propagation:
         self.schedule = DecaySchedule(**sched)
         self.epoch = int(state["epoch"])
         self.steps = int(state["steps"])
+        self.capacity_multiple = int(state.get("capacity_multiple", self.capacity_multiple))
+        caps = state.get("capacities")
+        if caps is not None and len(caps) == len(self.groups):
+            # A resumed run starts at the shapes it stopped with (no recompile, no new graph).
+            self._capacities = [None if c is None else int(c) for c in caps]
         self._apply_decay()
 
     # ----------------------------------------------------------------------------- the end
@@ -590,5 +706,5 @@ class _SelectBeforeForward:
         # index vectors it implies are computed here, so the compiled forward only reads them.
         if module.training and self.propagation.auto_select:
             self.propagation.step()
-        if not self.propagation.static_shapes:  # static-shape steps read no index vector
+        if not self.propagation.full_width_static:  # the full-width static step reads no index vector
             self.propagation.refresh_indices()

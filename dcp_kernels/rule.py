@@ -89,6 +89,7 @@ class SelectionRule:
                              f"already need {self.free_floor}")
         self.round_to = round_to
         self._constants: dict[torch.device, _Constants] = {}
+        self._capacity_cache: tuple | None = None  # see _capacity_constants
 
     def _device_constants(self, device: torch.device) -> "_Constants":
         const = self._constants.get(device)
@@ -189,6 +190,48 @@ class SelectionRule:
         return list(torch.split(order - c.start_of, self.sizes)), counts
 
 
+    def capacity_indices(self, mask: torch.Tensor, capacities) -> tuple[list[torch.Tensor], torch.Tensor,
+                                                                         list[int]]:
+        """Per group, a sorted index vector of fixed length (its *capacity*) holding its selected
+        channels and, as padding, its lowest-numbered unselected ones; whether each entry is
+        selected (one bool vector, all groups concatenated); and the kept counts.
+
+        ``capacities(counts)`` maps the groups' kept counts (host ints, from the step's one host
+        read) to their capacities (each between its count and its size). One sort puts each
+        group's selected channels first; its first ``capacity`` entries, sorted again (one sort for
+        all groups: their channel ranges are disjoint), are the slots. docs/algorithm.md, "Static
+        capacity widths"."""
+        c = self._device_constants(mask.device)
+        keys, order = torch.sort(torch.where(mask, c.key_selected, c.key_unselected), stable=True)
+        counts = host_read(torch.searchsorted(keys, c.first_unselected_key) - c.start)
+        caps = [int(k) for k in capacities(counts)]
+        if any(not (n <= k <= s) for n, k, s in zip(counts, caps, self.sizes)):
+            raise ValueError(f"capacities {caps} must lie between the kept counts {counts} and the sizes {self.sizes}")
+        positions, starts = self._capacity_constants(tuple(caps), mask.device)
+        ids = torch.sort(order.index_select(0, positions)).values
+        return list(torch.split(ids - starts, caps)), mask.index_select(0, ids), counts
+
+    def _capacity_constants(self, caps: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions of each group's first ``cap`` entries in the kept-first order, each slot's group
+        start), built once per set of capacities (they change rarely)."""
+        key = (caps, device)
+        cached = self._capacity_cache
+        if cached is None or cached[0] != key:
+            starts = [sum(self.sizes[:g]) for g in range(len(self.sizes))]
+            positions = [st + j for st, k in zip(starts, caps) for j in range(k)]
+            slot_starts = [st for st, k in zip(starts, caps) for _ in range(k)]
+            cached = self._capacity_cache = (key, torch.tensor(positions, device=device),
+                                             torch.tensor(slot_starts, device=device))
+        return cached[1], cached[2]
+
+
+def capacity_for(count: int, size: int, multiple: int) -> int:
+    """The capacity a group of ``size`` channels gets for ``count`` kept ones: ``count`` plus 1/16
+    headroom (so that the small step-to-step changes of a count fit), rounded up to ``multiple``,
+    at most ``size``."""
+    return min(size, -(-(count + count // 16) // multiple) * multiple)
+
+
 class _Constants(NamedTuple):
     """A :class:`SelectionRule`'s device constants, built once per device."""
 
@@ -253,16 +296,26 @@ def host_read(counts: torch.Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def update_utilities(utility: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None, decay: float) -> None:
+def update_utilities(utility: torch.Tensor, v: torch.Tensor, idx: torch.Tensor | None, decay: float,
+                     only: torch.Tensor | None = None) -> None:
     """``U[idx] = decay * U[idx] + v / max(v)`` in place (``v = 0`` when ``max(v) == 0``, never NaN).
 
     ``v`` holds the raw importances of the channels ``idx`` (all channels when ``idx`` is None);
     the max-normalisation is per layer, over the selected channels (unselected ones are 0).
+    ``only`` (bool, one per entry of ``v``): update those entries alone, the others (capacity
+    padding slots, which hold unselected channels and ``v = 0``) keep their utility undecayed.
     """
     # Written for few kernel launches (each is a GPU launch per layer per step): 0/0 -> NaN -> 0
     # gives "v = 0 when max(v) == 0" without a comparison and a select; add(alpha=) fuses the decay.
     v = torch.nan_to_num_(v.float() / v.max(), nan=0.0, posinf=0.0, neginf=0.0)
-    if idx is None:
+    if only is not None:
+        old = utility if idx is None else utility.index_select(0, idx)
+        new = torch.where(only, torch.add(v, old, alpha=decay), old)
+        if idx is None:
+            utility.copy_(new)
+        else:
+            utility.index_copy_(0, idx, new)
+    elif idx is None:
         utility.mul_(decay).add_(v)
     else:
         utility.index_copy_(0, idx, torch.add(v, utility.index_select(0, idx), alpha=decay))

@@ -114,18 +114,51 @@ def test_controller_exploration_then_selection():
     assert layers["l1"].selected.tolist() == [False] * 5 + [True]
 
 
-def test_coupled_layers_share_one_selection_by_summed_utility():
+def test_coupled_layers_share_one_selection_by_mean_utility():
     layers = _layers(4, 4, 3)
     prop = Propagation(layers, 0.5, explore_epochs=0, groups=[["l0", "l1"], ["l2"]])
     assert prop.total_channels == 7 and prop.keep == 3  # coupled channels count once
     layers["l0"].utility.copy_(torch.tensor([1.0, 0.0, 0.0, 0.2]))
     layers["l1"].utility.copy_(torch.tensor([0.0, 0.9, 0.0, 0.2]))
-    layers["l2"].utility.copy_(torch.tensor([0.5, 0.45, 0.1]))
-    assert prop.utility_vector().tolist() == pytest.approx([1.0, 0.9, 0.0, 0.4, 0.5, 0.45, 0.1])
+    layers["l2"].utility.copy_(torch.tensor([0.6, 0.48, 0.1]))
+    assert prop.utility_vector().tolist() == pytest.approx([0.5, 0.45, 0.0, 0.2, 0.6, 0.48, 0.1])
     prop.step()
-    # The group ranks by the sums (1.0, 0.9, 0.0, 0.4): its two best beat l2's 0.45 for the last slot.
-    assert layers["l0"].selected.tolist() == layers["l1"].selected.tolist() == [True, True, False, False]
-    assert layers["l2"].selected.tolist() == [True, False, False]
+    # The group ranks by the means (0.5, 0.45, 0.0, 0.2): l2's 0.6 and 0.48 and the group's 0.5 win
+    # (a sum, 0.9 for channel 1, would have taken l2's second slot).
+    assert layers["l0"].selected.tolist() == layers["l1"].selected.tolist() == [True, False, False, False]
+    assert layers["l2"].selected.tolist() == [True, True, False]
+
+
+def test_group_rule_matches_a_brute_force_oracle():
+    """The controller's selection with coupled groups equals a brute-force rule written from
+    docs/algorithm.md: a group channel's score is the mean of its members' utilities; the k best
+    scores win (each group first keeps its best one), ties to the lower channel index."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(30):
+        sizes = [int(s) for s in torch.randint(2, 7, (5,), generator=g)]
+        sizes[1] = sizes[2] = sizes[3]  # l1..l3 share a width: they form one group
+        layers = {f"l{i}": DCPConv2d(2, s, 3) for i, s in enumerate(sizes)}
+        groups = [["l0"], ["l1", "l2", "l3"], ["l4"]]
+        prop = Propagation(layers, 0.4, explore_epochs=0, groups=groups)
+        for layer in layers.values():
+            layer.utility.copy_(torch.randint(0, 5, (layer.out_channels,), generator=g).float() / 4)
+        prop.step()
+        scores = [(layers["l0"].utility[c].item(), "l0", c) for c in range(sizes[0])]
+        scores += [(sum(layers[n].utility[c].item() for n in groups[1]) / 3, "g", c) for c in range(sizes[1])]
+        scores += [(layers["l4"].utility[c].item(), "l4", c) for c in range(sizes[4])]
+        chosen = set()
+        for name in ("l0", "g", "l4"):  # floors: each group's best channel (lowest index on ties)
+            own = [(s, c) for s, n, c in scores if n == name]
+            chosen.add((name, max(own, key=lambda sc: (sc[0], -sc[1]))[1]))
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i][0], i))
+        for i in order:
+            if len(chosen) >= prop.keep:
+                break
+            chosen.add((scores[i][1], scores[i][2]))
+        for name, layer_names in (("l0", ["l0"]), ("g", groups[1]), ("l4", ["l4"])):
+            want = [(name, c) in chosen for c in range(layers[layer_names[0]].out_channels)]
+            for n in layer_names:
+                assert layers[n].selected.tolist() == want, (trial, n)
 
 
 def test_per_layer_ratio_is_kept_within_its_group():

@@ -7,7 +7,7 @@ Every conv output (except a depthwise conv's) starts a *channel space*. Channel-
 carry a space on unchanged: activations, pooling, dropout, BatchNorm, depthwise convs,
 multiplication by a per-sample scalar (stochastic depth), spatial means. An element-wise sum or product of two tensors
 merges their spaces (a residual sum, a squeeze-excitation scale): merged spaces are *coupled* and
-form one **group**, selected or dropped channel by channel as a whole (its utility is the sum of
+form one **group**, selected or dropped channel by channel as a whole (its utility is the mean of
 its producers' utilities, see ``docs/algorithm.md``). A concat along channels makes a tensor whose
 channels are segments of several spaces. *Readers* skip the unselected channels of what they read:
 convs and ``Linear`` layers after a flatten. A grouped conv (``1 < groups``, not depthwise) reads and

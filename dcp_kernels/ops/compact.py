@@ -84,14 +84,19 @@ class _Block(NamedTuple):
     input_scale: torch.Tensor | None  # depthwise: 0/1 per read channel (outside in_idx: 0)
     rows: torch.Tensor | None  # grouped convs: rows of the flat weight view forming the block
     columns: bool  # groups=1, part of the inputs: the block is weight[out_idx][:, in_idx]
+    in_scale: torch.Tensor | None  # capacity widths: 1/0 per read input slot (selected / padding)
     groups: int  # of the compact convolution
     depthwise: bool
     x_as_is: bool  # x was used without a gather (every channel read, or already compact)
     full_out: bool
 
 
-def _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact) -> _Block:
+def _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact, in_scale=None) -> _Block:
     """Gather the compact operands of the block.
+
+    ``in_scale`` (capacity widths, docs/algorithm.md "Static capacity widths"): 1 or 0 per entry of
+    ``in_idx``; the weight columns of the 0 entries (padding slots holding unselected channels) are
+    zeroed, so those channels contribute nothing whatever their values, exactly as if not read.
 
     For depthwise convolutions (groups == C_in == C_out) output channel ``c`` reads only input
     channel ``c``: the computed channels are ``out_idx`` and an input channel outside ``in_idx``
@@ -107,23 +112,37 @@ def _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact) -> _Block
     input_scale = rows = None
     if depthwise:
         read_idx, full_in, groups = out_idx, full_out, out_idx.numel()
-        if not selects_all(in_idx, c_in):
+        if in_scale is not None:
+            input_scale = (x.new_zeros(c_in).index_copy_(0, in_idx, in_scale.to(x.dtype))
+                           .index_select(0, out_idx).view(1, -1, 1, 1))
+            in_scale = None  # applied to the input, not to the weight
+        elif not selects_all(in_idx, c_in):
             input_scale = channel_mask(in_idx, c_in, x.dtype).index_select(0, out_idx).view(1, -1, 1, 1)
     else:
         read_idx, full_in = in_idx, selects_all(in_idx, c_in)
     columns = not (depthwise or full_in) and groups == 1
     if not (depthwise or full_in or columns):
         rows = grouped_block_rows(out_idx, in_idx, in_per_group, c_out // groups, groups)
-    w_c = _weight_block(weight, out_idx, in_idx, rows, columns, full_out)
+    w_c = _weight_block(weight, out_idx, in_idx, rows, columns, full_out, in_scale, groups)
     x_c = x if (full_in or x_compact) else x.index_select(1, read_idx)
     if input_scale is not None:
         x_c = x_c * input_scale
-    return _Block(x_c, w_c, b_c, read_idx, input_scale, rows, columns, groups, depthwise, full_in or x_compact,
-                  full_out)
+    return _Block(x_c, w_c, b_c, read_idx, input_scale, rows, columns, in_scale, groups, depthwise,
+                  full_in or x_compact, full_out)
+
+
+def _column_scale(in_scale: torch.Tensor, k_out: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """``in_scale`` (one entry per read input channel) as a (k_out, k_in / groups, 1, 1) factor of the
+    weight block's columns: row ``o`` of a grouped block reads the inputs of its own group."""
+    scale = in_scale.to(dtype)
+    if groups == 1:
+        return scale.view(1, -1, 1, 1)
+    return scale.view(groups, -1).repeat_interleave(k_out // groups, 0)[:, :, None, None]
 
 
 def _weight_block(weight: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor, rows: torch.Tensor | None,
-                  columns: bool, full_out: bool) -> torch.Tensor:
+                  columns: bool, full_out: bool, in_scale: torch.Tensor | None = None,
+                  groups: int = 1) -> torch.Tensor:
     """The block of ``weight`` the compact convolution runs with, in one gather: the ``out_idx x
     in_idx`` block (``columns``), the flat weight rows ``rows`` of a grouped conv as a (k_out,
     k_in / groups, kh, kw) block, or whole input rows of ``out_idx`` (neither).
@@ -131,15 +150,19 @@ def _weight_block(weight: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Ten
     The groups=1 block is indexed by the two index vectors (broadcast, nothing materialized), not
     by flat (k_out * k_in) row indices: those cost 8 bytes per block row, kept for backward, which
     put VGG-16's step above dense's peak memory at prune 0.3 (docs/benchmarks.md), and a launch to
-    build them."""
+    build them. With ``in_scale`` the block's input columns are scaled by it (:func:`_gather_block`)."""
     if _is_whole_weight(rows, columns, full_out):
-        return weight
-    if columns:
-        return weight.index_select(1, in_idx) if full_out else weight[out_idx.unsqueeze(1), in_idx]
-    if rows is None:
-        return weight.index_select(0, out_idx)
-    w_c = weight.reshape(weight.shape[0] * weight.shape[1], -1).index_select(0, rows)
-    return w_c.view(out_idx.numel(), -1, *weight.shape[2:])
+        w_c = weight
+    elif columns:
+        w_c = weight.index_select(1, in_idx) if full_out else weight[out_idx.unsqueeze(1), in_idx]
+    elif rows is None:
+        w_c = weight.index_select(0, out_idx)
+    else:
+        w_c = weight.reshape(weight.shape[0] * weight.shape[1], -1).index_select(0, rows)
+        w_c = w_c.view(out_idx.numel(), -1, *weight.shape[2:])
+    if in_scale is not None:
+        w_c = w_c * _column_scale(in_scale, w_c.shape[0], groups, w_c.dtype)
+    return w_c
 
 
 def _is_whole_weight(rows: torch.Tensor | None, columns: bool, full_out: bool) -> bool:
@@ -181,6 +204,8 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
             gx_c = gx_c * block.input_scale
         grad_x = gx_c if block.x_as_is else zeros_except(x_shape, read_idx, gx_c, x_memory_format)
     if need_w:
+        if block.in_scale is not None:  # the columns were scaled in forward (_weight_block)
+            gw_c = gw_c * _column_scale(block.in_scale, gw_c.shape[0], block.groups, gw_c.dtype)
         if _is_whole_weight(rows, block.columns, block.full_out):
             grad_w = gw_c
         else:
@@ -191,7 +216,8 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
     return grad_x, grad_w, grad_b
 
 
-def block_conv_forward(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact):
+def block_conv_forward(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact,
+                       in_scale=None):
     """The compact convolution of the block, for an autograd Function's forward:
     ``(y_c, tensors to save, state to keep on ctx)``; :func:`block_conv_backward` takes the last two.
 
@@ -200,11 +226,12 @@ def block_conv_forward(x, weight, bias, in_idx, out_idx, stride, padding, dilati
     itself is (a reference, no copy) and backward gathers the block again (one launch): in the deep
     layers of VGG-like networks at CIFAR size the blocks outweigh the activations, and keeping them
     put the step's peak memory above dense's (docs/benchmarks.md)."""
-    block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
+    block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact, in_scale)
     y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
     regather = block.w_c is not weight and block.w_c.numel() > block.x_c.numel()
-    saved = (block.x_c, weight if regather else block.w_c, block.read_idx, out_idx, block.input_scale, block.rows)
-    kept = (block._replace(x_c=None, w_c=None, b_c=None, read_idx=None, input_scale=None, rows=None),
+    saved = (block.x_c, weight if regather else block.w_c, block.read_idx, out_idx, block.input_scale, block.rows,
+             block.in_scale)
+    kept = (block._replace(x_c=None, w_c=None, b_c=None, read_idx=None, input_scale=None, rows=None, in_scale=None),
             (stride, padding, dilation, x.shape, weight.shape, memory_format_of(x), bias is not None, regather))
     return y_c, saved, kept
 
@@ -219,11 +246,11 @@ def block_conv_backward(grad_y_c, saved, kept, need_x: bool, need_w: bool, need_
                         w_zeros: torch.Tensor | None = None):
     """(grad_x, grad_w, grad_b) of :func:`block_conv_forward` from what it saved and kept (grad-weight
     scattered into ``w_zeros`` when given, see :func:`block_scatters_weight_grad`)."""
-    x_c, w_c, read_idx, out_idx, input_scale, rows = saved
+    x_c, w_c, read_idx, out_idx, input_scale, rows, in_scale = saved
     meta, (stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias, regather) = kept
     if regather:  # forward kept the weight, not its block (see block_conv_forward)
-        w_c = _weight_block(w_c, out_idx, read_idx, rows, meta.columns, meta.full_out)
-    block = meta._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows)
+        w_c = _weight_block(w_c, out_idx, read_idx, rows, meta.columns, meta.full_out, in_scale, meta.groups)
+    block = meta._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows, in_scale=in_scale)
     return _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x_shape, w_shape,
                            x_memory_format, has_bias, need_x, need_w, need_b, w_zeros)
 
@@ -233,16 +260,16 @@ class _CompactConv2d(torch.autograd.Function):
     compact (N, k_out, H', W') output. Saves the gathered operands for its backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact):
+    def forward(ctx, x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact, in_scale):
         y_c, saved, ctx.kept = block_conv_forward(x, weight, bias, in_idx, out_idx, stride, padding, dilation,
-                                                  groups, x_compact)
+                                                  groups, x_compact, in_scale)
         ctx.save_for_backward(*saved)
         return y_c
 
     @staticmethod
     def backward(ctx, grad_y_c):
         grads = block_conv_backward(grad_y_c, ctx.saved_tensors, ctx.kept, *ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 # Under torch.compile the same computation runs as an opaque custom op. Traced through, the aten
@@ -254,24 +281,25 @@ class _CompactConv2d(torch.autograd.Function):
 @torch.library.custom_op("dcp_torch::compact_conv2d", mutates_args=())
 def _compact_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_idx: torch.Tensor,
                        out_idx: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
-                       groups: int, x_compact: bool) -> torch.Tensor:
-    block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact)
+                       groups: int, x_compact: bool, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+    block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact, in_scale)
     y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
     # The layout the fake kernel promises (inductor plans with the fake's strides).
     return y_c.contiguous(memory_format=memory_format_of(x))
 
 
 @_compact_conv2d_op.register_fake
-def _(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact):
+def _(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact, in_scale=None):
     return empty_conv_output(x, weight, out_idx, stride, padding, dilation, y_compact=True)
 
 
 @torch.library.custom_op("dcp_torch::compact_conv2d_backward", mutates_args=())
 def _compact_conv2d_backward_op(grad_y_c: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
                                 in_idx: torch.Tensor, out_idx: torch.Tensor, stride: list[int], padding: list[int],
-                                dilation: list[int], groups: int, x_compact: bool,
-                                output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    block = _gather_block(x, weight, None, in_idx, out_idx, groups, x_compact)
+                                dilation: list[int], groups: int, x_compact: bool, output_mask: list[bool],
+                                in_scale: torch.Tensor | None = None,
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    block = _gather_block(x, weight, None, in_idx, out_idx, groups, x_compact, in_scale)
     grads = _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x.shape, weight.shape,
                             memory_format_of(x), has_bias, *output_mask)
     grad_x, grad_w, grad_b = grads
@@ -283,7 +311,8 @@ def _compact_conv2d_backward_op(grad_y_c: torch.Tensor, x: torch.Tensor, weight:
 
 
 @_compact_conv2d_backward_op.register_fake
-def _(grad_y_c, x, weight, has_bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact, output_mask):
+def _(grad_y_c, x, weight, has_bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact, output_mask,
+      in_scale=None):
     need_x, need_w, need_b = output_mask
     return fake_conv2d_backward(grad_y_c, x, weight, in_idx, out_idx, stride, padding, dilation,
                                 is_depthwise_weight(weight, groups), x_compact,
@@ -291,20 +320,21 @@ def _(grad_y_c, x, weight, has_bias, in_idx, out_idx, stride, padding, dilation,
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact = inputs
-    ctx.save_for_backward(x, weight, in_idx, out_idx)
+    x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact, in_scale = inputs
+    ctx.save_for_backward(x, weight, in_idx, out_idx, in_scale)
     ctx.conf = (bias is not None, stride, padding, dilation, groups, x_compact)
 
 
 def _op_backward(ctx, grad_y_c):
-    x, weight, in_idx, out_idx = ctx.saved_tensors
+    x, weight, in_idx, out_idx, in_scale = ctx.saved_tensors
     has_bias, stride, padding, dilation, groups, x_compact = ctx.conf
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and has_bias
     grad_x, grad_w, grad_b = _compact_conv2d_backward_op(grad_y_c, x, weight, has_bias, in_idx, out_idx, stride,
-                                                         padding, dilation, groups, x_compact, [need_x, need_w, need_b])
+                                                         padding, dilation, groups, x_compact, [need_x, need_w, need_b],
+                                                         in_scale)
     return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _compact_conv2d_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -321,12 +351,15 @@ def compact_conv2d(
     dilation: tuple[int, int],
     groups: int,
     x_compact: bool = False,
+    in_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The selected block's output, compact: (N, len(out_idx), H', W')."""
+    """The selected block's output, compact: (N, len(out_idx), H', W'). ``in_scale``: see
+    :func:`_gather_block` (capacity widths)."""
     if torch.compiler.is_compiling():
         return _compact_conv2d_op(x, weight, bias, in_idx, out_idx, list(stride), list(padding), list(dilation),
-                                  groups, x_compact)
-    return _CompactConv2d.apply(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact)
+                                  groups, x_compact, in_scale)
+    return _CompactConv2d.apply(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_compact,
+                                in_scale)
 
 
 class _ScatterChannels(torch.autograd.Function):

@@ -40,12 +40,23 @@ from . import (
 )
 from .compact import (
     block_conv_backward,
+    compact_conv2d,
     block_conv_forward,
     block_scatters_weight_grad,
     selects_all,
     widen,
 )
 from .reference import channel_mask
+
+
+class Slots(NamedTuple):
+    """A layer's output slots under capacity widths (docs/algorithm.md, "Static capacity widths"): its
+    index vector has a fixed *capacity* of entries, the selected channels and, after them in the
+    sorted vector, unselected ones as padding. ``selected`` (bool) and ``scale`` (1.0 / 0.0, float32)
+    say which slot is which; the padding slots' outputs are masked to exact zeros."""
+
+    selected: torch.Tensor
+    scale: torch.Tensor
 
 
 class _UtilitySink(NamedTuple):
@@ -58,10 +69,14 @@ class _UtilitySink(NamedTuple):
     utility: torch.Tensor
     decay: float
     updates: tuple[UtilityUpdates, int] | None
+    # Capacity widths: per slot of the layer's index vector, whether it holds a selected channel
+    # (padding slots are not updated: they hold unselected channels). None: every slot is selected.
+    slots: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, layer: Any) -> "_UtilitySink":
-        return cls(layer.utility, layer.decay, getattr(layer, "_utility_updates", None))
+    def of(cls, layer: Any, slots: "Slots | None" = None) -> "_UtilitySink":
+        return cls(layer.utility, layer.decay, getattr(layer, "_utility_updates", None),
+                   None if slots is None else slots.selected)
 
     def pending_row(self, *, full: bool) -> torch.Tensor | None:
         """This layer's row of the network-wide update of the backward pass under way, or None (no
@@ -96,7 +111,7 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
         v = reference.channel_utility(a, g, mean=False)
     row = sink.pending_row(full=idx is None)
     if row is None:
-        update_utilities(sink.utility, v, idx, sink.decay)
+        update_utilities(sink.utility, v, idx, sink.decay, only=sink.slots)
     elif idx is None:
         row.copy_(v)
     else:
@@ -133,12 +148,17 @@ class _CompactGate(torch.autograd.Function):
         return g_c, None, None, None, None, None, None
 
 
-def _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps, scatter):
+def _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps, scatter, slots=None):
     """Training-mode BN of the compact ``y_c`` and the gate: (output, tensors to save, full).
 
     One gather of the four per-channel vectors; the running statistics of the selected channels
-    updated in place (``stats``: ``(running_mean, running_var)`` or ``None``)."""
+    updated in place (``stats``: ``(running_mean, running_var)`` or ``None``). ``slots``: capacity
+    widths (:class:`Slots`), whose padding slots get a zero BN affine (exact zero outputs, zero
+    gradients behind them) and keep their running statistics."""
     full = selects_all(out_idx, channels)
+    if slots is not None:
+        return _bn_gate_forward_slots(y_c, weight, bias, stats, out_idx, channels, momentum, eps, scatter, slots,
+                                      full)
     if full:
         w_c, b_c = weight, bias
         rm_c, rv_c = stats if stats is not None else (None, None)
@@ -158,7 +178,34 @@ def _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps,
         stats[1].index_copy_(0, out_idx, rv_c)
     out = widen(a_c, out_idx, channels) if scatter and not full else a_c
     # Nothing saved refers to a_c: a following in-place ReLU may overwrite it.
-    return out, (y_c, w_c, b_c, mean, invstd), full
+    return out, (y_c, w_c, b_c, mean, invstd, None), full
+
+
+def _bn_gate_forward_slots(y_c, weight, bias, stats, out_idx, channels, momentum, eps, scatter, slots: Slots,
+                           full: bool):
+    """:func:`_bn_gate_forward` under capacity widths. The BN weight and bias of the padding slots are
+    zeroed (one multiply of the gathered vectors, not of the activation): their outputs are exact
+    zeros, so BN's backward gives them zero input gradients, as the reference's gate does. Their
+    running statistics are written back unchanged (the reference updates selected channels only)."""
+    vectors = torch.stack([weight, bias, *stats] if stats is not None else [weight, bias])
+    picked = vectors if full else vectors.index_select(1, out_idx)
+    affine = picked[:2] * slots.scale
+    w_c, b_c = affine[0], affine[1]
+    rm_c = rv_c = None
+    if stats is not None:
+        running = picked[2:].clone()  # native_batch_norm updates these rows in place
+        rm_c, rv_c = running[0], running[1]
+    a_c, mean, invstd = torch.native_batch_norm(y_c, w_c, b_c, rm_c, rv_c, True, momentum, eps)
+    if stats is not None:
+        updated = torch.where(slots.selected, running, picked[2:])
+        if full:
+            stats[0].copy_(updated[0])
+            stats[1].copy_(updated[1])
+        else:
+            stats[0].index_copy_(0, out_idx, updated[0])
+            stats[1].index_copy_(0, out_idx, updated[1])
+    out = widen(a_c, out_idx, channels) if scatter and not full else a_c
+    return out, (y_c, w_c, b_c, mean, invstd, slots.scale), full
 
 
 def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, backend, sink: _UtilitySink,
@@ -166,19 +213,22 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
     """Backward of :func:`_bn_gate_forward`: (grad_y_c, grad_bn_weight, grad_bn_bias), the BN parameter
     gradients full-size (zeros outside ``out_idx``; the rows of ``zeros``, a (2, channels) zero
     tensor, when given) or None; updates the utilities (``sink``)."""
-    y_c, w_c, b_c, mean, invstd = saved
+    y_c, w_c, b_c, mean, invstd, slot_scale = saved
     g_c = grad_out.index_select(1, out_idx) if scatter and not full else grad_out
     grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
         g_c, y_c, w_c, None, None, mean, invstd, True, eps, [need_y, need_w or need_b, need_w or need_b]
     )
     grad_w = grad_b = None
     if need_w or need_b:
+        if slot_scale is not None:  # capacity widths: the padding slots' affine was zeroed in forward
+            both_c = torch.stack([grad_w_c, grad_b_c]) * slot_scale
+            grad_w_c, grad_b_c = both_c[0], both_c[1]
         if full:
             grad_w, grad_b = grad_w_c, grad_b_c
         else:
             # One scatter for both parameter gradients (rows of one zero-filled buffer).
             both = grad_w_c.new_zeros(2, channels) if zeros is None else zeros
-            both.index_copy_(1, out_idx, torch.stack([grad_w_c, grad_b_c]))
+            both.index_copy_(1, out_idx, both_c if slot_scale is not None else torch.stack([grad_w_c, grad_b_c]))
             grad_w, grad_b = both[0], both[1]
     # The BN output is recomputed for the utility, not saved (one activation less kept from forward
     # to backward). Triton's reduction applies y * scale + shift on the fly (no pass over memory).
@@ -206,8 +256,9 @@ class _CompactBatchNormGate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y_c, weight, bias, stats, out_idx, channels, momentum, eps, sink, scatter, backend):
-        out, saved, full = _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps, scatter)
+    def forward(ctx, y_c, weight, bias, stats, out_idx, channels, momentum, eps, sink, scatter, backend, slots):
+        out, saved, full = _bn_gate_forward(y_c, weight, bias, stats, out_idx, channels, momentum, eps, scatter,
+                                            slots)
         ctx.conf = (channels, scatter, full, eps, backend)
         ctx.sink = sink  # not saved (see _UtilitySink)
         ctx.save_for_backward(*saved, out_idx)
@@ -220,7 +271,7 @@ class _CompactBatchNormGate(torch.autograd.Function):
         need_y, need_w, need_b = ctx.needs_input_grad[:3]
         grads = _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, backend,
                                   ctx.sink, need_y, need_w, need_b)
-        return grads + (None,) * 8
+        return grads + (None,) * 9
 
 
 class _TorchLayerStep(torch.autograd.Function):
@@ -233,11 +284,11 @@ class _TorchLayerStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, stats, in_idx, out_idx, conv, channels, momentum, eps,
-                sink, scatter):
-        # conv: (stride, padding, dilation, groups, x_compact)
+                sink, scatter, slots):
+        # conv: (stride, padding, dilation, groups, x_compact, in_scale)
         y_c, conv_saved, ctx.conv_kept = block_conv_forward(x, weight, bias, in_idx, out_idx, *conv)
         out, bn_saved, full = _bn_gate_forward(y_c, bn_weight, bn_bias, stats, out_idx, channels, momentum, eps,
-                                               scatter)
+                                               scatter, slots)
         ctx.save_for_backward(*conv_saved, *bn_saved, out_idx)
         ctx.conv_count = len(conv_saved)
         # One zero buffer for the weight's and the BN parameters' gradients where they share a dtype.
@@ -266,7 +317,7 @@ class _TorchLayerStep(torch.autograd.Function):
         grads = (None, None, None)
         if need_conv:
             grads = block_conv_backward(grad_y_c, conv_saved, ctx.conv_kept, need_x, need_w, need_b, w_zeros)
-        return (*grads, grad_bn_w, grad_bn_b) + (None,) * 9
+        return (*grads, grad_bn_w, grad_bn_b) + (None,) * 10
 
 
 class _GateMask(torch.autograd.Function):
@@ -289,16 +340,19 @@ class _GateMask(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
-def batch_norm(bn: torch.nn.BatchNorm2d, y: torch.Tensor, out_idx: torch.Tensor, *, full: bool) -> torch.Tensor:
+def batch_norm(bn: torch.nn.BatchNorm2d, y: torch.Tensor, out_idx: torch.Tensor, *, full: bool,
+               slots: Slots | None = None) -> torch.Tensor:
     """``bn`` applied to ``y``, which holds either all channels (``full``) or only ``out_idx``, as
     an autograd-composed function (the reference path, eval mode, and BN without affine or gate).
 
-    Running statistics of unselected channels are left untouched, whatever the layout.
+    Running statistics of unselected channels are left untouched, whatever the layout (under
+    capacity widths, ``slots``: the padding slots' too).
     """
     use_batch_stats = bn.training or bn.running_mean is None
     update_stats = bn.training and bn.track_running_stats
     factor = _momentum(bn) if update_stats else 0.0
-    keeps_all = selects_all(out_idx, bn.num_features)
+    # Capacity padding slots count as unselected: every path below that writes back selectively.
+    keeps_all = selects_all(out_idx, bn.num_features) and slots is None
     compact = not full and not keeps_all
 
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -315,7 +369,14 @@ def batch_norm(bn: torch.nn.BatchNorm2d, y: torch.Tensor, out_idx: torch.Tensor,
     a = F.batch_norm(y, rm, rv, pick(bn.weight), pick(bn.bias), use_batch_stats, factor, bn.eps)
     if update_stats and not keeps_all:
         with torch.no_grad():
-            if compact:
+            if slots is not None:
+                # rm, rv hold one entry per slot (compact) or per channel (out_idx = arange): the
+                # padding slots keep their old values.
+                rm = torch.where(slots.selected, rm, bn.running_mean.index_select(0, out_idx))
+                rv = torch.where(slots.selected, rv, bn.running_var.index_select(0, out_idx))
+                bn.running_mean.index_copy_(0, out_idx, rm)
+                bn.running_var.index_copy_(0, out_idx, rv)
+            elif compact:
                 bn.running_mean.index_copy_(0, out_idx, rm)
                 bn.running_var.index_copy_(0, out_idx, rv)
             else:
@@ -340,13 +401,21 @@ def _fused_batch_norm_applies(bn: torch.nn.BatchNorm2d | None, track: bool) -> b
 
 def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                padding: tuple[int, int], in_idx: torch.Tensor | None, out_idx: torch.Tensor | None,
-               x_compact: bool, backend: str) -> torch.Tensor:
+               x_compact: bool, backend: str, in_scale: torch.Tensor | None = None,
+               slots: Slots | None = None) -> torch.Tensor:
     """``gate(BN(conv(x)))`` of ``layer`` on ``backend`` (a resolved name), forward and backward.
 
     ``in_idx``/``out_idx``: the live input channels and the selected output channels (``None``: all;
     ``out_idx`` is ``None`` exactly when the layer is not prunable, and then there is no gate).
     ``x_compact``: ``x`` holds only the channels ``in_idx``.
+
+    Capacity widths (docs/algorithm.md, "Static capacity widths"; ``torch`` only): ``in_idx`` and
+    ``out_idx`` then have fixed lengths, padded with unselected channels; ``in_scale`` (1/0 per entry
+    of ``in_idx``) zeroes the weight columns of the input padding, ``slots`` says which output slots
+    are selected, and the padding outputs are exact zeros. Same results as the exact index vectors.
     """
+    if (in_scale is not None or slots is not None) and backend != "torch":
+        raise RuntimeError(f"capacity widths run on backend 'torch', not {backend!r}")
     device = x.device
     if in_idx is None:
         in_idx = _all_channels(layer.in_channels, device)
@@ -376,25 +445,32 @@ def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         if backend == "torch" and not torch.compiler.is_compiling():
             out = _TorchLayerStep.apply(
                 x, weight, bias, bn.weight, bn.bias, stats, in_idx, out_idx,
-                (layer.stride, padding, layer.dilation, layer.groups, x_compact), layer.out_channels, momentum,
-                bn.eps, _UtilitySink.of(layer), scatter,
+                (layer.stride, padding, layer.dilation, layer.groups, x_compact, in_scale), layer.out_channels,
+                momentum, bn.eps, _UtilitySink.of(layer, slots), scatter, slots,
             )
             layer.last_output_hw = (out.shape[2], out.shape[3])
             return out
-    y_c = gathered_conv2d(
-        x, weight, bias, in_idx, out_idx, layer.stride, padding, layer.dilation, layer.groups,
-        backend=backend, layout="compact", input_layout="compact" if x_compact else "full", validate=False,
-    )
+    if in_scale is not None or slots is not None:
+        y_c = compact_conv2d(x, weight, bias, in_idx, out_idx, layer.stride, padding, layer.dilation, layer.groups,
+                             x_compact, in_scale)
+    else:
+        y_c = gathered_conv2d(
+            x, weight, bias, in_idx, out_idx, layer.stride, padding, layer.dilation, layer.groups,
+            backend=backend, layout="compact", input_layout="compact" if x_compact else "full", validate=False,
+        )
     layer.last_output_hw = (y_c.shape[2], y_c.shape[3])
     if fused_bn:
         return _CompactBatchNormGate.apply(
-            y_c, bn.weight, bn.bias, stats, out_idx, layer.out_channels, momentum, bn.eps, _UtilitySink.of(layer),
-            scatter, backend,
+            y_c, bn.weight, bn.bias, stats, out_idx, layer.out_channels, momentum, bn.eps,
+            _UtilitySink.of(layer, slots), scatter, backend, slots,
         )
-    a_c = y_c if bn is None else batch_norm(bn, y_c, out_idx, full=not gated)
+    a_c = y_c if bn is None else batch_norm(bn, y_c, out_idx, full=not gated, slots=slots)
     if not gated:
         return a_c
-    return _CompactGate.apply(a_c, out_idx, layer.out_channels, _UtilitySink.of(layer), track, scatter, backend)
+    if slots is not None:  # the padding slots' outputs: exact zeros, as the reference's gate makes them
+        a_c = a_c * slots.scale.to(a_c.dtype).view(1, -1, 1, 1)
+    return _CompactGate.apply(a_c, out_idx, layer.out_channels, _UtilitySink.of(layer, slots), track, scatter,
+                              backend)
 
 
 class _CountedBatchNormGate(torch.autograd.Function):
