@@ -7,12 +7,18 @@ Variants per network and prune ratio (one group each):
   triton     converted with the Triton kernels (CUDA only; skipped elsewhere)
   triton-static  the same with ``static_shapes=True`` (full-width activations, the selection read on
              the device only: the step CUDA graphs capture; benchmarks/bench_graphs.py graphs it)
+  torch-capacity  ``backend="torch", static_shapes=True``: capacity widths (compact tensors of a
+             fixed number of slots, padded with masked unselected channels; ATen convolutions at
+             shapes that stay the same from step to step)
   ideal      the same network built dense with exactly the per-layer widths the selection kept
              (the finalized model): what perfect skipping costs. Global selection keeps layers
              unevenly, so this is not simply (1 - prune_ratio)**2 of dense.
 
 The selection comes from two exploration steps on random data, then one selecting step (widths in
-multiples of 8 on a GPU: ``round_to=8``, dcp-train's CUDA default).
+multiples of 8 on a GPU: ``round_to=8``, dcp-train's CUDA default). Networks named ``...-residual``
+convert with ``prune_residual=True`` (residual groups pruned too, ranked by their members' mean
+utility), so their ideal is really smaller than dense. ``cudnn.benchmark`` is on for every variant.
+Every DCP variant's kept widths, FLOPs ratio and capacity waste are in ``extra_info``.
 ``--dtype bf16`` (or fp16) trains under autocast with channels-last tensors; fp32 (default) uses
 PyTorch's defaults (TF32 convolutions on CUDA). The ``GPU_NETWORKS`` (ResNet-50 at 224 px, batch 64
 and 128; CIFAR nets at batch 128) are the sizes users train on a GPU; they are skipped on a CPU.
@@ -20,7 +26,8 @@ Each variant's peak memory during one step (``extra_info["peak_bytes"]``) is mea
 the timed rounds (see ``peak_memory.py``).
 ``vgg16-narrow-b1`` (``HOST_NETWORKS``) is VGG-16 at 1/16 width on one image: its step time is host
 work, the per-step overhead each variant adds on any device. ``--compile`` runs every variant's model
-under ``torch.compile`` (compiled during two warm-up rounds), for compiled-vs-compiled ratios.
+under ``torch.compile`` (compiled during two warm-up rounds), for compiled-vs-compiled ratios;
+``--compile-mode reduce-overhead`` captures them in CUDA graphs too (captured vs captured).
 ``test_selection`` times ``prop.select()`` alone, to read its share of a step.
 ``test_training_step_interleaved`` times the variants of a group in turn (the ratios to trust on a
 noisy machine); ``test_training_step`` times each variant on its own.
@@ -40,9 +47,14 @@ import dcp_kernels
 from dcp_kernels import ops
 from dcp_kernels.models import resnet_cifar, vgg
 
+# cuDNN picks its fastest algorithm per shape (every variant alike): the shapes of static-shape
+# variants repeat, so its search pays off; dense and ideal always had fixed shapes.
+torch.backends.cudnn.benchmark = True
+
 NETWORKS = {
     "vgg16-cifar": (lambda: vgg("vgg16"), 64, 32),  # (factory, batch, image size)
     "resnet56-cifar": (lambda: resnet_cifar(56), 64, 32),
+    "resnet56-cifar-residual": (lambda: resnet_cifar(56), 64, 32),
 }
 QUICK_NETWORKS = {"tiny-vgg": (lambda: vgg([16, "M", 32, 32, "M", 64]), 8, 16)}
 # VGG-16's 13 convs at 1/16 width (4-32 channels), one 32 px image: the arithmetic costs next to
@@ -68,6 +80,8 @@ def _resnext50(num_classes=1000):
 # Triton and extension kernels have no grouped conv; their grouped layers would run on `torch`).
 # One CPU-size case at prune 0.5.
 GROUPED_NETWORKS = {"resnext50-64px-b16": (lambda: _resnext50(10), 16, 64)}
+# ResNet-50 with its residual groups pruned at a CPU size (the GPU twin: resnet50-imagenet-b128-residual).
+RESIDUAL_NETWORKS = {"resnet50-112px-b16-residual": (lambda: _resnet50(), 16, 112)}
 
 
 # The sizes users train on a GPU, where the convolutions (not launches) decide the step time. On
@@ -75,6 +89,7 @@ GROUPED_NETWORKS = {"resnext50-64px-b16": (lambda: _resnext50(10), 16, 64)}
 GPU_NETWORKS = {
     "resnet50-imagenet-b64": (_resnet50, 64, 224),
     "resnet50-imagenet-b128": (_resnet50, 128, 224),
+    "resnet50-imagenet-b128-residual": (_resnet50, 128, 224),
     "vgg16-cifar-b128": (lambda: vgg("vgg16"), 128, 32),
     "resnet56-cifar-b128": (lambda: resnet_cifar(56), 128, 32),
     "resnext50-imagenet-b64": (_resnext50, 64, 224),
@@ -85,14 +100,21 @@ GPU_RATIOS = [0.5, 0.7]
 QUICK_RATIOS = [0.5]
 _TRITON = importlib.util.find_spec("triton") is not None
 VARIANTS = ["dense", *(name for name in ops.BACKENDS if name != "triton" or _TRITON),
-            *(["triton-static"] if _TRITON else []), "ideal"]
+            *(["triton-static"] if _TRITON else []), "torch-capacity", "ideal"]
+# How each DCP variant converts: (backend, static_shapes).
+CONVERSIONS = {"triton-static": ("triton", True), "torch-capacity": ("torch", True)}
+
+
+def _convert_kwargs(name: str) -> dict:
+    """``prune_residual=True`` for the ``-residual`` networks."""
+    return {"prune_residual": True} if name.endswith("-residual") else {}
 
 _CACHE: dict = {}
 
 
 def _precision_label(dtype: torch.dtype, compiled: bool = False) -> str:
     label = "fp32" if dtype == torch.float32 else f"{str(dtype).replace('torch.', '')}-autocast-channels_last"
-    return label + ("-compiled" if compiled else "")
+    return label + ((f"-compiled-{compiled}" if isinstance(compiled, str) else "-compiled") if compiled else "")
 
 
 def _batch(n, size, device, seed, channels_last=False):
@@ -111,10 +133,12 @@ def _precision(dtype: torch.dtype) -> tuple[torch.dtype | None, bool]:
 
 def _sgd_step(model, x, y, amp_dtype=None, compile=False):
     """One training step; under ``amp_dtype`` autocast (bf16/fp16) when given; the model's forward
-    (and with it its backward) under ``torch.compile`` when ``compile``."""
+    (and with it its backward) under ``torch.compile`` when ``compile`` (True: the default mode, or
+    a mode name such as ``"reduce-overhead"``)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     autocast = torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    forward = torch.compile(model) if compile else model
+    mode = compile if isinstance(compile, str) else None
+    forward = torch.compile(model, mode=mode) if compile else model
 
     def step():
         with autocast:
@@ -144,9 +168,10 @@ def _prepared(name, ratio, backend, device, dtype=torch.float32):
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         # Widths in multiples of 8 on a GPU (tensor cores; dcp-train's CUDA default), exact rule elsewhere.
-        static = backend == "triton-static"
-        prop = dcp_kernels.convert(model, ratio, explore_epochs=1, backend="triton" if static else backend,
-                                   round_to=8 if device.type == "cuda" else 1, static_shapes=static)
+        convert_backend, static = CONVERSIONS.get(backend, (backend, False))
+        prop = dcp_kernels.convert(model, ratio, explore_epochs=1, backend=convert_backend,
+                                   round_to=8 if device.type == "cuda" else 1, static_shapes=static,
+                                   **_convert_kwargs(name))
         for seed in (1, 2):  # two exploration steps
             _sgd_step(model, *_batch(batch, size, device, seed, channels_last), amp_dtype)()
         prop.epoch_end()
@@ -173,9 +198,11 @@ def _networks(table, ratios, marks=()):
 
 
 CASES = (_networks(NETWORKS, RATIOS) + _networks(GROUPED_NETWORKS, [0.5]) + _networks(HOST_NETWORKS, [0.5])
+         + _networks(RESIDUAL_NETWORKS, [0.5])
          + _networks(GPU_NETWORKS, GPU_RATIOS, marks=pytest.mark.gpu_size)
          + _networks(QUICK_NETWORKS, QUICK_RATIOS, marks=pytest.mark.quick))
-ALL_NETWORKS = {**NETWORKS, **GROUPED_NETWORKS, **HOST_NETWORKS, **GPU_NETWORKS, **QUICK_NETWORKS}
+ALL_NETWORKS = {**NETWORKS, **GROUPED_NETWORKS, **HOST_NETWORKS, **RESIDUAL_NETWORKS, **GPU_NETWORKS,
+                **QUICK_NETWORKS}
 
 
 def _skip_reason(name, variant, device):
@@ -185,8 +212,7 @@ def _skip_reason(name, variant, device):
         return "needs torchvision (the dev extra)"
     if name in GROUPED and variant in ("triton", "triton-static", "extension"):
         return f"backend {variant!r} has no grouped-conv kernel (its grouped layers would run on torch)"
-    if variant == "triton-static":
-        variant = "triton"
+    variant = CONVERSIONS.get(variant, (variant,))[0]
     return None if variant is None else backend_skip_reason(variant, device)
 
 
@@ -206,8 +232,7 @@ def test_training_step(benchmark, quick, device, dtype, compiled, timed, name, r
     benchmark.extra_info.update(level="step", model=name, prune_ratio=ratio, variant=variant, dtype=precision,
                                 device=str(device), threads=torch.get_num_threads())
     if prop is not None:
-        benchmark.extra_info["kept"] = dict(prop.kept())
-        benchmark.extra_info["flops_ratio"] = prop.flops_ratio()
+        benchmark.extra_info.update(_widths(prop))
     step = _sgd_step(model, *_batch(batch, size, device, 4, channels_last), amp_dtype, compiled)
     step()  # the optimizer's momentum buffers exist (and a compiled model is compiled) before memory is measured
     benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)
@@ -225,12 +250,14 @@ def test_training_step_interleaved(benchmark, quick, device, dtype, compiled, ti
     _, batch, size = ALL_NETWORKS[name]
     amp_dtype, channels_last = _precision(dtype)
     x, y = _batch(batch, size, device, 4, channels_last)
-    steps = {}
+    steps, widths = {}, {}
     variants = [v for v in VARIANTS if _skip_reason(name, v, device) is None]
     for variant in variants:
-        model, _ = _variant_model(name, ratio, variant, device, dtype)
+        model, prop = _variant_model(name, ratio, variant, device, dtype)
         model.train()
         steps[variant] = timed(_sgd_step(model, x, y, amp_dtype, compiled))
+        if prop is not None and variant not in ("dense", "ideal"):
+            widths[variant] = _widths(prop)
     samples: dict[str, list[float]] = {v: [] for v in variants}
 
     def one_round():
@@ -240,13 +267,24 @@ def test_training_step_interleaved(benchmark, quick, device, dtype, compiled, ti
             samples[variant].append(time.perf_counter() - start)
 
     # Compiled: two warm-up rounds (the first compiles, the second may still specialize).
-    warmup, rounds = 2 if compiled else 1, 3 if quick else 5
+    # Captured (reduce-overhead): a third warm-up round, in which the CUDA graphs are recorded.
+    warmup, rounds = (3 if isinstance(compiled, str) else 2) if compiled else 1, 3 if quick else 5
     precision = _precision_label(dtype, compiled)
     benchmark.group = f"step-interleaved {name} batch={batch} {size}x{size} prune={ratio} {precision}"
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
     medians = {v: statistics.median(t[warmup:]) for v, t in samples.items()}
     benchmark.extra_info.update(level="step-interleaved", model=name, prune_ratio=ratio, interleaved=medians,
-                                dtype=precision, device=str(device), threads=torch.get_num_threads())
+                                dtype=precision, device=str(device), threads=torch.get_num_threads(),
+                                widths=widths)
+
+
+def _widths(prop) -> dict:
+    """What a DCP variant's step computes: kept channels per layer, conv FLOPs over dense, and under
+    capacity widths the slots per layer and their waste (slots / kept)."""
+    info = {"kept": dict(prop.kept()), "flops_ratio": prop.flops_ratio()}
+    if prop.capacity:
+        info.update(capacities=prop.capacities(), capacity_waste=prop.capacity_waste())
+    return info
 
 
 @pytest.mark.parametrize("name, ratio", [c for c in CASES if c.values[1] > 0])

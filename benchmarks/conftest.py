@@ -29,6 +29,8 @@ def pytest_addoption(parser):
     parser.addoption("--compile", action="store_true",
                      help="step benchmarks: every variant's model runs under torch.compile (inductor; compiled "
                           "in the warm-up rounds), to compare compiled DCP with compiled dense and ideal")
+    parser.addoption("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                     help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, captured vs captured)")
 
 
 def allow_compiling_every_variant() -> None:
@@ -74,8 +76,12 @@ def dtype(request) -> torch.dtype:
 
 
 @pytest.fixture
-def compiled(request) -> bool:
-    return bool(request.config.getoption("--compile"))
+def compiled(request) -> bool | str:
+    """False, True (torch.compile's default mode) or a mode name (``--compile-mode``)."""
+    if not request.config.getoption("--compile"):
+        return False
+    mode = request.config.getoption("--compile-mode")
+    return True if mode == "default" else mode
 
 
 @pytest.fixture

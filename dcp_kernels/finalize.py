@@ -67,6 +67,11 @@ def _plain_conv(layer: DCPConv2d, in_keep: torch.Tensor | None, out_keep: torch.
         if bias is not None:
             conv.bias.copy_(bias)
     conv.weight.requires_grad_(layer.weight.requires_grad)
+    if layer.weight.dim() == 4 and not layer.weight.is_contiguous() and layer.weight.is_contiguous(
+            memory_format=torch.channels_last):
+        # Keep the trained weights' memory format: a channels_last model stays one (cuDNN's fast
+        # NHWC kernels; an NCHW weight among NHWC activations costs a layout conversion per conv).
+        conv.to(memory_format=torch.channels_last)
     conv.train(layer.training)
     return conv
 

@@ -203,7 +203,9 @@ def test_capacity_shapes_settle_while_the_selection_changes_every_step(make, kwa
 @pytest.mark.slow
 def test_capacity_widths_do_not_recompile_in_the_steady_state():
     """Under ``torch.compile`` (inductor) the capacity step compiles while capacities grow and then no
-    more: static shapes, so every new selection reuses the graph. Equal to eager training."""
+    more: static shapes, so every new selection reuses the graph. Equal to eager training. Measured:
+    4 frames in 14 steps (the hook's caller, exploring, the first capacities, the one growth at step
+    5), none in the 9 steps after."""
     from torch._dynamo.utils import counters
     from test_compile import _tiny
 
@@ -232,12 +234,13 @@ def test_capacity_widths_do_not_recompile_in_the_steady_state():
             frames_at.append((counters["frames"]["ok"], compiled.capacity_changes))
             if step == 0:
                 compiled.epoch_end()
+    print("frames compiled, capacity changes after each step:", frames_at)
     # After the last capacity change, not one more frame compiled.
-    last_change = max(i for i, (_, changes) in enumerate(frames_at) if changes == frames_at[-1][1])
     first_settled = min(i for i, (_, changes) in enumerate(frames_at) if changes == frames_at[-1][1])
     assert first_settled <= 8, f"capacities still changing at step {first_settled}: {frames_at}"
     assert frames_at[-1][0] == frames_at[first_settled][0], f"recompiled in the steady state: {frames_at}"
-    assert last_change == len(frames_at) - 1
+    selections = {tuple(w[2].tolist()) for w in want[first_settled + 1:]}
+    assert len(selections) >= 2, "the selection must change in the steady state, or this shows nothing"
 
 
 def test_capacities_grow_at_once_shrink_at_epoch_end_and_survive_state_dict():

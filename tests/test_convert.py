@@ -668,3 +668,19 @@ def test_network_wide_utility_update_equals_updating_each_layer_at_once(case):
     assert ref_failures == fast_failures == ([1] if case == "failed-backward" else [])
     if case == "part-of-the-network":  # the layers past the second kept the utilities of step 1
         assert not fast.layers[-1].utility.equal(torch.zeros_like(fast.layers[-1].utility))
+
+
+def test_finalize_keeps_the_weights_memory_format():
+    """A channels_last model finalizes to channels_last convs (an NCHW weight among NHWC activations
+    costs cuDNN a layout conversion per conv), with the gated model's outputs."""
+    torch.manual_seed(0)
+    model = small_vgg().to(memory_format=torch.channels_last)
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=1)
+    _train(model, prop, 3, size=16)
+    plain = prop.finalize()
+    convs = [m for m in plain.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert any(c.out_channels < 16 for c in convs)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(plain.eval()(x), model(x), rtol=1e-5, atol=1e-5)

@@ -79,7 +79,9 @@ def _user_error_cases(tmp_path):
         (["--device", "nonsense"], "--device 'nonsense' is not a device"),
         (["--dense-run", str(tmp_path)], f"--dense-run {tmp_path}: no metrics.csv there"),
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
-        (["--static-shapes"], "--static-shapes needs --backend triton (got auto)"),
+        (["--static-shapes", "--backend", "extension"],
+         "--static-shapes needs --backend torch (capacity widths) or triton (full width), got extension"),
+        (["--cuda-graphs"], "--cuda-graphs needs --backend triton (got auto)"),
         (["--cuda-graphs", "--backend", "triton", "--amp", "fp16"], "--cuda-graphs does not support --amp fp16"),
         (["--cuda-graphs", "--backend", "triton", "--dense"], "--cuda-graphs is for DCP training"),
     ]

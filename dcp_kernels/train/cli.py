@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep each layer's width a multiple of this (default: 8 on CUDA for tensor cores "
                         "and few distinct shapes, 1 elsewhere: the paper's exact rule)")
     p.add_argument("--static-shapes", action="store_true",
-                   help="train with shapes and launches independent of the selection and no host read per step "
-                        "(needs --backend triton)")
+                   help="train at shapes that stay the same from step to step: capacity widths on --backend "
+                        "torch/auto (ATen convs, one host read per step), full width on --backend triton "
+                        "(no host read)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture each training step in a CUDA graph and replay it (implies --static-shapes; "
                         "needs --backend triton on a CUDA device, one process, --amp off or bf16)")
@@ -122,8 +123,11 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
     for flag, on in (("--static-shapes", args.static_shapes), ("--cuda-graphs", args.cuda_graphs)):
         if on and args.dense:
             raise UsageError(f"{flag} is for DCP training; drop it with --dense")
-        if on and args.backend != "triton":
-            raise UsageError(f"{flag} needs --backend triton (got {args.backend})")
+    if args.static_shapes and args.backend not in ("torch", "auto", "triton"):
+        raise UsageError(f"--static-shapes needs --backend torch (capacity widths) or triton (full width), "
+                         f"got {args.backend}")
+    if args.cuda_graphs and args.backend != "triton":
+        raise UsageError(f"--cuda-graphs needs --backend triton (got {args.backend})")
     if args.cuda_graphs and args.amp == "fp16":
         raise UsageError("--cuda-graphs does not support --amp fp16 (its loss scaler reads the device every step); "
                          "use --amp bf16 or off")
@@ -561,6 +565,8 @@ def _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history
         "flops_dense": dense_flops, "flops_finalized": conv_flops(final, probe),
         "train_seconds": train_seconds, "kept": prop.kept() if prop else None, "args": vars(args),
         "device": str(device), "processes": world, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        # Capacity widths (--static-shapes on torch): slots per layer and their waste (slots / kept).
+        "capacities": prop.capacities() if prop else None, "capacity_waste": prop.capacity_waste() if prop else None,
     }
     if args.timing_steps > 0 and prop is not None and is_main:
         # Dense vs DCP vs the finalized network, side by side on one batch (final selection).
@@ -578,6 +584,8 @@ def _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history
         print("\nkept channels per layer:")
         for name, layer in zip(prop.layer_names, prop.layers):
             print(f"  {name:<24} {int(layer.selected.sum()):>5} / {layer.out_channels}")
+    if summary["capacity_waste"] is not None:
+        print(f"capacity widths: {summary['capacity_waste']:.2f}x the kept channels (slots / kept)")
     print(f"\ntest accuracy: gated {gated_acc:.4f}, finalized {final_acc:.4f}")
     p_d, p_f, f_d, f_f = (summary[k] for k in ("params_dense", "params_finalized", "flops_dense", "flops_finalized"))
     print(f"parameters: dense {p_d:,} -> finalized {p_f:,} ({p_f / p_d:.2f}x)")
