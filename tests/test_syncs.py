@@ -210,7 +210,7 @@ def _excess(dcp: LaunchCounter, dense: LaunchCounter) -> str:
 
 # The bounds leave about 7-10 ops of room: which layers keep every channel (and skip their gathers)
 # depends on the selection, which rounding on another CPU may move.
-@pytest.mark.parametrize("name, bound", [("test-vgg", 3.1), ("vgg16", 3.0)])
+@pytest.mark.parametrize("name, bound", [("test-vgg", 3.4), ("vgg16", 3.33)])
 def test_launches_per_step_stay_bounded(name, bound):
     """A GPU step at CIFAR size is launch-bound: every extra op per layer costs about as much as the
     convolution (docs/benchmarks-gpu.md). Counted as a GPU run would launch (since 2026-11-28's
@@ -218,7 +218,10 @@ def test_launches_per_step_stay_bounded(name, bound):
     VGG-16 (width 0.25, batch 8, 32 px; 13 prunable layers, ``torch`` backend, steady state):
     364 ops vs dense's 116 (3.14x), then **338 (2.91x)** with the BN output for the utility
     recomputed by BN's own op (one launch instead of three); the test VGG (5 prunable layers): 170
-    -> 160 vs 54 (3.15x -> 2.96x). What
+    -> 160 vs 54 (3.15x -> 2.96x). Then **377 (3.25x)** and the test VGG's **175 (3.24x)**: the utility
+    reduced from ``g * y`` and ``g`` by a batched dot product (7 small ops where BN's recompute, the
+    product and the sums took 4; 3 activation passes and no activation-size write where it took 5
+    passes and 2 writes: 2-6x faster on the CPU, and a GPU step at ImageNet size is memory-bound). What
     the ``torch`` backend adds per layer is listed in docs/benchmarks-gpu.md (about 15 ops: BN-vector
     gathers and write-backs, the utility reduction, the gradient scatters); the static Triton step
     is the path with few launches (test_triton_launches_per_step_stay_bounded).

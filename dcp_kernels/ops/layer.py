@@ -92,8 +92,8 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
                       shift: torch.Tensor | None = None) -> None:
     """The backward's utility work: ``v = channel_utility(a', g)``, then ``U[idx] = decay * U[idx] +
     v / max(v)`` (``idx`` None: all channels). ``a' = a * scale + shift`` per channel where
-    ``scale`` and ``shift`` are given (Triton only: its reduction applies them on the fly), else
-    ``a' = a``.
+    ``scale`` and ``shift`` are given (Triton's reduction applies them on the fly, ``torch`` uses
+    :func:`_affine_channel_utility`), else ``a' = a``.
 
     Triton: two launches (reduction, then one update program). Others: PyTorch ops (the extension's
     reduction kernel where built); the reduction then lands in the layer's row of the controller's
@@ -102,10 +102,12 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
     if backend == "triton":
         _triton_backend().update_utility(a, g, sink.utility, idx, sink.decay, scale, shift)
         return
-    assert scale is None and shift is None, "only Triton's reduction applies a BN affine on the fly"
     # The max-normalisation in update_utilities cancels the reduction's constant 1 / (B*H*W): the
     # PyTorch reduction leaves it out (one launch less per layer); the extension's kernel has it built in.
-    if backend == "extension":
+    if scale is not None:
+        assert backend == "torch", "the extension's reduction takes the BN output"
+        v = _affine_channel_utility(a, g, scale, shift)
+    elif backend == "extension":
         v = channel_utility(a, g, backend=backend)
     else:
         v = reference.channel_utility(a, g, mean=False)
@@ -116,6 +118,21 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
         row.copy_(v)
     else:
         row.index_copy_(0, idx, v)
+
+
+def _affine_channel_utility(y: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``sum_b |sum_hw g * (y * scale + shift)|`` per channel, float32, without forming the BN
+    output: ``sum_hw g * a = scale * sum_hw g * y + shift * sum_hw g``. The first sum is a batched dot
+    product (one ``bmm`` reading ``g`` and ``y`` once, nothing written at activation size) where
+    both are contiguous float32; measured on the CPU 2-6x faster than recomputing BN's output and
+    reducing ``g * a`` (ResNet-50 and CIFAR shapes), equal up to float rounding (2e-7 relative)."""
+    batch, channels = y.shape[:2]
+    if y.dtype == g.dtype == torch.float32 and y.is_contiguous() and g.is_contiguous():
+        gy = torch.bmm(g.view(batch * channels, 1, -1), y.view(batch * channels, -1, 1)).view(batch, channels)
+    else:  # channels_last or low precision: the product in float32, as reference.channel_utility
+        gy = (g.float() * y.float()).sum(dim=(2, 3))
+    g_sum = g.sum(dim=(2, 3), dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.addcmul(g_sum * shift.float(), gy, scale.float()), ord=1, dim=0)
 
 
 class _CompactGate(torch.autograd.Function):
@@ -230,13 +247,12 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
             both = grad_w_c.new_zeros(2, channels) if zeros is None else zeros
             both.index_copy_(1, out_idx, both_c if slot_scale is not None else torch.stack([grad_w_c, grad_b_c]))
             grad_w, grad_b = both[0], both[1]
-    # The BN output is recomputed for the utility, not saved (one activation less kept from forward
-    # to backward). Triton's reduction applies y * scale + shift on the fly (no pass over memory).
-    # Elsewhere the forward's own op recomputes it from the same input: one launch where scale, shift
-    # and the affine took three (a GPU step at CIFAR size is launch-bound), at the price of BN's
-    # statistics pass over y_c.
+    # The BN output is not saved for the utility (one activation less kept from forward to backward):
+    # Triton's reduction applies y * scale + shift on the fly, ``torch`` reduces g * y and g and applies
+    # them per (sample, channel) (_affine_channel_utility). The extension's reduction takes the BN
+    # output: the forward's own op recomputes it from the same input.
     idx = None if full else out_idx
-    if backend == "triton":
+    if backend in ("triton", "torch"):
         scale = w_c * invstd
         shift = torch.addcmul(b_c, mean, scale, value=-1)
         _update_utilities(backend, y_c, g_c, sink, idx, scale, shift)
