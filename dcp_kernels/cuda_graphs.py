@@ -2,14 +2,18 @@
 
 On a GPU a DCP step at CIFAR-to-ImageNet sizes is host-bound: Python, autograd and kernel launches
 for every layer cost more than the kernels (docs/benchmarks-gpu.md). A CUDA graph records the step's
-kernels once and replays them with one launch. That needs a step whose launches and shapes never
-change and which reads nothing back to the host: a model converted with
-``convert(..., backend="triton", static_shapes=True)`` (selection, forward, backward, utility update
-and optimizer step all on the device).
+kernels once and replays them with one launch. That needs a step whose launches and shapes do not
+change from step to step: a model converted with ``static_shapes=True``.
+
+* ``backend="torch"`` (capacity widths, docs/algorithm.md): the selection runs eagerly before each
+  call (its one host read, the kept counts, decides the capacities) and writes every layer's slot
+  vectors in place; forward, backward, utility update and optimizer step are captured. A capacity
+  change (rare: growth on overflow, fitting at epoch ends) is a new capture.
+* ``backend="triton"`` (full width): the selection itself is captured too (it reads nothing back).
 
 :class:`GraphedStep` wraps a user's step function::
 
-    prop = dcp_kernels.convert(model, 0.5, backend="triton", static_shapes=True)
+    prop = dcp_kernels.convert(model, 0.5, backend="torch", static_shapes=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     def train_step(x, y):
@@ -26,10 +30,10 @@ and optimizer step all on the device).
 The first ``warmup`` calls run eagerly (Triton autotuning, optimizer state, the selection rule's
 constants); the next call captures the step and replays it; later calls replay it. What a graph
 holds as constants is checked before every replay, and the step is captured again (after one eager
-step) when it changed: the epoch (exploration ending, the utility decay schedule) and the optimizer's
-learning rates. A batch of another shape (an epoch's short last batch) runs eagerly. Every call
-trains on its own batch exactly once: the results equal eager training (tests/test_static_shapes.py,
-on a GPU).
+step) when it changed: the epoch (exploration ending, the utility decay schedule), the optimizer's
+learning rates and, under capacity widths, the capacities. A batch of another shape (an epoch's short last batch) runs eagerly. Every call
+trains on its own batch exactly once: the results equal eager training (tests/test_static_shapes.py
+and tests/test_capacity.py, on a GPU; their bookkeeping with a stand-in graph on the CPU).
 """
 from __future__ import annotations
 
@@ -62,9 +66,9 @@ class GraphedStep:
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedStep needs a CUDA device (CUDA graphs); run the step eagerly on this machine")
         if not prop.static_shapes:
-            raise ValueError("GraphedStep needs a model converted with static_shapes=True (backend='triton')")
+            raise ValueError("GraphedStep needs a model converted with static_shapes=True (backend 'torch' or 'triton')")
         if not prop.auto_select:
-            raise ValueError("GraphedStep needs prop.auto_select=True: the selection runs inside the captured step")
+            raise ValueError("GraphedStep needs prop.auto_select=True: it selects before every step")
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
         cumulative = [name for name, m in model.named_modules()
@@ -84,8 +88,22 @@ class GraphedStep:
         self._stream = torch.cuda.Stream()
 
     def _constants(self) -> tuple:
-        """What a captured graph holds as constants: a change needs a new capture."""
-        return (self.prop.epoch, self.prop.exploring, tuple(float(g["lr"]) for g in self.optimizer.param_groups))
+        """What a captured graph holds as constants: a change needs a new capture. Under capacity
+        widths the capacities too: a new one reallocates that group's slot vectors."""
+        capacities = tuple(self.prop.capacities().values()) if self.prop.capacity else ()
+        return (self.prop.epoch, self.prop.exploring, tuple(float(g["lr"]) for g in self.optimizer.param_groups),
+                capacities)
+
+    def _run(self, batch: Sequence[torch.Tensor]) -> Any:
+        """``step_fn(*batch)``; under capacity widths with the selection hook not selecting (the
+        selection ran eagerly before, see __call__)."""
+        if not self.prop.capacity:
+            return self.step_fn(*batch)
+        self.prop.auto_select = False
+        try:
+            return self.step_fn(*batch)
+        finally:
+            self.prop.auto_select = True
 
     @staticmethod
     def _shapes(batch: Sequence[torch.Tensor]) -> tuple:
@@ -97,7 +115,7 @@ class GraphedStep:
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             self.optimizer.zero_grad(set_to_none=True)
-            out = self.step_fn(*batch)
+            out = self._run(batch)
         torch.cuda.current_stream().wait_stream(self._stream)
         return out
 
@@ -109,7 +127,7 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         steps_before = self.prop.steps
         with torch.cuda.graph(graph, stream=self._stream):
-            self._outputs = self.step_fn(*self._inputs)
+            self._outputs = self._run(self._inputs)
         # Capturing records the kernels without running them; the controller's Python step counter
         # moved once: undo it, the replay below counts the step.
         self.prop.steps = steps_before
@@ -117,6 +135,12 @@ class GraphedStep:
         self.captures += 1
 
     def __call__(self, *batch: torch.Tensor) -> Any:
+        if self.prop.capacity:
+            # The selection, eagerly: its host read decides the capacities, and it writes the slot
+            # vectors the captured step reads in place (their storage holds while a capacity does).
+            with torch.cuda.stream(self._stream):
+                self.prop.step()
+                self.prop.refresh_indices()
         constants = self._constants()
         if self._key is not None and self._key[0] != constants:
             self._graph, self._key = None, None
@@ -131,6 +155,7 @@ class GraphedStep:
         for static, fresh in zip(self._inputs, batch):
             static.copy_(fresh, non_blocking=True)
         self._graph.replay()
-        self.prop.steps += 1  # what the selection hook's step() counts in an eager step
+        if not self.prop.capacity:
+            self.prop.steps += 1  # what the selection hook's step() counts in an eager step
         self.replays += 1
         return self._outputs

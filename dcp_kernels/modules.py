@@ -26,14 +26,20 @@ class SelectionCache:
     comparing data pointers is one): the controller's forward pre-hook refreshes every cache eagerly
     before each forward (:meth:`~dcp_kernels.Propagation.refresh_indices`). ``rebuild_when_compiling``
     builds afresh instead, for values that are plain traceable tensor ops of already cached ones.
+
+    ``derived``: the value is tensor ops of other caches' values (a concat's indices, a Linear's
+    columns). Such a value is also built afresh while a CUDA graph is being captured, so the graph
+    computes it from the layers' slot vectors (written in place by every selection under capacity
+    widths) instead of holding the tensor one selection left behind.
     """
 
-    __slots__ = ("_key", "_value", "_rebuild_when_compiling")
+    __slots__ = ("_key", "_value", "_rebuild_when_compiling", "_derived")
 
-    def __init__(self, *, rebuild_when_compiling: bool = False) -> None:
+    def __init__(self, *, rebuild_when_compiling: bool = False, derived: bool = False) -> None:
         self._key: tuple | None = None
         self._value: Any = None
-        self._rebuild_when_compiling = rebuild_when_compiling
+        self._rebuild_when_compiling = rebuild_when_compiling or derived
+        self._derived = derived
 
     @staticmethod
     def _key_of(masks: list[torch.Tensor]) -> tuple:
@@ -45,6 +51,8 @@ class SelectionCache:
             if self._rebuild_when_compiling or self._value is None:
                 return build()
             return self._value
+        if self._derived and _capturing():
+            return build()
         key = self._key_of(masks)
         if self._value is None or key != self._key:
             self._value, self._key = build(), key
@@ -53,6 +61,11 @@ class SelectionCache:
     def put(self, masks: list[torch.Tensor], value: Any) -> None:
         """Store ``value`` as what ``build()`` would return for the masks' current contents."""
         self._value, self._key = value, self._key_of(masks)
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class ConcatSource:
@@ -74,8 +87,8 @@ class ConcatSource:
         self.segments = list(segments)
         self.out_channels = sum(width for _, width in segments)
         self.dcp_name = name or "concat"
-        self._indices = SelectionCache()
-        self._scale = SelectionCache()
+        self._indices = SelectionCache(derived=True)
+        self._scale = SelectionCache(derived=True)
 
     def _device(self) -> torch.device:
         return next(layer.selected.device for layer, _ in self.segments if layer is not None)
@@ -486,7 +499,7 @@ class DCPLinear(nn.Linear):
         self.__dict__["_input_source"] = None
         # Under torch.compile the columns are rebuilt in the graph: two traceable tensor ops on the
         # source's (eagerly refreshed) indices.
-        self.__dict__["_columns"] = SelectionCache(rebuild_when_compiling=True)
+        self.__dict__["_columns"] = SelectionCache(derived=True)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, block: int = 1, name: str | None = None) -> "DCPLinear":

@@ -275,3 +275,125 @@ def test_static_shapes_refuses_backends_without_capacity_widths():
         dcp_kernels.convert(small_vgg(), 0.5, backend="reference", static_shapes=True)
     with pytest.raises(ValueError, match="capacity_multiple must be an int >= 1"):
         dcp_kernels.convert(small_vgg(), 0.5, backend="torch", static_shapes=True, capacity_multiple=0)
+
+
+def test_graphed_capacity_step_with_a_stand_in_graph(monkeypatch):
+    """GraphedStep on the capacity path, on the CPU with the stand-in CUDA graph of
+    test_static_shapes.py (a replay re-runs what the capture recorded: the step without a selection;
+    the real capture runs on a GPU, benchmarks/gpu_check.sh). The selection runs eagerly before every
+    call; a capacity change or the end of exploration is a new capture after one eager step; every
+    call trains on its batch once: training equals the eager capacity step's, bit for bit."""
+    import contextlib
+
+    from test_static_shapes import _batches, _FakeCapture, _FakeGraph, _graphable_step, _NoStream
+
+    from dcp_kernels import cuda_graphs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: _NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+
+    torch.manual_seed(0)
+    base = BranchConcat()  # a concat reader and a flatten head: derived index vectors
+    models = [copy.deepcopy(base).train() for _ in range(2)]
+    props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, backend="torch", static_shapes=True,
+                                 prune_residual=True, capacity_multiple=2) for m in models]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    graphed = cuda_graphs.GraphedStep(_graphable_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=2)
+    _FakeGraph.graphed = graphed
+    eager = _graphable_step(models[0], opts[0])
+    capacities = []
+    for step, (x, y) in enumerate(_batches(14, 8, "cpu", batch=4)):
+        opts[0].zero_grad(set_to_none=True)
+        want, _ = eager(x, y)
+        got, _ = graphed(x, y)
+        assert torch.equal(got, want), f"step {step}"
+        assert torch.equal(torch.cat([l.selected for l in props[0].layers]),
+                           torch.cat([l.selected for l in props[1].layers])), f"step {step}"
+        capacities.append(tuple(props[1].capacities().values()))
+        if step == 3:
+            for prop in props:
+                prop.epoch_end()
+    # eager 0, 1; capture (and replay) 2; replay 3; exploration ended: eager 4 (first capacities);
+    # they grew at 5, where no graph was held yet: capture 5; replay 6, 7; grew at 8: eager 8,
+    # capture 9; replay 10-13.
+    changed_at = [i for i in range(5, 14) if capacities[i] != capacities[i - 1]]
+    assert changed_at == [5, 8], capacities
+    assert (graphed.captures, graphed.replays) == (3, 10)
+    assert props[0].steps == props[1].steps == 14
+    for (key, want), got in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(got, want), key
+
+
+def test_selection_writes_slot_vectors_in_place_while_capacities_hold():
+    """What a captured capacity step needs: every selection with unchanged capacities writes the
+    same slot tensors (same storage), and the derived ones (a concat's) are built afresh while a
+    graph is being captured."""
+    torch.manual_seed(0)
+    model = BranchConcat()
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=1, backend="torch", static_shapes=True,
+                               prune_residual=True, capacity_multiple=16)
+    record = _train(model, prop, 6, size=8, batch=4)
+    pointers = [(l.selected_indices().data_ptr(), l.slot_state().scale.data_ptr()) for l in prop.layers]
+    caps = prop.capacities()
+    g = torch.Generator().manual_seed(5)
+    for layer in prop.layers:
+        layer.utility.copy_(torch.rand(layer.out_channels, generator=g))
+    prop.step()
+    assert prop.capacities() == caps
+    assert not torch.equal(torch.cat([l.selected for l in prop.layers]), record[-1][2]), "a new selection"
+    assert pointers == [(l.selected_indices().data_ptr(), l.slot_state().scale.data_ptr()) for l in prop.layers]
+    concat = next(m.input_source for m in model.modules()
+                  if type(getattr(m, "input_source", None)).__name__ == "ConcatSource")
+    cached = concat.selected_indices()
+    assert concat.selected_indices() is cached
+    import dcp_kernels.modules as modules
+    original = modules._capturing
+    modules._capturing = lambda: True
+    try:
+        rebuilt = concat.selected_indices()
+    finally:
+        modules._capturing = original
+    assert rebuilt is not cached and torch.equal(rebuilt, cached)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", ["vgg", "concat"])
+def test_cuda_graph_replays_the_eager_capacity_steps(name):
+    """A captured and replayed capacity step trains like the eager one (selections, weights, BN
+    statistics, utilities), across the end of exploration and capacity changes. GPU only
+    (benchmarks/gpu_check.sh); fp32 without TF32 (conftest)."""
+    from test_static_shapes import _batches, _graphable_step
+
+    from dcp_kernels.cuda_graphs import GraphedStep
+
+    make, kwargs = MODELS[name]
+    torch.manual_seed(0)
+    base = make().cuda()
+    models = [copy.deepcopy(base).train() for _ in range(2)]
+    props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, backend="torch", static_shapes=True,
+                                 capacity_multiple=4, **kwargs) for m in models]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) for m in models]
+    eager = _graphable_step(models[0], opts[0])
+    graphed = GraphedStep(_graphable_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=2)
+    for step, (x, y) in enumerate(_batches(14, 16, "cuda")):
+        opts[0].zero_grad(set_to_none=True)
+        want, _ = eager(x, y)
+        got, _ = graphed(x, y)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(torch.cat([l.selected for l in props[0].layers]),
+                           torch.cat([l.selected for l in props[1].layers])), f"step {step}"
+        if step == 3:
+            for prop in props:
+                prop.epoch_end()
+    assert graphed.captures >= 2 and graphed.replays >= 6, (graphed.captures, graphed.replays)
+    for (key, want), got in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        if want.is_floating_point():
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+        else:
+            assert torch.equal(got, want), key

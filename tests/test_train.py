@@ -81,12 +81,14 @@ def _user_error_cases(tmp_path):
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
         (["--static-shapes", "--backend", "extension"],
          "--static-shapes needs --backend torch (capacity widths) or triton (full width), got extension"),
-        (["--cuda-graphs"], "--cuda-graphs needs --backend triton (got auto)"),
+        (["--cuda-graphs", "--backend", "reference"],
+         "--cuda-graphs needs --backend torch (capacity widths) or triton (full width), got reference"),
         (["--cuda-graphs", "--backend", "triton", "--amp", "fp16"], "--cuda-graphs does not support --amp fp16"),
         (["--cuda-graphs", "--backend", "triton", "--dense"], "--cuda-graphs is for DCP training"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU is visible"))
+        cases.append((["--cuda-graphs"], "--cuda-graphs needs --device cuda"))
     if dcp_kernels.ops.backends("cpu")["triton"]:  # the backend check passes: the device check speaks
         cases.append((["--cuda-graphs", "--backend", "triton"], "--cuda-graphs needs --device cuda"))
     return cases

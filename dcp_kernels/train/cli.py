@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(no host read)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture each training step in a CUDA graph and replay it (implies --static-shapes; "
-                        "needs --backend triton on a CUDA device, one process, --amp off or bf16)")
+                        "--backend torch/auto or triton, on a CUDA device, one process, --amp off or bf16)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"], help="autocast precision")
     p.add_argument("--seed", type=int, default=0)
@@ -126,8 +126,9 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
     if args.static_shapes and args.backend not in ("torch", "auto", "triton"):
         raise UsageError(f"--static-shapes needs --backend torch (capacity widths) or triton (full width), "
                          f"got {args.backend}")
-    if args.cuda_graphs and args.backend != "triton":
-        raise UsageError(f"--cuda-graphs needs --backend triton (got {args.backend})")
+    if args.cuda_graphs and args.backend not in ("torch", "auto", "triton"):
+        raise UsageError(f"--cuda-graphs needs --backend torch (capacity widths) or triton (full width), "
+                         f"got {args.backend}")
     if args.cuda_graphs and args.amp == "fp16":
         raise UsageError("--cuda-graphs does not support --amp fp16 (its loss scaler reads the device every step); "
                          "use --amp bf16 or off")
