@@ -16,8 +16,8 @@ import time
 
 import bench_step
 import pytest
+from gpu_step import _eager_plain, _graphed_plain, _plain_step
 import torch
-import torch.nn.functional as F
 
 import dcp_kernels
 from dcp_kernels.cuda_graphs import GraphedStep
@@ -26,46 +26,6 @@ NETWORKS = {name: bench_step.ALL_NETWORKS[name]
             for name in ("vgg16-cifar-b128", "resnet56-cifar-b128", "resnet50-imagenet-b64")}
 RATIO = 0.5
 VARIANTS = ["dense", "dense-graphed", "triton-static", "triton-static-graphed", "ideal", "ideal-graphed"]
-
-
-def _plain_step(model, opt, amp_dtype):
-    """Forward, loss, backward and SGD step on a batch (no zero_grad: the callers reset gradients)."""
-    def step(x, y):
-        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-        return (loss,)
-    return step
-
-
-def _graphed_plain(model, x, y, amp_dtype):
-    """A dense network's step captured once (the PyTorch whole-network recipe: three warm-up steps on
-    a side stream, then the capture); returns a callable that replays it."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    body = _plain_step(model, opt, amp_dtype)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            body(x, y)
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        body(x, y)
-    return graph.replay
-
-
-def _eager_plain(model, x, y, amp_dtype):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    body = _plain_step(model, opt, amp_dtype)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        body(x, y)
-    return step
 
 
 def _static_dcp(name, device, dtype):

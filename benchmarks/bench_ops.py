@@ -11,6 +11,7 @@ Variants per shape and keep ratio (one pytest-benchmark group each, so ratios re
   ideal      a dense conv on tensors already of the compact size (perfect skipping)
 
 ``keep`` is the fraction of input and of output channels kept (the FLOPs scale with keep**2).
+``--channels-last``: every tensor in channels_last (NHWC) memory, as GPU users train.
 Gradients are taken with ``torch.autograd.grad`` so no variant pays for ``.grad`` accumulation.
 """
 import importlib.util
@@ -66,9 +67,11 @@ def _case(n, c, h, k, keep, device, dtype):
 def _step_fn(variant, backward, x, w, in_idx, out_idx, grad):
     """The timed call: the variant's forward, and its backward via autograd.grad if ``backward``."""
     pad = w.shape[-1] // 2
-    xc = x.detach()[:, in_idx].clone().requires_grad_(True)
-    gc = grad[:, out_idx].contiguous()
-    wc = w.detach()[out_idx][:, in_idx].clone().requires_grad_(True)
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if nhwc else torch.contiguous_format  # the compact tensors follow x
+    xc = x.detach()[:, in_idx].contiguous(memory_format=fmt).requires_grad_(True)
+    gc = grad[:, out_idx].contiguous(memory_format=fmt)
+    wc = w.detach()[out_idx][:, in_idx].contiguous(memory_format=fmt).requires_grad_(True)
     if variant == "dense":
         inputs, g, forward = (x, w), grad, lambda: F.conv2d(x, w, padding=pad)
     elif variant == "ideal":
@@ -101,7 +104,7 @@ CASES = [pytest.param(s, keep, id=f"{_shape_id(s)}-keep{keep}") for s in SHAPES 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape, keep", CASES)
 @pytest.mark.parametrize("passes", ["fwd+bwd", "fwd"])
-def test_conv(benchmark, quick, device, dtype, timed, passes, shape, keep, variant):
+def test_conv(benchmark, quick, device, dtype, timed, channels_last, passes, shape, keep, variant):
     reason = backend_skip_reason(variant.removesuffix("-compact-io"), device)
     if shape in GPU_SHAPES and device.type != "cuda":
         reason = "a GPU-size shape (seconds per call on a CPU): run with --device cuda"
@@ -109,9 +112,17 @@ def test_conv(benchmark, quick, device, dtype, timed, passes, shape, keep, varia
         pytest.skip(reason)
     name, n, c, h, k = shape
     precision = str(dtype).replace("torch.", "")
+    if channels_last:
+        precision += "-channels_last"
     benchmark.group = f"op {passes} {name} conv{k}x{k} N={n} C={c} H=W={h} keep={keep} {precision}"
     benchmark.extra_info.update(level="op", passes=passes, model=name, shape=[n, c, h, k], keep=keep,
                                 variant=variant, dtype=precision, device=str(device),
                                 threads=torch.get_num_threads())
-    fn = timed(_step_fn(variant, passes == "fwd+bwd", *_case(n, c, h, k, keep, device, dtype)))
+    x, w, in_idx, out_idx, grad = _case(n, c, h, k, keep, device, dtype)
+    if channels_last:
+        fmt = torch.channels_last
+        x = x.detach().contiguous(memory_format=fmt).requires_grad_(True)
+        w = w.detach().contiguous(memory_format=fmt).requires_grad_(True)
+        grad = grad.contiguous(memory_format=fmt)
+    fn = timed(_step_fn(variant, passes == "fwd+bwd", x, w, in_idx, out_idx, grad))
     benchmark.pedantic(fn, rounds=3 if quick else 10, warmup_rounds=1 if quick else 2, iterations=1)

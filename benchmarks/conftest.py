@@ -29,6 +29,8 @@ def pytest_addoption(parser):
     parser.addoption("--compile", action="store_true",
                      help="step benchmarks: every variant's model runs under torch.compile (inductor; compiled "
                           "in the warm-up rounds), to compare compiled DCP with compiled dense and ideal")
+    parser.addoption("--channels-last", action="store_true",
+                     help="op benchmarks: activations and weights in channels_last (how GPU users train)")
     parser.addoption("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                      help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, captured vs captured)")
 
@@ -73,6 +75,11 @@ def device(request) -> torch.device:
 @pytest.fixture
 def dtype(request) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[request.config.getoption("--dtype")]
+
+
+@pytest.fixture
+def channels_last(request) -> bool:
+    return bool(request.config.getoption("--channels-last"))
 
 
 @pytest.fixture

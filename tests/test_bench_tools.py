@@ -68,3 +68,22 @@ def test_peak_bytes_on_glibc_is_the_heap_and_repeats():
 
     peaks = [peak_bytes(step, torch.device("cpu")) for _ in range(3)]
     assert all(2 * 4 * n <= p < 2 * 4 * n + 2**20 for p in peaks), peaks
+
+
+@pytest.mark.parametrize("stage", ["ceiling", "capacity"])
+def test_gpu_step_script_runs_on_the_cpu(tmp_path, stage):
+    """benchmarks/gpu_step.py (stages a and b of gpu_check.sh) at a tiny size on the CPU, without its
+    captured variants: the script a GPU lease runs does not rot between leases."""
+    import gpu_step
+
+    out = tmp_path / "r.json"
+    gpu_step.main([stage, "--device", "cpu", "--model", "resnet18", "--round-to", "8", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["stage"] == stage and record["model"] == "resnet18" and record["results"]
+    for row in record["results"]:
+        assert {"dense-eager", "ideal-eager"} <= set(row["ms"]) and 0 < row["flops_ratio"] < 1
+        if stage == "capacity":
+            assert "dcp-capacity-eager" in row["ms"] and row["capacity_waste"] >= 1.0
+    if stage == "ceiling":  # residual groups pruned: the ideal is smaller
+        by_residual = {row["prune_residual"]: row["flops_ratio"] for row in record["results"]}
+        assert by_residual[True] < by_residual[False]
