@@ -136,11 +136,11 @@ class GraphedStep:
 
     def __call__(self, *batch: torch.Tensor) -> Any:
         if self.prop.capacity:
-            # The selection, eagerly: its host read decides the capacities, and it writes the slot
-            # vectors the captured step reads in place (their storage holds while a capacity does).
-            with torch.cuda.stream(self._stream):
-                self.prop.step()
-                self.prop.refresh_indices()
+            # The selection, eagerly, on the stream replays run on (ordered after the previous step,
+            # before the next): its host read decides the capacities, and it writes the slot vectors
+            # the captured step reads in place (their storage holds while a capacity does).
+            self.prop.step()
+            self.prop.refresh_indices()
         constants = self._constants()
         if self._key is not None and self._key[0] != constants:
             self._graph, self._key = None, None

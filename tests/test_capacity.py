@@ -283,20 +283,11 @@ def test_graphed_capacity_step_with_a_stand_in_graph(monkeypatch):
     the real capture runs on a GPU, benchmarks/gpu_check.sh). The selection runs eagerly before every
     call; a capacity change or the end of exploration is a new capture after one eager step; every
     call trains on its batch once: training equals the eager capacity step's, bit for bit."""
-    import contextlib
-
-    from test_static_shapes import _batches, _FakeCapture, _FakeGraph, _graphable_step, _NoStream
+    from test_static_shapes import _batches, _FakeGraph, _graphable_step, stand_in_cuda_graphs
 
     from dcp_kernels import cuda_graphs
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: _NoStream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    stand_in_cuda_graphs(monkeypatch)
 
     torch.manual_seed(0)
     base = BranchConcat()  # a concat reader and a flatten head: derived index vectors
@@ -368,32 +359,9 @@ def test_cuda_graph_replays_the_eager_capacity_steps(name):
     """A captured and replayed capacity step trains like the eager one (selections, weights, BN
     statistics, utilities), across the end of exploration and capacity changes. GPU only
     (benchmarks/gpu_check.sh); fp32 without TF32 (conftest)."""
-    from test_static_shapes import _batches, _graphable_step
-
-    from dcp_kernels.cuda_graphs import GraphedStep
+    from test_static_shapes import graphed_against_eager
 
     make, kwargs = MODELS[name]
-    torch.manual_seed(0)
-    base = make().cuda()
-    models = [copy.deepcopy(base).train() for _ in range(2)]
-    props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, backend="torch", static_shapes=True,
-                                 capacity_multiple=4, **kwargs) for m in models]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) for m in models]
-    eager = _graphable_step(models[0], opts[0])
-    graphed = GraphedStep(_graphable_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=2)
-    for step, (x, y) in enumerate(_batches(14, 16, "cuda")):
-        opts[0].zero_grad(set_to_none=True)
-        want, _ = eager(x, y)
-        got, _ = graphed(x, y)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        assert torch.equal(torch.cat([l.selected for l in props[0].layers]),
-                           torch.cat([l.selected for l in props[1].layers])), f"step {step}"
-        if step == 3:
-            for prop in props:
-                prop.epoch_end()
+    graphed, _ = graphed_against_eager(
+        make, dict(backend="torch", static_shapes=True, capacity_multiple=4, **kwargs), 14, atol=1e-5)
     assert graphed.captures >= 2 and graphed.replays >= 6, (graphed.captures, graphed.replays)
-    for (key, want), got in zip(models[0].state_dict().items(), models[1].state_dict().values()):
-        if want.is_floating_point():
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
-        else:
-            assert torch.equal(got, want), key

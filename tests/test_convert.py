@@ -409,7 +409,8 @@ def test_finalize_keeps_the_trained_selection_or_selects_when_exploring():
 # activation through the fp32 BN affine, a bf16 gradient: it once refused them, found on an H200).
 # The Triton kernels' bf16 arithmetic has its own test (test_triton.py): their different summation
 # order moves individual utilities by up to ~15% after a few bf16 steps.
-@pytest.mark.parametrize("backend", [b for b in ("torch", "extension") if b in fast_backends("cpu")])
+@pytest.mark.parametrize("backend", [b for b in ("torch", "extension") if b in fast_backends("cpu")]
+                         + ["torch-capacity"])
 def test_bf16_autocast_matches_the_reference(backend):
     """CPU bf16 autocast: the fast path computes in bf16 like autocast's conv, utilities stay fp32.
 
@@ -419,15 +420,24 @@ def test_bf16_autocast_matches_the_reference(backend):
     value: logits <= 5.6e-3, utilities <= 6.5e-3, gradients <= 8.2e-2 (the first layers), selections
     identical. Tolerances: 0.02, 0.05, 0.2. With model seed 2 a near-tie resolves differently in
     bf16 (both backends the same way) and the tensors then differ by whole channels (28% of the
-    logits): a seed-dependent tie, not a tolerance to widen, hence the fixed seed 0."""
+    logits): a seed-dependent tie, not a tolerance to widen, hence the fixed seed 0.
+
+    ``torch-capacity``: capacity widths (``static_shapes=True``) with channels_last tensors, how a GPU
+    run trains them (benchmarks/gpu_check.sh); the same tolerances hold."""
     torch.manual_seed(0)
+    capacity = backend == "torch-capacity"
     ref_model = small_vgg()
     fast_model = copy.deepcopy(ref_model)
+    if capacity:
+        ref_model, fast_model = (m.to(memory_format=torch.channels_last) for m in (ref_model, fast_model))
     ref = dcp_kernels.convert(ref_model, 0.5, explore_epochs=1, backend="reference")
-    fast = dcp_kernels.convert(fast_model, 0.5, explore_epochs=1, backend=backend)
+    fast = dcp_kernels.convert(fast_model, 0.5, explore_epochs=1, backend="torch" if capacity else backend,
+                               static_shapes=capacity, capacity_multiple=4)
     g = torch.Generator().manual_seed(0)
     for step in range(4):
         x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
+        if capacity:
+            x = x.contiguous(memory_format=torch.channels_last)
         outs = []
         for model in (ref_model, fast_model):
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -448,6 +458,8 @@ def test_bf16_autocast_matches_the_reference(backend):
     assert seen == [torch.bfloat16]
     agree = torch.cat([a.selected == b.selected for a, b in zip(ref.layers, fast.layers)]).float().mean()
     assert agree >= 0.9  # bf16 rounding may flip near-ties (measured: none flipped)
+    if capacity:
+        assert fast.capacity_waste() > 1.0, "padding slots must have run"
     for (name, p), q in zip(ref_model.named_parameters(), fast_model.parameters()):
         assert q.grad.dtype == torch.float32
         _within(q.grad, p.grad, 0.2, name)

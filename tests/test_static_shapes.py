@@ -164,8 +164,8 @@ def test_static_shapes_state_follows_selection_writes_and_state_dicts():
 
 
 def test_static_shapes_refuses_what_it_cannot_run():
-    with pytest.raises(ValueError, match="static_shapes=True needs backend='triton'"):
-        dcp_kernels.convert(small_vgg(), 0.5, backend="torch", static_shapes=True)
+    with pytest.raises(ValueError, match="static_shapes=True needs backend='torch' .capacity widths. or 'triton'"):
+        dcp_kernels.convert(small_vgg(), 0.5, backend="reference", static_shapes=True)
     grouped = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                             nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
@@ -196,17 +196,25 @@ def test_cuda_graph_replays_the_eager_steps():
     """A captured and replayed step trains exactly like the eager one (selections, weights, BN
     statistics, utilities), across a re-capture when exploration ends and one when the learning rate
     changes. Runs on a GPU (benchmarks/gpu_check.sh)."""
+    graphed, _ = graphed_against_eager(small_vgg, dict(backend="triton", static_shapes=True), 12,
+                                           lr_change_at=7, atol=1e-6)
+    assert graphed.captures == 3 and graphed.replays >= 6, (graphed.captures, graphed.replays)
+
+
+def graphed_against_eager(make, convert_kwargs, steps, *, lr_change_at=None, atol=1e-6):
+    """Train two copies of ``make()`` on CUDA, one eagerly, one through GraphedStep (``warmup=2``),
+    exploration ending after step 3 and the learning rate changing at ``lr_change_at``: losses and
+    selections equal at every step, the state dicts at the end. Returns (GraphedStep, controllers)."""
     from dcp_kernels.cuda_graphs import GraphedStep
 
     torch.manual_seed(0)
-    base = small_vgg().cuda()
+    base = make().cuda()
     models = [copy.deepcopy(base).train() for _ in range(2)]
-    props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, backend="triton", static_shapes=True) for m in models]
+    props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, **convert_kwargs) for m in models]
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) for m in models]
-
     eager = _graphable_step(models[0], opts[0])
     graphed = GraphedStep(_graphable_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=2)
-    for step, (x, y) in enumerate(_batches(12, 16, "cuda")):
+    for step, (x, y) in enumerate(_batches(steps, 16, "cuda")):
         opts[0].zero_grad(set_to_none=True)
         want, _ = eager(x, y)
         got, _ = graphed(x, y)
@@ -216,16 +224,16 @@ def test_cuda_graph_replays_the_eager_steps():
         if step == 3:
             for prop in props:
                 prop.epoch_end()
-        if step == 7:
+        if step == lr_change_at:
             for opt in opts:
                 opt.param_groups[0]["lr"] = 0.02
-    assert graphed.captures == 3 and graphed.replays >= 6, (graphed.captures, graphed.replays)
     assert props[0].steps == props[1].steps
     for (key, want), got in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         if want.is_floating_point():
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
         else:
             assert torch.equal(got, want), key
+    return graphed, props
 
 
 class _FakeGraph:
@@ -271,6 +279,19 @@ class _NoStream:
         pass
 
 
+def stand_in_cuda_graphs(monkeypatch) -> None:
+    """torch.cuda as GraphedStep uses it, on the CPU: streams that do nothing, _FakeGraph and
+    _FakeCapture for the graph (set ``_FakeGraph.graphed`` to the GraphedStep under test)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: _NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+
+
 @needs_cpu_triton
 def test_graphed_step_bookkeeping_with_a_stand_in_graph(monkeypatch):
     """GraphedStep's own logic, on the CPU with a stand-in for the CUDA graph (what a capture and a
@@ -281,13 +302,7 @@ def test_graphed_step_bookkeeping_with_a_stand_in_graph(monkeypatch):
     training, and the controller counts every step."""
     from dcp_kernels import cuda_graphs
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: _NoStream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    stand_in_cuda_graphs(monkeypatch)
 
     torch.manual_seed(0)
     base = DepthwiseNet()
