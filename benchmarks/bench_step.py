@@ -218,9 +218,11 @@ def _skip_reason(name, variant, device):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name, ratio", CASES)
-def test_training_step(benchmark, quick, device, dtype, compiled, timed, name, ratio, variant):
+def test_training_step(benchmark, quick, device, dtype, compiled, timed, only_variants, name, ratio, variant):
     """Each variant timed on its own (readable in pytest-benchmark's table; sensitive to drift)."""
     reason = _skip_reason(name, variant, device)
+    if only_variants is not None and variant not in only_variants:
+        reason = "not among --variants"
     if reason:
         pytest.skip(reason)
     _, batch, size = ALL_NETWORKS[name]
@@ -240,7 +242,7 @@ def test_training_step(benchmark, quick, device, dtype, compiled, timed, name, r
 
 
 @pytest.mark.parametrize("name, ratio", CASES)
-def test_training_step_interleaved(benchmark, quick, device, dtype, compiled, timed, name, ratio):
+def test_training_step_interleaved(benchmark, quick, device, dtype, compiled, timed, only_variants, name, ratio):
     """All variants of a group in turn: one round = one step of each. The per-variant medians over
     the rounds (``extra_info["interleaved"]``, seconds) are what ``report.py`` computes ratios from:
     a shared machine's slow spells then hit every variant alike."""
@@ -251,7 +253,8 @@ def test_training_step_interleaved(benchmark, quick, device, dtype, compiled, ti
     amp_dtype, channels_last = _precision(dtype)
     x, y = _batch(batch, size, device, 4, channels_last)
     steps, widths = {}, {}
-    variants = [v for v in VARIANTS if _skip_reason(name, v, device) is None]
+    variants = [v for v in VARIANTS if _skip_reason(name, v, device) is None
+                and (only_variants is None or v in only_variants)]
     for variant in variants:
         model, prop = _variant_model(name, ratio, variant, device, dtype)
         model.train()

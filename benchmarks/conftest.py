@@ -29,6 +29,8 @@ def pytest_addoption(parser):
     parser.addoption("--compile", action="store_true",
                      help="step benchmarks: every variant's model runs under torch.compile (inductor; compiled "
                           "in the warm-up rounds), to compare compiled DCP with compiled dense and ideal")
+    parser.addoption("--variants", default=None,
+                     help="step benchmarks: only these variants, comma-separated (e.g. dense,torch,ideal)")
     parser.addoption("--channels-last", action="store_true",
                      help="op benchmarks: activations and weights in channels_last (how GPU users train)")
     parser.addoption("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
@@ -75,6 +77,13 @@ def device(request) -> torch.device:
 @pytest.fixture
 def dtype(request) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[request.config.getoption("--dtype")]
+
+
+@pytest.fixture
+def only_variants(request) -> set[str] | None:
+    """``--variants``: the variants a step benchmark runs (None: all it can)."""
+    value = request.config.getoption("--variants")
+    return None if value is None else {v.strip() for v in value.split(",") if v.strip()}
 
 
 @pytest.fixture

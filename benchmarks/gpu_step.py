@@ -61,7 +61,14 @@ def _graphed_plain(model, x, y, amp_dtype):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
         body(x, y)
-    return graph.replay
+
+    def replay():
+        graph.replay()
+
+    # A graph holds no reference to the tensors it reads and writes: keep the model, its optimizer
+    # (momentum buffers) and the inputs alive as long as the replay is, or their memory gets reused.
+    replay.keep_alive = (model, opt, x, y)
+    return replay
 
 
 def _eager_plain(model, x, y, amp_dtype):
@@ -97,11 +104,14 @@ def _dcp(args, device, amp_dtype, *, prune_residual: bool, round_to: int, static
                                example_inputs=(torch.randn(2, 3, args.size, args.size, device=device),))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     step = _plain_step(model.train(), opt, amp_dtype)
+    # Exact widths change from step to step: cuDNN's search would run for each (and fill its cache).
+    torch.backends.cudnn.benchmark = static
     for seed in range(5):
         if seed == 2:
             prop.epoch_end()
         opt.zero_grad(set_to_none=True)
         step(*_batch(args.batch, args.size, device, seed, True))
+    torch.backends.cudnn.benchmark = True
     return model, prop
 
 
@@ -128,29 +138,35 @@ def _interleaved(steps: dict, rounds: int, device: torch.device) -> dict[str, fl
     return {v: statistics.median(t) for v, t in samples.items()}
 
 
-def _dense_and_ideal(args, device, amp_dtype, x, y, ideal, captured: bool) -> dict:
-    torch.manual_seed(0)
-    dense = _model(args.model).to(device).to(memory_format=torch.channels_last).train()
-    ideal = ideal.train()
-    steps = {"dense-eager": _eager_plain(dense, x, y, amp_dtype), "ideal-eager": _eager_plain(ideal, x, y, amp_dtype)}
+def _plain_steps(name: str, model, x, y, amp_dtype, captured: bool) -> dict:
+    """``name``-eager and, on a GPU, ``name``-captured steps of a plain network."""
+    model = model.train()
+    steps = {f"{name}-eager": _eager_plain(model, x, y, amp_dtype)}
     if captured:
-        steps["dense-captured"] = _graphed_plain(copy.deepcopy(dense), x, y, amp_dtype)
-        steps["ideal-captured"] = _graphed_plain(copy.deepcopy(ideal), x, y, amp_dtype)
+        steps[f"{name}-captured"] = _graphed_plain(copy.deepcopy(model), x, y, amp_dtype)
     return steps
 
 
-def ceiling(args, device, amp_dtype, captured: bool) -> list[dict]:
+def _dense_steps(args, device, amp_dtype, x, y, captured: bool) -> dict:
+    torch.manual_seed(0)
+    dense = _model(args.model).to(device).to(memory_format=torch.channels_last)
+    return _plain_steps("dense", dense, x, y, amp_dtype, captured)
+
+
+def ceiling(args, device, amp_dtype, captured: bool, save) -> list[dict]:
     x, y = _batch(args.batch, args.size, device, 99, True)
+    dense_steps = _dense_steps(args, device, amp_dtype, x, y, captured)  # built once, timed in every round
     results = []
     for prune_residual in (False, True):
         for round_to in args.round_to:
             _, prop = _dcp(args, device, amp_dtype, prune_residual=prune_residual, round_to=round_to, static=False)
             ideal = copy.deepcopy(prop.finalize())
-            steps = _dense_and_ideal(args, device, amp_dtype, x, y, ideal, captured)
+            steps = {**dense_steps, **_plain_steps("ideal", ideal, x, y, amp_dtype, captured)}
             ms = _interleaved(steps, args.rounds, device)
             row = {"prune_residual": prune_residual, "round_to": round_to, "ms": ms, **_widths(prop),
                    "params_ideal": sum(p.numel() for p in ideal.parameters())}
             results.append(row)
+            save(results)
             ratios = {k.split("-")[1]: ms[f"ideal-{k.split('-')[1]}"] / ms[k] for k in ms if k.startswith("dense")}
             print(f"ceiling prune_residual={prune_residual} round_to={round_to}: FLOPs {row['flops_ratio']:.2f}, "
                   + ", ".join(f"{k} dense {ms['dense-' + k]:.1f} ms ideal {ms['ideal-' + k]:.1f} ms "
@@ -161,11 +177,12 @@ def ceiling(args, device, amp_dtype, captured: bool) -> list[dict]:
     return results
 
 
-def capacity(args, device, amp_dtype, captured: bool) -> list[dict]:
+def capacity(args, device, amp_dtype, captured: bool, save) -> list[dict]:
     x, y = _batch(args.batch, args.size, device, 99, True)
     model, prop = _dcp(args, device, amp_dtype, prune_residual=True, round_to=1, static=True)
     ideal = copy.deepcopy(prop.finalize())
-    steps = _dense_and_ideal(args, device, amp_dtype, x, y, ideal, captured)
+    steps = {**_dense_steps(args, device, amp_dtype, x, y, captured),
+             **_plain_steps("ideal", ideal, x, y, amp_dtype, captured)}
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     body = _plain_step(model, opt, amp_dtype)
 
@@ -188,6 +205,7 @@ def capacity(args, device, amp_dtype, captured: bool) -> list[dict]:
            **_widths(prop), "capacity_changes": prop.capacity_changes}
     if graphed is not None:
         row.update(captures=graphed.captures, replays=graphed.replays)
+    save([row])
     print("capacity: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
           + f"; waste {prop.capacity_waste():.3f}, FLOPs {row['flops_ratio']:.2f}", flush=True)
     if args.profile and graphed is not None:
@@ -220,18 +238,23 @@ def main(argv=None) -> None:
     args.size = args.size or (224 if gpu else 32)
     args.rounds = args.rounds or (15 if gpu else 1)
     amp_dtype = torch.bfloat16 if gpu else None  # the CPU smoke run: fp32
-    run = ceiling if args.stage == "ceiling" else capacity
-    results = run(args, device, amp_dtype, captured=gpu)
     record = {
         "stage": args.stage, "date": datetime.date.today().isoformat(), "device": str(device),
         "card": torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
         "model": args.model, "batch": args.batch, "size": args.size, "prune_ratio": args.ratio,
-        "precision": "bf16-autocast-channels_last" if gpu else "fp32-channels_last", "results": results,
+        "precision": "bf16-autocast-channels_last" if gpu else "fp32-channels_last", "results": [],
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+
+    def save(results: list[dict]) -> None:
+        """Written after every configuration: a run cut short keeps what it measured."""
+        record["results"] = results
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(record, f, indent=1)
+
+    run = ceiling if args.stage == "ceiling" else capacity
+    run(args, device, amp_dtype, captured=gpu, save=save)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class GraphedStep:
             raise ValueError(f"GraphedStep: BatchNorm momentum=None (cumulative average) reads the batch count on the "
                              f"host every step ({', '.join(cumulative[:3])}); set a float momentum")
         self.step_fn, self.model, self.prop, self.optimizer = step_fn, model, prop, optimizer
+        prop.slots_in_place = True  # capacity widths: a graph reads the slot vectors it was captured with
         self.warmup = warmup
         self.captures = 0  # how many times the step was captured (tests, logs)
         self.replays = 0

@@ -110,6 +110,11 @@ class Propagation:
         self._slot_buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.groups)
         # Selecting steps at which some capacity changed (each starts a new set of shapes).
         self.capacity_changes = 0
+        # Write the slot vectors in place while a capacity holds (GraphedStep sets it: a captured
+        # graph reads the tensors it was captured with). Off, every selection makes fresh ones, so
+        # the tensors a forward saved for its backward stay valid across a later selection (two
+        # forwards before one backward).
+        self.slots_in_place = False
         # Every layer's backward leaves its utility measurement here; one update for all at the end.
         self.utility_updates = UtilityUpdates(self.layers)
         for slot, layer in enumerate(self.layers):
@@ -247,6 +252,9 @@ class Propagation:
         from . import ops
 
         ops.resolve_backend(backend)  # a misspelt name fails before anything changes
+        if self.static_shapes and backend not in ("torch", "auto", "triton"):
+            raise ValueError(f"static shapes run on backend 'torch' (capacity widths) or 'triton' (full width), "
+                             f"not {backend!r}: call prop.set_static_shapes(False) first")
         self.backend_fallbacks = {}
         for layer in self._all_dcp_layers():
             # Only layers that run a compact grouped conv (a dense one is plain F.conv2d anywhere).
@@ -261,6 +269,8 @@ class Propagation:
             listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             warnings.warn(f"backend {backend!r} has no grouped-conv kernel: {len(names)} grouped conv(s) run on "
                           f"'torch' instead ({listed}; prop.report() marks them)", stacklevel=2)
+        if self.static_shapes:  # the static-shape step follows the backend: capacity widths or full width
+            self.set_static_shapes(True)
 
     def set_static_shapes(self, enabled: bool = True) -> None:
         """Run every step with static shapes (``True``) or with compact tensors (``False``, the default).
@@ -301,11 +311,12 @@ class Propagation:
             layer.static_shapes = enabled and not capacity
             if enabled and not capacity and isinstance(layer, DCPConv2d) and layer.prunable:
                 layer._refresh_kept()
+        if capacity != self.capacity:  # a new mode starts without capacities (a backend switch keeps them)
+            self._capacities = [None] * len(self.groups)
+            self._peaks = [0] * len(self.groups)
+            self._slot_buffers = [None] * len(self.groups)
         self.static_shapes = enabled
         self.capacity = capacity
-        self._capacities = [None] * len(self.groups)
-        self._peaks = [0] * len(self.groups)
-        self._slot_buffers = [None] * len(self.groups)
         self._written = None  # the next select() writes every layer's state in the new form
 
     @property
@@ -397,8 +408,9 @@ class Propagation:
     def _write_capacity(self, mask: torch.Tensor) -> None:
         """Write the selection ``mask`` and every group's capacity slots (one host read: the counts).
 
-        A group's slot buffers (indices, selected, scale) keep their storage while its capacity
-        holds, so the tensors every step reads are the same objects (what a captured graph needs)."""
+        With :attr:`slots_in_place` a group's slot buffers (indices, selected, scale) keep their
+        storage while its capacity holds, so the tensors every step reads are the same objects (what
+        a captured graph needs)."""
         indices, selected, counts = self._rule.capacity_indices(mask, self._fit_capacities)
         parts = torch.split(mask, self._group_sizes())
         masks = [self.layers[i].selected for members in self.groups for i in members]
@@ -407,8 +419,8 @@ class Propagation:
         caps = [int(c) for c in self._capacities]
         fresh = (selected, selected.float())  # the float scale in one op for all groups
         sources = [list(indices), list(torch.split(fresh[0], caps)), list(torch.split(fresh[1], caps))]
-        reuse = [g for g, buf in enumerate(self._slot_buffers)
-                 if buf is not None and buf[0].numel() == caps[g] and buf[0].device == mask.device]
+        reuse = [g for g, buf in enumerate(self._slot_buffers) if self.slots_in_place and buf is not None
+                 and buf[0].numel() == caps[g] and buf[0].device == mask.device]
         if reuse:
             for k in range(3):
                 torch._foreach_copy_([self._slot_buffers[g][k] for g in reuse], [sources[k][g] for g in reuse])
@@ -505,6 +517,7 @@ class Propagation:
             self._dcp_layers = self._all_dcp_layers()
         for holder in self._index_holders:
             holder.selected_indices()
+            holder.slot_scale()  # capacity slots: stale ones are dropped here, eagerly, not under compile
         # The all-channel index vectors the compiled forward looks up: created here, eagerly, so a
         # first use inside torch.compile's trace does not guard on a cache that is about to change.
         from .ops.layer import _all_channels
@@ -619,6 +632,7 @@ class Propagation:
             "round_to": self.round_to,
             "capacity_multiple": self.capacity_multiple,
             "capacities": list(self._capacities),
+            "capacity_peaks": list(self._peaks),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -648,6 +662,9 @@ class Propagation:
         if caps is not None and len(caps) == len(self.groups):
             # A resumed run starts at the shapes it stopped with (no recompile, no new graph).
             self._capacities = [None if c is None else int(c) for c in caps]
+            peaks = state.get("capacity_peaks")
+            if peaks is not None and len(peaks) == len(self.groups):
+                self._peaks = [int(p) for p in peaks]
         self._apply_decay()
 
     # ----------------------------------------------------------------------------- the end

@@ -47,7 +47,7 @@ MODELS = {
 }
 
 
-def _train(model, prop, steps, size=12, batch=6, explore_steps=1, epoch_every=None, seed=0):
+def _train(model, prop, steps, size=12, batch=6, explore_steps=1, epoch_every=None, seed=0, device="cpu"):
     """(loss, utilities, selection, capacities) after every step; ``epoch_every``: call epoch_end
     every that many selecting steps too (capacities shrink there)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
@@ -55,8 +55,8 @@ def _train(model, prop, steps, size=12, batch=6, explore_steps=1, epoch_every=No
     record = []
     model.train()
     for step in range(steps):
-        x = torch.randn(batch, 3, size, size, generator=g)
-        y = torch.randint(0, 5, (batch,), generator=g)
+        x = torch.randn(batch, 3, size, size, generator=g).to(device)
+        y = torch.randint(0, 5, (batch,), generator=g).to(device)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -69,20 +69,22 @@ def _train(model, prop, steps, size=12, batch=6, explore_steps=1, epoch_every=No
     return record
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_capacity_step_trains_like_the_reference(name):
+@pytest.mark.parametrize("name, device", [pytest.param(n, "cpu", id=n) for n in MODELS] + [
+    pytest.param(n, "cuda", id=f"{n}-cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA"))
+    for n in ("vgg", "resnet")])
+def test_capacity_step_trains_like_the_reference(name, device):
     """21 selecting steps (an epoch end every 7: capacities shrink there and grow again after).
     Tolerance: fp32 values of O(1), sums in another order; measured at most 2e-6 of the scale."""
     make, kwargs = MODELS[name]
     torch.manual_seed(0)
-    ref_model = make()
+    ref_model = make().to(device)
     cap_model = copy.deepcopy(ref_model)
     ref = dcp_kernels.convert(ref_model, 0.5, explore_epochs=1, backend="reference", **kwargs)
     cap = dcp_kernels.convert(cap_model, 0.5, explore_epochs=1, backend="torch", static_shapes=True,
                               capacity_multiple=4, **kwargs)
     assert cap.capacity
-    want = _train(ref_model, ref, 22, epoch_every=7)
-    got = _train(cap_model, cap, 22, epoch_every=7)
+    want = _train(ref_model, ref, 22, epoch_every=7, device=device)
+    got = _train(cap_model, cap, 22, epoch_every=7, device=device)
     for step, ((l_w, u_w, s_w, _), (l_g, u_g, s_g, caps)) in enumerate(zip(want, got)):
         assert torch.equal(s_g, s_w), f"selection differs at step {step}"
         assert_close_to_scale(l_g, l_w, 1e-5)
@@ -322,13 +324,14 @@ def test_graphed_capacity_step_with_a_stand_in_graph(monkeypatch):
 
 
 def test_selection_writes_slot_vectors_in_place_while_capacities_hold():
-    """What a captured capacity step needs: every selection with unchanged capacities writes the
-    same slot tensors (same storage), and the derived ones (a concat's) are built afresh while a
-    graph is being captured."""
+    """What a captured capacity step needs (``slots_in_place``, set by GraphedStep): every selection
+    with unchanged capacities writes the same slot tensors (same storage), and the derived ones (a
+    concat's) are built afresh while a graph is being captured."""
     torch.manual_seed(0)
     model = BranchConcat()
     prop = dcp_kernels.convert(model, 0.5, explore_epochs=1, backend="torch", static_shapes=True,
                                prune_residual=True, capacity_multiple=16)
+    prop.slots_in_place = True  # as GraphedStep sets it
     record = _train(model, prop, 6, size=8, batch=4)
     pointers = [(l.selected_indices().data_ptr(), l.slot_state().scale.data_ptr()) for l in prop.layers]
     caps = prop.capacities()
@@ -365,3 +368,24 @@ def test_cuda_graph_replays_the_eager_capacity_steps(name):
     graphed, _ = graphed_against_eager(
         make, dict(backend="torch", static_shapes=True, capacity_multiple=4, **kwargs), 14, atol=1e-5)
     assert graphed.captures >= 2 and graphed.replays >= 6, (graphed.captures, graphed.replays)
+
+
+def test_two_forwards_before_one_backward():
+    """Without ``slots_in_place`` (the default) each selection makes fresh slot vectors, so tensors a
+    forward saved stay valid when a second training forward selects again before the backward (two
+    augmented views, one loss); the gradients equal the exact path's."""
+    torch.manual_seed(0)
+    exact_model = small_vgg()
+    cap_model = copy.deepcopy(exact_model)
+    props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, backend="torch", static_shapes=static)
+             for m, static in ((exact_model, False), (cap_model, True))]
+    _train(exact_model, props[0], 4)
+    _train(cap_model, props[1], 4)
+    g = torch.Generator().manual_seed(7)
+    views = [torch.randn(4, 3, 12, 12, generator=g) for _ in range(2)]
+    y = torch.randint(0, 5, (4,), generator=g)
+    for model in (exact_model, cap_model):
+        model.zero_grad()
+        sum(F.cross_entropy(model(v), y) for v in views).backward()
+    for (name, p), q in zip(exact_model.named_parameters(), cap_model.parameters()):
+        assert_close_to_scale(q.grad, p.grad, 1e-5), name

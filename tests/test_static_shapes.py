@@ -174,7 +174,12 @@ def test_static_shapes_refuses_what_it_cannot_run():
     assert not any(isinstance(m, dcp_kernels.DCPConv2d) for m in grouped.modules()), "refused: left untouched"
     model = small_vgg()
     prop = dcp_kernels.convert(model, 0.5, backend="triton", static_shapes=True)
-    prop.set_backend("torch")
+    with pytest.raises(ValueError, match="static shapes run on backend 'torch' .capacity widths. or 'triton'"):
+        prop.set_backend("reference")
+    assert not prop.capacity and all(layer.backend == "triton" for layer in prop.layers), "refused: unchanged"
+    prop.set_backend("torch")  # the static step follows: capacity widths
+    assert prop.capacity and prop.static_shapes and not any(layer.static_shapes for layer in prop.layers)
+    prop.layers[0].static_shapes = True  # a layer left on the full-width step by hand
     with pytest.raises(RuntimeError, match="static_shapes needs backend 'triton'"):
         model.train()(torch.randn(2, 3, 8, 8))
 

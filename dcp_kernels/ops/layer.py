@@ -127,7 +127,11 @@ def _affine_channel_utility(y: torch.Tensor, g: torch.Tensor, scale: torch.Tenso
     both are contiguous float32; measured on the CPU 2-6x faster than recomputing BN's output and
     reducing ``g * a`` (ResNet-50 and CIFAR shapes), equal up to float rounding (2e-7 relative)."""
     batch, channels = y.shape[:2]
-    if y.dtype == g.dtype == torch.float32 and y.is_contiguous() and g.is_contiguous():
+    # bmm only where it runs in full fp32: with TF32 (or bf16) matmuls allowed, the two sums' rounding
+    # would not cancel well in scale * gy + shift * g_sum.
+    full_fp32 = torch.get_float32_matmul_precision() == "highest" and not (
+        y.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    if full_fp32 and y.dtype == g.dtype == torch.float32 and y.is_contiguous() and g.is_contiguous():
         gy = torch.bmm(g.view(batch * channels, 1, -1), y.view(batch * channels, -1, 1)).view(batch, channels)
     else:  # channels_last or low precision: the product in float32, as reference.channel_utility
         gy = (g.float() * y.float()).sum(dim=(2, 3))
@@ -206,7 +210,7 @@ def _bn_gate_forward_slots(y_c, weight, bias, stats, out_idx, channels, momentum
     running statistics are written back unchanged (the reference updates selected channels only)."""
     vectors = torch.stack([weight, bias, *stats] if stats is not None else [weight, bias])
     picked = vectors if full else vectors.index_select(1, out_idx)
-    affine = picked[:2] * slots.scale
+    affine = picked[:2] * slots.scale.to(picked.dtype)  # float32 scale: keep bf16/fp16 parameters' dtype
     w_c, b_c = affine[0], affine[1]
     rm_c = rv_c = None
     if stats is not None:
@@ -238,7 +242,7 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
     grad_w = grad_b = None
     if need_w or need_b:
         if slot_scale is not None:  # capacity widths: the padding slots' affine was zeroed in forward
-            both_c = torch.stack([grad_w_c, grad_b_c]) * slot_scale
+            both_c = torch.stack([grad_w_c, grad_b_c]) * slot_scale.to(grad_w_c.dtype)
             grad_w_c, grad_b_c = both_c[0], both_c[1]
         if full:
             grad_w, grad_b = grad_w_c, grad_b_c
