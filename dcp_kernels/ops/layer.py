@@ -120,6 +120,12 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
         row.index_copy_(0, idx, v)
 
 
+@torch.compiler.assume_constant_result  # a settings read, constant within a compiled graph (no graph break)
+def _matmul_in_full_fp32(cuda: bool) -> bool:
+    """Whether float32 matrix products run in full fp32 (no TF32 or bf16 passes) on CUDA / the CPU."""
+    return torch.get_float32_matmul_precision() == "highest" and not (cuda and torch.backends.cuda.matmul.allow_tf32)
+
+
 def _affine_channel_utility(y: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``sum_b |sum_hw g * (y * scale + shift)|`` per channel, float32, without forming the BN
     output: ``sum_hw g * a = scale * sum_hw g * y + shift * sum_hw g``. The first sum is a batched dot
@@ -129,9 +135,8 @@ def _affine_channel_utility(y: torch.Tensor, g: torch.Tensor, scale: torch.Tenso
     batch, channels = y.shape[:2]
     # bmm only where it runs in full fp32: with TF32 (or bf16) matmuls allowed, the two sums' rounding
     # would not cancel well in scale * gy + shift * g_sum.
-    full_fp32 = torch.get_float32_matmul_precision() == "highest" and not (
-        y.is_cuda and torch.backends.cuda.matmul.allow_tf32)
-    if full_fp32 and y.dtype == g.dtype == torch.float32 and y.is_contiguous() and g.is_contiguous():
+    if (_matmul_in_full_fp32(y.is_cuda) and y.dtype == g.dtype == torch.float32 and y.is_contiguous()
+            and g.is_contiguous()):
         gy = torch.bmm(g.view(batch * channels, 1, -1), y.view(batch * channels, -1, 1)).view(batch, channels)
     else:  # channels_last or low precision: the product in float32, as reference.channel_utility
         gy = (g.float() * y.float()).sum(dim=(2, 3))
