@@ -426,7 +426,10 @@ class Propagation:
                 torch._foreach_copy_([self._slot_buffers[g][k] for g in reuse], [sources[k][g] for g in reuse])
         for g in range(len(self.groups)):
             if g not in reuse:
-                self._slot_buffers[g] = tuple(sources[k][g].clone() for k in range(3))
+                # Views of this selection's fresh tensors; storage of their own only where they will
+                # be written in place (a view's base would keep the other groups' slots alive).
+                self._slot_buffers[g] = tuple(sources[k][g].clone() if self.slots_in_place else sources[k][g]
+                                              for k in range(3))
         for g, members in enumerate(self.groups):
             idx, sel, scale = self._slot_buffers[g]
             for i in members:
