@@ -238,7 +238,7 @@ def test_launches_per_step_stay_bounded(name, bound):
     bounds keep the counts from creeping back up.
 
     ``-capacity``: capacity widths (``static_shapes=True``), a step meant to be captured in a CUDA
-    graph (one launch per replay): 467 (4.03x) on VGG-16, 211 (3.91x) on the test VGG. About 7 ops per
+    graph (one launch per replay): 464 (4.00x) on VGG-16, 208 (3.85x) on the test VGG. About 7 ops per
     layer more than the exact step: the padding's weight columns zeroed (forward and gradient), the BN
     affine of padding slots zeroed (and its gradient), the running statistics kept (a copy and a select)."""
     make, batch, size = MODELS["vgg"], 4, 16
