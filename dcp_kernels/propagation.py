@@ -393,17 +393,20 @@ class Propagation:
             self._write_capacity(mask)
             return
         indices, counts = self._rule.indices(mask)
-        parts = torch.split(mask, self._group_sizes())
-        targets = [(self.layers[i], part, idx) for members, part, idx in zip(self.groups, parts, indices)
-                   for i in members]
-        # One multi-tensor copy writes every layer's mask (a per-layer copy_ is one launch each).
-        masks = [layer.selected for layer, _, _ in targets]
-        torch._foreach_copy_(masks, [part for _, part, _ in targets])
-        _mark_written(masks)
-        for layer, _, idx in targets:
-            layer._adopt_indices(idx)
+        self._write_masks(mask)
+        for members, idx in zip(self.groups, indices):
+            for i in members:
+                self.layers[i]._adopt_indices(idx)
         self._written = ("selected", self._write_versions())
         self._counts = counts
+
+    def _write_masks(self, mask: torch.Tensor) -> None:
+        """Write the network-wide selection ``mask`` into every layer's ``selected`` (a coupled group's
+        part into each member's): one multi-tensor copy, where a per-layer ``copy_`` is one launch each."""
+        parts = torch.split(mask, self._group_sizes())
+        masks = [self.layers[i].selected for members in self.groups for i in members]
+        torch._foreach_copy_(masks, [parts[g] for g, members in enumerate(self.groups) for _ in members])
+        _mark_written(masks)
 
     def _write_capacity(self, mask: torch.Tensor) -> None:
         """Write the selection ``mask`` and every group's capacity slots (one host read: the counts).
@@ -412,13 +415,10 @@ class Propagation:
         storage while its capacity holds, so the tensors every step reads are the same objects (what
         a captured graph needs)."""
         indices, selected, counts = self._rule.capacity_indices(mask, self._fit_capacities)
-        parts = torch.split(mask, self._group_sizes())
-        masks = [self.layers[i].selected for members in self.groups for i in members]
-        torch._foreach_copy_(masks, [parts[g] for g, members in enumerate(self.groups) for _ in members])
-        _mark_written(masks)
+        self._write_masks(mask)
         caps = [int(c) for c in self._capacities]
-        fresh = (selected, selected.float())  # the float scale in one op for all groups
-        sources = [list(indices), list(torch.split(fresh[0], caps)), list(torch.split(fresh[1], caps))]
+        # (indices, selected, scale) per group; the float scale in one op for all groups.
+        sources = [list(indices), list(torch.split(selected, caps)), list(torch.split(selected.float(), caps))]
         reuse = [g for g, buf in enumerate(self._slot_buffers) if self.slots_in_place and buf is not None
                  and buf[0].numel() == caps[g] and buf[0].device == mask.device]
         if reuse:
@@ -441,18 +441,21 @@ class Propagation:
         """Capacities for this step's kept ``counts``: a group keeps its capacity while its count
         fits, and grows at once (:func:`~dcp_kernels.rule.capacity_for`) when it does not. A group
         in blocks (grouped convs: equal counts per block) always has its full width."""
-        sizes, before = self._group_sizes(), list(self._capacities)
+        before = list(self._capacities)
         for g, count in enumerate(counts):
             self._peaks[g] = max(self._peaks[g], int(count))
             cap = self._capacities[g]
-            if self.group_blocks[g] > 1:
-                cap = sizes[g]
-            elif cap is None or count > cap:
-                cap = rule.capacity_for(int(count), sizes[g], self.capacity_multiple)
-            self._capacities[g] = cap
+            if cap is None or count > cap:
+                self._capacities[g] = self._capacity_for(g, int(count))
         if before != self._capacities and None not in before:
             self.capacity_changes += 1
         return list(self._capacities)
+
+    def _capacity_for(self, g: int, count: int) -> int:
+        """Group ``g``'s capacity for ``count`` kept channels (:func:`~dcp_kernels.rule.capacity_for`);
+        its full width when it is in blocks (grouped convs: equal counts per block)."""
+        size = self.layers[self.groups[g][0]].out_channels
+        return size if self.group_blocks[g] > 1 else rule.capacity_for(count, size, self.capacity_multiple)
 
     def capacities(self) -> dict[str, int]:
         """Under capacity widths: each prunable layer's slot count (its compact tensors' width);
@@ -472,12 +475,9 @@ class Propagation:
         """Write the selection ``mask`` into every layer's ``selected``, ``kept_order`` and
         ``kept_count`` in place (one sort for all groups, three multi-tensor copies, no host read)."""
         orders, counts = self._rule.kept_first(mask)
-        parts = torch.split(mask, self._group_sizes())
+        self._write_masks(mask)
         count_parts = torch.split(counts, 1)
         targets = [(self.layers[i], g) for g, members in enumerate(self.groups) for i in members]
-        masks = [layer.selected for layer, _ in targets]
-        torch._foreach_copy_(masks, [parts[g] for _, g in targets])
-        _mark_written(masks)
         torch._foreach_copy_([layer.kept_order for layer, _ in targets], [orders[g] for _, g in targets])
         torch._foreach_copy_([layer.kept_count for layer, _ in targets], [count_parts[g] for _, g in targets])
         # kept() reads the counts when asked; nothing is read back here.
@@ -536,9 +536,8 @@ class Propagation:
         self.epoch += 1
         self._apply_decay()
         if self.capacity and None not in self._capacities and any(self._peaks):
-            sizes, before = self._group_sizes(), list(self._capacities)
-            self._capacities = [size if blocks > 1 else rule.capacity_for(peak, size, self.capacity_multiple)
-                                for peak, size, blocks in zip(self._peaks, sizes, self.group_blocks)]
+            before = list(self._capacities)
+            self._capacities = [self._capacity_for(g, peak) for g, peak in enumerate(self._peaks)]
             self._peaks = [0] * len(self.groups)
             if before != self._capacities:
                 self.capacity_changes += 1

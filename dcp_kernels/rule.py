@@ -158,6 +158,21 @@ class SelectionRule:
                 chosen = rank < width[group_sorted]
         return torch.empty_like(chosen).index_put_((order,), chosen)
 
+    def _kept_first_order(self, mask: torch.Tensor) -> tuple["_Constants", torch.Tensor, torch.Tensor]:
+        """(device constants, sort keys, channel order) of one stable sort of ``mask`` by (group,
+        unselected): every group's channels stay in their own range, the selected ones first, each
+        part in increasing order. The one sort :meth:`indices`, :meth:`kept_first` and
+        :meth:`capacity_indices` start from."""
+        c = self._device_constants(mask.device)
+        keys, order = torch.sort(torch.where(mask, c.key_selected, c.key_unselected), stable=True)
+        return c, keys, order
+
+    @staticmethod
+    def _kept_counts(c: "_Constants", keys: torch.Tensor) -> torch.Tensor:
+        """Every group's selected count, on the device: group g's selected channels end where its first
+        unselected key (2g + 1) begins."""
+        return torch.searchsorted(keys, c.first_unselected_key) - c.start
+
     def indices(self, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
         """Per group, the sorted indices of its selected channels in ``mask``, and the counts.
 
@@ -165,13 +180,11 @@ class SelectionRule:
         first, in increasing order; one host read (:func:`host_read`) of all groups' counts then
         cuts the per-group vectors out in one copy op. A ``nonzero`` per layer would sync once each.
         """
-        c = self._device_constants(mask.device)
-        keys, order = torch.sort(torch.where(mask, c.key_selected, c.key_unselected), stable=True)
+        c, keys, order = self._kept_first_order(mask)
         # The key sorts by group first, so the entries of group g occupy its own channel range:
         # subtracting the group starts (a per-position constant) gives indices within the group.
         local = order - c.start_of
-        # Selected channels of group g end where its first unselected key (2g + 1) begins.
-        counts = host_read(torch.searchsorted(keys, c.first_unselected_key) - c.start)
+        counts = host_read(self._kept_counts(c, keys))
         # Separate tensors (one copy op), not views of `local`: torch.compile treats a view's size as
         # its base's slice and would not keep the kept widths symbolic (a recompile per new width).
         parts = torch.split_with_sizes_copy(local, [n for k, s in zip(counts, self.sizes) for n in (k, s - k)])
@@ -184,10 +197,8 @@ class SelectionRule:
 
         The static-shape form of :meth:`indices` (:func:`kept_first`): the same one sort, no
         host read, and shapes that do not depend on the selection."""
-        c = self._device_constants(mask.device)
-        keys, order = torch.sort(torch.where(mask, c.key_selected, c.key_unselected), stable=True)
-        counts = (torch.searchsorted(keys, c.first_unselected_key) - c.start).to(torch.int32)
-        return list(torch.split(order - c.start_of, self.sizes)), counts
+        c, keys, order = self._kept_first_order(mask)
+        return list(torch.split(order - c.start_of, self.sizes)), self._kept_counts(c, keys).to(torch.int32)
 
 
     def capacity_indices(self, mask: torch.Tensor, capacities) -> tuple[list[torch.Tensor], torch.Tensor,
@@ -201,9 +212,8 @@ class SelectionRule:
         group's selected channels first; its first ``capacity`` entries, sorted again (one sort for
         all groups: their channel ranges are disjoint), are the slots. docs/algorithm.md, "Static
         capacity widths"."""
-        c = self._device_constants(mask.device)
-        keys, order = torch.sort(torch.where(mask, c.key_selected, c.key_unselected), stable=True)
-        counts = host_read(torch.searchsorted(keys, c.first_unselected_key) - c.start)
+        c, keys, order = self._kept_first_order(mask)
+        counts = host_read(self._kept_counts(c, keys))
         caps = [int(k) for k in capacities(counts)]
         if any(not (n <= k <= s) for n, k, s in zip(counts, caps, self.sizes)):
             raise ValueError(f"capacities {caps} must lie between the kept counts {counts} and the sizes {self.sizes}")
