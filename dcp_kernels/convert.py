@@ -72,6 +72,37 @@ def _source(segments: Sequence[Segment], analysis: ChannelAnalysis, layers: Mapp
     return ConcatSource([(layer(s), s.width) for s in segments], name=f"concat read by {name}")
 
 
+class OriginalLayoutKeys:
+    """``load_state_dict`` pre-hook of a converted model: it also loads a state dict of the original
+    model's layout (a pretrained file, an EMA copy). The BatchNorm that ``convert`` moved under its
+    conv (``layer1.0.bn1.*`` -> ``layer1.0.conv1.norm.*``) is read from its old keys; the DCP buffers
+    that such a state dict lacks keep their values (``DCPConv2d._load_from_state_dict``). A state dict
+    of the converted layout loads unchanged. A class, not a closure: ``torch.save(model)`` pickles it."""
+
+    def __init__(self, norm_homes: Mapping[str, str]) -> None:
+        self.norm_homes = dict(norm_homes)  # prunable conv -> the BatchNorm's original path
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        for producer, bn_name in self.norm_homes.items():
+            layer = module.get_submodule(producer)
+            if not isinstance(layer, DCPConv2d) or layer.norm is None:
+                continue
+            old, new = f"{prefix}{bn_name}.", f"{prefix}{producer}.norm."
+            for key in [k for k in state_dict if k.startswith(old)]:
+                if new + key[len(old):] not in state_dict:  # both layouts at once: strict loading names the extra keys
+                    state_dict[new + key[len(old):]] = state_dict.pop(key)
+
+
+def _exclude_utilities_from_ddp(model: nn.Module, prunable: Sequence[str]) -> None:
+    """Keep DDP from broadcasting rank 0's utilities at every forward (its default): the controller
+    averages them over the ranks before each selection, so every rank's data counts. DDP reads this
+    list from the module it wraps; a wrapper around the converted model needs the same names under
+    its own prefix."""
+    names = [f"{name}.utility" for name in prunable]
+    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = existing + [n for n in names if n not in existing]
+
+
 def convert(
     model: nn.Module,
     prune_ratio: float = 0.5,
@@ -210,6 +241,8 @@ def convert(
     for bn_name in plan.norm_homes.values():
         set_submodule(model, bn_name, nn.Identity())
     prop.attach(model)
+    prop._layout_hook = model.register_load_state_dict_pre_hook(OriginalLayoutKeys(plan.norm_homes))
+    _exclude_utilities_from_ddp(model, order)
     prop.set_backend(backend)  # grouped convs to 'torch' where the backend has no grouped kernel (warned)
     if static_shapes:
         prop.set_static_shapes(True)

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import rule
@@ -86,14 +87,16 @@ class Propagation:
         self.schedule = decay if isinstance(decay, DecaySchedule) else DecaySchedule(start=float(decay))
         self.epoch = 0
         self.steps = 0
-        # Under torch.distributed (DDP), average utilities over the ranks before each selection so
-        # every rank selects the same channels. Set by the training CLI; off by default.
-        self.distributed = False
+        # Under an initialised process group of more than one rank (DDP), average the utilities over
+        # the ranks before each selection, so every rank selects the same channels. False: each rank
+        # selects from its own utilities (its replicas then train different networks).
+        self.distributed = True
         # Select before every training-mode forward; False: the caller calls step() (accumulation).
         self.auto_select = True
         self.model: nn.Module | None = None
         self.plan = plan
         self._hook = None
+        self._layout_hook = None  # convert(): the model also loads its original layout's state dicts
         self._index_holders: list | None = None  # what refresh_indices() updates (found at first use)
         self._dcp_layers: list = []  # every DCPConv2d of the model (found with the holders)
         # Grouped convs set_backend() moved to 'torch' (name -> the backend asked for).
@@ -485,9 +488,8 @@ class Propagation:
 
     @torch.no_grad()
     def sync_utilities(self) -> None:
-        """Average the utilities over all ranks of the default process group (in place)."""
-        import torch.distributed as dist
-
+        """Average the utilities over all ranks of the default process group (in place); nothing
+        without one, or with one rank."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         vector = torch.cat([layer.utility for layer in self.layers])
@@ -508,6 +510,29 @@ class Propagation:
         if self.distributed:
             self.sync_utilities()
         self.select()
+
+    @contextlib.contextmanager
+    def no_utility_updates(self) -> Iterator[None]:
+        """Backward passes run inside leave the utilities as they are, and training forwards inside
+        keep the selection in force (no selecting step): for the backward passes that are not the
+        training step's, such as a gradient penalty's ``torch.autograd.grad(..., create_graph=True)``,
+        an auxiliary loss's own backward or a sharpness-aware optimizer's second pass.
+
+        Outside it every training backward updates the utilities (the default: two backward passes
+        through one forward update them twice). It pauses every DCP layer of the process, of any
+        model. Eager backward passes only: a backward traced by ``torch.compile`` holds its update
+        in the compiled graph, and this context raises ``RuntimeError`` on exit if one ran inside it.
+        """
+        versions = [layer.utility._version for layer in self.layers]
+        with rule.paused_utility_updates():
+            yield
+        if any(layer.utility._version != v for layer, v in zip(self.layers, versions)):
+            changed = [n for n, layer, v in zip(self.layer_names, self.layers, versions) if layer.utility._version != v]
+            raise RuntimeError(
+                f"utilities of {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed inside "
+                "no_utility_updates(): a backward traced by torch.compile updates them regardless; run that "
+                "backward from an eager forward, or without this context"
+            )
 
     def refresh_indices(self) -> None:
         """Bring every cached index vector of the model up to date with the selection: each
@@ -685,16 +710,20 @@ class Propagation:
 
     @contextlib.contextmanager
     def without_hook(self) -> Iterator[None]:
-        """Temporarily remove the selection hook (e.g. to deep-copy the model without it)."""
-        if self._hook is None or self.model is None:
+        """Temporarily remove the model's DCP hooks (the selection and the original-layout loading;
+        e.g. to deep-copy the model without them)."""
+        if self.model is None:
             yield
             return
-        hooks = self.model._forward_pre_hooks
-        saved = hooks.pop(self._hook.id)
+        removed = [(hooks, handle.id, hooks.pop(handle.id))
+                   for hooks, handle in ((self.model._forward_pre_hooks, self._hook),
+                                         (self.model._load_state_dict_pre_hooks, self._layout_hook))
+                   if handle is not None and handle.id in hooks]
         try:
             yield
         finally:
-            hooks[self._hook.id] = saved
+            for hooks, key, hook in removed:
+                hooks[key] = hook
 
     def detach(self) -> None:
         """Stop selecting automatically (removes the forward pre-hook from the model)."""
@@ -723,7 +752,7 @@ class _SelectBeforeForward:
     def __call__(self, module: nn.Module, args: Iterable[Any]) -> None:
         # Runs eagerly even inside torch.compile: the selection (a sort and a few masks) and the
         # index vectors it implies are computed here, so the compiled forward only reads them.
-        if module.training and self.propagation.auto_select:
+        if module.training and self.propagation.auto_select and not rule.utility_updates_paused():
             self.propagation.step()
         if not self.propagation.full_width_static:  # the full-width static step reads no index vector
             self.propagation.refresh_indices()

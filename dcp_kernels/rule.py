@@ -11,9 +11,10 @@ vectors with one sort and exactly one device-to-host copy (of all groups' counts
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -303,6 +304,29 @@ def host_read(counts: torch.Tensor) -> list[int]:
     them (tests/test_syncs.py) and they cannot multiply unnoticed.
     """
     return counts.tolist()
+
+
+class _Pause:
+    """Nesting depth of :func:`paused_utility_updates`. A plain process-wide counter, not a thread-local:
+    autograd runs a CUDA backward on its own device threads, which must see it too."""
+
+    depth = 0
+
+
+def utility_updates_paused() -> bool:
+    """Whether backward passes leave the utilities alone now (read by every gate's backward)."""
+    return _Pause.depth > 0
+
+
+@contextlib.contextmanager
+def paused_utility_updates() -> Iterator[None]:
+    """Backward passes run inside leave every DCP layer's utilities as they are (see
+    :meth:`dcp_kernels.Propagation.no_utility_updates`)."""
+    _Pause.depth += 1
+    try:
+        yield
+    finally:
+        _Pause.depth -= 1
 
 
 @torch.no_grad()

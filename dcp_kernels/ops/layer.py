@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..rule import UtilityUpdates, update_utilities
+from ..rule import UtilityUpdates, update_utilities, utility_updates_paused
 from . import (
     _triton_backend,
     channel_utility,
@@ -98,7 +98,10 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
     Triton: two launches (reduction, then one update program). Others: PyTorch ops (the extension's
     reduction kernel where built); the reduction then lands in the layer's row of the controller's
     network-wide update (one scatter), which runs once for all layers at the end of the backward
-    pass: five launches per layer less than updating here."""
+    pass: five launches per layer less than updating here. Nothing inside
+    :func:`~dcp_kernels.rule.paused_utility_updates`."""
+    if utility_updates_paused():
+        return
     if backend == "triton":
         _triton_backend().update_utility(a, g, sink.utility, idx, sink.decay, scale, shift)
         return
@@ -261,7 +264,9 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
     # them per (sample, channel) (_affine_channel_utility). The extension's reduction takes the BN
     # output: the forward's own op recomputes it from the same input.
     idx = None if full else out_idx
-    if backend in ("triton", "torch"):
+    if utility_updates_paused():
+        pass
+    elif backend in ("triton", "torch"):
         scale = w_c * invstd
         shift = torch.addcmul(b_c, mean, scale, value=-1)
         _update_utilities(backend, y_c, g_c, sink, idx, scale, shift)
@@ -331,8 +336,10 @@ class _TorchLayerStep(torch.autograd.Function):
         need_conv = need_x or need_w or need_b
         w_zeros = bn_zeros = None
         if (ctx.shared_zeros is not None and need_w and (need_bn_w or need_bn_b) and not full
-                and block_scatters_weight_grad(conv_saved, ctx.conv_kept)):
-            # Both gradients are scattered into zeros: one allocation and one fill for the two.
+                and not torch.is_grad_enabled() and block_scatters_weight_grad(conv_saved, ctx.conv_kept)):
+            # Both gradients are scattered into zeros: one allocation and one fill for the two. Not
+            # under create_graph=True (grad mode on in backward): autograd refuses in-place writes of
+            # differentiable values into two views of one buffer.
             w_numel = ctx.shared_zeros.numel()
             zeros = grad_out.new_zeros(w_numel + 2 * channels, dtype=bn_saved[1].dtype)
             w_zeros, bn_zeros = zeros[:w_numel].view(ctx.shared_zeros), zeros[w_numel:].view(2, channels)
@@ -359,7 +366,7 @@ class _GateMask(torch.autograd.Function):
     def backward(ctx, grad_out):
         a, mask, out_idx = ctx.saved_tensors
         g = grad_out * mask
-        if ctx.track:
+        if ctx.track and not utility_updates_paused():
             v = channel_utility(a, g, backend="reference").index_select(0, out_idx)
             update_utilities(ctx.utility, v, out_idx, ctx.decay)
         return g, None, None, None, None, None
@@ -524,10 +531,11 @@ class _CountedBatchNormGate(torch.autograd.Function):
         kernels = _triton_backend()
         # The reduction writes the utility straight into the layer's row of the network-wide update
         # (every channel: 0 outside the selection), or it is applied here with one more launch.
-        row = ctx.sink.pending_row(full=True)
+        paused = utility_updates_paused()
+        row = None if paused else ctx.sink.pending_row(full=True)
         grad_y, grad_w, grad_b, v = kernels.batch_norm_gate_backward(grad_out, y, weight, bias, mean, invstd,
                                                                       tuple(kept), utility_out=row)
-        if row is None:
+        if row is None and not paused:
             kernels.update_utility_from(v, ctx.sink.utility, tuple(kept), ctx.sink.decay)
         need_w, need_b = ctx.needs_input_grad[1:3]
         return grad_y, (grad_w if need_w else None), (grad_b if need_b else None), *(None,) * 5
@@ -548,7 +556,7 @@ class _CountedGate(torch.autograd.Function):
     def backward(ctx, grad_out):
         a, mask, *kept = ctx.saved_tensors
         g = grad_out * mask.view(1, -1, 1, 1)
-        if ctx.track:
+        if ctx.track and not utility_updates_paused():
             _triton_backend().update_utility_counted(a, g, utility=ctx.utility, kept=tuple(kept), decay=ctx.decay)
         return g, None, None, None, None, None
 

@@ -417,15 +417,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
         prop = dcp_kernels.convert(model, hp["prune_ratio"], explore_epochs=hp["explore_epochs"], decay=schedule,
                                    backend=args.backend, round_to=round_to,
                                    static_shapes=args.static_shapes or args.cuda_graphs)
-        prop.distributed = world > 1  # average utilities over ranks before each selection
     opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(hp["milestones"]), gamma=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp)
     train_model: nn.Module = model
     if world > 1:
-        # Buffers are not broadcast from rank 0: utilities are averaged over ranks before every
-        # selection instead (Propagation.select), so every rank's gradients inform them.
+        # Buffers are not broadcast from rank 0 at every forward (utilities are averaged over the ranks
+        # before each selection whatever DDP broadcasts: convert() excludes them).
         # Newer torch deprecates broadcast_buffers for forward_sync_buffers, which still syncs once at
         # init: harmless here, every rank starts from the same seed (or the same checkpoint).
         no_buffer_sync = ({"forward_sync_buffers": False}
