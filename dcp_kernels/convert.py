@@ -11,7 +11,7 @@ from torch import nn
 from . import ops
 from .graph import ChannelAnalysis, Segment, analyze
 from .graph.optable import is_depthwise
-from .modules import ConcatSource, DCPConv2d, DCPLinear
+from .modules import ConcatSource, DCPConv2d, DCPLinear, DCPTokenLinear
 from .plan import ConversionPlan, set_submodule
 from .propagation import DecaySchedule, Propagation
 from .rule import check_prune_ratio, check_round_to
@@ -208,6 +208,8 @@ def convert(
             backend=backend,
             name=name,
         )
+    for name in analysis.token_linears:
+        new_layers[name] = DCPTokenLinear.from_linear(model.get_submodule(name), backend=backend, name=name)
     for reader, segments in analysis.conv_inputs.items():
         new_layers[reader].set_input_source(_source(segments, analysis, new_layers, reader))
     new_linears: dict[str, DCPLinear] = {}
@@ -225,10 +227,10 @@ def convert(
             for name, segments in analysis.channelwise.items()
         },
         groups=[list(g.producers) for g in analysis.groups],
-        skipped=dict(analysis.skipped),
+        skipped={**analysis.skipped, **analysis.dense_linears},
         policy=set(analysis.policy),
     )
-    order = [n for n in analysis.convs if n in group_of]
+    order = [n for n, _ in model.named_modules() if n in group_of]
     prop = Propagation(
         {n: new_layers[n] for n in order}, prune_ratio, min_channels=min_channels, explore_epochs=explore_epochs,
         decay=decay, plan=plan, groups=plan.groups, layer_prune_ratios=layer_prune_ratios, round_to=round_to,

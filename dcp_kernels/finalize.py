@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .graph.optable import is_norm_like, registered_kind
-from .modules import ConcatSource, DCPConv2d, DCPLinear
+from .modules import ConcatSource, DCPConv2d, DCPLinear, DCPTokenLinear
 from .ops.compact import selects_all
 from .plan import set_submodule
 
@@ -124,6 +124,17 @@ def _plain_linear(linear: DCPLinear) -> nn.Linear:
     return new
 
 
+def _plain_token_linear(layer: DCPTokenLinear) -> nn.Linear:
+    """The ``nn.Linear`` a :class:`DCPTokenLinear` stands for, with its kept output and input features."""
+    conv = _plain_conv(layer, _kept(layer.input_source), _kept(layer) if layer.prunable else None)
+    linear = nn.Linear(conv.in_channels, conv.out_channels, conv.bias is not None, device="meta")
+    linear.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, conv.in_channels),
+                                 requires_grad=layer.weight.requires_grad)
+    linear.bias = conv.bias
+    linear.train(layer.training)
+    return linear
+
+
 def finalize(prop: "Propagation") -> nn.Module:
     """Return a copy of the converted model with the unselected channels removed.
 
@@ -132,7 +143,8 @@ def finalize(prop: "Propagation") -> nn.Module:
     made from the current utilities first and written into the converted model. Either way
     ``model.eval()`` and the returned module compute the same function. The copy contains no
     ``dcp_kernels`` classes and no DCP hooks: every ``DCPConv2d`` becomes an ``nn.Conv2d`` (its
-    BatchNorm goes back to its original place, sliced), every ``DCPLinear`` an ``nn.Linear``, and
+    BatchNorm goes back to its original place, sliced), every ``DCPLinear`` and ``DCPTokenLinear`` an
+    ``nn.Linear``, and
     the BatchNorms and depthwise convs inside a pruned group are cut to its kept channels.
     """
     model = prop.model
@@ -150,7 +162,9 @@ def finalize(prop: "Propagation") -> nn.Module:
         if name in plan.channelwise:  # the same segment arithmetic the readers of a concat use
             segments = [(None if p is None else layers[p], width) for p, width in plan.channelwise[name]]
             channel_keep = ConcatSource(segments).selected_indices()
-        if isinstance(module, DCPConv2d):
+        if isinstance(module, DCPTokenLinear):
+            set_submodule(plain, name, _plain_token_linear(module))
+        elif isinstance(module, DCPConv2d):
             out_keep = _kept(module) if module.prunable else channel_keep
             in_keep = channel_keep if module.depthwise else _kept(module.input_source)
             set_submodule(plain, name, _plain_conv(module, in_keep, out_keep))

@@ -1,6 +1,7 @@
 """``DCPConv2d``: a drop-in ``nn.Conv2d`` whose unselected channels are never computed."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -478,6 +479,65 @@ class DCPConv2d(nn.Conv2d):
         if self.input_source is not None:
             extra += f", input_source={self.input_source.dcp_name or 'set'!r}"
         return super().extra_repr() + extra
+
+
+class DCPTokenLinear(DCPConv2d):
+    """An ``nn.Linear`` on tokens (``(..., in_features)``, features last) whose output features are a
+    DCP channel space: ConvNeXt's and the transformers' MLP expansion. It runs as the 1x1
+    :class:`DCPConv2d` it equals on ``(tokens, in_features, 1, 1)``, so every backend, the gate, the
+    utilities, capacity widths and the selection machinery are the conv's; unselected features are
+    never computed. The output is ``(..., out_features)``, or ``(..., k)`` when it travels compact.
+
+    The weight is a ``(out_features, in_features, 1, 1)`` Parameter sharing the Linear's storage (a new
+    Parameter object: make the optimizer after ``convert()``); a Linear's 2-D weight in a state dict
+    loads into it. ``finalize()`` turns it back into an ``nn.Linear``. No norm (``norm`` must be None).
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, prunable: bool = True, backend: str = "auto",
+                    name: str | None = None) -> "DCPTokenLinear":
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"from_linear expects a plain nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, 1, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, prunable=prunable, backend=backend,
+                    name=name)
+        layer.weight = nn.Parameter(linear.weight.detach().view(*linear.weight.shape, 1, 1),
+                                    requires_grad=linear.weight.requires_grad)
+        layer.bias = linear.bias
+        layer.train(linear.training)
+        return layer
+
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{self._label()}: expected tokens (..., features), got {shape}")
+        lead = x.shape[:-1]
+        self.tokens_per_sample = math.prod(lead[1:])
+        y = super().forward(x.reshape(-1, x.shape[-1], 1, 1))
+        return y.view(*lead, y.shape[1])
+
+    def conv_flops(self) -> tuple[int, int]:
+        """(dense, active) multiply-accumulates per sample (all its tokens) of the most recent forward."""
+        dense, active = super().conv_flops()
+        tokens = getattr(self, "tokens_per_sample", 1)
+        return dense * tokens, active * tokens
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:  # an nn.Linear's
+            state_dict[prefix + "weight"] = weight.view(*weight.shape, 1, 1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _label(self) -> str:
+        return f"DCPTokenLinear {self.dcp_name!r}" if self.dcp_name else "DCPTokenLinear"
 
 
 class DCPLinear(nn.Linear):

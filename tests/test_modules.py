@@ -295,3 +295,25 @@ def test_batch_norm_follows_pytorch_on_the_selected_channels(backend, momentum, 
     x = torch.randn(3, cin, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(layer(x)[:, sel], oracle(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_token_linear_equals_the_linear_on_its_selected_features():
+    """DCPTokenLinear: an nn.Linear on (..., features) tokens as a 1x1 DCPConv2d; unselected output
+    features are exact zeros, the selected ones the Linear's, forward and backward."""
+    from dcp_kernels.modules import DCPTokenLinear
+
+    linear = nn.Linear(6, 10)
+    layer = DCPTokenLinear.from_linear(linear, backend="torch")
+    keep = torch.zeros(10, dtype=torch.bool)
+    keep[[0, 3, 4, 9]] = True
+    layer.set_selection(keep)
+    x = torch.randn(2, 5, 3, 6, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 5, 3, 10) and torch.equal(y[..., ~keep], torch.zeros_like(y[..., ~keep]))
+    expected = linear(x)
+    torch.testing.assert_close(y[..., keep], expected[..., keep], rtol=1e-5, atol=1e-6)
+    (gx,) = torch.autograd.grad((y * y).sum(), x)
+    (gx_ref,) = torch.autograd.grad((expected[..., keep] ** 2).sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="expected tokens"):
+        layer(torch.randn(6))

@@ -250,3 +250,22 @@ def test_ddp_with_its_default_arguments_selects_the_same_channels_on_every_rank(
         # another order than DDP's bucketed gradient mean: measured spread 2e-7)
         assert_close_to_scale((r0["utilities"][step] + r1["utilities"][step]) / 2, oracle_utilities[step], rel=1e-4)
     assert not torch.equal(r0["utilities"][-1], r1["utilities"][-1])  # each rank measured its own data
+
+
+def test_a_converted_convnext_loads_the_original_linear_weights():
+    """ConvNeXt's MLP expansions become DCPTokenLinear (1x1-conv-shaped weights): the original 2-D
+    Linear weights load into them, strictly."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    dense = ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], layer_scale=0.5, num_classes=5)
+    model = ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], layer_scale=0.5, num_classes=5)
+    with pytest.warns(UserWarning, match="left dense"):
+        prop = dcp_kernels.convert(model, 0.5, example_inputs=(torch.randn(2, 3, 32, 32),))
+    assert all(type(layer).__name__ == "DCPTokenLinear" for layer in prop.layers) and len(prop.layers) == 2
+    assert str(model.load_state_dict(dense.state_dict())) == "<All keys matched successfully>"
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), dense.eval()
+    with torch.no_grad():
+        # a 1x1 conv against a Linear: the same products summed in another order (measured 6e-8)
+        assert_close_to_scale(model(x), dense(x), rel=1e-5)

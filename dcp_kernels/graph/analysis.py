@@ -10,7 +10,10 @@ merges their spaces (a residual sum, a squeeze-excitation scale): merged spaces 
 form one **group**, selected or dropped channel by channel as a whole (its utility is the mean of
 its producers' utilities, see ``docs/algorithm.md``). A concat along channels makes a tensor whose
 channels are segments of several spaces. *Readers* skip the unselected channels of what they read:
-convs and ``Linear`` layers after a flatten. A grouped conv (``1 < groups``, not depthwise) reads and
+convs and ``Linear`` layers after a flatten. A ``Linear`` applied to tokens (an input of three or
+more dimensions, features last: ConvNeXt's and the transformers' MLPs) starts a space on the *last*
+dimension; only point-wise ops (activations, dropout), sums and products with its kind, and
+``Linear`` readers may follow it. A grouped conv (``1 < groups``, not depthwise) reads and
 writes spaces made of ``groups`` equal *blocks*: its group keeps equal counts per block, so the
 finalized conv is an ordinary smaller grouped conv (``docs/algorithm.md``, "Grouped convolutions").
 Anything else a space reaches (the model output, an unknown op, a parameter it is multiplied with)
@@ -36,6 +39,8 @@ from .optable import (
     _ELEMENTWISE_FUNCTIONS,
     _ELEMENTWISE_METHODS,
     _ELEMENTWISE_MODULES,
+    _POINTWISE_FUNCTIONS,
+    _POINTWISE_MODULES,
     _PRODUCT_METHODS,
     _PRODUCTS,
     _SPATIAL_REDUCTIONS,
@@ -95,6 +100,9 @@ class ChannelAnalysis:
     ``groups``: the prunable groups.
     ``conv_inputs``: reader conv -> the segments of its input (only readers of a prunable group).
     ``linear_inputs``: reader Linear -> (segments of the flattened channels, features per channel).
+    ``token_linears``: the Linear layers that produce a prunable group's features on the last dimension
+    (they read ``conv_inputs`` like convs when they also read one).
+    ``dense_linears``: Linear layers on tokens whose output features stay dense -> why.
     ``channelwise``: module with per-channel parameters inside a prunable group (a BatchNorm not
     owned by a producer, a depthwise conv) -> the segments of its channels; ``finalize`` slices it.
     ``skipped``: conv name -> why its outputs stay dense. ``policy``: the subset of ``skipped`` left
@@ -105,6 +113,8 @@ class ChannelAnalysis:
     groups: list[Group] = field(default_factory=list)
     conv_inputs: dict[str, list[Segment]] = field(default_factory=dict)
     linear_inputs: dict[str, tuple[list[Segment], int]] = field(default_factory=dict)
+    token_linears: list[str] = field(default_factory=list)
+    dense_linears: dict[str, str] = field(default_factory=dict)
     channelwise: dict[str, list[Segment]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     policy: set[str] = field(default_factory=set)
@@ -131,6 +141,7 @@ class _Chan:
 
     segs: tuple[tuple[int | None, int], ...]
     block: int | None = None
+    last: bool = False  # the features are the last dimension (a Linear's output on tokens)
 
 
 class _Analyzer:
@@ -147,6 +158,7 @@ class _Analyzer:
         self.linear_readers: dict[str, tuple[_Chan, int]] = {}
         self.channelwise: dict[str, _Chan] = {}
         self.out_space: dict[str, int] = {}  # conv name -> the space it produces
+        self.token_producers: set[str] = set()  # Linear layers whose output features on tokens are a space
         self.policy_blocked: set[str] = set()  # producers left dense by the caller's choice
         self.policy_reasons: set[str] = set()  # reasons that are the caller's choice (ignore=)
         self.stochastic_depth = _stochastic_depth_functions()
@@ -257,6 +269,17 @@ class _Analyzer:
                 self.policy_reasons.add("in ignore=")
                 return self.produced(node, mod, blocked="in ignore=", policy=True)
             return None
+        if isinstance(mod, nn.Linear) and _token_layout(node):
+            if type(mod) is not nn.Linear:
+                self.block(x, f"read by {name!r} ({type(mod).__name__}), a Linear subclass DCP does not know")
+                return None
+            if x is not None:
+                self.read(node, name, x, "linear", mod.in_features)
+            return self.produced(node, mod)
+        if x is not None and x.last and not (isinstance(mod, _POINTWISE_MODULES) or registered_kind(mod) == "elementwise"):
+            self.block(x, f"its features (last dimension) go to {name!r} ({type(mod).__name__}), which DCP does not "
+                          "follow on that dimension")
+            return None
         if isinstance(mod, nn.Conv2d):
             if type(mod) is not nn.Conv2d:
                 self.block(x, f"read by {name!r} ({type(mod).__name__}), a conv subclass DCP does not know")
@@ -311,8 +334,15 @@ class _Analyzer:
             return None
         return producer.target
 
-    def produced(self, node: fx.Node, mod: nn.Conv2d, blocked: str | None = None, policy: bool = False) -> _Chan:
-        """A new space: the output channels of conv ``node`` (never pruned when ``blocked``)."""
+    def produced(self, node: fx.Node, mod: nn.Conv2d | nn.Linear, blocked: str | None = None,
+                 policy: bool = False) -> _Chan:
+        """A new space: the output channels of conv ``node`` (never pruned when ``blocked``), or the
+        output features of a Linear on tokens (on the last dimension)."""
+        if isinstance(mod, nn.Linear):
+            space = self.new_space(node.target, mod.out_features, blocked)
+            self.token_producers.add(node.target)
+            self.out_space[node.target] = space
+            return _Chan(((space, mod.out_features),), last=True)
         space = self.new_space(node.target, mod.out_channels, blocked)
         self.spaces[space].blocks = mod.groups  # 1 for a groups=1 conv (a depthwise one is never a producer)
         if policy:
@@ -325,7 +355,7 @@ class _Analyzer:
         if x is None:
             return
         if kind == "conv":
-            if x.block is not None:
+            if x.block is not None or x.last:
                 self.block(x, f"read by {name!r} after a flatten")
                 return
             if groups > 1 and any(s is not None for s, _ in x.segs):
@@ -338,7 +368,7 @@ class _Analyzer:
             self.conv_readers[name] = x
             return
         width = sum(w for _, w in x.segs)
-        block = x.block
+        block = 1 if x.last else x.block
         if block is None:
             shape = _shape(node.args[0])
             block = 1 if shape is not None and len(shape) == 2 else None
@@ -360,6 +390,13 @@ class _Analyzer:
     def visit_function(self, node: fx.Node) -> _Chan | None:
         target = node.target
         x = self.first_chan(node)
+        if x is not None and x.last and not (
+                target in _POINTWISE_FUNCTIONS or target in _ELEMENTWISE_METHODS or target in _SUMS
+                or target in _PRODUCTS or target in _SUM_METHODS or target in _PRODUCT_METHODS
+                or (node.op == "call_function" and registered_kind(target) == "elementwise")):
+            self.block_inputs(node, f"its features (last dimension) go to {_describe(node)}, which DCP does not "
+                                    "follow on that dimension")
+            return None
         if node.op == "call_function":
             kind = registered_kind(target)
             if target in _ELEMENTWISE_FUNCTIONS or kind == "elementwise":
@@ -435,12 +472,13 @@ class _Analyzer:
                 self.block_inputs(node, f"combined with a tensor of unknown shape in {_describe(node)}")
                 return None
             aligned = (1,) * (len(out_shape) - len(shape)) + shape
-            if aligned[1] != 1:
+            if aligned[-1 if with_chan[0][1].last else 1] != 1:
                 self.block_inputs(node, f"combined per channel with a tensor DCP does not prune, in {_describe(node)}")
                 return None
         first = with_chan[0][1]
         for _, chan in with_chan[1:]:
-            if chan.block != first.block or [w for _, w in chan.segs] != [w for _, w in first.segs]:
+            if (chan.block != first.block or chan.last != first.last
+                    or [w for _, w in chan.segs] != [w for _, w in first.segs]):
                 self.block_inputs(node, f"combined with differently laid out channels in {_describe(node)}")
                 return None
             for (sa, _), (sb, _) in zip(first.segs, chan.segs):
@@ -497,7 +535,9 @@ class _Analyzer:
                 self.policy_blocked.update(producers)
             if reasons:
                 for sp in spaces:  # each producer's own reason first, else the group's
-                    if sp.producer is not None:
+                    if sp.producer in self.token_producers:
+                        analysis.dense_linears.setdefault(sp.producer, (sp.blocked or reasons)[0])
+                    elif sp.producer is not None:
                         analysis.skipped.setdefault(sp.producer, (sp.blocked or reasons)[0])
                 continue
             # Every block count divides the (common) width, so their least common multiple does too.
@@ -524,8 +564,11 @@ class _Analyzer:
         for name, chan in self.conv_readers.items():
             if prunable(chan):
                 analysis.conv_inputs[name] = segments(chan)
+        analysis.token_linears = [p for g in analysis.groups for p in g.producers if p in self.token_producers]
         for name, (chan, block) in self.linear_readers.items():
-            if prunable(chan):
+            if prunable(chan) and name in analysis.token_linears:
+                analysis.conv_inputs[name] = segments(chan)  # it becomes a DCPTokenLinear: reads like a conv
+            elif prunable(chan):
                 analysis.linear_inputs[name] = (segments(chan), block)
         for name, chan in self.channelwise.items():
             if prunable(chan):
@@ -539,6 +582,12 @@ class _Analyzer:
                 readers += [segs for segs, _ in analysis.linear_inputs.values() if any(s.group == index for s in segs)]
                 group.compact = all(len(segs) == 1 for segs in readers)
         return analysis
+
+
+def _token_layout(node: fx.Node) -> bool:
+    """Whether a Linear call reads tokens: an input of three or more dimensions, features last."""
+    shape = _shape(node.args[0]) if node.args else None
+    return shape is not None and len(shape) >= 3
 
 
 def analyze(

@@ -28,6 +28,13 @@ _ELEMENTWISE_FUNCTIONS = {
     F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
     F.interpolate,
 }
+# What works on every feature alone whatever the layout: features on the last dimension (tokens,
+# produced by a Linear) pass only these (no pooling, no Dropout2d: they read dims 1 to 3 as N, C, H, W).
+_POINTWISE_MODULES = tuple(m for m in _ELEMENTWISE_MODULES if m not in (
+    nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d))
+_POINTWISE_FUNCTIONS = _ELEMENTWISE_FUNCTIONS - {
+    F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
 _ELEMENTWISE_METHODS = {
     "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "contiguous", "clone", "float", "to",
 }
