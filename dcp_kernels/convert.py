@@ -174,15 +174,14 @@ def convert(
     check_prune_ratio(prune_ratio)
     check_round_to(round_to)
     ops.resolve_backend(backend)
-    if static_shapes and backend not in ("triton", "torch", "auto"):
-        raise ValueError(f"static_shapes=True needs backend='torch' (capacity widths) or 'triton' (full width), "
-                         f"got {backend!r}")
+    if static_shapes and ops.capabilities(backend).static_shapes is None:
+        raise ValueError(f"static_shapes=True needs backend {ops.static_shape_backends()}, got {backend!r}")
     _check_model(model)
-    if static_shapes and backend == "triton":
+    if static_shapes and not ops.capabilities(backend).grouped_convs:
         grouped = [n for n, m in model.named_modules()
                    if isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)]
         if grouped:
-            raise ValueError(f"static_shapes=True: grouped convs have no Triton kernel ({', '.join(grouped[:3])}); "
+            raise ValueError(f"static_shapes=True: grouped convs have no {backend!r} kernel ({', '.join(grouped[:3])}); "
                              "leave static_shapes off for this model")
     ignored = _ignored_names(model, ignore)
     analysis = analyze(model, example_inputs, prune_residual=prune_residual, ignore=ignored)

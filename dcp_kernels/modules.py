@@ -410,9 +410,10 @@ class DCPConv2d(nn.Conv2d):
             y = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
             self.last_output_hw = (y.shape[2], y.shape[3])
             return y if self.norm is None else self.norm(y)
-        backend = "torch" if (in_scale is not None or slots is not None) else ops.resolve_backend(self.backend, x.device)
+        backend = (ops.CAPACITY_BACKEND if (in_scale is not None or slots is not None)
+                   else ops.resolve_backend(self.backend, x.device))
         ops.check_groups_supported(backend, self.groups, self.weight, self._label())
-        if backend != "reference" and torch.is_autocast_enabled(x.device.type):
+        if not ops.REGISTRY[backend].dense_ops and torch.is_autocast_enabled(x.device.type):
             # Autocast does not look inside custom autograd Functions: cast here what it would cast
             # for a conv (input, weight, bias), then run the compact path with autocast off.
             # BatchNorm takes the low-precision activation with fp32 statistics, as under autocast;
@@ -445,9 +446,9 @@ class DCPConv2d(nn.Conv2d):
             return y if self.norm is None else self.norm(y)
         in_kept = source.kept() if source is not None else _all_kept(self.in_channels, x.device)
         backend = ops.resolve_backend(self.backend, x.device)
-        if backend != "triton":
-            raise RuntimeError(f"{self._label()}: static_shapes needs backend 'triton' (this layer resolves to "
-                               f"{backend!r}); call prop.set_backend('triton') or leave static_shapes off")
+        if ops.REGISTRY[backend].static_shapes != "full width":
+            raise RuntimeError(f"{self._label()}: full-width static shapes need backend 'triton' (this layer resolves "
+                               f"to {backend!r}); call prop.set_backend('triton') or leave static_shapes off")
         ops.check_groups_supported(backend, self.groups, self.weight, self._label())
         weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type):

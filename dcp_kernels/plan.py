@@ -33,5 +33,4 @@ class ConversionPlan:
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted path ``name`` inside ``root`` (replacing what is there)."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+    root.set_submodule(name, module, strict=True)

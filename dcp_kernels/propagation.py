@@ -255,15 +255,15 @@ class Propagation:
         from . import ops
 
         ops.resolve_backend(backend)  # a misspelt name fails before anything changes
-        if self.static_shapes and backend not in ("torch", "auto", "triton"):
-            raise ValueError(f"static shapes run on backend 'torch' (capacity widths) or 'triton' (full width), "
+        if self.static_shapes and ops.capabilities(backend).static_shapes is None:
+            raise ValueError(f"static shapes run on backend {ops.static_shape_backends()}, "
                              f"not {backend!r}: call prop.set_static_shapes(False) first")
         self.backend_fallbacks = {}
         for layer in self._all_dcp_layers():
             # Only layers that run a compact grouped conv (a dense one is plain F.conv2d anywhere).
             compact = layer.prunable or layer.input_source is not None
-            if layer.grouped and compact and backend not in ops.GROUPED_CONV_BACKENDS and backend != "auto":
-                layer.backend = "torch"
+            if layer.grouped and compact and not ops.capabilities(backend).grouped_convs:
+                layer.backend = ops.GROUPED_FALLBACK
                 self.backend_fallbacks[layer.dcp_name] = backend
             else:
                 layer.backend = backend
@@ -298,17 +298,20 @@ class Propagation:
         """
         from .modules import DCPConv2d
 
+        from . import ops
+
         enabled = bool(enabled)
         layers = self._all_dcp_layers()
         backends = {layer.backend for layer in layers}
-        capacity = enabled and "triton" not in backends
-        if capacity and not backends <= {"torch", "auto"}:
-            raise ValueError(f"static_shapes=True runs capacity widths on backend 'torch' (or full width on 'triton'); "
-                             f"this model's layers use {sorted(backends)}: call prop.set_backend('torch') first")
+        modes = {ops.capabilities(b).static_shapes for b in backends}
+        capacity = enabled and "full width" not in modes
+        if capacity and modes != {"capacity"}:
+            raise ValueError(f"static_shapes=True runs on backend {ops.static_shape_backends()}; this model's "
+                             f"layers use {sorted(backends)}: call prop.set_backend({ops.CAPACITY_BACKEND!r}) first")
         if enabled and not capacity:
             grouped = [layer._label() for layer in layers if layer.grouped]
             if grouped:
-                raise ValueError(f"static_shapes: {len(grouped)} grouped conv(s) have no Triton kernel "
+                raise ValueError(f"static_shapes: {len(grouped)} grouped conv(s) have no full-width static kernel "
                                  f"({', '.join(grouped[:3])}); leave static_shapes off for this model")
         for layer in layers:
             layer.static_shapes = enabled and not capacity

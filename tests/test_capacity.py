@@ -273,7 +273,7 @@ def test_capacities_grow_at_once_shrink_at_epoch_end_and_survive_state_dict():
 
 
 def test_static_shapes_refuses_backends_without_capacity_widths():
-    with pytest.raises(ValueError, match="static_shapes=True needs backend='torch'"):
+    with pytest.raises(ValueError, match="static_shapes=True needs backend 'torch'"):
         dcp_kernels.convert(small_vgg(), 0.5, backend="reference", static_shapes=True)
     with pytest.raises(ValueError, match="capacity_multiple must be an int >= 1"):
         dcp_kernels.convert(small_vgg(), 0.5, backend="torch", static_shapes=True, capacity_multiple=0)

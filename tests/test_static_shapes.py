@@ -164,12 +164,12 @@ def test_static_shapes_state_follows_selection_writes_and_state_dicts():
 
 
 def test_static_shapes_refuses_what_it_cannot_run():
-    with pytest.raises(ValueError, match="static_shapes=True needs backend='torch' .capacity widths. or 'triton'"):
+    with pytest.raises(ValueError, match="static_shapes=True needs backend 'torch' .capacity widths. or 'triton'"):
         dcp_kernels.convert(small_vgg(), 0.5, backend="reference", static_shapes=True)
     grouped = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                             nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-    with pytest.raises(ValueError, match="grouped convs have no Triton kernel"):
+    with pytest.raises(ValueError, match="grouped convs have no 'triton' kernel"):
         dcp_kernels.convert(grouped, 0.5, backend="triton", static_shapes=True)
     assert not any(isinstance(m, dcp_kernels.DCPConv2d) for m in grouped.modules()), "refused: left untouched"
     model = small_vgg()
@@ -180,7 +180,7 @@ def test_static_shapes_refuses_what_it_cannot_run():
     prop.set_backend("torch")  # the static step follows: capacity widths
     assert prop.capacity and prop.static_shapes and not any(layer.static_shapes for layer in prop.layers)
     prop.layers[0].static_shapes = True  # a layer left on the full-width step by hand
-    with pytest.raises(RuntimeError, match="static_shapes needs backend 'triton'"):
+    with pytest.raises(RuntimeError, match="static shapes need backend 'triton'"):
         model.train()(torch.randn(2, 3, 8, 8))
 
 

@@ -80,9 +80,9 @@ def _user_error_cases(tmp_path):
         (["--dense-run", str(tmp_path)], f"--dense-run {tmp_path}: no metrics.csv there"),
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
         (["--static-shapes", "--backend", "reference"],
-         "--static-shapes needs --backend torch (capacity widths) or triton (full width), got reference"),
+         "--static-shapes needs --backend 'torch' (capacity widths) or 'triton' (full width), got reference"),
         (["--cuda-graphs", "--backend", "reference"],
-         "--cuda-graphs needs --backend torch (capacity widths) or triton (full width), got reference"),
+         "--cuda-graphs needs --backend 'torch' (capacity widths) or 'triton' (full width), got reference"),
         (["--cuda-graphs", "--backend", "triton", "--amp", "fp16"], "--cuda-graphs does not support --amp fp16"),
         (["--cuda-graphs", "--backend", "triton", "--dense"], "--cuda-graphs is for DCP training"),
     ]
@@ -114,11 +114,26 @@ def test_a_corrupt_cifar_batch_is_named(tmp_path, capsys):
     assert code == 2 and "data_batch_3 is corrupt or not a CIFAR-10 python batch" in err and "Traceback" not in err
 
 
-def test_user_error_from_the_console_script_has_no_traceback(tmp_path):
+@pytest.mark.parametrize("extension", ["as installed", "not built"])
+def test_user_error_from_the_console_script_has_no_traceback(tmp_path, extension):
+    env = {**os.environ, "DCP_KERNELS_NO_EXTENSION": "1" if extension == "not built" else "0"}
     result = subprocess.run([sys.executable, "-m", "dcp_kernels.train.cli", "--backend", "nosuch"],
-                            capture_output=True, text=True, cwd=tmp_path)
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("dcp-train: --backend 'nosuch'") and "Traceback" not in result.stderr
+
+
+def test_the_not_built_notice_is_one_warning_at_first_use():
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import torch, dcp_kernels\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    for _ in range(3): dcp_kernels.DCPConv2d(3, 4, 3)(torch.randn(1, 3, 5, 5))\n"
+            "print(sum('not built' in str(w.message) for w in caught), dcp_kernels.backends()['extension'])\n")
+    env = {**os.environ, "DCP_KERNELS_NO_EXTENSION": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1", "False"] and "not built" not in result.stderr  # nothing at import
 
 
 def test_recipes_follow_the_paper():

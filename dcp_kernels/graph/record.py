@@ -204,18 +204,15 @@ def _record_any(model: nn.Module, example_inputs, trace_error: Exception) -> fx.
 
 def _drop_dead_ends(graph: fx.Graph) -> None:
     """Remove functions and methods whose results nothing uses (e.g. ``float(x.abs().sum())`` in a
-    condition): they cannot change the output, so they should not keep channels dense. In-place
-    ops stay (their effect is the point)."""
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(graph.nodes)):
-            if node.op not in ("call_function", "call_method") or node.users:
-                continue
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            if name.endswith("_") or node.target in _IN_PLACE_OPERATORS:  # add_, relu_, +=, *=: in place
-                continue
-            graph.erase_node(node)
-            changed = True
+    condition): they cannot change the output, so they should not keep channels dense. Module calls
+    stay (a conv nobody reads is still a conv of the model), as do in-place ops (their effect is the
+    point). Unused calls fx counts as impure (``torch._assert``) go too: they read no channels."""
+    def kept(node: fx.Node) -> bool:
+        if node.op not in ("call_function", "call_method"):
+            return True
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        return name.endswith("_") or node.target in _IN_PLACE_OPERATORS  # add_, relu_, +=
+
+    graph.eliminate_dead_code(is_impure_node=kept)
 
 

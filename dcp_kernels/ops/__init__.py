@@ -28,15 +28,16 @@ from typing import Literal
 import torch
 
 from . import compact, extension, reference
+from .registry import AUTO, CAPACITY_BACKEND, GROUPED_FALLBACK, REGISTRY, Backend, capabilities, static_shape_backends  # noqa: F401
 
 logger = logging.getLogger("dcp_kernels")
 
-BACKENDS: tuple[str, ...] = ("reference", "torch", "triton", "extension")
+BACKENDS: tuple[str, ...] = tuple(REGISTRY)
 """Backends this build knows (whether each is usable here: :func:`backends`)."""
 
 # auto's preference per device type. Triton joins the CUDA list once a GPU run shows it beating
 # the compact PyTorch path (docs/benchmarks.md records what has been measured where).
-_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("torch",), "cpu": ("torch",)}
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": (AUTO,), "cpu": (AUTO,)}
 
 
 # Looked up once: resolve_backend("auto") runs in every layer's forward, and find_spec scans sys.path
@@ -67,6 +68,7 @@ def backends(device: torch.device | str | None = None) -> dict[str, bool]:
     ``triton`` needs Triton and a CUDA device, or ``TRITON_INTERPRET=1`` (CPU, for testing);
     ``extension`` needs the compiled library, built with CUDA for CUDA tensors.
     """
+    extension.notice_if_not_built()
     device_type = None if device is None else torch.device(device).type
     extension_usable = extension.AVAILABLE and (device_type != "cuda" or extension.CUDA_BUILT)
     return {"reference": True, "torch": True, "triton": _triton_usable(device_type), "extension": extension_usable}
@@ -190,7 +192,7 @@ def check_conv_arguments(
                                  f"got {per_group.tolist()}")
 
 
-GROUPED_CONV_BACKENDS: tuple[str, ...] = ("reference", "torch")
+GROUPED_CONV_BACKENDS: tuple[str, ...] = tuple(b.name for b in REGISTRY.values() if b.grouped_convs)
 """Backends with grouped-conv kernels (1 < groups, not depthwise); the Triton and extension kernels
 handle groups=1 and depthwise only."""
 

@@ -6,13 +6,14 @@ kernels in ``csrc/cuda/``: on CUDA the fused gather implicit-GEMM kernels), and
 ``dcp::implicit_gemm_conv2d[_backward]``, those kernels with tile family and split-K forced (on CPU
 tensors the same kernels under a CPU emulation of CUDA, for the tests); this module adds their fake kernels and autograd formula
 and is the ``extension`` backend's entry point. Without a built extension the package works on its PyTorch and
-Triton backends, and says so in the log.
+Triton backends, and says so once in a warning.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
+import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -24,10 +25,12 @@ from .registration import (
     register_conv_autograd,
 )
 
-logger = logging.getLogger("dcp_kernels")
-
 LOAD_ERROR: str | None = None
-if importlib.util.find_spec("dcp_kernels._C") is None:
+if os.environ.get("DCP_KERNELS_NO_EXTENSION", "0") == "1":
+    # Behave as where it was not built (the tests run the whole suite this way too).
+    _C = None
+    LOAD_ERROR = "disabled by DCP_KERNELS_NO_EXTENSION=1"
+elif importlib.util.find_spec("dcp_kernels._C") is None:
     # Not compiled. (Importing it anyway reports "cannot import name '_C' from partially initialized
     # module", which reads like a circular import: say what it is.)
     _C = None
@@ -56,17 +59,29 @@ if AVAILABLE:
     torch.library.register_fake("dcp::implicit_gemm_conv2d_backward")(
         lambda *args: fake_conv2d_backward(*args[:12], x_memory_format=torch.contiguous_format))
     register_conv_autograd("dcp::gathered_conv2d", torch.ops.dcp.gathered_conv2d_backward)
-else:
-    logger.warning(
-        "dcp_kernels: the C++/CUDA extension is not built (%s): backend 'extension' is unavailable; "
+
+
+class _Notice:
+    given = False  # the "not built" notice goes out once per process
+
+
+def notice_if_not_built() -> None:
+    """Warn once (a ``UserWarning``, when the first layer picks its backend, not at import: an
+    import-time message would precede a command line's own error) that the extension is missing."""
+    if AVAILABLE or _Notice.given:
+        return
+    _Notice.given = True
+    warnings.warn(
+        f"dcp_kernels: the C++/CUDA extension is not built ({LOAD_ERROR}): backend 'extension' is unavailable; "
         "'auto' and the other backends use the PyTorch and Triton paths. Reinstall with a C++ compiler "
-        "(and nvcc for CUDA) to build it: docs/building.md.", LOAD_ERROR,
-    )
+        "(and nvcc for CUDA) to build it: docs/building.md.", stacklevel=3)
 
 
 def status() -> str:
     """One line saying whether the extension was built and with which kernels (``dcp-train`` prints
-    it: ``pip install`` shows nothing of the build but "still running..." for minutes)."""
+    it: ``pip install`` shows nothing of the build but "still running..." for minutes). Asking counts
+    as the notice of :func:`notice_if_not_built`."""
+    _Notice.given = True
     if not AVAILABLE:
         return f"not built ({LOAD_ERROR}; docs/building.md)"
     return "built, CPU and CUDA kernels" if CUDA_BUILT else "built, CPU kernels only (no nvcc at build time)"

@@ -123,12 +123,9 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
     for flag, on in (("--static-shapes", args.static_shapes), ("--cuda-graphs", args.cuda_graphs)):
         if on and args.dense:
             raise UsageError(f"{flag} is for DCP training; drop it with --dense")
-    if args.static_shapes and args.backend not in ("torch", "auto", "triton"):
-        raise UsageError(f"--static-shapes needs --backend torch (capacity widths) or triton (full width), "
-                         f"got {args.backend}")
-    if args.cuda_graphs and args.backend not in ("torch", "auto", "triton"):
-        raise UsageError(f"--cuda-graphs needs --backend torch (capacity widths) or triton (full width), "
-                         f"got {args.backend}")
+    for flag, on in (("--static-shapes", args.static_shapes), ("--cuda-graphs", args.cuda_graphs)):
+        if on and dcp_kernels.ops.capabilities(args.backend).static_shapes is None:
+            raise UsageError(f"{flag} needs --backend {dcp_kernels.ops.static_shape_backends()}, got {args.backend}")
     if args.cuda_graphs and args.amp == "fp16":
         raise UsageError("--cuda-graphs does not support --amp fp16 (its loss scaler reads the device every step); "
                          "use --amp bf16 or off")
@@ -386,6 +383,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     device = _device(args.device)
+    extension_status = dcp_kernels.ops.extension.status()  # printed below: the run's one "not built" notice
     rank, world = _distributed(device.type)
     is_main = rank == 0
     torch.manual_seed(args.seed)
@@ -462,7 +460,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             f"{dcp_kernels.ops.resolve_backend(args.backend, device)}")
         print(f"dcp-train: {recipe.name}: {spec.name} {spec.in_channels}x{spec.image_size}x{spec.image_size}, "
               f"{spec.train_size} train / {spec.test_size} test images, {mode}, {world} process(es)")
-        print(f"dcp-train: C++/CUDA extension {dcp_kernels.ops.extension.status()}")
+        print(f"dcp-train: C++/CUDA extension {extension_status}")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     start_time = time.perf_counter()
