@@ -1,6 +1,7 @@
 """Reference networks used by the training CLI, tests and benchmarks (CIFAR-style VGG and ResNet)."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -20,18 +21,25 @@ def vgg(config: str | Sequence[int | str] = "vgg16", num_classes: int = 10, in_c
     ``width`` scales every conv width.
     """
     cfg = VGG_CONFIGS[config] if isinstance(config, str) else list(config)
-    layers: list[nn.Module] = []
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
     channels = in_channels
+    convs = pools = 0
     for item in cfg:
         if item == "M":
-            layers.append(nn.MaxPool2d(2))
+            pools += 1
+            layers[f"pool{pools}"] = nn.MaxPool2d(2)
             continue
+        convs += 1
         out = max(1, int(round(int(item) * width)))
-        layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        layers[f"conv{convs}"] = nn.Conv2d(channels, out, 3, padding=1, bias=False)
+        layers[f"bn{convs}"] = nn.BatchNorm2d(out)
+        layers[f"relu{convs}"] = nn.ReLU(inplace=True)
         channels = out
-    return nn.Sequential(
-        nn.Sequential(*layers), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
-    )
+    # Named layers (features.conv3, ...): reports, plots and state dicts say which layer, not "0.7".
+    return nn.Sequential(OrderedDict(
+        features=nn.Sequential(layers), pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+        classifier=nn.Linear(channels, num_classes),
+    ))
 
 
 class BasicBlock(nn.Module):

@@ -114,7 +114,7 @@ def test_resnet_prunes_only_channels_off_the_residual_path():
 def test_vgg_classifier_reads_kept_channels():
     model = small_vgg()
     prop = dcp_kernels.convert(model, 0.5)
-    assert prop.layer_names == ["0.0", "0.4", "0.7", "0.11"]
+    assert prop.layer_names == ["features.conv1", "features.conv2", "features.conv3", "features.conv4"]
     assert isinstance(model[3], DCPLinear) and model[3].block == 1 and model[3].input_source is model[0][11]
 
 
@@ -255,9 +255,9 @@ def test_conv_without_batchnorm_is_gated_after_the_conv():
 def test_forward_errors_name_the_layer():
     model = small_vgg()
     dcp_kernels.convert(model)
-    with pytest.raises(ValueError, match="'0.0'.*expected 3 input channels"):
+    with pytest.raises(ValueError, match="'features.conv1'.*expected 3 input channels"):
         model(torch.randn(2, 1, 16, 16))
-    with pytest.raises(ValueError, match="'0.0'.*4-D"):
+    with pytest.raises(ValueError, match="'features.conv1'.*4-D"):
         model(torch.randn(3, 16, 16))
 
 
@@ -297,7 +297,7 @@ def test_activations_between_converted_layers(compact):
     seen = {}
     model[0][2].register_forward_hook(lambda m, i, o: seen.update(relu=o.shape[1]))
     model(torch.randn(2, 3, 16, 16))
-    kept = prop.kept()["0.0"]
+    kept = prop.kept()["features.conv1"]
     assert kept < 8
     assert seen["relu"] == (kept if compact else 8)
     # The last conv feeds the Linear classifier through pooling and nn.Flatten, which work at any
