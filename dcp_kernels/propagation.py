@@ -12,14 +12,16 @@ import contextlib
 import math
 import warnings
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import rule
-from .ops.layer import Slots
+from . import ops, reporting, rule
+from .finalize import finalize as _finalize
+from .modules import DCPConv2d
+from .ops.layer import Slots, _all_channels
 from .plan import ConversionPlan  # noqa: F401  (re-exported: its historical home)
 from .rule import (  # noqa: F401  (re-exported: the rule's historical home)
     DecaySchedule,
@@ -31,10 +33,6 @@ from .rule import (  # noqa: F401  (re-exported: the rule's historical home)
     select_channels,
     update_utilities,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .modules import DCPConv2d
-
 
 class Propagation:
     """The controller returned by :func:`dcp_kernels.convert`: owns selection and the schedule.
@@ -51,7 +49,7 @@ class Propagation:
 
     def __init__(
         self,
-        layers: Mapping[str, "DCPConv2d"],
+        layers: Mapping[str, DCPConv2d],
         prune_ratio: float = 0.5,
         *,
         min_channels: int | Mapping[str, int] = 1,
@@ -252,8 +250,6 @@ class Propagation:
         :meth:`report` marks them (:attr:`backend_fallbacks`). Results are the same (every backend
         is tested against the reference); only the speed of those layers is ``torch``'s.
         """
-        from . import ops
-
         ops.resolve_backend(backend)  # a misspelt name fails before anything changes
         if self.static_shapes and ops.capabilities(backend).static_shapes is None:
             raise ValueError(f"static shapes run on backend {ops.static_shape_backends()}, "
@@ -296,10 +292,6 @@ class Propagation:
         layer and no grouped convs (groups > 1, not depthwise). Cost: full-width activations (memory
         as dense).
         """
-        from .modules import DCPConv2d
-
-        from . import ops
-
         enabled = bool(enabled)
         layers = self._all_dcp_layers()
         backends = {layer.backend for layer in layers}
@@ -330,9 +322,7 @@ class Propagation:
         """The Triton static-shape step (full-width tensors, no index vectors)."""
         return self.static_shapes and not self.capacity
 
-    def _all_dcp_layers(self) -> list["DCPConv2d"]:
-        from .modules import DCPConv2d
-
+    def _all_dcp_layers(self) -> list[DCPConv2d]:
         if self.model is None:
             return list(self.layers)
         return [m for m in self.model.modules() if isinstance(m, DCPConv2d)]
@@ -551,8 +541,6 @@ class Propagation:
             holder.slot_scale()  # capacity slots: stale ones are dropped here, eagerly, not under compile
         # The all-channel index vectors the compiled forward looks up: created here, eagerly, so a
         # first use inside torch.compile's trace does not guard on a cache that is about to change.
-        from .ops.layer import _all_channels
-
         for layer in self._dcp_layers:
             _all_channels(layer.in_channels, layer.weight.device)
             _all_channels(layer.out_channels, layer.weight.device)
@@ -591,60 +579,12 @@ class Propagation:
         return dict(zip(self.layer_names, per_layer))
 
     def flops_ratio(self) -> float:
-        """Conv FLOPs with the current selection over dense conv FLOPs, over all converted convs.
-
-        Uses each layer's output size from its most recent forward.
-        """
-        layers = self._all_dcp_layers()
-        dense = active = 0
-        for layer in layers:
-            if layer.last_output_hw is None:
-                raise RuntimeError("flops_ratio() needs one forward pass of the model first (it reads output sizes)")
-            d, a = layer.conv_flops()
-            dense += d
-            active += a
-        return active / dense
+        """Conv FLOPs with the current selection over dense conv FLOPs (:func:`dcp_kernels.reporting.flops_ratio`)."""
+        return reporting.flops_ratio(self)
 
     def report(self) -> str:
-        """A table of every conv: channels, kept, share of the model's conv FLOPs, and why a layer
-        stays dense. Coupled layers (one selection) are listed together; FLOPs shares need one
-        forward pass first (they read output sizes), else they print as ``-``."""
-        convs = {m.dcp_name: m for m in self._all_dcp_layers()}
-        flops = {n: m.conv_flops()[0] for n, m in convs.items() if m.last_output_hw is not None}
-        total = sum(flops.values()) if len(flops) == len(convs) else 0
-
-        def share(names: Sequence[str]) -> str:
-            return f"{100 * sum(flops.get(n, 0) for n in names) / total:.1f}%" if total else "-"
-
-        width = max([len(n) for n in convs] + [len(n) for n in self.layer_names] + [5]) + 2
-        rows = [f"{'layer':<{width}} {'channels':>8} {'kept':>6} {'FLOPs':>7}  note"]
-        listed: set[str] = set()
-        for members, blocks in zip(self.groups, self.group_blocks):
-            names = [self.layer_names[i] for i in members]
-            layer = self.layers[members[0]]
-            notes = [f"coupled with {', '.join(names[1:])}"] if len(names) > 1 else []
-            if blocks > 1:
-                notes.append(f"{blocks} blocks (grouped conv): equal kept per block")
-            notes += [self._fallback_note(n) for n in names if n in self.backend_fallbacks]
-            note = "; ".join(notes)
-            rows.append(f"{names[0]:<{width}} {layer.out_channels:>8} {int(layer.selected.sum()):>6} "
-                        f"{share(names):>7}  {note}".rstrip())
-            listed.update(names)
-        skipped = self.plan.skipped if self.plan is not None else {}
-        for name, conv in convs.items():
-            if name in listed:
-                continue
-            reason = skipped.get(name, "depthwise: follows the channels of its input" if conv.depthwise else "dense")
-            if name in self.backend_fallbacks:
-                reason += f"; {self._fallback_note(name)}"
-            rows.append(f"{name:<{width}} {conv.out_channels:>8} {'-':>6} {share([name]):>7}  left dense: {reason}")
-        for name, reason in skipped.items():
-            if name not in convs and name not in listed:
-                rows.append(f"{name:<{width}} {'':>8} {'-':>6} {'-':>7}  left dense: {reason}")
-        return "\n".join(rows)
-
-    def _fallback_note(self, name: str) -> str:
-        return f"{name} runs on 'torch' (no grouped-conv kernel in {self.backend_fallbacks[name]!r})"
+        """The per-layer table: channels, kept, FLOPs share, why dense (:func:`dcp_kernels.reporting.report`)."""
+        return reporting.report(self)
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
@@ -700,9 +640,7 @@ class Propagation:
     # ----------------------------------------------------------------------------- the end
     def finalize(self) -> nn.Module:
         """Cut the unselected channels: a plain, smaller ``nn.Module`` (see :mod:`dcp_kernels.finalize`)."""
-        from .finalize import finalize
-
-        return finalize(self)
+        return _finalize(self)
 
     def attach(self, model: nn.Module) -> None:
         """Select automatically before every training-mode forward of ``model``."""
