@@ -301,13 +301,13 @@ def test_dcp_accuracy_close_to_dense_on_digits(tmp_path):
 def test_amp_selects_like_fp32(tmp_path, precision):
     """CPU autocast (fp16 with a GradScaler): no NaN, fp32 utilities, selections near the fp32 run's."""
     args = ["--epochs", "2", "--explore-epochs", "1", *FAST]
-    cli.run(args + ["--out", str(tmp_path / "fp32")])
-    fp32 = torch.cat([l.selected for l in cli.LAST_RUN["prop"].layers])
-    amp = cli.run(args + ["--amp", precision, "--out", str(tmp_path / "amp")])
-    low = torch.cat([l.selected for l in cli.LAST_RUN["prop"].layers])
+    fp32_run = cli.train(args + ["--out", str(tmp_path / "fp32")])
+    fp32 = torch.cat([l.selected for l in fp32_run.prop.layers])
+    amp_run = cli.train(args + ["--amp", precision, "--out", str(tmp_path / "amp")])
+    amp, low = amp_run.summary, torch.cat([l.selected for l in amp_run.prop.layers])
     assert "nan" not in (tmp_path / "amp" / "metrics.csv").read_text().lower()
     assert all(torch.isfinite(l.utility).all() and l.utility.dtype == torch.float32
-               for l in cli.LAST_RUN["prop"].layers)
+               for l in amp_run.prop.layers)
     assert (fp32 == low).float().mean() >= 0.8  # low-precision rounding moves near-ties only
     assert amp["test_accuracy_finalized"] == pytest.approx(amp["test_accuracy_gated"])
 
@@ -318,9 +318,9 @@ def test_ddp_two_processes_select_identically(tmp_path):
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
         "from dcp_kernels.train import cli\n"
-        "cli.run(sys.argv[2:])\n"
-        "sel = torch.cat([l.selected.float() for l in cli.LAST_RUN['prop'].layers])\n"
-        "params = torch.cat([p.detach().flatten() for p in cli.LAST_RUN['model'].parameters()])\n"
+        "done = cli.train(sys.argv[2:])\n"
+        "sel = torch.cat([l.selected.float() for l in done.prop.layers])\n"
+        "params = torch.cat([p.detach().flatten() for p in done.model.parameters()])\n"
         "torch.save({'sel': sel, 'params': params}, sys.argv[1] + f'/rank{dist.get_rank()}.pt')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import functools
 import inspect
 import itertools
 import json
@@ -21,6 +22,7 @@ import random
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -37,10 +39,6 @@ from dcp_kernels.train.data import DataSpec, cifar10_spec, digits_spec, imagefol
 from dcp_kernels.train.recipes import RECIPES, Recipe
 
 DIGITS_VGG = [32, 32, "M", 64, 64, "M", 128, 128]
-
-# The last run's model and controller, for callers in the same process (tests, notebooks).
-LAST_RUN: dict = {}
-
 
 class UsageError(SystemExit):
     """A mistake in the command line or in the files it names: reported in one line, no traceback.
@@ -371,28 +369,87 @@ def _resume_hint(argv: Sequence[str] | None) -> str:
     return f"The last checkpoint is {ckpt}; continue with: dcp-train {' '.join(given + ['--resume', str(ckpt)])}"
 
 
+@dataclass
+class TrainingRun:
+    """Everything one ``dcp-train`` run holds, built by :func:`_build` and advanced by the steps of
+    :func:`train` (resume, one epoch at a time, finish). ``summary`` is filled at the end."""
+
+    args: argparse.Namespace
+    recipe: Recipe
+    hp: dict
+    spec: DataSpec
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    model: nn.Module  # the converted model (the dense one with --dense)
+    dense_model: nn.Module  # same architecture and init, never converted (timing)
+    probe: torch.Tensor  # one test image, for FLOPs
+    dense_params: int
+    dense_flops: int
+    prop: "dcp_kernels.Propagation | None"
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    train_model: nn.Module  # the model, or its DDP wrapper
+    dense_rows: list[dict] | None = None  # a dense run's metrics, for the plot
+    rows: list[dict] = field(default_factory=list)
+    kept_history: list[dict[str, int]] = field(default_factory=list)
+    start_epoch: int = 0
+    resumed_step: dict | None = None  # where a mid-epoch checkpoint left its epoch
+    graphed: GraphedStep | None = None
+    extension_status: str = ""
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        # Under CUDA graphs autocast must not cache casts across the capture (PyTorch's graph rule).
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not self.args.cuda_graphs)
+
+
 def run(argv: Sequence[str] | None = None) -> dict:
     """Parse ``argv``, train, finalize, report; returns the summary that is also saved as JSON."""
-    args = build_parser().parse_args(argv)
+    return train(argv).summary
+
+
+def train(argv: Sequence[str] | None = None) -> TrainingRun:
+    """:func:`run`, returning the whole run (model, controller, summary) for callers in the same process."""
+    state = _build(build_parser().parse_args(argv))
+    if state.args.resume:
+        _resume(state)
+    _announce(state)
+    start_time = time.perf_counter()
+    for epoch in range(state.start_epoch, state.hp["epochs"]):
+        _train_epoch(state, epoch)
+    state.summary = _finish(state, time.perf_counter() - start_time)
+    if state.world > 1:
+        torch.distributed.barrier()
+    return state
+
+
+def _build(args: argparse.Namespace) -> TrainingRun:
+    """Check the inputs, load the data, build and convert the model, make the optimizer."""
+    extension_status = dcp_kernels.ops.extension.status()  # printed by _announce: the run's one "not built" notice
     recipe, hp = resolve(args)
     if args.data and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: no such directory")
     if args.resume and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume}: no such file")
     dense_rows = _read_dense_run(args.dense_run) if args.dense_run else None
-    from tqdm.auto import tqdm
-
     device = _device(args.device)
-    extension_status = dcp_kernels.ops.extension.status()  # printed below: the run's one "not built" notice
     rank, world = _distributed(device.type)
-    is_main = rank == 0
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     if args.cuda_graphs and (device.type != "cuda" or world > 1):
         raise UsageError("--cuda-graphs needs --device cuda and a single process")
-    out = Path(args.out)  # created once the inputs are known good (no empty directory for a failed start)
     if not args.dense:
         try:
             dcp_kernels.ops.resolve_backend(args.backend, device)
@@ -403,11 +460,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise UsageError(f"--data {args.data}: {error}") from error
     model = build_model(recipe.model, spec).to(device)
-    dense_model = copy.deepcopy(model)  # same architecture and init, never converted
+    dense_model = copy.deepcopy(model)
     probe = next(spec.test_batches())[0][:1].to(device)
     dense_params = sum(p.numel() for p in model.parameters())
     dense_flops = conv_flops(model, probe)
-
     prop = None
     if not args.dense:
         schedule = DecaySchedule(hp["decay"], recipe.decay_step, hp["milestones"][:-1], hp["milestones"][-1])
@@ -416,9 +472,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
                                    backend=args.backend, round_to=round_to,
                                    static_shapes=args.static_shapes or args.cuda_graphs)
     opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(hp["milestones"]), gamma=0.1)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp)
     train_model: nn.Module = model
     if world > 1:
         # Buffers are not broadcast from rank 0 at every forward (utilities are averaged over the ranks
@@ -431,171 +484,171 @@ def run(argv: Sequence[str] | None = None) -> dict:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
         )
-
-    rows: list[dict] = []
-    kept_history: list[dict[str, int]] = []
-    start_epoch = 0
-    resumed_step: dict | None = None  # where a mid-epoch checkpoint left its epoch
-    if args.resume:
-        ckpt = _load_checkpoint(args.resume, device)
-        if ckpt["dense"] != args.dense or ckpt["recipe"] != recipe.name:
-            raise UsageError(f"--resume {args.resume} is a checkpoint of another kind of run "
-                             f"(recipe {ckpt['recipe']}, dense={ckpt['dense']})")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if prop is not None:
-            prop.load_state_dict(ckpt["dcp"])
-        _set_rng_state(ckpt["rng"])
-        rows, kept_history, start_epoch = ckpt["rows"], ckpt["kept_history"], ckpt["epoch"]
-        resumed_step = ckpt.get("within_epoch")
-        if is_main:
-            where = f", step {resumed_step['step']}" if resumed_step else ""
-            print(f"dcp-train: resumed from {args.resume} at epoch {start_epoch}{where}")
-
-    if is_main:
-        mode = "dense baseline" if args.dense else (
-            f"{len(prop.layers)} prunable layers, prune ratio {hp['prune_ratio']}, backend "
-            f"{dcp_kernels.ops.resolve_backend(args.backend, device)}")
-        print(f"dcp-train: {recipe.name}: {spec.name} {spec.in_channels}x{spec.image_size}x{spec.image_size}, "
-              f"{spec.train_size} train / {spec.test_size} test images, {mode}, {world} process(es)")
-        print(f"dcp-train: C++/CUDA extension {extension_status}")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    start_time = time.perf_counter()
-    # Under CUDA graphs autocast must not cache casts across the capture (PyTorch's graph rule).
-    autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not args.cuda_graphs))
-                if amp_dtype else contextlib.nullcontext)
-
-    def graph_step(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step GraphedStep captures (no zero_grad: it resets the gradients itself)."""
-        with autocast():
-            logits = train_model(xb)
-            loss = F.cross_entropy(logits.float(), yb)
-        loss.backward()
-        opt.step()
-        return loss, logits
-
-    graphed = GraphedStep(graph_step, model, prop, opt) if args.cuda_graphs else None
-
-    def save_checkpoint(epoch_done: int, within_epoch: dict | None) -> None:
-        _save_atomically({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                          "dcp": prop.state_dict() if prop else None, "rng": _rng_state(), "epoch": epoch_done,
-                          "within_epoch": within_epoch, "rows": rows, "kept_history": kept_history,
-                          "dense": args.dense, "recipe": recipe.name, "hyperparameters": hp},
-                         out / "checkpoint.pt")
-
-    for epoch in range(start_epoch, hp["epochs"]):
-        train_model.train()
-        # Accumulated on the device: reading loss and accuracy every step would sync every step.
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
-        seen, step, earlier_seconds = 0, 0, 0.0
-        if resumed_step is not None:  # continue the epoch a mid-epoch checkpoint left
-            totals = resumed_step["totals"].to(device)
-            seen, step, earlier_seconds = resumed_step["seen"], resumed_step["step"], resumed_step["seconds"]
-            resumed_step = None
-        steps, batches = _epoch_batches(spec, epoch, hp["batch_size"], rank, world, skip=step)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{hp['epochs']}", leave=False, total=steps, initial=step,
-                   disable=True if (args.no_progress or not is_main) else None)  # None: off when not a terminal
-        t0 = time.perf_counter() - earlier_seconds
-        for xb, yb in bar:
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            if graphed is not None:
-                loss, logits = graphed(xb, yb)
-            else:
-                with autocast():
-                    logits = train_model(xb)
-                    loss = F.cross_entropy(logits.float(), yb)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            seen += len(yb)
-            step += 1
-            with torch.no_grad():
-                totals += torch.stack([loss.detach().double() * len(yb), (logits.argmax(1) == yb).sum().double()])
-            if not bar.disable and (step % DISPLAY_EVERY == 0 or step == steps):
-                loss_sum, correct = totals.tolist()  # one read every DISPLAY_EVERY steps
-                postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{correct / seen:.3f}",
-                           "img_s": f"{seen * world / (time.perf_counter() - t0):.0f}"}
-                if prop is not None:
-                    postfix["kept"] = sum(prop.kept().values())  # host counts: no device read
-                bar.set_postfix(postfix)
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps and is_main:
-                save_checkpoint(epoch, {"step": step, "seen": seen, "totals": totals.cpu(),
-                                        "seconds": time.perf_counter() - t0})
-        sched.step()
-        loss_sum, correct = totals.tolist()
-        row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
-               "test_acc": accuracy(model, spec, device), "lr": opt.param_groups[0]["lr"],
-               "kept": sum(prop.kept().values()) if prop else None, "decay": prop.decay if prop else None,
-               "seconds": time.perf_counter() - t0}
-        rows.append(row)
-        if prop is not None:
-            kept_history.append(prop.kept())
-            prop.epoch_end()
-        if is_main:
-            kept = f"  kept {row['kept']}/{prop.total_channels}" if prop else ""
-            print(f"epoch {epoch + 1:>3}: loss {row['loss']:.3f}  train {row['train_acc']:.3f}  "
-                  f"test {row['test_acc']:.3f}{kept}  {row['seconds']:.1f}s")
-            save_checkpoint(epoch + 1, None)
-    train_seconds = time.perf_counter() - start_time
-    LAST_RUN.update(model=model, prop=prop)
-    summary = _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history, device, probe,
-                      dense_params, dense_flops, train_seconds, out, is_main, world, dense_rows)
-    if world > 1:
-        torch.distributed.barrier()
-    return summary
+    state = TrainingRun(
+        args=args, recipe=recipe, hp=hp, spec=spec, device=device, rank=rank, world=world,
+        out=Path(args.out),  # created once the inputs are known good (no empty directory for a failed start)
+        model=model, dense_model=dense_model, probe=probe, dense_params=dense_params, dense_flops=dense_flops,
+        prop=prop, opt=opt, sched=torch.optim.lr_scheduler.MultiStepLR(opt, list(hp["milestones"]), gamma=0.1),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+        amp_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp), train_model=train_model,
+        dense_rows=dense_rows, extension_status=extension_status,
+    )
+    if args.cuda_graphs:
+        state.graphed = GraphedStep(functools.partial(_graph_step, state), model, prop, opt)
+    return state
 
 
-def _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history, device, probe,
-            dense_params, dense_flops, train_seconds, out, is_main, world, dense_rows) -> dict:
+def _graph_step(state: TrainingRun, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step GraphedStep captures (no zero_grad: it resets the gradients itself)."""
+    with state.autocast():
+        logits = state.train_model(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+    loss.backward()
+    state.opt.step()
+    return loss, logits
+
+
+def _resume(state: TrainingRun) -> None:
+    """Load ``--resume``'s checkpoint: weights, optimizer, schedule, DCP state, RNG, history."""
+    args = state.args
+    ckpt = _load_checkpoint(args.resume, state.device)
+    if ckpt["dense"] != args.dense or ckpt["recipe"] != state.recipe.name:
+        raise UsageError(f"--resume {args.resume} is a checkpoint of another kind of run "
+                         f"(recipe {ckpt['recipe']}, dense={ckpt['dense']})")
+    state.model.load_state_dict(ckpt["model"])
+    state.opt.load_state_dict(ckpt["optimizer"])
+    state.sched.load_state_dict(ckpt["scheduler"])
+    state.scaler.load_state_dict(ckpt["scaler"])
+    if state.prop is not None:
+        state.prop.load_state_dict(ckpt["dcp"])
+    _set_rng_state(ckpt["rng"])
+    state.rows, state.kept_history, state.start_epoch = ckpt["rows"], ckpt["kept_history"], ckpt["epoch"]
+    state.resumed_step = ckpt.get("within_epoch")
+    if state.is_main:
+        where = f", step {state.resumed_step['step']}" if state.resumed_step else ""
+        print(f"dcp-train: resumed from {args.resume} at epoch {state.start_epoch}{where}")
+
+
+def _announce(state: TrainingRun) -> None:
+    """Print what runs (rank 0) and create the output directory."""
+    if not state.is_main:
+        return
+    args, spec, hp = state.args, state.spec, state.hp
+    mode = "dense baseline" if args.dense else (
+        f"{len(state.prop.layers)} prunable layers, prune ratio {hp['prune_ratio']}, backend "
+        f"{dcp_kernels.ops.resolve_backend(args.backend, state.device)}")
+    print(f"dcp-train: {state.recipe.name}: {spec.name} {spec.in_channels}x{spec.image_size}x{spec.image_size}, "
+          f"{spec.train_size} train / {spec.test_size} test images, {mode}, {state.world} process(es)")
+    print(f"dcp-train: C++/CUDA extension {state.extension_status}")
+    state.out.mkdir(parents=True, exist_ok=True)
+
+
+def _save_checkpoint(state: TrainingRun, epoch_done: int, within_epoch: dict | None) -> None:
+    _save_atomically({"model": state.model.state_dict(), "optimizer": state.opt.state_dict(),
+                      "scheduler": state.sched.state_dict(), "scaler": state.scaler.state_dict(),
+                      "dcp": state.prop.state_dict() if state.prop else None, "rng": _rng_state(),
+                      "epoch": epoch_done, "within_epoch": within_epoch, "rows": state.rows,
+                      "kept_history": state.kept_history, "dense": state.args.dense, "recipe": state.recipe.name,
+                      "hyperparameters": state.hp},
+                     state.out / "checkpoint.pt")
+
+
+def _train_epoch(state: TrainingRun, epoch: int) -> None:
+    """One epoch: the steps (from a mid-epoch checkpoint's step when resuming), the epoch's row,
+    the controller's epoch end, a checkpoint."""
+    from tqdm.auto import tqdm
+
+    args, hp, prop, device = state.args, state.hp, state.prop, state.device
+    state.train_model.train()
+    # Accumulated on the device: reading loss and accuracy every step would sync every step.
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
+    seen, step, earlier_seconds = 0, 0, 0.0
+    if state.resumed_step is not None:  # continue the epoch a mid-epoch checkpoint left
+        totals = state.resumed_step["totals"].to(device)
+        seen, step, earlier_seconds = (state.resumed_step[k] for k in ("seen", "step", "seconds"))
+        state.resumed_step = None
+    steps, batches = _epoch_batches(state.spec, epoch, hp["batch_size"], state.rank, state.world, skip=step)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{hp['epochs']}", leave=False, total=steps, initial=step,
+               disable=True if (args.no_progress or not state.is_main) else None)  # None: off when not a terminal
+    t0 = time.perf_counter() - earlier_seconds
+    for xb, yb in bar:
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        if state.graphed is not None:
+            loss, logits = state.graphed(xb, yb)
+        else:
+            with state.autocast():
+                logits = state.train_model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+            state.opt.zero_grad(set_to_none=True)
+            state.scaler.scale(loss).backward()
+            state.scaler.step(state.opt)
+            state.scaler.update()
+        seen += len(yb)
+        step += 1
+        with torch.no_grad():
+            totals += torch.stack([loss.detach().double() * len(yb), (logits.argmax(1) == yb).sum().double()])
+        if not bar.disable and (step % DISPLAY_EVERY == 0 or step == steps):
+            loss_sum, correct = totals.tolist()  # one read every DISPLAY_EVERY steps
+            postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{correct / seen:.3f}",
+                       "img_s": f"{seen * state.world / (time.perf_counter() - t0):.0f}"}
+            if prop is not None:
+                postfix["kept"] = sum(prop.kept().values())  # host counts: no device read
+            bar.set_postfix(postfix)
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps and state.is_main:
+            _save_checkpoint(state, epoch, {"step": step, "seen": seen, "totals": totals.cpu(),
+                                            "seconds": time.perf_counter() - t0})
+    state.sched.step()
+    loss_sum, correct = totals.tolist()
+    row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
+           "test_acc": accuracy(state.model, state.spec, device), "lr": state.opt.param_groups[0]["lr"],
+           "kept": sum(prop.kept().values()) if prop else None, "decay": prop.decay if prop else None,
+           "seconds": time.perf_counter() - t0}
+    state.rows.append(row)
+    if prop is not None:
+        state.kept_history.append(prop.kept())
+        prop.epoch_end()
+    if state.is_main:
+        kept = f"  kept {row['kept']}/{prop.total_channels}" if prop else ""
+        print(f"epoch {epoch + 1:>3}: loss {row['loss']:.3f}  train {row['train_acc']:.3f}  "
+              f"test {row['test_acc']:.3f}{kept}  {row['seconds']:.1f}s")
+        _save_checkpoint(state, epoch + 1, None)
+
+
+def _finish(state: TrainingRun, train_seconds: float) -> dict:
     """Finalize, measure, print and save the run's results (rank 0 writes files)."""
+    args, prop, model, device, spec = state.args, state.prop, state.model, state.device, state.spec
     gated_acc = accuracy(model, spec, device)
     final = prop.finalize() if prop is not None else model
     final_acc = accuracy(final, spec, device)
     summary = {
-        "recipe": recipe.name, "hyperparameters": hp, "dense_baseline": args.dense,
+        "recipe": state.recipe.name, "hyperparameters": state.hp, "dense_baseline": args.dense,
         "test_accuracy_gated": gated_acc, "test_accuracy_finalized": final_acc,
-        "params_dense": dense_params, "params_finalized": sum(p.numel() for p in final.parameters()),
-        "flops_dense": dense_flops, "flops_finalized": conv_flops(final, probe),
+        "params_dense": state.dense_params, "params_finalized": sum(p.numel() for p in final.parameters()),
+        "flops_dense": state.dense_flops, "flops_finalized": conv_flops(final, state.probe),
         "train_seconds": train_seconds, "kept": prop.kept() if prop else None, "args": vars(args),
-        "device": str(device), "processes": world, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": str(device), "processes": state.world, "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         # Capacity widths (--static-shapes on torch): slots per layer and their waste (slots / kept).
         "capacities": prop.capacities() if prop else None, "capacity_waste": prop.capacity_waste() if prop else None,
     }
-    if args.timing_steps > 0 and prop is not None and is_main:
+    if args.timing_steps > 0 and prop is not None and state.is_main:
         # Dense vs DCP vs the finalized network, side by side on one batch (final selection).
         xb, yb = next(spec.train_batches(0))
         xb, yb = xb.to(device), yb.to(device)
         prop.explore_epochs = 0  # keep selecting (not exploring) while timing
         prop.distributed = False  # only this rank times: no collective calls
-        timed = compare_step_times({"dense": dense_model, "dcp": model, "finalized": copy.deepcopy(final)},
+        timed = compare_step_times({"dense": state.dense_model, "dcp": model, "finalized": copy.deepcopy(final)},
                                    xb, yb, args.timing_steps)
         summary.update(step_seconds_dense=timed["dense"], step_seconds_dcp=timed["dcp"],
                        step_seconds_finalized=timed["finalized"], timing_batch=len(yb))
-    if not is_main:
+    if not state.is_main:
         return summary
-    if prop is not None:
-        print("\nkept channels per layer:")
-        for name, layer in zip(prop.layer_names, prop.layers):
-            print(f"  {name:<24} {int(layer.selected.sum()):>5} / {layer.out_channels}")
-    if summary["capacity_waste"] is not None:
-        print(f"capacity widths: {summary['capacity_waste']:.2f}x the kept channels (slots / kept)")
-    print(f"\ntest accuracy: gated {gated_acc:.4f}, finalized {final_acc:.4f}")
-    p_d, p_f, f_d, f_f = (summary[k] for k in ("params_dense", "params_finalized", "flops_dense", "flops_finalized"))
-    print(f"parameters: dense {p_d:,} -> finalized {p_f:,} ({p_f / p_d:.2f}x)")
-    print(f"FLOPs/image: dense {f_d:,} -> finalized {f_f:,} ({f_f / f_d:.2f}x)")
-    if "step_seconds_dcp" in summary:
-        d, c, f = summary["step_seconds_dense"], summary["step_seconds_dcp"], summary["step_seconds_finalized"]
-        print(f"training step (batch {summary['timing_batch']}, {device}, {torch.get_num_threads()} threads): "
-              f"dense {d * 1e3:.1f} ms, DCP {c * 1e3:.1f} ms ({_speed_words(d, c)}), finalized model {f * 1e3:.1f} ms")
+    _print_summary(state, summary)
+    out = state.out
     with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(state.rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(state.rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     torch.save(final, out / "finalized_model.pt")
     torch.save(final.state_dict(), out / "finalized_state_dict.pt")
@@ -603,10 +656,30 @@ def _finish(args, recipe, hp, spec, model, dense_model, prop, rows, kept_history
     if not args.no_plots:
         from dcp_kernels.train.plots import save_plots
 
-        paths = save_plots(rows, kept_history, prop.utilities() if prop else {}, out, dense_rows=dense_rows)
+        paths = save_plots(state.rows, state.kept_history, prop.utilities() if prop else {}, out,
+                           dense_rows=state.dense_rows)
         written += [p.name for p in paths]
     print(f"outputs: {os.fspath(out)}/ ({', '.join(written)})")
     return summary
+
+
+def _print_summary(state: TrainingRun, summary: dict) -> None:
+    prop = state.prop
+    if prop is not None:
+        print("\nkept channels per layer:")
+        for name, layer in zip(prop.layer_names, prop.layers):
+            print(f"  {name:<24} {int(layer.selected.sum()):>5} / {layer.out_channels}")
+    if summary["capacity_waste"] is not None:
+        print(f"capacity widths: {summary['capacity_waste']:.2f}x the kept channels (slots / kept)")
+    print(f"\ntest accuracy: gated {summary['test_accuracy_gated']:.4f}, "
+          f"finalized {summary['test_accuracy_finalized']:.4f}")
+    p_d, p_f, f_d, f_f = (summary[k] for k in ("params_dense", "params_finalized", "flops_dense", "flops_finalized"))
+    print(f"parameters: dense {p_d:,} -> finalized {p_f:,} ({p_f / p_d:.2f}x)")
+    print(f"FLOPs/image: dense {f_d:,} -> finalized {f_f:,} ({f_f / f_d:.2f}x)")
+    if "step_seconds_dcp" in summary:
+        d, c, f = summary["step_seconds_dense"], summary["step_seconds_dcp"], summary["step_seconds_finalized"]
+        print(f"training step (batch {summary['timing_batch']}, {state.device}, {torch.get_num_threads()} threads): "
+              f"dense {d * 1e3:.1f} ms, DCP {c * 1e3:.1f} ms ({_speed_words(d, c)}), finalized model {f * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":  # pragma: no cover
