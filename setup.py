@@ -38,7 +38,12 @@ def _cuda_home() -> str | None:
 def _extension_kwargs() -> dict:
     if os.environ.get("DCP_NO_EXTENSION") == "1":
         return {}
-    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    # csrc/emulation/ (the CPU emulation of CUDA, its self-test, the emulated-kernel ops) is test code: the
+    # tests build it as its own extension (tests/emulated_kernels.py); DCP_TEST_KERNELS=1 compiles it
+    # into _C instead (csrc/sanitize.sh's AddressSanitizer build).
+    test_kernels = os.environ.get("DCP_TEST_KERNELS") == "1"
+    sources = sorted(s for s in glob.glob("csrc/**/*.cpp", recursive=True)
+                     if test_kernels or not s.startswith(os.path.join("csrc", "emulation", "")))
     if not sources:
         return {}
     cuda_home = None if os.environ.get("DCP_NO_CUDA") == "1" else _cuda_home()

@@ -44,7 +44,7 @@ TORCH_LIBRARY(dcp, m) {
   // The fused gather implicit-GEMM convolution with its configuration explicit (mma: -1 choose,
   // 0 SIMT tiles, 1 tensor-core tiles; wgrad_splits: 0 choose): on CUDA tensors the kernels that
   // gathered_conv2d runs there, on CPU tensors the same kernels under the CPU emulation of CUDA
-  // (csrc/cpu/fused_conv_emulated.cpp).
+  // (csrc/emulation/fused_conv_emulated.cpp, test-only: tests/emulated_kernels.py builds it).
   m.def(
       "implicit_gemm_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor in_idx, Tensor out_idx, "
       "int[] stride, int[] padding, int[] dilation, bool depthwise, bool x_compact, bool y_compact, "

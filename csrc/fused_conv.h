@@ -3,7 +3,7 @@
 // choice of tile and split-K, and the order of the passes. An executor runs the passes: the kernels of
 // csrc/fused_conv_kernels.cuh, launched by KernelExecutor<Device> with
 //   csrc/cuda/fused_conv_cuda.cu       CudaDevice: on the GPU (`dcp::gathered_conv2d` on CUDA tensors)
-//   csrc/cpu/fused_conv_emulated.cpp   EmulatedDevice: under the CPU emulation of CUDA
+//   csrc/emulation/fused_conv_emulated.cpp   EmulatedDevice: under the CPU emulation of CUDA
 //                                      (`dcp::implicit_gemm_conv2d` on CPU tensors, for the tests)
 // Index ranges are not checked here: every kernel checks the indices it reads on the device (no host
 // sync), on a GPU and in the CPU emulation alike.

@@ -1,7 +1,7 @@
 // The CUDA kernels of the fused gather convolution (`dcp::gathered_conv2d[_backward]` on CUDA tensors)
 // and the executor that launches them for csrc/fused_conv.h. Compiled twice:
 //   * by nvcc, in csrc/cuda/fused_conv_cuda.cu: the kernels run on the GPU;
-//   * by the host compiler with DCP_EMULATE_CUDA, in csrc/cpu/fused_conv_emulated.cpp: the same source
+//   * by the host compiler with DCP_EMULATE_CUDA, in csrc/emulation/fused_conv_emulated.cpp: the same source
 //     runs on the CPU under csrc/emulation/cuda_emulation.h (a fiber per CUDA thread, barriers,
 //     emulated WMMA fragments), which is how the tests check this code on machines without a GPU.
 //

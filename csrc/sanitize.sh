@@ -2,7 +2,8 @@
 # The C++ extension under AddressSanitizer: the CUDA kernels run in their CPU emulation
 # (csrc/emulation/), so every global-memory access of the kernels (activations, weights, indices,
 # split-K workspace) and every `__shared__` array (statics in the emulation) is bounds-checked, as
-# compute-sanitizer would on a GPU. Builds a CPU-only ASan copy of the extension in a temporary
+# compute-sanitizer would on a GPU. Builds a CPU-only ASan copy of the extension, with the test-only
+# emulated kernels compiled in (DCP_TEST_KERNELS=1), in a temporary
 # folder (the checkout is not touched), then:
 #   1. proves the sanitizer is live: a self-test kernel reading past its buffer must be reported;
 #   2. runs the kernels' tests (tests/test_implicit_gemm.py, tests/test_extension.py and the op grid's
@@ -27,7 +28,7 @@ mkdir "$work/dcp_kernels"
 (cd "$root/dcp_kernels" && find . -name '*.py' -exec cp --parents {} "$work/dcp_kernels/" \;)
 
 echo "sanitize: building the extension with -fsanitize=address (CPU only)"
-(cd "$work" && CXX=g++ DCP_SANITIZE=address DCP_NO_CUDA=1 DCP_REQUIRE_EXTENSION=1 DCP_WERROR=1 \
+(cd "$work" && CXX=g++ DCP_SANITIZE=address DCP_NO_CUDA=1 DCP_TEST_KERNELS=1 DCP_REQUIRE_EXTENSION=1 DCP_WERROR=1 \
   python3 setup.py -q build_ext --inplace --build-temp "$work/build" > "$work/build.log" 2>&1) \
   || { tail -30 "$work/build.log" >&2; echo "sanitize: the ASan build failed" >&2; exit 1; }
 

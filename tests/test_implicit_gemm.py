@@ -1,7 +1,8 @@
 """The fused gather implicit-GEMM convolution of the CUDA extension (csrc/fused_conv_kernels.cuh).
 
 ``dcp::implicit_gemm_conv2d[_backward]`` on CPU tensors runs the CUDA kernels' own source, compiled by the
-host compiler, under the CPU emulation of the CUDA execution model (csrc/emulation/cuda_emulation.h:
+host compiler, under the CPU emulation of the CUDA execution model (csrc/emulation/cuda_emulation.h, a
+test-only extension built by tests/emulated_kernels.py:
 a fiber per CUDA thread, shared memory, barriers checked for divergence and run in two thread orders,
 device-side asserts, emulated WMMA fragments with the API's alignment rules), with the host side
 unchanged (checks, allocation, problems, tile family and split-K choice, csrc/fused_conv.h). Checked
@@ -21,6 +22,14 @@ from dcp_kernels.ops import extension
 
 pytestmark = pytest.mark.skipif(not extension.AVAILABLE,
                                 reason=f"the C++ extension is not built here ({extension.LOAD_ERROR})")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _emulated_kernels():
+    """The emulated kernels are a test-only extension (tests/emulated_kernels.py): built on first use."""
+    import emulated_kernels
+
+    emulated_kernels.load()
 # On CPU tensors the ops run the kernels emulated; on CUDA tensors (where a GPU exists) on the device.
 DEVICES_BUILT = [d for d in DEVICES if d == "cpu" or extension.CUDA_BUILT]
 
