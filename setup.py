@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 
 from setuptools import setup
@@ -98,4 +99,13 @@ def _extension_kwargs() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
 
 
-setup(**_extension_kwargs())
+def _version() -> str:
+    """``dcp_kernels.__version__``, plus ``+DCP_LOCAL_VERSION`` when set: scripts/build_wheel.sh names the
+    torch and CUDA a wheel's extension links against (``0.1.0+torch2.14.1.cu130``)."""
+    with open(os.path.join("dcp_kernels", "__init__.py")) as f:
+        version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+    local = os.environ.get("DCP_LOCAL_VERSION")
+    return f"{version}+{local}" if local else version
+
+
+setup(version=_version(), **_extension_kwargs())
