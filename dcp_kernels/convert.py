@@ -96,9 +96,11 @@ class OriginalLayoutKeys:
 def _exclude_utilities_from_ddp(model: nn.Module, prunable: Sequence[str]) -> None:
     """Keep DDP from broadcasting rank 0's utilities at every forward (its default): the controller
     averages them over the ranks before each selection, so every rank's data counts. DDP reads this
-    list from the module it wraps; a wrapper around the converted model needs the same names under
-    its own prefix."""
-    names = [f"{name}.utility" for name in prunable]
+    list from the module it wraps: a wrapper around the converted model (``torch.compile``'s
+    ``_orig_mod.``, a parent module) needs the same names under its own prefix."""
+    # utility: averaged, not broadcast; selected / kept_*: rewritten by every selection, identical on
+    # every rank (a broadcast would only invalidate the caches derived from them).
+    names = [f"{name}.{buffer}" for name in prunable for buffer in ("utility", "selected", "kept_order", "kept_count")]
     existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = existing + [n for n in names if n not in existing]
 

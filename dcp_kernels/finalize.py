@@ -154,6 +154,7 @@ def finalize(prop: "Propagation") -> nn.Module:
         prop.select(force=True)
     with prop.without_hook():
         plain = copy.deepcopy(model)
+    plain.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)  # names of DCP buffers the copy no longer has
     plan = prop.plan
     modules = dict(plain.named_modules())
     layers = {n: m for n, m in modules.items() if isinstance(m, DCPConv2d)}

@@ -1,7 +1,6 @@
 """``DCPConv2d``: a drop-in ``nn.Conv2d`` whose unselected channels are never computed."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -483,15 +482,17 @@ class DCPConv2d(nn.Conv2d):
 
 
 class DCPTokenLinear(DCPConv2d):
-    """An ``nn.Linear`` on tokens (``(..., in_features)``, features last) whose output features are a
+    """An ``nn.Linear`` on tokens (``(N, ..., in_features)``, features last) whose output features are a
     DCP channel space: ConvNeXt's and the transformers' MLP expansion. It runs as the 1x1
-    :class:`DCPConv2d` it equals on ``(tokens, in_features, 1, 1)``, so every backend, the gate, the
-    utilities, capacity widths and the selection machinery are the conv's; unselected features are
-    never computed. The output is ``(..., out_features)``, or ``(..., k)`` when it travels compact.
+    :class:`DCPConv2d` it equals on ``(N, in_features, tokens, 1)`` (a channels-last view, no copy),
+    so every backend, the gate, capacity widths and the selection machinery are the conv's, and the
+    utility is the conv's (per sample, summed over its tokens); unselected features are never
+    computed. The output is ``(N, ..., out_features)``, or ``(N, ..., k)`` when it travels compact.
 
-    The weight is a ``(out_features, in_features, 1, 1)`` Parameter sharing the Linear's storage (a new
-    Parameter object: make the optimizer after ``convert()``); a Linear's 2-D weight in a state dict
-    loads into it. ``finalize()`` turns it back into an ``nn.Linear``. No norm (``norm`` must be None).
+    The weight is the Linear's own Parameter, reshaped in place to ``(out_features, in_features, 1, 1)``
+    (an optimizer made before ``convert()`` still holds it; one that has already stepped holds 2-D
+    state for it: make optimizers after ``convert()``). A Linear's 2-D weight in a state dict loads
+    into it. ``finalize()`` turns it back into an ``nn.Linear``. No norm.
     """
 
     @classmethod
@@ -502,8 +503,9 @@ class DCPTokenLinear(DCPConv2d):
         layer = cls(linear.in_features, linear.out_features, 1, bias=linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype, prunable=prunable, backend=backend,
                     name=name)
-        layer.weight = nn.Parameter(linear.weight.detach().view(*linear.weight.shape, 1, 1),
-                                    requires_grad=linear.weight.requires_grad)
+        weight = linear.weight
+        weight.data = weight.data.view(*weight.shape, 1, 1)  # the same Parameter object, conv-shaped
+        layer.weight = weight
         layer.bias = linear.bias
         layer.train(linear.training)
         return layer
@@ -521,15 +523,9 @@ class DCPTokenLinear(DCPConv2d):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{self._label()}: expected tokens (..., features), got {shape}")
         lead = x.shape[:-1]
-        self.tokens_per_sample = math.prod(lead[1:])
-        y = super().forward(x.reshape(-1, x.shape[-1], 1, 1))
-        return y.view(*lead, y.shape[1])
-
-    def conv_flops(self) -> tuple[int, int]:
-        """(dense, active) multiply-accumulates per sample (all its tokens) of the most recent forward."""
-        dense, active = super().conv_flops()
-        tokens = getattr(self, "tokens_per_sample", 1)
-        return dense * tokens, active * tokens
+        # (N, tokens, 1, features) seen as NCHW: (N, features, tokens, 1) in channels-last strides.
+        y = super().forward(x.reshape(x.shape[0], -1, 1, x.shape[-1]).permute(0, 3, 1, 2))
+        return y.permute(0, 2, 3, 1).reshape(*lead, y.shape[1])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         weight = state_dict.get(prefix + "weight")

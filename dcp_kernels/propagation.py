@@ -86,8 +86,10 @@ class Propagation:
         self.epoch = 0
         self.steps = 0
         # Under an initialised process group of more than one rank (DDP), average the utilities over
-        # the ranks before each selection, so every rank selects the same channels. False: each rank
-        # selects from its own utilities (its replicas then train different networks).
+        # the ranks (default group, one all_reduce) before each selection, so every rank selects the
+        # same channels: every rank must then run the same number of selecting steps, as DDP's own
+        # collectives require. False: each rank selects from its own utilities (its replicas then
+        # train different networks; also for a forward that runs on one rank only).
         self.distributed = True
         # Select before every training-mode forward; False: the caller calls step() (accumulation).
         self.auto_select = True
@@ -500,6 +502,7 @@ class Propagation:
         of the step then runs with one selection (each backward still updates the utilities).
         """
         self.steps += 1
+        self.utility_updates.flush()  # an aborted backward's measurements count before the average
         if self.distributed:
             self.sync_utilities()
         self.select()
@@ -522,9 +525,9 @@ class Propagation:
         if any(layer.utility._version != v for layer, v in zip(self.layers, versions)):
             changed = [n for n, layer, v in zip(self.layer_names, self.layers, versions) if layer.utility._version != v]
             raise RuntimeError(
-                f"utilities of {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed inside "
-                "no_utility_updates(): a backward traced by torch.compile updates them regardless; run that "
-                "backward from an eager forward, or without this context"
+                f"utilities of {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} were written inside "
+                "no_utility_updates(): a backward traced by torch.compile updates them regardless (run it from an "
+                "eager forward), as do prop.step(), load_state_dict() and other writes made inside the context"
             )
 
     def refresh_indices(self) -> None:

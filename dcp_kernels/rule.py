@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
 
@@ -307,10 +308,12 @@ def host_read(counts: torch.Tensor) -> list[int]:
 
 
 class _Pause:
-    """Nesting depth of :func:`paused_utility_updates`. A plain process-wide counter, not a thread-local:
-    autograd runs a CUDA backward on its own device threads, which must see it too."""
+    """Nesting depth of :func:`paused_utility_updates`. Process-wide, not thread-local: autograd runs a
+    CUDA backward on its own device threads, which must see it too (so it pauses other threads'
+    backward passes as well)."""
 
     depth = 0
+    lock = threading.Lock()
 
 
 def utility_updates_paused() -> bool:
@@ -322,11 +325,13 @@ def utility_updates_paused() -> bool:
 def paused_utility_updates() -> Iterator[None]:
     """Backward passes run inside leave every DCP layer's utilities as they are (see
     :meth:`dcp_kernels.Propagation.no_utility_updates`)."""
-    _Pause.depth += 1
+    with _Pause.lock:
+        _Pause.depth += 1
     try:
         yield
     finally:
-        _Pause.depth -= 1
+        with _Pause.lock:
+            _Pause.depth -= 1
 
 
 @torch.no_grad()

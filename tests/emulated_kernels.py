@@ -2,7 +2,7 @@
 compiled for it, registering ``dcp::implicit_gemm_conv2d[_backward]`` on CPU tensors and
 ``dcp::_emulation_selftest``. Not part of the ``_C`` users install (setup.py leaves csrc/emulation/ out);
 built here on first use with ``torch.utils.cpp_extension.load`` (cached under
-``~/.cache/torch_extensions``: about a minute the first time on 2 cores, then a load).
+``~/.cache/torch_extensions``: 25 s the first time on 2 cores, then a load).
 """
 from __future__ import annotations
 

@@ -24,12 +24,15 @@ pytestmark = pytest.mark.skipif(not extension.AVAILABLE,
                                 reason=f"the C++ extension is not built here ({extension.LOAD_ERROR})")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _emulated_kernels():
-    """The emulated kernels are a test-only extension (tests/emulated_kernels.py): built on first use."""
-    import emulated_kernels
+@pytest.fixture(autouse=True)
+def _emulated_kernels(request):
+    """The emulated kernels are a test-only extension (tests/emulated_kernels.py), built on first use by
+    the first CPU case: the CUDA cases (benchmarks/gpu_check.sh) run the real kernels and build nothing."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("device", "cpu") == "cpu":
+        import emulated_kernels
 
-    emulated_kernels.load()
+        emulated_kernels.load()
 # On CPU tensors the ops run the kernels emulated; on CUDA tensors (where a GPU exists) on the device.
 DEVICES_BUILT = [d for d in DEVICES if d == "cpu" or extension.CUDA_BUILT]
 

@@ -303,14 +303,17 @@ def test_token_linear_equals_the_linear_on_its_selected_features():
     from dcp_kernels.modules import DCPTokenLinear
 
     linear = nn.Linear(6, 10)
+    reference = copy.deepcopy(linear)
+    weight = linear.weight
     layer = DCPTokenLinear.from_linear(linear, backend="torch")
+    assert layer.weight is weight and layer.weight.shape == (10, 6, 1, 1)  # the Linear's Parameter, reshaped
     keep = torch.zeros(10, dtype=torch.bool)
     keep[[0, 3, 4, 9]] = True
     layer.set_selection(keep)
     x = torch.randn(2, 5, 3, 6, requires_grad=True)
     y = layer(x)
     assert y.shape == (2, 5, 3, 10) and torch.equal(y[..., ~keep], torch.zeros_like(y[..., ~keep]))
-    expected = linear(x)
+    expected = reference(x)
     torch.testing.assert_close(y[..., keep], expected[..., keep], rtol=1e-5, atol=1e-6)
     (gx,) = torch.autograd.grad((y * y).sum(), x)
     (gx_ref,) = torch.autograd.grad((expected[..., keep] ** 2).sum(), x)

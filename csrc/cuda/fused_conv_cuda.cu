@@ -1,6 +1,6 @@
 // `dcp::gathered_conv2d[_backward]` and `dcp::implicit_gemm_conv2d[_backward]` on CUDA tensors: the
 // kernels of csrc/fused_conv_kernels.cuh launched on the current stream, with the host side of
-// csrc/fused_conv.h. The same kernels run on the CPU, emulated, in csrc/cpu/fused_conv_emulated.cpp.
+// csrc/fused_conv.h. The same kernels run on the CPU, emulated, in csrc/emulation/fused_conv_emulated.cpp.
 // Status: compiled for sm_80/sm_90; what has run on a GPU: docs/benchmarks-gpu.md.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>

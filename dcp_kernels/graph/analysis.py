@@ -169,7 +169,7 @@ class _Analyzer:
         # channels would untie them silently, so they stay dense (name -> the convs it shares with).
         owners: dict[int, list[str]] = {}
         for name, mod in self.modules.items():
-            if isinstance(mod, nn.Conv2d):
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
                 for param in mod.parameters(recurse=False):
                     owners.setdefault(id(param), []).append(name)
         self.tied: dict[str, list[str]] = {}
@@ -256,6 +256,8 @@ class _Analyzer:
         if name in self.tied:
             others = ", ".join(repr(n) for n in self.tied[name])
             self.block_inputs(node, f"read by {name!r}, which shares its parameters with {others}")
+            if isinstance(mod, nn.Linear) and not _token_layout(node):
+                return None  # a Linear on (N, features) produces no space
             return self.produced(node, mod, blocked=f"shares its parameters with {others} (weight tying): "
                                                     "pruning it alone would untie them")
         if name in self.ignore:
@@ -502,6 +504,9 @@ class _Analyzer:
         segs: list[tuple[int | None, int]] = []
         for t in tensors:
             chan = self.values.get(t) if isinstance(t, fx.Node) else None
+            if chan is not None and chan.last:
+                self.block_inputs(node, f"features (last dimension) concatenated in {_describe(node)}")
+                return None
             if chan is not None and chan.block is not None:
                 self.block_inputs(node, f"flattened channels concatenated in {_describe(node)}")
                 return None

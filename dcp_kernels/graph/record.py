@@ -211,7 +211,8 @@ def _drop_dead_ends(graph: fx.Graph) -> None:
         if node.op not in ("call_function", "call_method"):
             return True
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        return name.endswith("_") or node.target in _IN_PLACE_OPERATORS  # add_, relu_, +=
+        # add_, relu_, +=, y[...] = ...: writes into a tensor that lives on
+        return name.endswith("_") or node.target in _IN_PLACE_OPERATORS or node.target is operator.setitem
 
     graph.eliminate_dead_code(is_impure_node=kept)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..rule import UtilityUpdates, update_utilities, utility_updates_paused
 from . import (
+    CAPACITY_BACKEND,
     _triton_backend,
     channel_utility,
     gathered_conv2d,
@@ -102,6 +103,11 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
     :func:`~dcp_kernels.rule.paused_utility_updates`."""
     if utility_updates_paused():
         return
+    # A backward with create_graph=True runs with grad mode on: the utility is not part of any graph
+    # (else the network-wide buffer it lands in would keep every such pass's graph alive).
+    a, g = a.detach(), g.detach()
+    scale = None if scale is None else scale.detach()
+    shift = None if shift is None else shift.detach()
     if backend == "triton":
         _triton_backend().update_utility(a, g, sink.utility, idx, sink.decay, scale, shift)
         return
@@ -279,7 +285,8 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
 class _CompactBatchNormGate(torch.autograd.Function):
     """Training-mode BatchNorm (batch statistics, affine) of the compact conv output ``y_c``, then the
     gate, as one autograd node. Used only while the utilities are tracked (see
-    :func:`_fused_batch_norm_applies`), so its backward always updates them.
+    :func:`_fused_batch_norm_applies`), so its backward updates them (outside
+    :func:`~dcp_kernels.rule.paused_utility_updates`).
 
     ``stats`` is ``(running_mean, running_var)`` or ``None``; their selected entries are updated
     with ``momentum`` (the unselected ones are left as they are, docs/algorithm.md "BatchNorm").
@@ -367,7 +374,7 @@ class _GateMask(torch.autograd.Function):
         a, mask, out_idx = ctx.saved_tensors
         g = grad_out * mask
         if ctx.track and not utility_updates_paused():
-            v = channel_utility(a, g, backend="reference").index_select(0, out_idx)
+            v = channel_utility(a.detach(), g.detach(), backend="reference").index_select(0, out_idx)
             update_utilities(ctx.utility, v, out_idx, ctx.decay)
         return g, None, None, None, None, None
 
@@ -446,7 +453,7 @@ def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     of ``in_idx``) zeroes the weight columns of the input padding, ``slots`` says which output slots
     are selected, and the padding outputs are exact zeros. Same results as the exact index vectors.
     """
-    if (in_scale is not None or slots is not None) and backend != "torch":
+    if (in_scale is not None or slots is not None) and backend != CAPACITY_BACKEND:
         raise RuntimeError(f"capacity widths run on backend 'torch', not {backend!r}")
     device = x.device
     if in_idx is None:

@@ -515,7 +515,11 @@ def _resume(state: TrainingRun) -> None:
     if ckpt["dense"] != args.dense or ckpt["recipe"] != state.recipe.name:
         raise UsageError(f"--resume {args.resume} is a checkpoint of another kind of run "
                          f"(recipe {ckpt['recipe']}, dense={ckpt['dense']})")
-    state.model.load_state_dict(ckpt["model"])
+    try:
+        state.model.load_state_dict(ckpt["model"])
+    except RuntimeError as error:  # another model (or a version that named its layers differently)
+        raise UsageError(f"--resume {args.resume}: its model does not fit this run's: "
+                         f"{str(error).splitlines()[0]}") from error
     state.opt.load_state_dict(ckpt["optimizer"])
     state.sched.load_state_dict(ckpt["scheduler"])
     state.scaler.load_state_dict(ckpt["scaler"])
