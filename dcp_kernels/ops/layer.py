@@ -103,11 +103,12 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
     :func:`~dcp_kernels.rule.paused_utility_updates`."""
     if utility_updates_paused():
         return
-    # A backward with create_graph=True runs with grad mode on: the utility is not part of any graph
-    # (else the network-wide buffer it lands in would keep every such pass's graph alive).
-    a, g = a.detach(), g.detach()
-    scale = None if scale is None else scale.detach()
-    shift = None if shift is None else shift.detach()
+    if torch.is_grad_enabled():
+        # A backward with create_graph=True (the only one with grad mode on): the utility is not part
+        # of any graph, else the network-wide buffer it lands in would keep each such pass's graph alive.
+        a, g = a.detach(), g.detach()
+        scale = None if scale is None else scale.detach()
+        shift = None if shift is None else shift.detach()
     if backend == "triton":
         _triton_backend().update_utility(a, g, sink.utility, idx, sink.decay, scale, shift)
         return
@@ -270,9 +271,7 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
     # them per (sample, channel) (_affine_channel_utility). The extension's reduction takes the BN
     # output: the forward's own op recomputes it from the same input.
     idx = None if full else out_idx
-    if utility_updates_paused():
-        pass
-    elif backend in ("triton", "torch"):
+    if backend in ("triton", "torch"):
         scale = w_c * invstd
         shift = torch.addcmul(b_c, mean, scale, value=-1)
         _update_utilities(backend, y_c, g_c, sink, idx, scale, shift)

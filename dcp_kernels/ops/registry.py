@@ -14,25 +14,18 @@ from typing import Literal
 @dataclass(frozen=True)
 class Backend:
     name: str
-    summary: str
-    devices: tuple[str, ...]  # device types its kernels take (the CPU: Triton under TRITON_INTERPRET=1)
     grouped_convs: bool  # 1 < groups, not depthwise (else such layers run on GROUPED_FALLBACK)
     # Static-shape steps: "capacity" (fixed slot counts, ATen convolutions, one host read per step),
     # "full width" (selection read on the device only, no host read), or None (not offered).
     static_shapes: Literal["capacity", "full width"] | None
-    double_backward: bool  # torch.autograd.grad(..., create_graph=True) through its ops
     dense_ops: bool  # plain ATen ops on full tensors: autocast casts for it (the others cast explicitly)
 
 
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
-    Backend("reference", "dense conv + 0/1 masks: the oracle", ("cpu", "cuda"), grouped_convs=True,
-            static_shapes=None, double_backward=True, dense_ops=True),
-    Backend("torch", "compact PyTorch: gather, cuDNN/oneDNN conv, scatter", ("cpu", "cuda"), grouped_convs=True,
-            static_shapes="capacity", double_backward=True, dense_ops=False),
-    Backend("triton", "fused gather implicit-GEMM Triton kernels", ("cuda",), grouped_convs=False,
-            static_shapes="full width", double_backward=False, dense_ops=False),
-    Backend("extension", "the compiled C++/CUDA library (csrc/)", ("cpu", "cuda"), grouped_convs=False,
-            static_shapes=None, double_backward=False, dense_ops=False),
+    Backend("reference", grouped_convs=True, static_shapes=None, dense_ops=True),
+    Backend("torch", grouped_convs=True, static_shapes="capacity", dense_ops=False),
+    Backend("triton", grouped_convs=False, static_shapes="full width", dense_ops=False),
+    Backend("extension", grouped_convs=False, static_shapes=None, dense_ops=False),
 )}
 
 AUTO = "torch"
