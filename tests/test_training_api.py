@@ -42,7 +42,7 @@ def _batch(seed: int, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference"])
 def test_gradient_penalty_gradients_equal_the_dense_models_while_every_channel_is_selected(backend):
     dense = _net()
     model = copy.deepcopy(dense)
@@ -57,7 +57,7 @@ def test_gradient_penalty_gradients_equal_the_dense_models_while_every_channel_i
         assert_close_to_scale(p.grad, dense_grads[old].grad, rel=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference"])  # the one backend with double backward (next test)
 def test_a_backward_inside_no_utility_updates_leaves_the_utilities_alone(backend):
     """One step with a gradient penalty: without the context the utilities are updated twice (the
     penalty's ``autograd.grad``, then the loss's backward), with it once. Checked without assuming
@@ -271,3 +271,16 @@ def test_a_converted_convnext_loads_the_original_linear_weights():
     with torch.no_grad():
         # a 1x1 conv against a Linear: the same products summed in another order (measured 6e-8)
         assert_close_to_scale(model(x), dense(x), rel=1e-5)
+
+
+def test_the_compact_backend_refuses_double_backward_instead_of_dropping_terms():
+    """Its autograd Functions save gathered weight blocks and batch statistics computed inside them, so
+    a second derivative through them would miss terms (measured: gradients 1e-4 apart from the
+    reference's in float64 with channels pruned): PyTorch's once_differentiable makes it an error."""
+    model = _net()
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, backend="torch", example_inputs=(_batch(0)[0],))
+    for layer in prop.layers:
+        layer.utility.uniform_()
+    x, y = _batch(5)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        _penalised_loss(model, x, y, prop).backward()

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .reference import channel_mask
@@ -267,6 +268,7 @@ class _CompactConv2d(torch.autograd.Function):
         return y_c
 
     @staticmethod
+    @once_differentiable  # saves the gathered block: no exact second derivative
     def backward(ctx, grad_y_c):
         grads = block_conv_backward(grad_y_c, ctx.saved_tensors, ctx.kept, *ctx.needs_input_grad[:3])
         return (*grads, None, None, None, None, None, None, None, None)

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..rule import UtilityUpdates, update_utilities, utility_updates_paused
 from . import (
@@ -103,12 +104,6 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
     :func:`~dcp_kernels.rule.paused_utility_updates`."""
     if utility_updates_paused():
         return
-    if torch.is_grad_enabled():
-        # A backward with create_graph=True (the only one with grad mode on): the utility is not part
-        # of any graph, else the network-wide buffer it lands in would keep each such pass's graph alive.
-        a, g = a.detach(), g.detach()
-        scale = None if scale is None else scale.detach()
-        shift = None if shift is None else shift.detach()
     if backend == "triton":
         _triton_backend().update_utility(a, g, sink.utility, idx, sink.decay, scale, shift)
         return
@@ -176,6 +171,7 @@ class _CompactGate(torch.autograd.Function):
         return a_c.clone()
 
     @staticmethod
+    @once_differentiable  # saves gathered blocks and statistics: no exact second derivative
     def backward(ctx, grad_out):
         a_c, out_idx = ctx.saved_tensors
         g_c = grad_out.index_select(1, out_idx) if ctx.scatter else grad_out
@@ -301,6 +297,7 @@ class _CompactBatchNormGate(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # saves gathered blocks and statistics: no exact second derivative
     def backward(ctx, grad_out):
         *saved, out_idx = ctx.saved_tensors
         channels, scatter, full, eps, backend = ctx.conf
@@ -334,6 +331,7 @@ class _TorchLayerStep(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # saves gathered blocks and statistics: no exact second derivative
     def backward(ctx, grad_out):
         *saved, out_idx = ctx.saved_tensors
         conv_saved, bn_saved = saved[:ctx.conv_count], saved[ctx.conv_count:]
@@ -342,10 +340,8 @@ class _TorchLayerStep(torch.autograd.Function):
         need_conv = need_x or need_w or need_b
         w_zeros = bn_zeros = None
         if (ctx.shared_zeros is not None and need_w and (need_bn_w or need_bn_b) and not full
-                and not torch.is_grad_enabled() and block_scatters_weight_grad(conv_saved, ctx.conv_kept)):
-            # Both gradients are scattered into zeros: one allocation and one fill for the two. Not
-            # under create_graph=True (grad mode on in backward): autograd refuses in-place writes of
-            # differentiable values into two views of one buffer.
+                and block_scatters_weight_grad(conv_saved, ctx.conv_kept)):
+            # Both gradients are scattered into zeros: one allocation and one fill for the two.
             w_numel = ctx.shared_zeros.numel()
             zeros = grad_out.new_zeros(w_numel + 2 * channels, dtype=bn_saved[1].dtype)
             w_zeros, bn_zeros = zeros[:w_numel].view(ctx.shared_zeros), zeros[w_numel:].view(2, channels)
