@@ -642,7 +642,10 @@ class Propagation:
 
     # ----------------------------------------------------------------------------- the end
     def finalize(self) -> nn.Module:
-        """Cut the unselected channels: a plain, smaller ``nn.Module`` (see :mod:`dcp_kernels.finalize`)."""
+        """Cut the unselected channels: a plain, smaller ``nn.Module`` (a copy; see
+        :func:`dcp_kernels.finalize.finalize`). The trained model is left as it was, except that while
+        still exploring (every channel selected) a selection is first made and written into it, so
+        that ``model.eval()`` and the returned module compute the same function."""
         return _finalize(self)
 
     def attach(self, model: nn.Module) -> None:

@@ -217,30 +217,20 @@ def _excess(dcp: LaunchCounter, dense: LaunchCounter) -> str:
                                          ("vgg16-capacity", 4.1)])
 def test_launches_per_step_stay_bounded(name, bound):
     """A GPU step at CIFAR size is launch-bound: every extra op per layer costs about as much as the
-    convolution (docs/benchmarks-gpu.md). Counted as a GPU run would launch (since 2026-11-28's
-    eighth session): allocations are not launches, and SGD runs ``foreach`` as it does on CUDA.
-    VGG-16 (width 0.25, batch 8, 32 px; 13 prunable layers, ``torch`` backend, steady state):
-    364 ops vs dense's 116 (3.14x), then **338 (2.91x)** with the BN output for the utility
-    recomputed by BN's own op (one launch instead of three); the test VGG (5 prunable layers): 170
-    -> 160 vs 54 (3.15x -> 2.96x). Then **377 (3.25x)** and the test VGG's **175 (3.24x)**: the utility
-    reduced from ``g * y`` and ``g`` by a batched dot product (7 small ops where BN's recompute, the
-    product and the sums took 4; 3 activation passes and no activation-size write where it took 5
-    passes and 2 writes: 2-6x faster on the CPU, and a GPU step at ImageNet size is memory-bound). What
-    the ``torch`` backend adds per layer is listed in docs/benchmarks-gpu.md (about 15 ops: BN-vector
-    gathers and write-backs, the utility reduction, the gradient scatters); the static Triton step
-    is the path with few launches (test_triton_launches_per_step_stay_bounded).
-
-    History in the earlier count (allocations counted, SGD per parameter: about 3 ops per parameter
-    on both sides, which flattered the ratio): VGG-16 572 (2.27x dense's 252) at the start of the
-    fifth session, 501 (1.99x) after the BN + gate node, the network-wide utility update, the leaner
-    selection and the compact Linear head, 489 (1.94x) with weight blocks indexed by their two index
-    vectors instead of flat row indices; the test VGG 326 (2.96x dense's 110) -> 223 (2.03x). The
-    bounds keep the counts from creeping back up.
+    convolution (docs/benchmarks-gpu.md). Counted as a GPU launches: allocations are not launches,
+    and SGD runs ``foreach`` as it does on CUDA. Steady state, ``torch`` backend (2026-12-03):
+    VGG-16 (width 0.25, batch 8, 32 px; 13 prunable layers) 377 ops vs dense's 116 (3.25x); the test
+    VGG (5 prunable layers) 175 vs 54 (3.24x). The utility is reduced from ``g * y`` and ``g`` by a
+    batched dot product: more small ops than recomputing BN's output, but fewer activation-size
+    passes (a GPU step at ImageNet size is memory-bound). What the ``torch`` backend adds per layer
+    is listed in docs/benchmarks-gpu.md (about 15 ops); the static Triton step is the path with few
+    launches (test_triton_launches_per_step_stay_bounded).
 
     ``-capacity``: capacity widths (``static_shapes=True``), a step meant to be captured in a CUDA
     graph (one launch per replay): 464 (4.00x) on VGG-16, 208 (3.85x) on the test VGG. About 7 ops per
     layer more than the exact step: the padding's weight columns zeroed (forward and gradient), the BN
-    affine of padding slots zeroed (and its gradient), the running statistics kept (a copy and a select)."""
+    affine of padding slots zeroed (and its gradient), the running statistics kept (a copy and a select).
+    The bounds keep the counts from creeping back up."""
     make, batch, size = MODELS["vgg"], 4, 16
     capacity = name.endswith("-capacity")
     if name.startswith("vgg16"):
@@ -279,11 +269,8 @@ def test_saved_activations_near_the_finalized_network(prune):
     gathered weight block is saved only where it is smaller than the layer's input (elsewhere
     backward gathers it again), so DCP keeps about what the finalized network of the same widths
     keeps. VGG-16 at width 0.25, batch 16, 32 px (the activation-to-weight proportion of the full
-    VGG-16 at batch 64, whose figures are the same within 0.01x): 1.08x / 1.05x / 1.03x the finalized
-    network at prune 0.3 / 0.5 / 0.7, against 1.25x / 1.16x / 1.09x when every block was saved
-    (full size, batch 64: 185 -> 161 MB at prune 0.3 against dense's 166; 2026-11-28), and
-    **1.03x / 1.02x / 1.01x** since no flat (k_out * k_in) row indices of the weight blocks are
-    saved (2026-11-28, eighth session). Dense keeps 10.6 MB, DCP 9.3 / 7.9 / 5.6 MB."""
+    VGG-16 at batch 64, whose figures are the same within 0.01x): 1.03x / 1.02x / 1.01x the finalized
+    network at prune 0.3 / 0.5 / 0.7 (2026-11-28). Dense keeps 10.6 MB, DCP 9.3 / 7.9 / 5.6 MB."""
     torch.manual_seed(0)
     dense = vgg("vgg16", width=0.25)
     model = vgg("vgg16", width=0.25)
@@ -308,17 +295,13 @@ def test_triton_launches_per_step_stay_bounded(monkeypatch, static_shapes, bound
     of the step and of the custom ops' own code (zero fills, split-K sums) plus every Triton kernel
     launch (counted in the wrappers that launch them; the interpreter's own tensor work is not a
     GPU launch and is not counted). Counted as in test_launches_per_step_stay_bounded (allocations
-    are not launches, SGD ``foreach``), on the test VGG against dense's 54 (2026-11-28, eighth
-    session): compact shapes 124 aten ops + 24 kernels = 148 (2.74x); **static shapes 69 + 34 = 103
+    are not launches, SGD ``foreach``), on the test VGG against dense's 54 (2026-12-03): compact
+    shapes 124 aten ops + 24 kernels = 148 (2.74x); **static shapes 69 + 34 = 103
     (1.91x)**: per prunable layer **7 kernels** (a conv kernel, BN statistics and BN apply + gate
     forward; the BN backward reduction, which also writes the utility into the network-wide update
     of ``rule.UtilityUpdates``, the BN backward apply, grad-input and grad-weight; the first layer
     needs no grad-input: 34 for 5 layers) where dense launches at least 7 (docs/benchmarks-gpu.md),
-    plus the per-step selection and the one utility update for all layers.
-
-    In the earlier count (allocations counted, SGD per parameter, dense 110): compact 252 (2.29x)
-    -> 233 (2.12x) with the leaner selection, static 218 (1.98x) -> 217 (1.97x) with the utility
-    written by the BN backward kernel."""
+    plus the per-step selection and the one utility update for all layers."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     import dcp_kernels.ops.triton as triton_backend

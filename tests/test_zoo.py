@@ -458,7 +458,7 @@ GROUPED_NETS = {"regnet_y_400mf-residual"}
 # RegNetY at 32 px ends in 1x1 maps whose BatchNorm normalises 4 values (batch 4): fp32 rounding is
 # amplified there (loss 3.4e-5 apart after one selecting step; in float64 1e-13, so no bug) and 64 px
 # keeps it at 2e-6 (utilities 1.2e-5, gradients 1e-4 relative). Even at 64 px its fp32 backward
-# amplifies rounding by the CPU's kernels: on a CPU without AVX2 (2026-11-28, eighth session) the
+# amplifies rounding by the CPU's kernels: on a CPU without AVX2 (measured 2026-11-28) the
 # BN gradients of the third step came out 41x what fp32 rounding allows (4% of their norm) while
 # the loss agreed to 1e-7 and float64 agreed to 0.00x. So it runs in float64: this case checks the
 # coupling logic (grouped convs, squeeze-excitation, residual groups), which float64 shows exactly;

@@ -11,7 +11,7 @@ grad-input stays compact.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence  # typing.Sequence: custom-op schemas on torch 2.6 (no list[int])
 
 import torch
 import torch.nn.functional as F
@@ -282,7 +282,7 @@ class _CompactConv2d(torch.autograd.Function):
 # the gathered operands instead of gathering them again.
 @torch.library.custom_op("dcp_torch::compact_conv2d", mutates_args=())
 def _compact_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_idx: torch.Tensor,
-                       out_idx: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                       out_idx: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                        groups: int, x_compact: bool, in_scale: torch.Tensor | None = None) -> torch.Tensor:
     block = _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact, in_scale)
     y_c = F.conv2d(block.x_c, block.w_c, block.b_c, stride, padding, dilation, block.groups)
@@ -297,8 +297,9 @@ def _(x, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, x_com
 
 @torch.library.custom_op("dcp_torch::compact_conv2d_backward", mutates_args=())
 def _compact_conv2d_backward_op(grad_y_c: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
-                                in_idx: torch.Tensor, out_idx: torch.Tensor, stride: list[int], padding: list[int],
-                                dilation: list[int], groups: int, x_compact: bool, output_mask: list[bool],
+                                in_idx: torch.Tensor, out_idx: torch.Tensor, stride: Sequence[int],
+                                padding: Sequence[int], dilation: Sequence[int], groups: int, x_compact: bool,
+                                output_mask: Sequence[bool],
                                 in_scale: torch.Tensor | None = None,
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     block = _gather_block(x, weight, None, in_idx, out_idx, groups, x_compact, in_scale)

@@ -26,6 +26,8 @@ is read when the kernels are defined).
 """
 from __future__ import annotations
 
+from typing import Sequence  # custom-op schemas: torch 2.6 reads typing.Sequence[int], not list[int]
+
 import torch
 from torch import Tensor
 
@@ -56,7 +58,7 @@ def _output(x: Tensor, weight: Tensor, out_idx: Tensor, stride, padding, dilatio
 
 def _conv2d(
     x: Tensor, weight: Tensor, bias: Tensor | None, in_idx: Tensor, out_idx: Tensor,
-    stride: list[int], padding: list[int], dilation: list[int],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
     depthwise: bool, x_compact: bool, y_compact: bool,
 ) -> Tensor:
     y = _output(x, weight, out_idx, stride, padding, dilation, y_compact)
@@ -71,7 +73,7 @@ def _conv2d(
 
 def _conv2d_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, in_idx: Tensor, out_idx: Tensor,
-    stride: list[int], padding: list[int], dilation: list[int],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
     depthwise: bool, x_compact: bool, y_compact: bool, output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_w, grad_b); a gradient not asked for in ``output_mask`` comes back empty (0,)."""
@@ -113,7 +115,7 @@ def _keep_mask(order: Tensor, count: Tensor) -> Tensor:
 
 def _conv2d_counted(
     x: Tensor, weight: Tensor, bias: Tensor | None, in_order: Tensor, in_count: Tensor, out_order: Tensor,
-    out_count: Tensor, stride: list[int], padding: list[int], dilation: list[int], depthwise: bool,
+    out_count: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], depthwise: bool,
 ) -> Tensor:
     y = empty_conv_output(x, weight, out_order, stride, padding, dilation, False)
     if y.numel() == 0:
@@ -127,7 +129,7 @@ def _conv2d_counted(
 
 def _conv2d_counted_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, in_order: Tensor, in_count: Tensor, out_order: Tensor,
-    out_count: Tensor, stride: list[int], padding: list[int], dilation: list[int], depthwise: bool,
+    out_count: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], depthwise: bool,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """As :func:`_conv2d_backward` with counted selections: every element of every gradient is
