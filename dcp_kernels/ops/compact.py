@@ -45,8 +45,24 @@ def selects_all(idx: torch.Tensor, size: int) -> bool:
     put a guard on it, and a layer reaching (or leaving) its full width would recompile the model.
     So the answer is True only where the width is statically known to be full (eager, or a width the
     graph holds as a constant); a symbolic width answers False (the gather path, exact for a full
-    index vector too) and adds no guard."""
+    index vector too) and adds no guard. Where Dynamo cannot trace ``statically_known_true`` (torch
+    2.6: a graph break in every layer) every width under Dynamo answers False."""
+    if not _DYNAMO_TRACES_STATICALLY_KNOWN_TRUE and torch.compiler.is_dynamo_compiling():
+        return False
     return statically_known_true(idx.numel() == size)
+
+
+def _dynamo_traces_statically_known_true() -> bool:
+    """Whether Dynamo traces ``statically_known_true`` in the graph (newer torch) rather than
+    breaking the graph at it (torch 2.6)."""
+    try:
+        from torch._dynamo.trace_rules import manual_torch_name_rule_map
+    except ImportError:  # pragma: no cover - a torch without this table: take the safe answer
+        return False
+    return f"{statically_known_true.__module__}.statically_known_true" in manual_torch_name_rule_map
+
+
+_DYNAMO_TRACES_STATICALLY_KNOWN_TRUE = _dynamo_traces_statically_known_true()
 
 
 def block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, c_in: int) -> torch.Tensor:
