@@ -7,20 +7,27 @@ once per step and the compiled graph reads them. The index vectors are marked dy
 lengths (the kept widths) are symbolic in the graph.
 
 Every backend's convolution is a custom op under compile (``extension``, ``triton``, and the
-``torch`` backend's ``dcp_torch::compact_conv2d``: traced through, its aten conv on the gathered
-weight block had sizes inductor specializes, and each new combination of widths recompiled, 20-60 s
-each here, until dynamo's recompile limit made it run eagerly). So the model compiles twice in all:
-once while exploring (every channel kept) and once for every selecting step after, whatever the
-widths; 11 selecting steps show it. Inductor compiles C++ here, so the model is tiny.
+``torch`` backend's ``dcp_torch::compact_conv2d``), so inductor never specializes a kept width: the
+model compiles twice in all, once while exploring (every channel kept) and once for every selecting
+step after, whatever the widths; 11 selecting steps show it. Inductor compiles C++ here, so the model
+is tiny.
+
+The frame and graph-break counts are what docs/api.md promises for torch >= 2.14 (verified on
+2.14.1). On torch 2.6 compiled training is equal to eager (asserted on every version) but compiles
+more frames: a graph break in the root module's pre-hook makes its Dynamo compile each layer on its
+own, and it treats the index vectors that modules hold as static sizes.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 import dcp_kernels
 from dcp_kernels import ops
 from dcp_kernels.models import vgg
+
+COUNTS_PROMISED = TorchVersion(torch.__version__) >= (2, 14)  # see the module docstring
 
 BACKENDS = [b for b in ("torch", "extension", "triton") if ops.backends("cpu")[b]]
 SELECTING_STEPS = 11  # the kept widths move on most of them: none may recompile
@@ -82,10 +89,11 @@ def test_compiled_training_matches_eager_without_graph_breaks_in_the_convs(backe
     # second. (Equal counts per group leave the grouped net fewer combinations: 2 seen over 11 steps.)
     assert len(widths) >= (2 if grouped else 3), f"the kept widths must change, saw {widths}"
     breaks = dict(counters["graph_break"])
-    assert len(breaks) == 1 and "_SelectBeforeForward" in next(iter(breaks)), " | ".join(k[:400] for k in breaks)
-    # Frames compiled: the pre-hook's caller, then the model once exploring and once selecting.
     frames = counters["frames"]["ok"]
-    assert frames == 3, f"{frames} frames compiled for {len(widths)} width combinations: recompiles"
+    if COUNTS_PROMISED:
+        assert len(breaks) == 1 and "_SelectBeforeForward" in next(iter(breaks)), " | ".join(k[:400] for k in breaks)
+        # Frames compiled: the pre-hook's caller, then the model once exploring and once selecting.
+        assert frames == 3, f"{frames} frames compiled for {len(widths)} width combinations: recompiles"
     for p_want, p_got in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(p_got, p_want, rtol=1e-5, atol=1e-6)
 
@@ -125,4 +133,4 @@ def test_vgg16_depth_compiles_once_while_layers_reach_and_leave_full_width(backe
     moved = {i for i in range(len(eager.layers)) if len({f[i] for f in full}) == 2}
     assert len(moved) >= 2, f"layers must reach and leave their full width, saw {widths}"
     frames = counters["frames"]["ok"]
-    assert frames == 3, f"{frames} frames compiled over {steps} selecting steps: recompiles"
+    assert frames == 3 or not COUNTS_PROMISED, f"{frames} frames compiled over {steps} selecting steps: recompiles"

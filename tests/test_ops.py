@@ -210,6 +210,16 @@ def test_backends_report_what_runs():
     assert auto != "reference" and ops.backends("cpu")[auto]
 
 
+def test_an_old_triton_is_refused_with_its_version(monkeypatch):
+    """torch 2.6 ships Triton 3.2, which lacks what the kernels use: the backend is unavailable and
+    naming it says why (the version check reads package metadata; here the answer is patched in)."""
+    monkeypatch.setattr(ops, "_TRITON_VERSION", (3, 2))
+    monkeypatch.setattr(ops, "_TRITON_INSTALLED", False)
+    assert not ops.backends("cpu")["triton"] and not ops.backends("cuda")["triton"]
+    with pytest.raises(RuntimeError, match=r"Triton 3\.2 is older than the 3\.6 its kernels need"):
+        ops.resolve_backend("triton", torch.device("cpu"))
+
+
 @pytest.mark.parametrize(
     "mutate, error, match",
     [

@@ -19,9 +19,11 @@ another explicitly to use it.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
 from types import ModuleType
 from typing import Literal
 
@@ -40,9 +42,31 @@ BACKENDS: tuple[str, ...] = tuple(REGISTRY)
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": (AUTO,), "cpu": (AUTO,)}
 
 
+MIN_TRITON = (3, 6)
+"""The oldest Triton the ``triton`` backend runs on: 3.6 (torch 2.11) ran its kernels on an H200; the
+kernels of this version are tested with 3.8 (torch 2.14). Older ones (torch 2.6 ships 3.2) lack what
+the kernels use, so the backend reports itself unavailable there."""
+
+
+def _triton_version() -> tuple[int, ...] | None:
+    """The installed Triton's (major, minor), from its package metadata (no import); None if absent."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    for distribution in ("triton", "pytorch-triton"):
+        try:
+            release = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return tuple(int(part) for part in re.findall(r"\d+", release)[:2])
+    import triton  # installed without metadata (a source build): ask the module
+
+    return tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+
+
 # Looked up once: resolve_backend("auto") runs in every layer's forward, and find_spec scans sys.path
 # until Triton is imported.
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_VERSION = _triton_version()
+_TRITON_INSTALLED = _TRITON_VERSION is not None and _TRITON_VERSION >= MIN_TRITON
 
 
 def _triton_installed() -> bool:
@@ -89,10 +113,14 @@ def resolve_backend(name: str, device: torch.device | None = None) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     if name == "triton" and device is not None and not backends(device)["triton"]:
-        why = "Triton is not installed" if not _triton_installed() else (
-            f"its kernels need CUDA tensors (got {torch.device(device)}); set TRITON_INTERPRET=1 "
-            "before importing dcp_kernels to run them in Triton's CPU interpreter (slow, for testing)"
-        )
+        if _TRITON_VERSION is None:
+            why = "Triton is not installed"
+        elif not _triton_installed():
+            why = (f"Triton {'.'.join(map(str, _TRITON_VERSION))} is older than the "
+                   f"{'.'.join(map(str, MIN_TRITON))} its kernels need (upgrade torch and its Triton)")
+        else:
+            why = (f"its kernels need CUDA tensors (got {torch.device(device)}); set TRITON_INTERPRET=1 "
+                   "before importing dcp_kernels to run them in Triton's CPU interpreter (slow, for testing)")
         raise RuntimeError(f"backend 'triton' is unavailable: {why}")
     if name == "extension" and not backends(device)["extension"]:
         why = (f"the C++/CUDA extension is not built ({extension.LOAD_ERROR})" if not extension.AVAILABLE
