@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import assert_close_to_scale
 from test_convert import _GroupedNet, small_resnet, small_vgg
 from test_static_shapes import DepthwiseNet
-from test_zoo import BranchConcat
+from test_zoo import BranchConcat, _small_convnext
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -44,6 +44,7 @@ MODELS = {
     "concat": (BranchConcat, {"prune_residual": True}),  # a concat reader, a conv without BN
     "depthwise": (DepthwiseNet, {}),  # a depthwise conv reading capacity slots
     "grouped": (_GroupedHead, {}),  # groups in blocks: full-width capacity
+    "convnext": (_small_convnext, {}),  # token Linears (DCPTokenLinear) read by a DCPLinear
 }
 
 
@@ -83,8 +84,9 @@ def test_capacity_step_trains_like_the_reference(name, device):
     cap = dcp_kernels.convert(cap_model, 0.5, explore_epochs=1, backend="torch", static_shapes=True,
                               capacity_multiple=4, **kwargs)
     assert cap.capacity
-    want = _train(ref_model, ref, 22, epoch_every=7, device=device)
-    got = _train(cap_model, cap, 22, epoch_every=7, device=device)
+    size = 16 if name == "convnext" else 12  # its stem strides by 4: 4x4 tokens, capacities that move
+    want = _train(ref_model, ref, 22, size=size, epoch_every=7, device=device)
+    got = _train(cap_model, cap, 22, size=size, epoch_every=7, device=device)
     for step, ((l_w, u_w, s_w, _), (l_g, u_g, s_g, caps)) in enumerate(zip(want, got)):
         assert torch.equal(s_g, s_w), f"selection differs at step {step}"
         assert_close_to_scale(l_g, l_w, 1e-5)
@@ -103,9 +105,10 @@ def test_capacity_step_trains_like_the_reference(name, device):
     for layer_name, c in history[-1].items():
         assert kept[layer_name] <= c <= cap.layers[cap.layer_names.index(layer_name)].out_channels
     # Padding slots were really run (else this test would not test them); measured waste at the
-    # end: VGG 1.13, ResNet 1.19, concat 1.07, depthwise 1.6, grouped 2.0 (blocks: full width).
+    # end: VGG 1.13, ResNet 1.19, concat 1.07, depthwise 1.6, grouped 2.0 (blocks: full width),
+    # ConvNeXt 1.19.
     assert cap.capacity_waste() > 1.0
-    if name in ("vgg", "resnet", "concat"):  # measured 2, 3 and 1 changes (the others' never move)
+    if name in ("vgg", "resnet", "concat", "convnext"):  # measured 2, 3, 1 and 4 changes (the others' never move)
         assert cap.capacity_changes >= 1, "a capacity must change during the run"
 
 
@@ -357,7 +360,7 @@ def test_selection_writes_slot_vectors_in_place_while_capacities_hold():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("name", ["vgg", "concat"])
+@pytest.mark.parametrize("name", ["vgg", "concat", "convnext"])
 def test_cuda_graph_replays_the_eager_capacity_steps(name):
     """A captured and replayed capacity step trains like the eager one (selections, weights, BN
     statistics, utilities), across the end of exploration and capacity changes. GPU only
