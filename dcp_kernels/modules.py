@@ -1,6 +1,7 @@
 """``DCPConv2d``: a drop-in ``nn.Conv2d`` whose unselected channels are never computed."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -553,6 +554,9 @@ class DCPLinear(nn.Linear):
             raise ValueError(f"DCPLinear: block={block} does not divide in_features={in_features}")
         self.block = block
         self.dcp_name = name or ""
+        # Input rows per sample in the most recent forward (1 for (N, F), the tokens for (N, ..., F)),
+        # for linear_flops().
+        self.last_rows: int | None = None
         self.__dict__["_input_source"] = None
         # Under torch.compile the columns are rebuilt in the graph: two traceable tensor ops on the
         # source's (eagerly refreshed) indices.
@@ -598,8 +602,19 @@ class DCPLinear(nn.Linear):
 
         return self.__dict__["_columns"].get(source.selection_masks(), columns)
 
+    def linear_flops(self) -> tuple[int, int]:
+        """(dense, active) multiply-accumulates per sample of the most recent forward's shape: the
+        active ones read only the features of the source's selected channels."""
+        if self.last_rows is None:
+            raise RuntimeError(f"{self._label()}: no forward has run yet")
+        source = self.input_source
+        k_in = int(source.selected.sum()) * self.block if source is not None else self.in_features
+        return (self.out_features * self.in_features * self.last_rows,
+                self.out_features * k_in * self.last_rows)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         source = self.input_source
+        self.last_rows = math.prod(x.shape[1:-1])
         if x.shape[-1] != self.in_features:
             # The source's output may travel compact (only its selected channels' features), as
             # between converted convs: then only the matching weight columns are read.

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import ops, reporting, rule
 from .finalize import finalize as _finalize
-from .modules import DCPConv2d
+from .modules import DCPConv2d, DCPLinear
 from .ops.layer import Slots, _all_channels
 from .plan import ConversionPlan  # noqa: F401  (re-exported: its historical home)
 from .rule import (  # noqa: F401  (re-exported: the rule's historical home)
@@ -329,6 +329,9 @@ class Propagation:
             return list(self.layers)
         return [m for m in self.model.modules() if isinstance(m, DCPConv2d)]
 
+    def _linear_readers(self) -> list[DCPLinear]:
+        return [] if self.model is None else [m for m in self.model.modules() if isinstance(m, DCPLinear)]
+
     # ----------------------------------------------------------------------------- selection
     def _group_sizes(self) -> list[int]:
         return [self.layers[members[0]].out_channels for members in self.groups]
@@ -582,7 +585,8 @@ class Propagation:
         return dict(zip(self.layer_names, per_layer))
 
     def flops_ratio(self) -> float:
-        """Conv FLOPs with the current selection over dense conv FLOPs (:func:`dcp_kernels.reporting.flops_ratio`)."""
+        """Multiply-accumulates of the converted layers with the current selection over dense ones
+        (:func:`dcp_kernels.reporting.flops_ratio`)."""
         return reporting.flops_ratio(self)
 
     def report(self) -> str:

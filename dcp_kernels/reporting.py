@@ -12,13 +12,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def flops_ratio(prop: "Propagation") -> float:
-    """Conv FLOPs with the current selection over dense conv FLOPs, over all converted layers, from
-    each layer's output size in its most recent forward."""
+    """Multiply-accumulates with the current selection over dense ones, over every converted layer
+    (convs, token Linears, and the Linears reading pruned features), from each layer's shapes in its
+    most recent forward. Layers left as they were (attention, other Linears) are not counted."""
     dense = active = 0
     for layer in prop._all_dcp_layers():
         if layer.last_output_hw is None:
             raise RuntimeError("flops_ratio() needs one forward pass of the model first (it reads output sizes)")
         d, a = layer.conv_flops()
+        dense += d
+        active += a
+    for linear in prop._linear_readers():
+        if linear.last_rows is None:
+            raise RuntimeError("flops_ratio() needs one forward pass of the model first (it reads input sizes)")
+        d, a = linear.linear_flops()
         dense += d
         active += a
     return active / dense

@@ -134,6 +134,44 @@ def test_torchvision_models_convert_train_finalize():
         assert 0 < prop.flops_ratio() < 1
 
 
+@pytest.mark.parametrize("net", ["vgg", "convnext"])
+def test_flops_ratio_is_the_finalized_networks_share_of_multiply_accumulates(net):
+    """``prop.flops_ratio()`` counts every converted layer, the Linear readers included: it equals
+    the finalized network's conv + linear FLOPs over the dense model's, counted by PyTorch's own
+    ``FlopCounterMode`` (a VGG with a flatten head read compact; a ConvNeXt whose MLP hidden
+    features are pruned, whose second Linear reads them). Integer counts: equal to rounding."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if net == "vgg":
+        model, size = small_vgg(), 16
+    else:
+        from test_zoo import _small_convnext
+
+        model, size = _small_convnext(), 16
+    dense = copy.deepcopy(model)
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=1)
+    _train(model, prop, 3, size=size)
+    x = torch.randn(2, 3, size, size)
+    plain = prop.finalize()
+
+    def flops(module) -> int:
+        module.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(x)
+        return counter.get_total_flops()
+
+    model.eval()
+    with torch.no_grad():
+        model(x)  # flops_ratio reads the shapes of the most recent forward
+    want = flops(plain) / flops(dense)
+    assert want < 0.9, "the selection must prune"
+    if net == "convnext":  # its classifier reads a LayerNorm's output, so it is not converted:
+        head = plain.classifier[-1]  # both counts hold its FLOPs; take them out of both
+        head_flops = 2 * head.in_features * head.out_features * x.shape[0]
+        want = (flops(plain) - head_flops) / (flops(dense) - head_flops)
+    assert abs(prop.flops_ratio() - want) < 1e-9, (prop.flops_ratio(), want)
+
+
 def test_vgg11_bn_classifier_slices_flattened_features():
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.vgg11_bn(num_classes=5)
