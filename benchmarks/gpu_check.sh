@@ -20,7 +20,7 @@
 #   e. the extension's CUDA tests, then its op benchmark (ResNet-50 3x3 convs, batch 64, bf16,
 #      keep 0.5, fwd+bwd, NCHW and channels_last)                                                60 + 40
 # Not here (run alone when a lease allows): the Triton CUDA op tests (tests/test_ops.py,
-# test_triton.py -k "cuda and triton"; 145 passed on 2026-11-28), benchmarks/gpu.sh (every shape, keep
+# test_convert.py, test_triton.py -k "cuda and not extension"; 145 passed on 2026-11-28), benchmarks/gpu.sh (every shape, keep
 # and dtype), benchmarks/bench_graphs.py (the Triton static step under graphs), benchmarks/profile_step.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."

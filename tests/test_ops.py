@@ -210,6 +210,14 @@ def test_backends_report_what_runs():
     assert auto != "reference" and ops.backends("cpu")[auto]
 
 
+def test_triton_versions_are_read_from_release_strings():
+    assert ops.parse_triton_version("3.6.0") == (3, 6)
+    assert ops.parse_triton_version("3.6.0+git1234abcd") == (3, 6)
+    assert ops.parse_triton_version("3.10.1") == (3, 10) and (3, 10) >= ops.MIN_TRITON
+    assert ops.parse_triton_version("3.2.0") < ops.MIN_TRITON
+    assert ops.parse_triton_version("unknown") is None
+
+
 def test_an_old_triton_is_refused_with_its_version(monkeypatch):
     """torch 2.6 ships Triton 3.2, which lacks what the kernels use: the backend is unavailable and
     naming it says why (the version check reads package metadata; here the answer is patched in)."""

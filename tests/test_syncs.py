@@ -217,7 +217,7 @@ def _excess(dcp: LaunchCounter, dense: LaunchCounter) -> str:
                                          ("vgg16-capacity", 4.1)])
 def test_launches_per_step_stay_bounded(name, bound):
     """A GPU step at CIFAR size is launch-bound: every extra op per layer costs about as much as the
-    convolution (docs/benchmarks-gpu.md). Counted as a GPU launches: allocations are not launches,
+    convolution (docs/benchmarks-gpu.md). Counted as a GPU launches them: allocations are not launches,
     and SGD runs ``foreach`` as it does on CUDA. Steady state, ``torch`` backend (2026-12-03):
     VGG-16 (width 0.25, batch 8, 32 px; 13 prunable layers) 377 ops vs dense's 116 (3.25x); the test
     VGG (5 prunable layers) 175 vs 54 (3.24x). The utility is reduced from ``g * y`` and ``g`` by a

@@ -43,24 +43,33 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": (AUTO,), "cpu": (AUTO,)}
 
 
 MIN_TRITON = (3, 6)
-"""The oldest Triton the ``triton`` backend runs on: 3.6 (torch 2.11) ran its kernels on an H200; the
-kernels of this version are tested with 3.8 (torch 2.14). Older ones (torch 2.6 ships 3.2) lack what
-the kernels use, so the backend reports itself unavailable there."""
+"""The oldest Triton the ``triton`` backend accepts: 3.6 (torch 2.11) is the oldest that has run its
+kernels (on an H200); they are tested with 3.8 (torch 2.14). 3.2 (torch 2.6) fails where the kernels
+are defined; 3.3-3.5 are untested. An older Triton makes the backend unavailable, with that reason."""
 
 
-def _triton_version() -> tuple[int, ...] | None:
-    """The installed Triton's (major, minor), from its package metadata (no import); None if absent."""
+def parse_triton_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) of a version string such as ``3.6.0`` or ``3.6.0+git1234``; None if unreadable."""
+    match = re.match(r"\s*(\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _triton_version() -> tuple[int, int] | None:
+    """The installed Triton's (major, minor) from its package metadata, without importing it; None
+    when there is no Triton or its version cannot be read."""
     if importlib.util.find_spec("triton") is None:
         return None
-    for distribution in ("triton", "pytorch-triton"):
+    for distribution in ("pytorch-triton", "pytorch-triton-rocm", "triton"):
         try:
-            release = importlib.metadata.version(distribution)
+            return parse_triton_version(importlib.metadata.version(distribution))
         except importlib.metadata.PackageNotFoundError:
             continue
-        return tuple(int(part) for part in re.findall(r"\d+", release)[:2])
-    import triton  # installed without metadata (a source build): ask the module
+    try:  # no metadata (a source build): ask the module; a broken one is no Triton for us
+        import triton
 
-    return tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+        return parse_triton_version(triton.__version__)
+    except Exception:  # noqa: BLE001 - whatever a broken install raises, dcp_kernels must import
+        return None
 
 
 # Looked up once: resolve_backend("auto") runs in every layer's forward, and find_spec scans sys.path
@@ -114,10 +123,12 @@ def resolve_backend(name: str, device: torch.device | None = None) -> str:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     if name == "triton" and device is not None and not backends(device)["triton"]:
         if _TRITON_VERSION is None:
-            why = "Triton is not installed"
+            why = "Triton is not installed (or its version cannot be read)"
         elif not _triton_installed():
             why = (f"Triton {'.'.join(map(str, _TRITON_VERSION))} is older than the "
                    f"{'.'.join(map(str, MIN_TRITON))} its kernels need (upgrade torch and its Triton)")
+        elif torch.device(device).type == "cuda":
+            why = "CUDA is not available to Triton here"
         else:
             why = (f"its kernels need CUDA tensors (got {torch.device(device)}); set TRITON_INTERPRET=1 "
                    "before importing dcp_kernels to run them in Triton's CPU interpreter (slow, for testing)")

@@ -47,14 +47,16 @@ def selects_all(idx: torch.Tensor, size: int) -> bool:
     graph holds as a constant); a symbolic width answers False (the gather path, exact for a full
     index vector too) and adds no guard. Where Dynamo cannot trace ``statically_known_true`` (torch
     2.6: a graph break in every layer) every width under Dynamo answers False."""
-    if not _DYNAMO_TRACES_STATICALLY_KNOWN_TRUE and torch.compiler.is_dynamo_compiling():
+    if not DYNAMO_TRACES_SHAPE_QUERIES and torch.compiler.is_dynamo_compiling():
         return False
     return statically_known_true(idx.numel() == size)
 
 
 def _dynamo_traces_statically_known_true() -> bool:
     """Whether Dynamo traces ``statically_known_true`` in the graph (newer torch) rather than
-    breaking the graph at it (torch 2.6)."""
+    breaking the graph at it (torch 2.6). Also the test for layout queries (``is_contiguous``) in an
+    autograd.Function's backward, which torch 2.6's Dynamo refuses as well and 2.14's traces: the
+    two were seen together, and no version between was tested."""
     try:
         from torch._dynamo.trace_rules import manual_torch_name_rule_map
     except ImportError:  # pragma: no cover - a torch without this table: take the safe answer
@@ -62,7 +64,7 @@ def _dynamo_traces_statically_known_true() -> bool:
     return f"{statically_known_true.__module__}.statically_known_true" in manual_torch_name_rule_map
 
 
-_DYNAMO_TRACES_STATICALLY_KNOWN_TRUE = _dynamo_traces_statically_known_true()
+DYNAMO_TRACES_SHAPE_QUERIES = _dynamo_traces_statically_known_true()
 
 
 def block_rows(out_idx: torch.Tensor, in_idx: torch.Tensor, c_in: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ from . import (
     scatter_channels,
 )
 from .compact import (
+    DYNAMO_TRACES_SHAPE_QUERIES,
     block_conv_backward,
     compact_conv2d,
     block_conv_forward,
@@ -139,10 +140,11 @@ def _affine_channel_utility(y: torch.Tensor, g: torch.Tensor, scale: torch.Tenso
     reducing ``g * a`` (ResNet-50 and CIFAR shapes), equal up to float rounding (2e-7 relative)."""
     batch, channels = y.shape[:2]
     # bmm only where it runs in full fp32: with TF32 (or bf16) matmuls allowed, the two sums' rounding
-    # would not cancel well in scale * gy + shift * g_sum. Under Dynamo the product and sum are one
-    # fused reduction anyway, and the layout test is not taken (torch 2.6 cannot trace it in a backward).
-    if (not torch.compiler.is_dynamo_compiling() and _matmul_in_full_fp32(y.is_cuda)
-            and y.dtype == g.dtype == torch.float32 and y.is_contiguous() and g.is_contiguous()):
+    # would not cancel well in scale * gy + shift * g_sum. A Dynamo that cannot trace the layout test
+    # in a backward (torch 2.6) takes the product and sum, which inductor fuses into one reduction.
+    if ((DYNAMO_TRACES_SHAPE_QUERIES or not torch.compiler.is_dynamo_compiling())
+            and _matmul_in_full_fp32(y.is_cuda) and y.dtype == g.dtype == torch.float32 and y.is_contiguous()
+            and g.is_contiguous()):
         gy = torch.bmm(g.view(batch * channels, 1, -1), y.view(batch * channels, -1, 1)).view(batch, channels)
     else:  # channels_last or low precision: the product in float32, as reference.channel_utility
         gy = (g.float() * y.float()).sum(dim=(2, 3))

@@ -74,7 +74,7 @@ def _conv2d(
 def _conv2d_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, in_idx: Tensor, out_idx: Tensor,
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-    depthwise: bool, x_compact: bool, y_compact: bool, output_mask: list[bool],
+    depthwise: bool, x_compact: bool, y_compact: bool, output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_w, grad_b); a gradient not asked for in ``output_mask`` comes back empty (0,)."""
     need_x, need_w, need_b = output_mask
@@ -130,7 +130,7 @@ def _conv2d_counted(
 def _conv2d_counted_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, in_order: Tensor, in_count: Tensor, out_order: Tensor,
     out_count: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], depthwise: bool,
-    output_mask: list[bool],
+    output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """As :func:`_conv2d_backward` with counted selections: every element of every gradient is
     written by the kernels (zeros outside the kept channels), so nothing is zero-filled first."""
