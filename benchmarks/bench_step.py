@@ -10,6 +10,10 @@ Variants per network and prune ratio (one group each):
   torch-capacity  ``backend="torch", static_shapes=True``: capacity widths (compact tensors of a
              fixed number of slots, padded with masked unselected channels; ATen convolutions at
              shapes that stay the same from step to step)
+  torch-round8  ``torch`` with kept widths in multiples of 8 (``round_to=8``) on every device: few
+             distinct conv shapes, so oneDNN's primitive cache and cuDNN's plans stay warm. Its
+             selection is coarser than the others', so *ideal* (the ``torch`` selection's network)
+             is not its ideal: read it against dense
   ideal      the same network built dense with exactly the per-layer widths the selection kept
              (the finalized model): what perfect skipping costs. Global selection keeps layers
              unevenly, so this is not simply (1 - prune_ratio)**2 of dense.
@@ -100,9 +104,10 @@ GPU_RATIOS = [0.5, 0.7]
 QUICK_RATIOS = [0.5]
 _TRITON = importlib.util.find_spec("triton") is not None
 VARIANTS = ["dense", *(name for name in ops.BACKENDS if name != "triton" or _TRITON),
-            *(["triton-static"] if _TRITON else []), "torch-capacity", "ideal"]
-# How each DCP variant converts: (backend, static_shapes).
-CONVERSIONS = {"triton-static": ("triton", True), "torch-capacity": ("torch", True)}
+            *(["triton-static"] if _TRITON else []), "torch-capacity", "torch-round8", "ideal"]
+# How each DCP variant converts: (backend, static_shapes, round_to; None: 8 on a GPU, else 1).
+CONVERSIONS = {"triton-static": ("triton", True, None), "torch-capacity": ("torch", True, None),
+               "torch-round8": ("torch", False, 8)}
 
 
 def _convert_kwargs(name: str) -> dict:
@@ -168,9 +173,9 @@ def _prepared(name, ratio, backend, device, dtype=torch.float32):
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         # Widths in multiples of 8 on a GPU (tensor cores; dcp-train's CUDA default), exact rule elsewhere.
-        convert_backend, static = CONVERSIONS.get(backend, (backend, False))
+        convert_backend, static, round_to = CONVERSIONS.get(backend, (backend, False, None))
         prop = dcp_kernels.convert(model, ratio, explore_epochs=1, backend=convert_backend,
-                                   round_to=8 if device.type == "cuda" else 1, static_shapes=static,
+                                   round_to=round_to or (8 if device.type == "cuda" else 1), static_shapes=static,
                                    **_convert_kwargs(name))
         for seed in (1, 2):  # two exploration steps
             _sgd_step(model, *_batch(batch, size, device, seed, channels_last), amp_dtype)()
