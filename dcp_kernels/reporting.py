@@ -15,19 +15,11 @@ def flops_ratio(prop: "Propagation") -> float:
     """Multiply-accumulates with the current selection over dense ones, over every converted layer
     (convs, token Linears, and the Linears reading pruned features), from each layer's shapes in its
     most recent forward. Layers left as they were (attention, other Linears) are not counted."""
-    dense = active = 0
-    for layer in prop._all_dcp_layers():
-        if layer.last_output_hw is None:
-            raise RuntimeError("flops_ratio() needs one forward pass of the model first (it reads output sizes)")
-        d, a = layer.conv_flops()
-        dense += d
-        active += a
-    for linear in prop._linear_readers():
-        if linear.last_rows is None:
-            raise RuntimeError("flops_ratio() needs one forward pass of the model first (it reads input sizes)")
-        d, a = linear.linear_flops()
-        dense += d
-        active += a
+    counted = [(layer.last_output_hw, layer.conv_flops) for layer in prop._all_dcp_layers()]
+    counted += [(linear.last_rows, linear.linear_flops) for linear in prop._linear_readers()]
+    if any(shape is None for shape, _ in counted):
+        raise RuntimeError("flops_ratio() needs one forward pass of the model first (it reads layer shapes)")
+    dense, active = (sum(column) for column in zip(*(flops() for _, flops in counted)))
     return active / dense
 
 
