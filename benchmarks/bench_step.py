@@ -172,7 +172,8 @@ def _prepared(name, ratio, backend, device, dtype=torch.float32):
         model = factory().to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        # Widths in multiples of 8 on a GPU (tensor cores; dcp-train's CUDA default), exact rule elsewhere.
+        # Widths in multiples of 8 on a GPU (tensor cores; dcp-train's CUDA default), exact rule elsewhere,
+        # unless the variant sets round_to (torch-round8).
         convert_backend, static, round_to = CONVERSIONS.get(backend, (backend, False, None))
         prop = dcp_kernels.convert(model, ratio, explore_epochs=1, backend=convert_backend,
                                    round_to=round_to or (8 if device.type == "cuda" else 1), static_shapes=static,

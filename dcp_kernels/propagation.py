@@ -487,9 +487,11 @@ class Propagation:
     @torch.no_grad()
     def sync_utilities(self) -> None:
         """Average the utilities over all ranks of the default process group (in place); nothing
-        without one, or with one rank."""
+        without one, or with one rank. This rank's pending updates (an aborted backward's
+        measurements) are applied first, so they count in the average."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
+        self.utility_updates.flush()
         vector = torch.cat([layer.utility for layer in self.layers])
         dist.all_reduce(vector)
         vector /= dist.get_world_size()
@@ -505,7 +507,6 @@ class Propagation:
         of the step then runs with one selection (each backward still updates the utilities).
         """
         self.steps += 1
-        self.utility_updates.flush()  # an aborted backward's measurements count before the average
         if self.distributed:
             self.sync_utilities()
         self.select()

@@ -65,6 +65,14 @@ def _train(model, prop, forward, selecting_steps, size=8):
     return record
 
 
+def _assert_trained_alike(want, got):
+    """Every step of two _train records: the same losses and utilities (fp32 rounding), the same selection."""
+    for (l_want, u_want, s_want, _), (l_got, u_got, s_got, _) in zip(want, got, strict=True):
+        torch.testing.assert_close(l_got, l_want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(u_got, u_want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(s_got, s_want)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend, grouped", [(b, False) for b in BACKENDS] + [("torch", True)],
                          ids=lambda v: {True: "grouped", False: "plain"}.get(v, v) if isinstance(v, bool) else v)
@@ -82,10 +90,7 @@ def test_compiled_training_matches_eager_without_graph_breaks_in_the_convs(backe
     want = _train(eager_model, eager, eager_model, steps)
     with torch._inductor.config.patch(fx_graph_cache=False):  # a cached graph brings its old guards
         got = _train(compiled_model, compiled, torch.compile(compiled_model, backend="inductor"), steps)
-    for (l_want, u_want, s_want, _), (l_got, u_got, s_got, _) in zip(want, got):
-        torch.testing.assert_close(l_got, l_want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(u_got, u_want, rtol=1e-5, atol=1e-6)
-        assert torch.equal(s_got, s_want)
+    _assert_trained_alike(want, got)
     widths = {kept for *_, kept in want[1:]}
     # Two combinations already show it: a graph specialized on the first would recompile for the
     # second. (Equal counts per group leave the grouped net fewer combinations: 2 seen over 11 steps.)
@@ -127,10 +132,7 @@ def test_vgg16_depth_compiles_once_while_layers_reach_and_leave_full_width(backe
     steps = 30
     want = _train(eager_model, eager, eager_model, steps, size=32)
     got = _train(compiled_model, compiled, torch.compile(compiled_model, backend="aot_eager"), steps, size=32)
-    for (l_want, u_want, s_want, _), (l_got, u_got, s_got, _) in zip(want, got):
-        torch.testing.assert_close(l_got, l_want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(u_got, u_want, rtol=1e-5, atol=1e-6)
-        assert torch.equal(s_got, s_want)
+    _assert_trained_alike(want, got)
     widths = [kept for *_, kept in want[1:]]
     full = [tuple(k == layer.out_channels for k, layer in zip(kept, eager.layers)) for kept in widths]
     moved = {i for i in range(len(eager.layers)) if len({f[i] for f in full}) == 2}
@@ -162,10 +164,7 @@ def test_token_linears_compile_once_while_widths_move():
     want = _train(eager_model, eager, eager_model, SELECTING_STEPS, size=16)
     got = _train(compiled_model, compiled, torch.compile(compiled_model, backend="aot_eager"), SELECTING_STEPS,
                  size=16)
-    for (l_want, u_want, s_want, _), (l_got, u_got, s_got, _) in zip(want, got):
-        torch.testing.assert_close(l_got, l_want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(u_got, u_want, rtol=1e-5, atol=1e-6)
-        assert torch.equal(s_got, s_want)
+    _assert_trained_alike(want, got)
     widths = {kept for *_, kept in want[1:]}
     assert len(widths) >= 3, f"the kept widths must change, saw {widths}"
     frames = counters["frames"]["ok"]
