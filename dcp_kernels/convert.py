@@ -220,7 +220,8 @@ def convert(
         new_linears[reader] = linear
     if compact_activations:
         for group in analysis.groups:
-            new_layers[group.producers[0]].compact_output = group.compact
+            for producer in group.producers:
+                new_layers[producer].compact_output = group.compact
     plan = ConversionPlan(
         norm_homes={p: bn for g in analysis.groups for p, bn in g.norms.items()},
         channelwise={

@@ -78,8 +78,10 @@ class Group:
     ``producers``: the convs whose outputs are these channels (several when summed or multiplied).
     ``norms``: producer -> the BatchNorm right after it, which moves into its ``DCPConv2d``.
     ``residual``: formed by a sum (a residual connection).
-    ``compact``: one producer read only by convs through shape-agnostic ops, so the channels can
-    travel compact (only the selected ones) between the layers.
+    ``compact``: the channels can travel compact (only the selected ones) from every producer to
+    every reader: only ops that work at any width in between (element-wise ops, sums and products
+    of members, which share one index vector, spatial reductions), and readers that read the group
+    alone (convs, a Linear after a flatten).
     ``blocks``: the equal blocks the channels form for the grouped convs that read or write them
     (the least common multiple of their ``groups``; 1: none): the group keeps equal counts per block.
     """
@@ -126,7 +128,9 @@ class _Space:
     channels: int
     blocked: list[str] = field(default_factory=list)
     residual: bool = False
-    simple: bool = True  # only shape-agnostic ops between producer and readers, no linear reader
+    # Nothing between producer and readers needs the full width (a norm or depthwise conv left in
+    # place, a concat, a Linear reading several segments do).
+    simple: bool = True
     norm: str | None = None
     blocks: int = 1  # equal blocks required by the grouped convs reading or writing it
 
@@ -193,9 +197,10 @@ class _Analyzer:
         return len(self.spaces) - 1
 
     def merge(self, a: int, b: int, residual: bool) -> None:
+        # A merged group can still travel compact: its members share one index vector, so their
+        # compact outputs line up channel for channel and the sum or product runs on them as it is.
         ra, rb = self.find(a), self.find(b)
         for r in (ra, rb):
-            self.spaces[r].simple = False
             self.spaces[r].residual |= residual
         if ra != rb:
             self.parent[rb] = ra
@@ -411,8 +416,7 @@ class _Analyzer:
                                         "use a BatchNorm module (or register the module that calls it as "
                                         "'per_channel')")
                 return None
-            if target in self.stochastic_depth:  # times a per-sample scalar
-                self.unsimple(x)
+            if target in self.stochastic_depth:  # times a per-sample scalar: any width
                 return x
             if target is torch.flatten:
                 if x is not None and _flatten_from_dim1(node.args[1:], node.kwargs):
@@ -453,8 +457,7 @@ class _Analyzer:
         spatial = shape is not None and len(shape) == 4 and len(dims) == 2 and all(isinstance(d, int) for d in dims) \
             and {d % 4 for d in dims} == {2, 3}
         if x is not None and x.block is None and spatial:
-            self.unsimple(x)
-            return x if keepdim else _Chan(x.segs, 1)
+            return x if keepdim else _Chan(x.segs, 1)  # one value per channel: any width
         self.block(x, f"its channels go to {_describe(node)}, a reduction DCP does not follow")
         return None
 
@@ -490,8 +493,8 @@ class _Analyzer:
                         self.spaces[sa if sa is not None else sb].blocked.append(reason)
                     continue
                 self.merge(sa, sb, residual)
-        if len(with_chan) == 1 and others and any(isinstance(o, fx.Node) for o in others):
-            self.unsimple(first)  # scaled by a per-sample tensor (stochastic depth): full width only
+        # Other operands broadcast over the channels (checked above: a per-sample scalar, stochastic
+        # depth's), so any width works.
         return first
 
     def concat(self, node: fx.Node) -> _Chan | None:
@@ -548,7 +551,7 @@ class _Analyzer:
             # Every block count divides the (common) width, so their least common multiple does too.
             blocks = math.lcm(*(sp.blocks for sp in spaces))
             norms = {sp.producer: sp.norm for sp in spaces if sp.norm is not None}
-            compact = len(spaces) == 1 and spaces[0].simple
+            compact = all(sp.simple for sp in spaces)
             group_of_root[root] = len(analysis.groups)
             analysis.groups.append(Group(producers, spaces[0].channels, norms, residual, compact, blocks))
         analysis.policy = {n for n in analysis.skipped if n in self.policy_blocked}
