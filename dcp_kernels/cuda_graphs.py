@@ -29,9 +29,13 @@ change from step to step: a model converted with ``static_shapes=True``.
 
 The first ``warmup`` calls run eagerly (Triton autotuning, optimizer state, the selection rule's
 constants); the next call captures the step and replays it; later calls replay it. What a graph
-holds as constants is checked before every replay, and the step is captured again (after one eager
-step) when it changed: the epoch (exploration ending, the utility decay schedule), the optimizer's
-learning rates and, under capacity widths, the capacities. A batch of another shape (an epoch's short last batch) runs eagerly. Every call
+holds as constants is checked before every call: the epoch (exploration ending, the utility decay
+schedule), the optimizer's hyperparameters (learning rate, momentum, weight decay, ...), the
+BatchNorms' momenta and, under capacity widths, the capacities. A capture happens only in the
+setting of the eager step just before it, so every shape it records has run eagerly first (cuDNN
+has planned it; a plan search inside a capture would fail); when the setting changes, the next call
+runs eagerly and the one after captures. A batch of another shape (an epoch's short last batch)
+runs eagerly. Every call
 trains on its own batch exactly once: the results equal eager training (tests/test_static_shapes.py
 and tests/test_capacity.py, on a GPU; their bookkeeping with a stand-in graph on the CPU).
 """
@@ -82,18 +86,24 @@ class GraphedStep:
         self.captures = 0  # how many times the step was captured (tests, logs)
         self.replays = 0
         self._eager_left = warmup
+        self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._graph: torch.cuda.CUDAGraph | None = None
         self._key: tuple | None = None
+        self._eager_constants: tuple | None = None  # the setting of the last eager step
         self._inputs: tuple[torch.Tensor, ...] = ()
         self._outputs: Any = None
         self._stream = torch.cuda.Stream()
 
     def _constants(self) -> tuple:
-        """What a captured graph holds as constants: a change needs a new capture. Under capacity
-        widths the capacities too: a new one reallocates that group's slot vectors."""
+        """What a captured graph holds as constants: a change needs a new capture. The optimizer's
+        hyperparameters that are Python values (a tensor learning rate is read from its storage by
+        the graph) and the BatchNorms' momenta are kernel arguments; under capacity widths the
+        capacities are shapes (a new one reallocates that group's slot vectors)."""
         capacities = tuple(self.prop.capacities().values()) if self.prop.capacity else ()
-        return (self.prop.epoch, self.prop.exploring, tuple(float(g["lr"]) for g in self.optimizer.param_groups),
-                capacities)
+        # Sorted by key (unique), so values are compared, never ordered.
+        hyper = tuple(tuple(sorted((k, v) for k, v in g.items() if k != "params" and not isinstance(v, torch.Tensor)))
+                      for g in self.optimizer.param_groups)
+        return (self.prop.epoch, self.prop.exploring, hyper, tuple(m.momentum for m in self._norms), capacities)
 
     def _run(self, batch: Sequence[torch.Tensor]) -> Any:
         """``step_fn(*batch)``; under capacity widths with the selection hook not selecting (the
@@ -145,9 +155,11 @@ class GraphedStep:
         constants = self._constants()
         if self._key is not None and self._key[0] != constants:
             self._graph, self._key = None, None
-            self._eager_left = max(self._eager_left, 1)  # one eager step in the new setting first
-        if self._eager_left > 0:
-            self._eager_left -= 1
+        if self._eager_left > 0 or (self._graph is None and constants != self._eager_constants):
+            # Warm-up, or a setting no eager step has run in yet (capacities that grew since the
+            # last eager step, a new learning rate): run it eagerly before capturing it.
+            self._eager_left = max(0, self._eager_left - 1)
+            self._eager_constants = constants
             return self._eager(batch)
         if self._graph is None:
             self._capture(batch)

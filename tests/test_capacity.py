@@ -316,12 +316,51 @@ def test_graphed_capacity_step_with_a_stand_in_graph(monkeypatch):
             for prop in props:
                 prop.epoch_end()
     # eager 0, 1; capture (and replay) 2; replay 3; exploration ended: eager 4 (first capacities);
-    # they grew at 5, where no graph was held yet: capture 5; replay 6, 7; grew at 8: eager 8,
-    # capture 9; replay 10-13.
+    # they grew at 5, a setting no eager step has run in (cuDNN never planned its shapes): eager 5,
+    # capture 6, replay 7; grew at 8: eager 8, capture 9; replay 10-13.
     changed_at = [i for i in range(5, 14) if capacities[i] != capacities[i - 1]]
     assert changed_at == [5, 8], capacities
-    assert (graphed.captures, graphed.replays) == (3, 10)
+    assert (graphed.captures, graphed.replays) == (3, 9)
     assert props[0].steps == props[1].steps == 14
+    for (key, want), got in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(got, want), key
+
+
+def test_graphed_step_recaptures_when_a_constant_of_the_graph_changes(monkeypatch):
+    """Momentum, weight decay and BatchNorm momentum are kernel arguments a graph holds: changing one
+    is one eager step in the new setting, then a new capture; training equals the eager step's, bit
+    for bit (the stand-in graph of test_static_shapes.py)."""
+    from test_static_shapes import _batches, _FakeGraph, _graphable_step, stand_in_cuda_graphs
+
+    from dcp_kernels import cuda_graphs
+
+    stand_in_cuda_graphs(monkeypatch)
+    torch.manual_seed(0)
+    base = small_resnet()
+    models = [copy.deepcopy(base).train() for _ in range(2)]
+    props = [dcp_kernels.convert(m, 0.5, explore_epochs=0, backend="torch", static_shapes=True,
+                                 prune_residual=True, capacity_multiple=16) for m in models]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    graphed = cuda_graphs.GraphedStep(_graphable_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=1)
+    _FakeGraph.graphed = graphed
+    eager = _graphable_step(models[0], opts[0])
+    changes = {3: lambda opt, model: opt.param_groups[0].update(momentum=0.5),
+               6: lambda opt, model: opt.param_groups[0].update(weight_decay=1e-3),
+               9: lambda opt, model: setattr(model.layer1[0].conv1.norm, "momentum", 0.3)}
+    modes = []
+    for step, (x, y) in enumerate(_batches(12, 8, "cpu", batch=4)):
+        if step in changes:
+            for opt, model in zip(opts, models):
+                changes[step](opt, model)
+        captures, replays = graphed.captures, graphed.replays
+        opts[0].zero_grad(set_to_none=True)
+        want, _ = eager(x, y)
+        got, _ = graphed(x, y)
+        assert torch.equal(got, want), f"step {step}"
+        modes.append("capture" if graphed.captures > captures else "replay" if graphed.replays > replays else "eager")
+    # warm-up 0; capture 1 (the first step selected every channel: the capacities are the full widths
+    # and hold); then each change: eager, capture, replay.
+    assert modes == ["eager", "capture", "replay"] + ["eager", "capture", "replay"] * 3, modes
     for (key, want), got in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         assert torch.equal(got, want), key
 
@@ -360,7 +399,7 @@ def test_selection_writes_slot_vectors_in_place_while_capacities_hold():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("name", ["vgg", "concat", "convnext"])
+@pytest.mark.parametrize("name", ["vgg", "resnet", "concat", "convnext"])
 def test_cuda_graph_replays_the_eager_capacity_steps(name):
     """A captured and replayed capacity step trains like the eager one (selections, weights, BN
     statistics, utilities), across the end of exploration and capacity changes. GPU only
