@@ -4,9 +4,11 @@
 ``ceiling``: can pruning win at all? Dense against the ideal (the finalized network of the kept
     widths), eager and captured in a CUDA graph, for ``prune_residual`` False/True and two
     ``round_to`` width multiples. Needs no extension.
-``capacity``: the capacity-width DCP step (``backend="torch", static_shapes=True``) eager and
-    captured (:class:`dcp_kernels.cuda_graphs.GraphedStep`) against dense captured and ideal
-    captured, at the same shapes; a kernel-time profile of one captured replay.
+``capacity``: the capacity-width DCP step (``backend="torch", static_shapes=True``) captured
+    (:class:`dcp_kernels.cuda_graphs.GraphedStep`) against dense and two ideals captured (the
+    finalized network of its exact kept widths, and of a ``round_to=8`` selection: odd widths make a
+    slow cuDNN baseline), then all of them eager; the JSON is written after each pass. A kernel-time
+    profile of one captured replay.
 
 Writes one JSON (card, versions, date, shapes, kept widths, FLOPs ratio, capacity waste, medians in
 ms). On a CPU it runs the same code at a tiny size without the captured variants (a smoke test,
@@ -157,7 +159,7 @@ def ceiling(args, device, amp_dtype, captured: bool, save) -> list[dict]:
     x, y = _batch(args.batch, args.size, device, 99, True)
     dense_steps = _dense_steps(args, device, amp_dtype, x, y, captured)  # built once, timed in every round
     results = []
-    for prune_residual in (False, True):
+    for prune_residual in (True, False):  # the decisive rows first: a run cut short keeps them
         for round_to in args.round_to:
             _, prop = _dcp(args, device, amp_dtype, prune_residual=prune_residual, round_to=round_to, static=False)
             ideal = copy.deepcopy(prop.finalize())
@@ -180,9 +182,17 @@ def ceiling(args, device, amp_dtype, captured: bool, save) -> list[dict]:
 def capacity(args, device, amp_dtype, captured: bool, save) -> list[dict]:
     x, y = _batch(args.batch, args.size, device, 99, True)
     model, prop = _dcp(args, device, amp_dtype, prune_residual=True, round_to=1, static=True)
+    row = {"prune_residual": True, "round_to": 1, "capacity_multiple": prop.capacity_multiple, "ms": {},
+           **_widths(prop), "capacity_changes": prop.capacity_changes}
+    save([row])
     ideal = copy.deepcopy(prop.finalize())
-    steps = {**_dense_steps(args, device, amp_dtype, x, y, captured),
-             **_plain_steps("ideal", ideal, x, y, amp_dtype, captured)}
+    _, prop8 = _dcp(args, device, amp_dtype, prune_residual=True, round_to=8, static=False)
+    ideal8 = copy.deepcopy(prop8.finalize())
+    row["flops_ratio_round8"] = prop8.flops_ratio()
+    del prop8
+    plain = {"dense": _dense_steps(args, device, amp_dtype, x, y, captured),
+             "ideal": _plain_steps("ideal", ideal, x, y, amp_dtype, captured),
+             "ideal-round8": _plain_steps("ideal-round8", ideal8, x, y, amp_dtype, captured)}
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     body = _plain_step(model, opt, amp_dtype)
 
@@ -190,24 +200,26 @@ def capacity(args, device, amp_dtype, captured: bool, save) -> list[dict]:
         opt.zero_grad(set_to_none=True)
         body(x, y)
 
-    steps["dcp-capacity-eager"] = eager
+    passes = {"eager": {f"{n}-eager": steps[f"{n}-eager"] for n, steps in plain.items()}}
+    passes["eager"]["dcp-capacity-eager"] = eager
     graphed = None
     if captured:
         graph_model, graph_prop = _dcp(args, device, amp_dtype, prune_residual=True, round_to=1, static=True)
         graph_opt = torch.optim.SGD(graph_model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         graphed = GraphedStep(_plain_step(graph_model, graph_opt, amp_dtype), graph_model, graph_prop, graph_opt,
                               warmup=2)
-        steps["dcp-capacity-captured"] = lambda: graphed(x, y)
         for _ in range(4):
             graphed(x, y)
-    ms = _interleaved(steps, args.rounds, device)
-    row = {"prune_residual": True, "round_to": 1, "capacity_multiple": prop.capacity_multiple, "ms": ms,
-           **_widths(prop), "capacity_changes": prop.capacity_changes}
-    if graphed is not None:
-        row.update(captures=graphed.captures, replays=graphed.replays)
-    save([row])
-    print("capacity: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
-          + f"; waste {prop.capacity_waste():.3f}, FLOPs {row['flops_ratio']:.2f}", flush=True)
+        # The decisive pass first: captured against captured.
+        passes = {"captured": {**{f"{n}-captured": steps[f"{n}-captured"] for n, steps in plain.items()},
+                               "dcp-capacity-captured": lambda: graphed(x, y)}, **passes}
+    for name, steps in passes.items():
+        row["ms"].update(_interleaved(steps, args.rounds, device))
+        if graphed is not None:
+            row.update(captures=graphed.captures, replays=graphed.replays)
+        save([row])
+        print(f"capacity ({name}): " + ", ".join(f"{k} {row['ms'][k]:.1f} ms" for k in steps)
+              + f"; waste {prop.capacity_waste():.3f}, FLOPs {row['flops_ratio']:.2f}", flush=True)
     if args.profile and graphed is not None:
         from torch.profiler import ProfilerActivity, profile
 
