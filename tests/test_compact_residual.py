@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close_to_scale
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dcp_kernels
 
@@ -205,3 +206,51 @@ def test_compact_residual_step_trains_like_the_reference(net, static_shapes):
     assert not torch.cat([l.selected for l in ref.layers]).all(), "the selection must prune after exploration"
     if static_shapes:
         assert fast.capacity_waste() > 1.0, "padding slots must really run"
+
+
+class _ConvOperandFormats(TorchDispatchMode):
+    """Records, for every convolution forward and backward, whether each 4-D operand is channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        self.not_channels_last: list[str] = []
+        self.convs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+            self.convs += 1
+            for i, t in enumerate(args[:3]):
+                if isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous(
+                        memory_format=torch.channels_last):
+                    self.not_channels_last.append(f"{func.__name__} operand {i} {tuple(t.shape)}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["exact", "capacity"])
+def test_channels_last_step_keeps_every_conv_operand_channels_last(static_shapes):
+    """A channels_last ResNet-50 (residual groups compact) in a selecting step: every operand of every
+    convolution, forward and backward (inputs, gathered weight blocks, output gradients), is
+    channels_last, so cuDNN transposes nothing; gradients and utilities equal the NCHW step's (in
+    float64, as above: float32 ReLU flips would blur the comparison)."""
+    torch.manual_seed(0)
+    models = [torchvision.models.resnet50(num_classes=5).double()]
+    models.append(copy.deepcopy(models[0]).to(memory_format=torch.channels_last))
+    props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, prune_residual=True, backend="torch",
+                                 static_shapes=static_shapes, capacity_multiple=8) for m in models]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 3, 64, 64, generator=g).double(), torch.tensor([0, 1])
+    grads = []
+    for model, prop, fmt in zip(models, props, (torch.contiguous_format, torch.channels_last)):
+        model.train()
+        F.cross_entropy(model(x.contiguous(memory_format=fmt)), y).backward()  # exploring: measures utilities
+        prop.epoch_end()
+        model.zero_grad()
+        formats = _ConvOperandFormats()
+        with formats:
+            F.cross_entropy(model(x.contiguous(memory_format=fmt)), y).backward()
+        grads.append(([p.grad for p in model.parameters()], prop.utility_vector()))
+    assert not torch.cat([l.selected for l in props[1].layers]).all(), "the step must prune"
+    assert formats.convs >= 2 * 53
+    assert not formats.not_channels_last, formats.not_channels_last[:5]
+    for got, want in zip([*grads[1][0], grads[1][1]], [*grads[0][0], grads[0][1]]):
+        _assert_close(got, want, 1e-5, "channels_last against NCHW")

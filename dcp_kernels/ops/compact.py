@@ -30,8 +30,18 @@ def zeros_except(shape, idx: torch.Tensor, values: torch.Tensor, memory_format=t
 
 
 def widen(values: torch.Tensor, idx: torch.Tensor, channels: int) -> torch.Tensor:
-    """The compact (N, k, H, W) ``values`` placed at channels ``idx`` of a zero (N, channels, H, W)."""
-    return zeros_except((values.shape[0], channels) + tuple(values.shape[2:]), idx, values)
+    """The compact (N, k, H, W) ``values`` placed at channels ``idx`` of a zero (N, channels, H, W),
+    in ``values``' memory format."""
+    return zeros_except((values.shape[0], channels) + tuple(values.shape[2:]), idx, values, memory_format_of(values))
+
+
+def gather_channels(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(1, idx)`` in ``t``'s memory format: ATen's gather writes NCHW whatever its
+    input, which would turn a channels_last stream into NCHW copies (and cuDNN transposes) from the
+    first gather on. A channels_last tensor is gathered on the last dimension of its NHWC view."""
+    if memory_format_of(t) is torch.channels_last:
+        return t.permute(0, 2, 3, 1).index_select(3, idx).permute(0, 3, 1, 2)
+    return t.index_select(1, idx)
 
 
 def selects_all(idx: torch.Tensor, size: int) -> bool:
@@ -142,8 +152,8 @@ def _gather_block(x, weight, bias, in_idx, out_idx, groups, x_compact, in_scale=
     columns = not (depthwise or full_in) and groups == 1
     if not (depthwise or full_in or columns):
         rows = grouped_block_rows(out_idx, in_idx, in_per_group, c_out // groups, groups)
-    w_c = _weight_block(weight, out_idx, in_idx, rows, columns, full_out, in_scale, groups)
-    x_c = x if (full_in or x_compact) else x.index_select(1, read_idx)
+    w_c = _weight_block(weight, out_idx, in_idx, rows, columns, full_out, in_scale, groups, memory_format_of(x))
+    x_c = x if (full_in or x_compact) else gather_channels(x, read_idx)
     if input_scale is not None:
         x_c = x_c * input_scale
     return _Block(x_c, w_c, b_c, read_idx, input_scale, rows, columns, in_scale, groups, depthwise,
@@ -161,7 +171,7 @@ def _column_scale(in_scale: torch.Tensor, k_out: int, groups: int, dtype: torch.
 
 def _weight_block(weight: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor, rows: torch.Tensor | None,
                   columns: bool, full_out: bool, in_scale: torch.Tensor | None = None,
-                  groups: int = 1) -> torch.Tensor:
+                  groups: int = 1, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """The block of ``weight`` the compact convolution runs with, in one gather: the ``out_idx x
     in_idx`` block (``columns``), the flat weight rows ``rows`` of a grouped conv as a (k_out,
     k_in / groups, kh, kw) block, or whole input rows of ``out_idx`` (neither).
@@ -169,9 +179,20 @@ def _weight_block(weight: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Ten
     The groups=1 block is indexed by the two index vectors (broadcast, nothing materialized), not
     by flat (k_out * k_in) row indices: those cost 8 bytes per block row, kept for backward, which
     put VGG-16's step above dense's peak memory at prune 0.3 (docs/benchmarks.md), and a launch to
-    build them. With ``in_scale`` the block's input columns are scaled by it (:func:`_gather_block`)."""
+    build them. With ``in_scale`` the block's input columns are scaled by it (:func:`_gather_block`).
+
+    The block has the input's ``memory_format`` (cuDNN and oneDNN convolve in one format: a block in
+    another would be transposed inside the convolution). A channels_last weight is gathered in its
+    NHWC view, so the block comes out channels_last without a copy."""
     if _is_whole_weight(rows, columns, full_out):
         w_c = weight
+    elif memory_format_of(weight) is torch.channels_last and rows is None:
+        w_nhwc = weight.permute(0, 2, 3, 1)  # (O, kh, kw, I), contiguous
+        if not full_out:
+            w_nhwc = w_nhwc.index_select(0, out_idx)
+        if columns:
+            w_nhwc = w_nhwc.index_select(3, in_idx)
+        w_c = w_nhwc.permute(0, 3, 1, 2)
     elif columns:
         w_c = weight.index_select(1, in_idx) if full_out else weight[out_idx.unsqueeze(1), in_idx]
     elif rows is None:
@@ -181,7 +202,7 @@ def _weight_block(weight: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Ten
         w_c = w_c.view(out_idx.numel(), -1, *weight.shape[2:])
     if in_scale is not None:
         w_c = w_c * _column_scale(in_scale, w_c.shape[0], groups, w_c.dtype)
-    return w_c
+    return w_c.contiguous(memory_format=memory_format)
 
 
 def _is_whole_weight(rows: torch.Tensor | None, columns: bool, full_out: bool) -> bool:
@@ -207,7 +228,7 @@ def _scatter_weight_block(grad_w: torch.Tensor, gw_c: torch.Tensor, out_idx: tor
 
 def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation, x_shape, w_shape,
                     x_memory_format, has_bias: bool, need_x: bool, need_w: bool, need_b: bool,
-                    w_zeros: torch.Tensor | None = None):
+                    w_zeros: torch.Tensor | None = None, w_memory_format=torch.contiguous_format):
     """(grad_x, grad_w, grad_b) of the block's convolution, in the full (or x's compact) layout;
     None for a gradient not asked for. Grad-weight is non-zero only on the block; it is scattered
     into ``w_zeros`` when given (zeros of the weight's shape, allocated with other gradients)."""
@@ -228,8 +249,9 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
         if _is_whole_weight(rows, block.columns, block.full_out):
             grad_w = gw_c
         else:
-            grad_w = _scatter_weight_block(gw_c.new_zeros(w_shape) if w_zeros is None else w_zeros, gw_c, out_idx,
-                                           read_idx, rows, block.columns, block.full_out)
+            zeros = w_zeros if w_zeros is not None else torch.empty(
+                w_shape, dtype=gw_c.dtype, device=gw_c.device, memory_format=w_memory_format).zero_()
+            grad_w = _scatter_weight_block(zeros, gw_c, out_idx, read_idx, rows, block.columns, block.full_out)
     if need_b and has_bias:
         grad_b = gb_c if block.full_out else gb_c.new_zeros(w_shape[0]).index_copy_(0, out_idx, gb_c)
     return grad_x, grad_w, grad_b
@@ -251,7 +273,8 @@ def block_conv_forward(x, weight, bias, in_idx, out_idx, stride, padding, dilati
     saved = (block.x_c, weight if regather else block.w_c, block.read_idx, out_idx, block.input_scale, block.rows,
              block.in_scale)
     kept = (block._replace(x_c=None, w_c=None, b_c=None, read_idx=None, input_scale=None, rows=None, in_scale=None),
-            (stride, padding, dilation, x.shape, weight.shape, memory_format_of(x), bias is not None, regather))
+            (stride, padding, dilation, x.shape, weight.shape, memory_format_of(x), bias is not None, regather,
+             weight_grad_format(weight, groups)))
     return y_c, saved, kept
 
 
@@ -266,12 +289,30 @@ def block_conv_backward(grad_y_c, saved, kept, need_x: bool, need_w: bool, need_
     """(grad_x, grad_w, grad_b) of :func:`block_conv_forward` from what it saved and kept (grad-weight
     scattered into ``w_zeros`` when given, see :func:`block_scatters_weight_grad`)."""
     x_c, w_c, read_idx, out_idx, input_scale, rows, in_scale = saved
-    meta, (stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias, regather) = kept
+    meta, (stride, padding, dilation, x_shape, w_shape, x_memory_format, has_bias, regather, w_memory_format) = kept
     if regather:  # forward kept the weight, not its block (see block_conv_forward)
-        w_c = _weight_block(w_c, out_idx, read_idx, rows, meta.columns, meta.full_out, in_scale, meta.groups)
+        w_c = _weight_block(w_c, out_idx, read_idx, rows, meta.columns, meta.full_out, in_scale, meta.groups,
+                            memory_format_of(x_c))
     block = meta._replace(x_c=x_c, w_c=w_c, read_idx=read_idx, input_scale=input_scale, rows=rows, in_scale=in_scale)
     return _block_backward(grad_y_c, block, out_idx, stride, padding, dilation, x_shape, w_shape,
-                           x_memory_format, has_bias, need_x, need_w, need_b, w_zeros)
+                           x_memory_format, has_bias, need_x, need_w, need_b, w_zeros, w_memory_format)
+
+
+def weight_grad_format(weight: torch.Tensor, groups: int) -> torch.memory_format:
+    """The layout a weight's scattered gradient is written in: the weight's own (autograd accumulates
+    it so), except for a grouped conv's block, which is scattered by flat rows of a contiguous tensor."""
+    if groups > 1 and not is_depthwise_weight(weight, groups):
+        return torch.contiguous_format
+    return memory_format_of(weight)
+
+
+def weight_layout_view(flat: torch.Tensor, shape: torch.Size, memory_format: torch.memory_format) -> torch.Tensor:
+    """``flat`` (``shape.numel()`` elements) seen as a tensor of ``shape`` in ``memory_format``: where
+    a weight's gradient is scattered, in the weight's own layout (as autograd accumulates it)."""
+    if memory_format is torch.channels_last:
+        o, i, kh, kw = shape
+        return flat.view(o, kh, kw, i).permute(0, 3, 1, 2)
+    return flat.view(shape)
 
 
 class _CompactConv2d(torch.autograd.Function):
@@ -394,7 +435,7 @@ class _ScatterChannels(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (out_idx,) = ctx.saved_tensors
-        return grad_out.index_select(1, out_idx), None, None
+        return gather_channels(grad_out, out_idx), None, None
 
 
 def scatter_channels(y_c: torch.Tensor, out_idx: torch.Tensor, channels: int) -> torch.Tensor:

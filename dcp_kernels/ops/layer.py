@@ -46,7 +46,10 @@ from .compact import (
     compact_conv2d,
     block_conv_forward,
     block_scatters_weight_grad,
+    gather_channels,
     selects_all,
+    weight_grad_format,
+    weight_layout_view,
     widen,
 )
 from .reference import channel_mask
@@ -177,7 +180,7 @@ class _CompactGate(torch.autograd.Function):
     @once_differentiable  # saves gathered blocks and statistics: no exact second derivative
     def backward(ctx, grad_out):
         a_c, out_idx = ctx.saved_tensors
-        g_c = grad_out.index_select(1, out_idx) if ctx.scatter else grad_out
+        g_c = gather_channels(grad_out, out_idx) if ctx.scatter else grad_out
         if ctx.track:
             _update_utilities(ctx.backend, a_c, g_c, ctx.sink, None if ctx.full else out_idx)
         return g_c, None, None, None, None, None, None
@@ -249,7 +252,7 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
     gradients full-size (zeros outside ``out_idx``; the rows of ``zeros``, a (2, channels) zero
     tensor, when given) or None; updates the utilities (``sink``)."""
     y_c, w_c, b_c, mean, invstd, slot_scale = saved
-    g_c = grad_out.index_select(1, out_idx) if scatter and not full else grad_out
+    g_c = gather_channels(grad_out, out_idx) if scatter and not full else grad_out
     grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
         g_c, y_c, w_c, None, None, mean, invstd, True, eps, [need_y, need_w or need_b, need_w or need_b]
     )
@@ -328,7 +331,8 @@ class _TorchLayerStep(torch.autograd.Function):
         ctx.save_for_backward(*conv_saved, *bn_saved, out_idx)
         ctx.conv_count = len(conv_saved)
         # One zero buffer for the weight's and the BN parameters' gradients where they share a dtype.
-        ctx.shared_zeros = weight.shape if weight.dtype == bn_weight.dtype == bn_bias.dtype else None
+        ctx.shared_zeros = ((weight.shape, weight_grad_format(weight, conv[3]))
+                            if weight.dtype == bn_weight.dtype == bn_bias.dtype else None)
         ctx.conf = (channels, scatter, full, eps)
         ctx.sink = sink  # not saved (see _UtilitySink)
         return out
@@ -345,9 +349,11 @@ class _TorchLayerStep(torch.autograd.Function):
         if (ctx.shared_zeros is not None and need_w and (need_bn_w or need_bn_b) and not full
                 and block_scatters_weight_grad(conv_saved, ctx.conv_kept)):
             # Both gradients are scattered into zeros: one allocation and one fill for the two.
-            w_numel = ctx.shared_zeros.numel()
+            w_shape, w_format = ctx.shared_zeros
+            w_numel = w_shape.numel()
             zeros = grad_out.new_zeros(w_numel + 2 * channels, dtype=bn_saved[1].dtype)
-            w_zeros, bn_zeros = zeros[:w_numel].view(ctx.shared_zeros), zeros[w_numel:].view(2, channels)
+            w_zeros = weight_layout_view(zeros[:w_numel], w_shape, w_format)
+            bn_zeros = zeros[w_numel:].view(2, channels)
         grad_y_c, grad_bn_w, grad_bn_b = _bn_gate_backward(
             grad_out, bn_saved, out_idx, channels, scatter, full, eps, "torch", ctx.sink,
             need_conv, need_bn_w, need_bn_b, bn_zeros)
