@@ -95,11 +95,11 @@ class _UtilitySink(NamedTuple):
 
 def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _UtilitySink,
                       idx: torch.Tensor | None, scale: torch.Tensor | None = None,
-                      shift: torch.Tensor | None = None) -> None:
+                      shift: torch.Tensor | None = None, mean: torch.Tensor | None = None) -> None:
     """The backward's utility work: ``v = channel_utility(a', g)``, then ``U[idx] = decay * U[idx] +
     v / max(v)`` (``idx`` None: all channels). ``a' = a * scale + shift`` per channel where
     ``scale`` and ``shift`` are given (Triton's reduction applies them on the fly, ``torch`` uses
-    :func:`_affine_channel_utility`), else ``a' = a``.
+    :func:`_affine_channel_utility`, which takes the batch ``mean`` of ``a`` too), else ``a' = a``.
 
     Triton: two launches (reduction, then one update program). Others: PyTorch ops (the extension's
     reduction kernel where built); the reduction then lands in the layer's row of the controller's
@@ -115,7 +115,7 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
     # PyTorch reduction leaves it out (one launch less per layer); the extension's kernel has it built in.
     if scale is not None:
         assert backend == "torch", "the extension's reduction takes the BN output"
-        v = _affine_channel_utility(a, g, scale, shift)
+        v = _affine_channel_utility(a, g, scale, shift, mean)
     elif backend == "extension":
         v = channel_utility(a, g, backend=backend)
     else:
@@ -135,21 +135,35 @@ def _matmul_in_full_fp32(cuda: bool) -> bool:
     return torch.get_float32_matmul_precision() == "highest" and not (cuda and torch.backends.cuda.matmul.allow_tf32)
 
 
-def _affine_channel_utility(y: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _affine_channel_utility(y: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                           mean: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_b |sum_hw g * (y * scale + shift)|`` per channel, float32, without forming the BN
     output: ``sum_hw g * a = scale * sum_hw g * y + shift * sum_hw g``. The first sum is a batched dot
     product (one ``bmm`` reading ``g`` and ``y`` once, nothing written at activation size) where
     both are contiguous float32; measured on the CPU 2-6x faster than recomputing BN's output and
-    reducing ``g * a`` (ResNet-50 and CIFAR shapes), equal up to float rounding (2e-7 relative)."""
+    reducing ``g * a`` (ResNet-50 and CIFAR shapes), equal up to float rounding (2e-7 relative).
+
+    Low precision (bf16/fp16 under autocast): no float32 copy of an activation. ``y`` is centred by
+    its batch ``mean`` (rounded to ``y``'s dtype; the shift absorbs the rounding) in its own dtype,
+    multiplied by ``g`` and reduced with float32 accumulation: four passes of 2-byte reads and writes
+    where float32 copies, product and reduction took about twice the bytes. The centring keeps each
+    rounded product at the scale of BN's output: uncentred, ``scale * sum g * y`` and ``shift *
+    sum g`` nearly cancel when a channel's mean is large against its spread, and bf16's rounding of
+    ``g * y`` would then dominate."""
     batch, channels = y.shape[:2]
     # bmm only where it runs in full fp32: with TF32 (or bf16) matmuls allowed, the two sums' rounding
     # would not cancel well in scale * gy + shift * g_sum. A Dynamo that cannot trace the layout test
     # in a backward (torch 2.6) takes the product and sum, which inductor fuses into one reduction.
-    if ((DYNAMO_TRACES_SHAPE_QUERIES or not torch.compiler.is_dynamo_compiling())
+    if y.dtype in (torch.bfloat16, torch.float16) and mean is not None:
+        center = mean.to(y.dtype)
+        # a = scale * (y - center) + (shift + scale * center), exactly, with center as rounded.
+        shift = torch.addcmul(shift.float(), scale.float(), center.float())
+        gy = torch.sum(g * (y - center.view(1, -1, 1, 1)), dim=(2, 3), dtype=torch.float32)
+    elif ((DYNAMO_TRACES_SHAPE_QUERIES or not torch.compiler.is_dynamo_compiling())
             and _matmul_in_full_fp32(y.is_cuda) and y.dtype == g.dtype == torch.float32 and y.is_contiguous()
             and g.is_contiguous()):
         gy = torch.bmm(g.view(batch * channels, 1, -1), y.view(batch * channels, -1, 1)).view(batch, channels)
-    else:  # channels_last or low precision: the product in float32, as reference.channel_utility
+    else:  # float32 channels_last or TF32 matmuls: the product and its sum
         gy = (g.float() * y.float()).sum(dim=(2, 3))
     g_sum = g.sum(dim=(2, 3), dtype=torch.float32)
     return torch.linalg.vector_norm(torch.addcmul(g_sum * shift.float(), gy, scale.float()), ord=1, dim=0)
@@ -276,7 +290,7 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
     if backend in ("triton", "torch"):
         scale = w_c * invstd
         shift = torch.addcmul(b_c, mean, scale, value=-1)
-        _update_utilities(backend, y_c, g_c, sink, idx, scale, shift)
+        _update_utilities(backend, y_c, g_c, sink, idx, scale, shift, mean)
     else:
         a_c = torch.native_batch_norm(y_c, w_c, b_c, None, None, True, 0.0, eps)[0]
         _update_utilities(backend, a_c, g_c, sink, idx)
