@@ -282,27 +282,38 @@ def test_static_shapes_refuses_backends_without_capacity_widths():
         dcp_kernels.convert(small_vgg(), 0.5, backend="torch", static_shapes=True, capacity_multiple=0)
 
 
+def _eager_and_graphed(make, *, explore_epochs, capacity_multiple, warmup):
+    """Two copies of ``make()`` converted with capacity widths (residual groups pruned): one trained
+    eagerly, one through GraphedStep (under the stand-in graph the caller installed). Returns
+    (models, controllers, optimizers, eager step, GraphedStep)."""
+    from test_static_shapes import _FakeGraph, _graphable_step
+
+    from dcp_kernels import cuda_graphs
+
+    torch.manual_seed(0)
+    base = make()
+    models = [copy.deepcopy(base).train() for _ in range(2)]
+    props = [dcp_kernels.convert(m, 0.5, explore_epochs=explore_epochs, backend="torch", static_shapes=True,
+                                 prune_residual=True, capacity_multiple=capacity_multiple) for m in models]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    graphed = cuda_graphs.GraphedStep(_graphable_step(models[1], opts[1]), models[1], props[1], opts[1],
+                                      warmup=warmup)
+    _FakeGraph.graphed = graphed
+    return models, props, opts, _graphable_step(models[0], opts[0]), graphed
+
+
 def test_graphed_capacity_step_with_a_stand_in_graph(monkeypatch):
     """GraphedStep on the capacity path, on the CPU with the stand-in CUDA graph of
     test_static_shapes.py (a replay re-runs what the capture recorded: the step without a selection;
     the real capture runs on a GPU, benchmarks/gpu_check.sh). The selection runs eagerly before every
     call; a capacity change or the end of exploration is a new capture after one eager step; every
     call trains on its batch once: training equals the eager capacity step's, bit for bit."""
-    from test_static_shapes import _batches, _FakeGraph, _graphable_step, stand_in_cuda_graphs
-
-    from dcp_kernels import cuda_graphs
+    from test_static_shapes import _batches, stand_in_cuda_graphs
 
     stand_in_cuda_graphs(monkeypatch)
-
-    torch.manual_seed(0)
-    base = BranchConcat()  # a concat reader and a flatten head: derived index vectors
-    models = [copy.deepcopy(base).train() for _ in range(2)]
-    props = [dcp_kernels.convert(m, 0.5, explore_epochs=1, backend="torch", static_shapes=True,
-                                 prune_residual=True, capacity_multiple=2) for m in models]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
-    graphed = cuda_graphs.GraphedStep(_graphable_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=2)
-    _FakeGraph.graphed = graphed
-    eager = _graphable_step(models[0], opts[0])
+    # A concat reader and a flatten head: derived index vectors.
+    models, props, opts, eager, graphed = _eager_and_graphed(BranchConcat, explore_epochs=1, capacity_multiple=2,
+                                                             warmup=2)
     capacities = []
     for step, (x, y) in enumerate(_batches(14, 8, "cpu", batch=4)):
         opts[0].zero_grad(set_to_none=True)
@@ -330,20 +341,11 @@ def test_graphed_step_recaptures_when_a_constant_of_the_graph_changes(monkeypatc
     """Momentum, weight decay and BatchNorm momentum are kernel arguments a graph holds: changing one
     is one eager step in the new setting, then a new capture; training equals the eager step's, bit
     for bit (the stand-in graph of test_static_shapes.py)."""
-    from test_static_shapes import _batches, _FakeGraph, _graphable_step, stand_in_cuda_graphs
-
-    from dcp_kernels import cuda_graphs
+    from test_static_shapes import _batches, stand_in_cuda_graphs
 
     stand_in_cuda_graphs(monkeypatch)
-    torch.manual_seed(0)
-    base = small_resnet()
-    models = [copy.deepcopy(base).train() for _ in range(2)]
-    props = [dcp_kernels.convert(m, 0.5, explore_epochs=0, backend="torch", static_shapes=True,
-                                 prune_residual=True, capacity_multiple=16) for m in models]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
-    graphed = cuda_graphs.GraphedStep(_graphable_step(models[1], opts[1]), models[1], props[1], opts[1], warmup=1)
-    _FakeGraph.graphed = graphed
-    eager = _graphable_step(models[0], opts[0])
+    models, props, opts, eager, graphed = _eager_and_graphed(small_resnet, explore_epochs=0, capacity_multiple=16,
+                                                             warmup=1)
     changes = {3: lambda opt, model: opt.param_groups[0].update(momentum=0.5),
                6: lambda opt, model: opt.param_groups[0].update(weight_decay=1e-3),
                9: lambda opt, model: setattr(model.layer1[0].conv1.norm, "momentum", 0.3)}
