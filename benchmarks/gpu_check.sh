@@ -3,7 +3,8 @@
 # numbers first: each stage (stages a and b after each configuration or pass) writes its JSON/text
 # under the output directory as it ends, so a run cut short still brings back everything before the
 # cut. Stage limits add up to 8 minutes (480 s); the extension builds in the background (nice 19, 6
-# jobs) from stage c on, which needs it not: stages a and b keep every core.
+# jobs, at most 170 s) from stage c on, which needs it not: stages a and b keep every core, and stage
+# e waits at most 60 s beyond c and d for the build (540 s in all).
 #   benchmarks/gpu_check.sh [output directory]     (default: bench-gpu/)
 # On a lent device (at most 8 files come back, so archive them, also after a timeout):
 #   timeout 570 bash benchmarks/gpu_check.sh /tmp/g; tar czf $OUT/g.tgz -C /tmp g

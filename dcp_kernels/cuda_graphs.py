@@ -41,6 +41,7 @@ and tests/test_capacity.py, on a GPU; their bookkeeping with a stand-in graph on
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -75,8 +76,9 @@ class GraphedStep:
             raise ValueError("GraphedStep needs prop.auto_select=True: it selects before every step")
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
-        cumulative = [name for name, m in model.named_modules()
-                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None and m.track_running_stats]
+        named_norms = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = [m for _, m in named_norms]
+        cumulative = [name for name, m in named_norms if m.momentum is None and m.track_running_stats]
         if cumulative:
             raise ValueError(f"GraphedStep: BatchNorm momentum=None (cumulative average) reads the batch count on the "
                              f"host every step ({', '.join(cumulative[:3])}); set a float momentum")
@@ -86,22 +88,30 @@ class GraphedStep:
         self.captures = 0  # how many times the step was captured (tests, logs)
         self.replays = 0
         self._eager_left = warmup
-        self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._norms = norms
         self._graph: torch.cuda.CUDAGraph | None = None
         self._key: tuple | None = None
-        self._eager_constants: tuple | None = None  # the setting of the last eager step
+        self._eager_key: tuple | None = None  # constants and batch shapes of the last eager step
+        self._changes_in_a_row = 0  # eager calls in a row because the setting changed (never captured)
         self._inputs: tuple[torch.Tensor, ...] = ()
         self._outputs: Any = None
         self._stream = torch.cuda.Stream()
 
     def _constants(self) -> tuple:
         """What a captured graph holds as constants: a change needs a new capture. The optimizer's
-        hyperparameters that are Python values (a tensor learning rate is read from its storage by
-        the graph) and the BatchNorms' momenta are kernel arguments; under capacity widths the
-        capacities are shapes (a new one reallocates that group's slot vectors)."""
+        hyperparameters and the BatchNorms' momenta are kernel arguments; under capacity widths the
+        capacities are shapes (a new one reallocates that group's slot vectors). A hyperparameter
+        tensor on the CPU is read into a kernel argument too (SGD's ``lr``), so it counts by value;
+        one on the GPU (``capturable=True`` optimizers) is read by the graph from its storage."""
         capacities = tuple(self.prop.capacities().values()) if self.prop.capacity else ()
+
+        def value(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.item() if v.device.type == "cpu" and v.numel() == 1 else None
+            return v
+
         # Sorted by key (unique), so values are compared, never ordered.
-        hyper = tuple(tuple(sorted((k, v) for k, v in g.items() if k != "params" and not isinstance(v, torch.Tensor)))
+        hyper = tuple(tuple(sorted((k, value(v)) for k, v in g.items() if k != "params"))
                       for g in self.optimizer.param_groups)
         return (self.prop.epoch, self.prop.exploring, hyper, tuple(m.momentum for m in self._norms), capacities)
 
@@ -145,6 +155,16 @@ class GraphedStep:
         self._graph, self._key = graph, (self._constants(), self._shapes(batch))
         self.captures += 1
 
+    def _note_setting_change(self) -> None:
+        """Warn once when the setting changes on every call, so nothing is ever captured (a learning
+        rate or momentum schedule stepped per iteration)."""
+        self._changes_in_a_row += 1
+        if self._changes_in_a_row == 3:
+            warnings.warn("GraphedStep: the step's constants (learning rate, momentum, weight decay, BatchNorm "
+                          "momentum or capacities) changed on 3 calls in a row, so it runs eagerly: step a per-"
+                          "iteration schedule per epoch, or use a tensor learning rate on the GPU with "
+                          "capturable=True", stacklevel=3)
+
     def __call__(self, *batch: torch.Tensor) -> Any:
         if self.prop.capacity:
             # The selection, eagerly, on the stream replays run on (ordered after the previous step,
@@ -152,15 +172,18 @@ class GraphedStep:
             # the captured step reads in place (their storage holds while a capacity does).
             self.prop.step()
             self.prop.refresh_indices()
-        constants = self._constants()
-        if self._key is not None and self._key[0] != constants:
+        key = (self._constants(), self._shapes(batch))
+        if self._key is not None and self._key[0] != key[0]:
             self._graph, self._key = None, None
-        if self._eager_left > 0 or (self._graph is None and constants != self._eager_constants):
-            # Warm-up, or a setting no eager step has run in yet (capacities that grew since the
-            # last eager step, a new learning rate): run it eagerly before capturing it.
+        if self._eager_left > 0 or (self._graph is None and key != self._eager_key):
+            # Warm-up, or a setting (or batch shape) no eager step has run in yet: capacities that
+            # grew since the last eager step, a new learning rate. Run it eagerly before capturing it.
+            if self._eager_left == 0:
+                self._note_setting_change()
             self._eager_left = max(0, self._eager_left - 1)
-            self._eager_constants = constants
+            self._eager_key = key
             return self._eager(batch)
+        self._changes_in_a_row = 0
         if self._graph is None:
             self._capture(batch)
         elif self._key[1] != self._shapes(batch):

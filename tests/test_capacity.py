@@ -40,7 +40,7 @@ class _GroupedHead(nn.Module):
 
 MODELS = {
     "vgg": (small_vgg, {}),  # a flatten head (DCPLinear), compact activations between convs
-    "resnet": (small_resnet, {"prune_residual": True}),  # residual groups pruned, full-width sums
+    "resnet": (small_resnet, {"prune_residual": True}),  # residual groups pruned, compact sums
     "concat": (BranchConcat, {"prune_residual": True}),  # a concat reader, a conv without BN
     "depthwise": (DepthwiseNet, {}),  # a depthwise conv reading capacity slots
     "grouped": (_GroupedHead, {}),  # groups in blocks: full-width capacity
@@ -363,6 +363,36 @@ def test_graphed_step_recaptures_when_a_constant_of_the_graph_changes(monkeypatc
     # warm-up 0; capture 1 (the first step selected every channel: the capacities are the full widths
     # and hold); then each change: eager, capture, replay.
     assert modes == ["eager", "capture", "replay"] + ["eager", "capture", "replay"] * 3, modes
+    for (key, want), got in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(got, want), key
+
+
+def test_graphed_step_keys_cpu_tensor_learning_rates_by_value_and_warns_when_it_never_captures(monkeypatch):
+    """SGD reads a CPU tensor learning rate into a kernel argument: a scheduler's in-place write is a
+    new setting (eager, then a new capture), not a replay of the old rate. A setting that changes on
+    every call never captures, and says so once."""
+    from test_static_shapes import _batches, stand_in_cuda_graphs
+
+    stand_in_cuda_graphs(monkeypatch)
+    models, props, opts, eager, graphed = _eager_and_graphed(small_resnet, explore_epochs=0, capacity_multiple=16,
+                                                             warmup=1)
+    for opt in opts:
+        opt.param_groups[0]["lr"] = torch.tensor(0.05)
+    batches = list(_batches(9, 8, "cpu", batch=4))
+    for step, (x, y) in enumerate(batches):
+        if step in (3, 5, 6, 7, 8):  # 3: one change; 5-8: a change on every call
+            for opt in opts:
+                opt.param_groups[0]["lr"].fill_(0.05 / (step + 1))
+        opts[0].zero_grad(set_to_none=True)
+        if step == 7:
+            with pytest.warns(UserWarning, match="changed on 3 calls in a row"):
+                got, _ = graphed(x, y)
+        else:
+            got, _ = graphed(x, y)
+        want, _ = eager(x, y)
+        assert torch.equal(got, want), f"step {step}"
+    # eager 0, capture 1, replay 2; lr changed: eager 3, capture 4; eager 5-8.
+    assert (graphed.captures, graphed.replays) == (2, 3)
     for (key, want), got in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         assert torch.equal(got, want), key
 

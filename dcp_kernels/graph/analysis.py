@@ -27,6 +27,7 @@ exactly the coupled tensors the analysis recorded.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -60,6 +61,9 @@ from .optable import (
     supported_conv,
 )
 from .record import _drop_dead_ends, _propagate_shapes, _record_any, trace
+
+
+_DIVISIONS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 
 
 @dataclass(frozen=True)
@@ -494,7 +498,12 @@ class _Analyzer:
                     continue
                 self.merge(sa, sb, residual)
         # Other operands broadcast over the channels (checked above: a per-sample scalar, stochastic
-        # depth's), so any width works.
+        # depth's), so any width works. Except a division by channels: under capacity widths their
+        # padding slots hold zeros, and 0/0 would reach the readers as NaN.
+        divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        if node.target in _DIVISIONS and isinstance(divisor, fx.Node) and self.values.get(divisor) is not None:
+            for _, chan in with_chan:
+                self.unsimple(chan)
         return first
 
     def concat(self, node: fx.Node) -> _Chan | None:

@@ -38,8 +38,10 @@ def widen(values: torch.Tensor, idx: torch.Tensor, channels: int) -> torch.Tenso
 def gather_channels(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t.index_select(1, idx)`` in ``t``'s memory format: ATen's gather writes NCHW whatever its
     input, which would turn a channels_last stream into NCHW copies (and cuDNN transposes) from the
-    first gather on. A channels_last tensor is gathered on the last dimension of its NHWC view."""
-    if memory_format_of(t) is torch.channels_last:
+    first gather on. A channels_last tensor is gathered on the last dimension of its NHWC view
+    (not under a Dynamo that cannot trace the layout test in a backward, torch 2.6: plain gather)."""
+    if (DYNAMO_TRACES_SHAPE_QUERIES or not torch.compiler.is_dynamo_compiling()) and \
+            memory_format_of(t) is torch.channels_last:
         return t.permute(0, 2, 3, 1).index_select(3, idx).permute(0, 3, 1, 2)
     return t.index_select(1, idx)
 

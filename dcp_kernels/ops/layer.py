@@ -143,18 +143,19 @@ def _affine_channel_utility(y: torch.Tensor, g: torch.Tensor, scale: torch.Tenso
     both are contiguous float32; measured on the CPU 2-6x faster than recomputing BN's output and
     reducing ``g * a`` (ResNet-50 and CIFAR shapes), equal up to float rounding (2e-7 relative).
 
-    Low precision (bf16/fp16 under autocast): no float32 copy of an activation. ``y`` is centred by
-    its batch ``mean`` (rounded to ``y``'s dtype; the shift absorbs the rounding) in its own dtype,
-    multiplied by ``g`` and reduced with float32 accumulation: four passes of 2-byte reads and writes
-    where float32 copies, product and reduction took about twice the bytes. The centring keeps each
-    rounded product at the scale of BN's output: uncentred, ``scale * sum g * y`` and ``shift *
-    sum g`` nearly cancel when a channel's mean is large against its spread, and bf16's rounding of
-    ``g * y`` would then dominate."""
+    bf16 (autocast): no float32 copy of an activation. ``y`` is centred by its batch ``mean`` (rounded
+    to bf16; the shift absorbs the rounding) in bf16, multiplied by ``g`` and reduced with float32
+    accumulation: four passes of 2-byte reads and writes where float32 copies, product and reduction
+    took about twice the bytes. The utility then carries bf16's rounding (about 2e-3 of the largest,
+    where the float32 product had 4e-6). The centring keeps that rounding relative to ``y - mean``:
+    uncentred, ``scale * sum g * y`` and ``shift * sum g`` nearly cancel when a channel's mean is
+    large against its spread, and the rounding of ``g * y`` would dominate. fp16 keeps the float32
+    product: its range would overflow on ``g * y`` with GradScaler's scaled gradients."""
     batch, channels = y.shape[:2]
     # bmm only where it runs in full fp32: with TF32 (or bf16) matmuls allowed, the two sums' rounding
     # would not cancel well in scale * gy + shift * g_sum. A Dynamo that cannot trace the layout test
     # in a backward (torch 2.6) takes the product and sum, which inductor fuses into one reduction.
-    if y.dtype in (torch.bfloat16, torch.float16) and mean is not None:
+    if y.dtype == torch.bfloat16 and mean is not None:
         center = mean.to(y.dtype)
         # a = scale * (y - center) + (shift + scale * center), exactly, with center as rounded.
         shift = torch.addcmul(shift.float(), scale.float(), center.float())
@@ -163,7 +164,7 @@ def _affine_channel_utility(y: torch.Tensor, g: torch.Tensor, scale: torch.Tenso
             and _matmul_in_full_fp32(y.is_cuda) and y.dtype == g.dtype == torch.float32 and y.is_contiguous()
             and g.is_contiguous()):
         gy = torch.bmm(g.view(batch * channels, 1, -1), y.view(batch * channels, -1, 1)).view(batch, channels)
-    else:  # float32 channels_last or TF32 matmuls: the product and its sum
+    else:  # channels_last, TF32 matmuls, fp16, float64: the product in float32 (at least) and its sum
         gy = (g.float() * y.float()).sum(dim=(2, 3))
     g_sum = g.sum(dim=(2, 3), dtype=torch.float32)
     return torch.linalg.vector_norm(torch.addcmul(g_sum * shift.float(), gy, scale.float()), ord=1, dim=0)
