@@ -140,7 +140,7 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(self._stream)
         return out
 
-    def _capture(self, batch: Sequence[torch.Tensor]) -> None:
+    def _capture(self, batch: Sequence[torch.Tensor], key: tuple) -> None:
         self._graph = None  # release the previous graph's memory pool first
         self._inputs = tuple(t.clone() for t in batch)
         self.optimizer.zero_grad(set_to_none=True)  # gradients get allocated inside the graph's pool
@@ -152,7 +152,7 @@ class GraphedStep:
         # Capturing records the kernels without running them; the controller's Python step counter
         # moved once: undo it, the replay below counts the step.
         self.prop.steps = steps_before
-        self._graph, self._key = graph, (self._constants(), self._shapes(batch))
+        self._graph, self._key = graph, key
         self.captures += 1
 
     def _note_setting_change(self) -> None:
@@ -185,8 +185,8 @@ class GraphedStep:
             return self._eager(batch)
         self._changes_in_a_row = 0
         if self._graph is None:
-            self._capture(batch)
-        elif self._key[1] != self._shapes(batch):
+            self._capture(batch, key)
+        elif self._key[1] != key[1]:
             return self._eager(batch)  # e.g. an epoch's short last batch
         for static, fresh in zip(self._inputs, batch):
             static.copy_(fresh, non_blocking=True)

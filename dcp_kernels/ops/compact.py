@@ -251,8 +251,8 @@ def _block_backward(grad_y_c, block: _Block, out_idx, stride, padding, dilation,
         if _is_whole_weight(rows, block.columns, block.full_out):
             grad_w = gw_c
         else:
-            zeros = w_zeros if w_zeros is not None else torch.empty(
-                w_shape, dtype=gw_c.dtype, device=gw_c.device, memory_format=w_memory_format).zero_()
+            zeros = w_zeros if w_zeros is not None else weight_layout_view(
+                gw_c.new_zeros(w_shape.numel()), w_shape, w_memory_format)
             grad_w = _scatter_weight_block(zeros, gw_c, out_idx, read_idx, rows, block.columns, block.full_out)
     if need_b and has_bias:
         grad_b = gb_c if block.full_out else gb_c.new_zeros(w_shape[0]).index_copy_(0, out_idx, gb_c)
