@@ -23,6 +23,7 @@ from .finalize import finalize as _finalize
 from .modules import DCPConv2d, DCPLinear
 from .ops.layer import Slots, _all_channels
 from .plan import ConversionPlan  # noqa: F401  (re-exported: its historical home)
+from .skipped_steps import SkippedSteps
 from .rule import (  # noqa: F401  (re-exported: the rule's historical home)
     DecaySchedule,
     SelectionRule,
@@ -122,6 +123,9 @@ class Propagation:
         self.utility_updates = UtilityUpdates(self.layers)
         for slot, layer in enumerate(self.layers):
             layer._utility_updates = (self.utility_updates, slot)
+        # The utilities at the start of the step under way, put back when that step is skipped.
+        self.skipped_steps = SkippedSteps(self.layers)
+        self._state_hook = None  # attach(): model.state_dict() settles a skipped step first
         self._apply_decay()
         if static_shapes:
             self.set_static_shapes(True)
@@ -507,9 +511,29 @@ class Propagation:
         of the step then runs with one selection (each backward still updates the utilities).
         """
         self.steps += 1
+        self.utility_updates.flush()  # a backward pass that failed half-way belongs to the step that ended
+        self.skipped_steps.settle()  # that step skipped by the GradScaler: its utilities as they were
         if self.distributed:
             self.sync_utilities()
         self.select()
+        self.skipped_steps.begin()
+
+    def use_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Leave the utilities as they were on every step ``scaler`` skips (inf/NaN gradients: its
+        ``scaler.step(optimizer)`` does not step the optimizer), as if that batch never came. Needed
+        for the standard fp16 recipe (``scaler.scale(loss).backward(); scaler.step(opt);
+        scaler.update()`` once per step); ``None`` stops following a scaler. Decided on the device
+        from the scaler's scale, which ``scaler.update()`` lowers exactly on a skipped step; applied
+        at the next selection, ``model.state_dict()`` and :meth:`state_dict`
+        (:mod:`dcp_kernels.skipped_steps`). BatchNorm's running statistics moved in the forward, as
+        in plain PyTorch; the step counter :attr:`steps` counts the step."""
+        self.skipped_steps.use_grad_scaler(scaler)
+
+    def skip_step(self) -> None:
+        """The step under way (since the last selection) did not happen: its utility updates are
+        undone. For loops that skip an optimizer step on their own criterion; with a
+        ``torch.amp.GradScaler`` use :meth:`use_grad_scaler` instead."""
+        self.skipped_steps.skip()
 
     @contextlib.contextmanager
     def no_utility_updates(self) -> Iterator[None]:
@@ -597,6 +621,7 @@ class Propagation:
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
         """Epoch, step count and schedule (utilities and selection are in ``model.state_dict()``)."""
+        self.skipped_steps.settle()
         return {
             "epoch": self.epoch,
             "steps": self.steps,
@@ -659,6 +684,7 @@ class Propagation:
         self.model = model
         self._index_holders = None
         self._hook = model.register_forward_pre_hook(_SelectBeforeForward(self))
+        self._state_hook = model.register_state_dict_pre_hook(_SettleBeforeStateDict(self))
 
     @contextlib.contextmanager
     def without_hook(self) -> Iterator[None]:
@@ -669,7 +695,8 @@ class Propagation:
             return
         removed = [(hooks, handle.id, hooks.pop(handle.id))
                    for hooks, handle in ((self.model._forward_pre_hooks, self._hook),
-                                         (self.model._load_state_dict_pre_hooks, self._layout_hook))
+                                         (self.model._load_state_dict_pre_hooks, self._layout_hook),
+                                         (self.model._state_dict_pre_hooks, self._state_hook))
                    if handle is not None and handle.id in hooks]
         try:
             yield
@@ -682,6 +709,9 @@ class Propagation:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._state_hook is not None:
+            self._state_hook.remove()
+            self._state_hook = None
 
 
 def _mark_written(masks: list[torch.Tensor]) -> None:
@@ -708,3 +738,15 @@ class _SelectBeforeForward:
             self.propagation.step()
         if not self.propagation.full_width_static:  # the full-width static step reads no index vector
             self.propagation.refresh_indices()
+
+
+class _SettleBeforeStateDict:
+    """State-dict pre-hook of the converted model: a step the followed GradScaler skipped gets its
+    utilities back before they are saved (:meth:`Propagation.use_grad_scaler`). A class so that
+    ``torch.save(model)`` can pickle it."""
+
+    def __init__(self, propagation: Propagation) -> None:
+        self.propagation = propagation
+
+    def __call__(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        self.propagation.skipped_steps.settle()

@@ -493,6 +493,8 @@ def _build(args: argparse.Namespace) -> TrainingRun:
         amp_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp), train_model=train_model,
         dense_rows=dense_rows, extension_status=extension_status,
     )
+    if prop is not None:
+        prop.use_grad_scaler(state.scaler)  # fp16: a step the scaler skips leaves the utilities alone
     if args.cuda_graphs:
         state.graphed = GraphedStep(functools.partial(_graph_step, state), model, prop, opt)
     return state
