@@ -43,7 +43,7 @@ class SkippedSteps:
 
     def use_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
         """Follow ``scaler``'s decisions (None: stop following one)."""
-        if scaler is not None and not (hasattr(scaler, "is_enabled") and hasattr(scaler, "_init_scale")):
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"use_grad_scaler expects a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.scaler = scaler
         self._scale_at_start = None

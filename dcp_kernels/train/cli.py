@@ -35,18 +35,17 @@ from dcp_kernels.cuda_graphs import GraphedStep
 from dcp_kernels.models import resnet_cifar, vgg
 from dcp_kernels.propagation import DecaySchedule
 from dcp_kernels.rule import check_prune_ratio, check_round_to
+from dcp_kernels.train import checkpoints
+from dcp_kernels.train.checkpoints import load_checkpoint as _load_checkpoint  # noqa: F401  (tests' name)
+from dcp_kernels.train.checkpoints import save_atomically as _save_atomically
 from dcp_kernels.train.data import DataSpec, cifar10_spec, digits_spec, imagefolder_spec
+from dcp_kernels.train.divergence import FP16_PATIENCE, LossWatch, Verdict
+from dcp_kernels.train.errors import Diverged, UsageError
 from dcp_kernels.train.recipes import RECIPES, Recipe
 
 DIGITS_VGG = [32, 32, "M", 64, 64, "M", 128, 128]
 
-class UsageError(SystemExit):
-    """A mistake in the command line or in the files it names: reported in one line, no traceback.
-
-    A ``SystemExit``, so code calling :func:`run` directly also ends without a traceback."""
-
-
-DISPLAY_EVERY = 20  # progress-bar refresh (steps): each refresh reads the running loss from the device
+DISPLAY_EVERY = 20  # progress-bar refresh and loss check (steps): each reads the device once
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"], help="autocast precision")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dense", action="store_true", help="train the same model without DCP (baseline)")
-    p.add_argument("--resume", help="checkpoint to continue from (a run directory's checkpoint.pt)")
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="checkpoint to continue from (a run directory's checkpoint.pt); 'auto': --out's checkpoint "
+                        "when there is one, else start (for torchrun --max-restarts, which restarts the same command)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also write checkpoint.pt every N training steps, not only at the end of each epoch "
                         "(long epochs); a resumed run continues mid-epoch exactly as if never stopped")
@@ -233,7 +234,19 @@ def _distributed(device_type: str) -> tuple[int, int]:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if (restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                and os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")):
+            # A worker group restarted by torchrun --max-restarts shares the first group's store (torch
+            # 2.14), whose keys from the dead group's start (gloo addresses, NCCL ids) a rank can read
+            # before their new values are written: it then connects to a dead process (pytorch/pytorch
+            # #135712). One node's ranks agree on the restart count, so it names a fresh key space.
+            store, rank, size = next(torch.distributed.rendezvous("env://"))
+            store = torch.distributed.PrefixStore(f"dcp-train/restart-{restart}/", store)
+            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=size)
+        else:
+            torch.distributed.init_process_group(backend)
     if world > 1:
         return torch.distributed.get_rank(), world
     return 0, 1
@@ -256,34 +269,6 @@ def _device(name: str) -> torch.device:
 def _speed_words(dense: float, other: float) -> str:
     """'1.85x faster' or '1.20x slower' than dense (never 'faster' for a slower step)."""
     return f"{dense / other:.2f}x faster" if other <= dense else f"{other / dense:.2f}x slower"
-
-
-def _save_atomically(state: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``: a run killed
-    while writing (OOM, preemption, Ctrl-C) leaves the previous checkpoint whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _load_checkpoint(path: str, device: torch.device) -> dict:
-    """A checkpoint written by dcp-train, loaded with ``weights_only=True``: tensors and plain
-    containers only, so a file from elsewhere cannot run code when it is loaded."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # torch/pickle raise many types for truncated or foreign files
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--resume {path}: not a readable dcp-train checkpoint ({first[:200]})") from error
-    needed = {"model", "optimizer", "scheduler", "scaler", "dcp", "rng", "epoch", "rows", "kept_history", "dense",
-              "recipe"}
-    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
-        raise UsageError(f"--resume {path}: not a dcp-train checkpoint (it lacks "
-                         f"{sorted(needed - set(ckpt)) if isinstance(ckpt, dict) else 'a dict of run state'})")
-    return ckpt
 
 
 def _read_dense_run(directory: str) -> list[dict]:
@@ -343,11 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         run(argv)
-    except UsageError as error:
+    except (UsageError, Diverged) as error:
         if debug:
             traceback.print_exc()
         print(f"dcp-train: {error}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(error, UsageError) else 1
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
@@ -359,10 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _resume_hint(argv: Sequence[str] | None) -> str:
     """Where the last checkpoint of the run that ``argv`` started is, and how to continue it."""
     args, _ = build_parser().parse_known_args(argv)
-    ckpt = Path(args.out) / "checkpoint.pt"
+    ckpt = Path(args.out) / checkpoints.CHECKPOINT
     if not ckpt.is_file():
         return "No checkpoint had been written yet, so there is nothing to resume from."
     given = list(sys.argv[1:] if argv is None else argv)
+    if args.resume == "auto":
+        return f"The last checkpoint is {ckpt}; continue with the same command (it has --resume auto)."
     if "--resume" in given:  # resuming again: drop the old --resume and its value
         at = given.index("--resume")
         del given[at:at + 2]
@@ -398,6 +385,8 @@ class TrainingRun:
     kept_history: list[dict[str, int]] = field(default_factory=list)
     start_epoch: int = 0
     resumed_step: dict | None = None  # where a mid-epoch checkpoint left its epoch
+    last_checkpoint: str | None = None  # where the checkpoint on disk was taken ("epoch 2, step 40")
+    loss_watch: LossWatch | None = None
     graphed: GraphedStep | None = None
     extension_status: str = ""
     summary: dict = field(default_factory=dict)
@@ -421,8 +410,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
 def train(argv: Sequence[str] | None = None) -> TrainingRun:
     """:func:`run`, returning the whole run (model, controller, summary) for callers in the same process."""
     state = _build(build_parser().parse_args(argv))
-    if state.args.resume:
-        _resume(state)
+    source = _resume_source(state)
+    if source is not None:
+        _resume(state, source)
     _announce(state)
     start_time = time.perf_counter()
     for epoch in range(state.start_epoch, state.hp["epochs"]):
@@ -439,8 +429,8 @@ def _build(args: argparse.Namespace) -> TrainingRun:
     recipe, hp = resolve(args)
     if args.data and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: no such directory")
-    if args.resume and not Path(args.resume).is_file():
-        raise UsageError(f"--resume {args.resume}: no such file")
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
+        raise UsageError(f"--resume {args.resume}: no such file (or 'auto': --out's checkpoint when there is one)")
     dense_rows = _read_dense_run(args.dense_run) if args.dense_run else None
     device = _device(args.device)
     rank, world = _distributed(device.type)
@@ -492,6 +482,7 @@ def _build(args: argparse.Namespace) -> TrainingRun:
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
         amp_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp), train_model=train_model,
         dense_rows=dense_rows, extension_status=extension_status,
+        loss_watch=LossWatch(device, FP16_PATIENCE if args.amp == "fp16" else 1),
     )
     if prop is not None:
         prop.use_grad_scaler(state.scaler)  # fp16: a step the scaler skips leaves the utilities alone
@@ -510,17 +501,33 @@ def _graph_step(state: TrainingRun, xb: torch.Tensor, yb: torch.Tensor) -> tuple
     return loss, logits
 
 
-def _resume(state: TrainingRun) -> None:
-    """Load ``--resume``'s checkpoint: weights, optimizer, schedule, DCP state, RNG, history."""
+def _resume_source(state: TrainingRun) -> Path | None:
+    """The checkpoint to continue from: ``--resume PATH``, or with ``--resume auto`` the run
+    directory's (None on a first start: nothing to continue)."""
     args = state.args
-    ckpt = _load_checkpoint(args.resume, state.device)
-    if ckpt["dense"] != args.dense or ckpt["recipe"] != state.recipe.name:
-        raise UsageError(f"--resume {args.resume} is a checkpoint of another kind of run "
-                         f"(recipe {ckpt['recipe']}, dense={ckpt['dense']})")
+    if not args.resume:
+        return None
+    if args.resume != "auto":
+        return Path(args.resume)
+    if state.out.is_dir() and state.is_main:
+        checkpoints.remove_stale_temporaries(state.out)
+    found = checkpoints.auto_checkpoint(state.out)
+    if found is None and state.is_main:
+        print(f"dcp-train: --resume auto: no checkpoint in {state.out} yet, starting the run")
+    return found
+
+
+def _resume(state: TrainingRun, path: Path) -> None:
+    """Load the checkpoint at ``path``: weights, optimizer, schedule, DCP state, RNG, history."""
+    args = state.args
+    flag = "--resume auto" if args.resume == "auto" else "--resume"
+    ckpt = _load_checkpoint(path, state.device, flag)
+    checkpoints.check_same_run(ckpt, recipe=state.recipe.name, dense=args.dense, hyperparameters=state.hp,
+                               flag=flag, path=path)
     try:
         state.model.load_state_dict(ckpt["model"])
     except RuntimeError as error:  # another model (or a version that named its layers differently)
-        raise UsageError(f"--resume {args.resume}: its model does not fit this run's: "
+        raise UsageError(f"{flag} {path}: its model does not fit this run's: "
                          f"{str(error).splitlines()[0]}") from error
     state.opt.load_state_dict(ckpt["optimizer"])
     state.sched.load_state_dict(ckpt["scheduler"])
@@ -530,9 +537,9 @@ def _resume(state: TrainingRun) -> None:
     _set_rng_state(ckpt["rng"])
     state.rows, state.kept_history, state.start_epoch = ckpt["rows"], ckpt["kept_history"], ckpt["epoch"]
     state.resumed_step = ckpt.get("within_epoch")
+    state.last_checkpoint = _where(state.start_epoch, state.resumed_step)
     if state.is_main:
-        where = f", step {state.resumed_step['step']}" if state.resumed_step else ""
-        print(f"dcp-train: resumed from {args.resume} at epoch {state.start_epoch}{where}")
+        print(f"dcp-train: resumed from {path} ({state.last_checkpoint})")
 
 
 def _announce(state: TrainingRun) -> None:
@@ -547,6 +554,61 @@ def _announce(state: TrainingRun) -> None:
           f"{spec.train_size} train / {spec.test_size} test images, {mode}, {state.world} process(es)")
     print(f"dcp-train: C++/CUDA extension {state.extension_status}")
     state.out.mkdir(parents=True, exist_ok=True)
+
+
+def _where(epoch_done: int, within_epoch: dict | None) -> str:
+    """Where in the run a checkpoint was taken, in words ("end of epoch 2", "epoch 3, step 40")."""
+    return f"epoch {epoch_done + 1}, step {within_epoch['step']}" if within_epoch else f"end of epoch {epoch_done}"
+
+
+def _check_loss(state: TrainingRun, epoch: int, step: int, *, weights: bool = False) -> None:
+    """Stop with :class:`Diverged` when the loss went non-finite since the last check (one device read;
+    under DDP one all-reduce, so every rank stops at the same step). ``weights``: also check that every
+    parameter is finite (before a checkpoint: the file on disk must stay the last good one)."""
+    counts = state.loss_watch.counts()
+    if weights:
+        finite = torch.stack([torch.isfinite(p).all() for p in state.model.parameters()]).all()
+        counts = torch.cat([counts, (~finite).long().unsqueeze(0)])
+    if state.world > 1:
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+    values = counts.tolist()
+    verdict = state.loss_watch.verdict(values[:2])
+    if verdict is None and weights and values[2]:
+        verdict = Verdict(0, None)
+    if verdict is not None:
+        raise Diverged(_divergence_message(state, epoch, step, verdict))
+
+
+def _divergence_message(state: TrainingRun, epoch: int, step: int, verdict: Verdict) -> str:
+    if verdict.longest == 0:
+        what = f"the weights are not finite (epoch {epoch + 1}, step {step})"
+    elif state.loss_watch.patience > 1:
+        what = (f"the loss has not been finite for {verdict.longest} steps in a row under the fp16 loss scaler "
+                f"(epoch {epoch + 1}, step {step})")
+    else:
+        what = f"the loss is not finite (epoch {epoch + 1}, from step {verdict.first_step})"
+    ckpt = state.out / checkpoints.CHECKPOINT
+    if state.last_checkpoint:
+        advice = (f"the last good checkpoint is {ckpt} ({state.last_checkpoint}): continue from it with --resume "
+                  f"and a lower --lr (now {state.hp['lr']:g})")
+    else:
+        advice = f"no checkpoint had been written yet: start again with a lower --lr (now {state.hp['lr']:g})"
+    return f"training diverged: {what}; stopped. {advice[0].upper()}{advice[1:]}"
+
+
+def _checkpoint(state: TrainingRun, epoch_done: int, within_epoch: dict | None) -> None:
+    """Every rank: stop if the run diverged, bring the utilities to what every rank will select from
+    (a skipped fp16 step undone, averaged over the ranks: a resumed rank loads rank 0's); rank 0
+    writes the checkpoint."""
+    step = within_epoch["step"] if within_epoch else 0
+    _check_loss(state, epoch_done if within_epoch else epoch_done - 1, step, weights=True)
+    if state.prop is not None:
+        state.prop.skipped_steps.settle()
+        if state.world > 1 and state.prop.distributed:
+            state.prop.sync_utilities()
+    if state.is_main:
+        _save_checkpoint(state, epoch_done, within_epoch)
+    state.last_checkpoint = _where(epoch_done, within_epoch)
 
 
 def _save_checkpoint(state: TrainingRun, epoch_done: int, within_epoch: dict | None) -> None:
@@ -591,8 +653,11 @@ def _train_epoch(state: TrainingRun, epoch: int) -> None:
             state.scaler.update()
         seen += len(yb)
         step += 1
+        state.loss_watch.update(loss, step)
         with torch.no_grad():
             totals += torch.stack([loss.detach().double() * len(yb), (logits.argmax(1) == yb).sum().double()])
+        if step % DISPLAY_EVERY == 0:
+            _check_loss(state, epoch, step)
         if not bar.disable and (step % DISPLAY_EVERY == 0 or step == steps):
             loss_sum, correct = totals.tolist()  # one read every DISPLAY_EVERY steps
             postfix = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{correct / seen:.3f}",
@@ -600,9 +665,10 @@ def _train_epoch(state: TrainingRun, epoch: int) -> None:
             if prop is not None:
                 postfix["kept"] = sum(prop.kept().values())  # host counts: no device read
             bar.set_postfix(postfix)
-        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps and state.is_main:
-            _save_checkpoint(state, epoch, {"step": step, "seen": seen, "totals": totals.cpu(),
-                                            "seconds": time.perf_counter() - t0})
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < steps:
+            _checkpoint(state, epoch, {"step": step, "seen": seen, "totals": totals.cpu(),
+                                       "seconds": time.perf_counter() - t0})
+    _check_loss(state, epoch, step)
     state.sched.step()
     loss_sum, correct = totals.tolist()
     row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
@@ -617,7 +683,7 @@ def _train_epoch(state: TrainingRun, epoch: int) -> None:
         kept = f"  kept {row['kept']}/{prop.total_channels}" if prop else ""
         print(f"epoch {epoch + 1:>3}: loss {row['loss']:.3f}  train {row['train_acc']:.3f}  "
               f"test {row['test_acc']:.3f}{kept}  {row['seconds']:.1f}s")
-        _save_checkpoint(state, epoch + 1, None)
+    _checkpoint(state, epoch + 1, None)
 
 
 def _finish(state: TrainingRun, train_seconds: float) -> dict:
