@@ -125,7 +125,7 @@ class Propagation:
             layer._utility_updates = (self.utility_updates, slot)
         # The utilities at the start of the step under way, put back when that step is skipped.
         self.skipped_steps = SkippedSteps(self.layers)
-        self._state_hook = None  # attach(): model.state_dict() settles a skipped step first
+        self._state_hooks: list = []  # attach(): saving the model settles a skipped step, loading forgets it
         self._apply_decay()
         if static_shapes:
             self.set_static_shapes(True)
@@ -378,6 +378,7 @@ class Propagation:
         none while exploring once every channel is selected.
         """
         self.utility_updates.flush()  # a backward pass that failed half-way: its layers' updates
+        self.skipped_steps.restore_if_skipped()  # the step that ended, skipped by a followed GradScaler
         if self.exploring and not force:
             if self._written == ("all", self._write_versions()):
                 return  # still every channel, and nobody wrote a selection since: nothing to redo
@@ -496,6 +497,7 @@ class Propagation:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         self.utility_updates.flush()
+        self.skipped_steps.restore_if_skipped()
         vector = torch.cat([layer.utility for layer in self.layers])
         dist.all_reduce(vector)
         vector /= dist.get_world_size()
@@ -511,12 +513,10 @@ class Propagation:
         of the step then runs with one selection (each backward still updates the utilities).
         """
         self.steps += 1
-        self.utility_updates.flush()  # a backward pass that failed half-way belongs to the step that ended
-        self.skipped_steps.settle()  # that step skipped by the GradScaler: its utilities as they were
         if self.distributed:
-            self.sync_utilities()
+            self.sync_utilities()  # the step that ended settled first (a GradScaler's skip undone)
         self.select()
-        self.skipped_steps.begin()
+        self.skipped_steps.snapshot()
 
     def use_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
         """Leave the utilities as they were on every step ``scaler`` skips (inf/NaN gradients: its
@@ -531,8 +531,9 @@ class Propagation:
 
     def skip_step(self) -> None:
         """The step under way (since the last selection) did not happen: its utility updates are
-        undone. For loops that skip an optimizer step on their own criterion; with a
-        ``torch.amp.GradScaler`` use :meth:`use_grad_scaler` instead."""
+        undone. For loops that skip an optimizer step on their own criterion (an aborted backward
+        included); with a ``torch.amp.GradScaler`` use :meth:`use_grad_scaler` instead."""
+        self.utility_updates.flush()
         self.skipped_steps.skip()
 
     @contextlib.contextmanager
@@ -621,7 +622,7 @@ class Propagation:
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
         """Epoch, step count and schedule (utilities and selection are in ``model.state_dict()``)."""
-        self.skipped_steps.settle()
+        self.skipped_steps.restore_if_skipped()
         return {
             "epoch": self.epoch,
             "steps": self.steps,
@@ -660,6 +661,7 @@ class Propagation:
         self.schedule = DecaySchedule(**sched)
         self.epoch = int(state["epoch"])
         self.steps = int(state["steps"])
+        self.skipped_steps.forget()
         self.capacity_multiple = int(state.get("capacity_multiple", self.capacity_multiple))
         caps = state.get("capacities")
         if caps is not None and len(caps) == len(self.groups):
@@ -684,7 +686,8 @@ class Propagation:
         self.model = model
         self._index_holders = None
         self._hook = model.register_forward_pre_hook(_SelectBeforeForward(self))
-        self._state_hook = model.register_state_dict_pre_hook(_SettleBeforeStateDict(self))
+        self._state_hooks = [model.register_state_dict_pre_hook(_RestoreSkippedBeforeSaving(self)),
+                             model.register_load_state_dict_post_hook(_ForgetStepOnLoad(self))]
 
     @contextlib.contextmanager
     def without_hook(self) -> Iterator[None]:
@@ -696,7 +699,9 @@ class Propagation:
         removed = [(hooks, handle.id, hooks.pop(handle.id))
                    for hooks, handle in ((self.model._forward_pre_hooks, self._hook),
                                          (self.model._load_state_dict_pre_hooks, self._layout_hook),
-                                         (self.model._state_dict_pre_hooks, self._state_hook))
+                                         (self.model._state_dict_pre_hooks, self._state_hooks[0] if self._state_hooks else None),
+                                         (self.model._load_state_dict_post_hooks,
+                                          self._state_hooks[1] if self._state_hooks else None))
                    if handle is not None and handle.id in hooks]
         try:
             yield
@@ -709,9 +714,16 @@ class Propagation:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._state_hook is not None:
-            self._state_hook.remove()
-            self._state_hook = None
+        for handle in self._state_hooks:
+            handle.remove()
+        self._state_hooks = []
+
+    def __setstate__(self, state: dict) -> None:
+        # A controller pickled (torch.save(model)) before skipped steps existed: none under way.
+        self.__dict__.update(state)
+        if "skipped_steps" not in state:
+            self.skipped_steps = SkippedSteps(self.layers)
+            self._state_hooks = []
 
 
 def _mark_written(masks: list[torch.Tensor]) -> None:
@@ -740,7 +752,7 @@ class _SelectBeforeForward:
             self.propagation.refresh_indices()
 
 
-class _SettleBeforeStateDict:
+class _RestoreSkippedBeforeSaving:
     """State-dict pre-hook of the converted model: a step the followed GradScaler skipped gets its
     utilities back before they are saved (:meth:`Propagation.use_grad_scaler`). A class so that
     ``torch.save(model)`` can pickle it."""
@@ -749,4 +761,15 @@ class _SettleBeforeStateDict:
         self.propagation = propagation
 
     def __call__(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
-        self.propagation.skipped_steps.settle()
+        self.propagation.skipped_steps.restore_if_skipped()
+
+
+class _ForgetStepOnLoad:
+    """Load-state-dict post-hook of the converted model: loaded utilities are never put back to the
+    snapshot of a step under way before the load."""
+
+    def __init__(self, propagation: Propagation) -> None:
+        self.propagation = propagation
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        self.propagation.skipped_steps.forget()

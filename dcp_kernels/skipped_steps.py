@@ -11,8 +11,13 @@ multi-tensor copy) and puts them back when the step turns out skipped:
   its scale went down at ``scaler.update()`` exactly when it found inf/NaN and skipped the step. The
   comparison and the restore run on the device (no host read); they run at the next selection, at
   ``model.state_dict()`` and at :meth:`Propagation.state_dict` (a checkpoint written after
-  ``scaler.update()`` holds the restored utilities);
+  ``scaler.update()`` holds the restored utilities). Read as a skip too: a scale lowered by hand
+  (``update(new_scale=...)``), and one scaler shared with other optimizers that skipped. Missed: skips
+  after the scale underflowed to 0;
 * a loop that skips a step on its own criterion calls :meth:`SkippedSteps.skip` (``prop.skip_step()``).
+
+Loading state (``model.load_state_dict``, :meth:`Propagation.load_state_dict`) forgets the step under
+way: nothing loaded is ever put back to an older snapshot.
 
 PyTorch offers no hook on GradScaler's decision (an optimizer's step hooks run only when it steps,
 and a loop that uses no ``torch.optim`` optimizer cannot be told from one that skipped), hence the one
@@ -24,6 +29,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+
+from .rule import utility_updates_paused
 
 
 class SkippedSteps:
@@ -48,6 +55,11 @@ class SkippedSteps:
         self.scaler = scaler
         self._scale_at_start = None
 
+    def forget(self) -> None:
+        """Drop the step under way's snapshot (state was loaded: nothing may be put back over it)."""
+        self._start = None
+        self._scale_at_start = None
+
     def _scale(self) -> torch.Tensor | float | None:
         """The scaler's current scale, without a host read (its initial value before its first use);
         None when no enabled scaler is followed."""
@@ -57,22 +69,24 @@ class SkippedSteps:
         return float(self.scaler._init_scale) if scale is None else scale
 
     @torch.no_grad()
-    def begin(self) -> None:
+    def snapshot(self) -> None:
         """A step begins (after its selection): remember the utilities and the scaler's scale."""
         utilities = [layer.utility for layer in self.layers]
-        if self._start is None or self._start[0].device != utilities[0].device:
+        if self._start is None or any(a.device != u.device or a.dtype != u.dtype for a, u in zip(self._start, utilities)):
             self._start = [torch.empty_like(u) for u in utilities]
         torch._foreach_copy_(self._start, utilities)
         scale = self._scale()
         self._scale_at_start = scale.clone() if isinstance(scale, torch.Tensor) else scale
 
     @torch.no_grad()
-    def settle(self) -> None:
+    def restore_if_skipped(self) -> None:
         """Apply the followed scaler's decision on the step under way: its utilities go back to those at
         its start when the scaler's scale went down since (it skipped the step). Decided on the
-        device; calling it again, or before ``scaler.update()`` (nothing decided yet), is harmless."""
+        device; calling it again, or before ``scaler.update()`` (nothing decided yet), is harmless.
+        Not inside :func:`~dcp_kernels.rule.paused_utility_updates` (``prop.no_utility_updates()``),
+        which promises no write to the utilities."""
         scale = self._scale()
-        if self._start is None or scale is None or self._scale_at_start is None:
+        if self._start is None or scale is None or self._scale_at_start is None or utility_updates_paused():
             return
         if not isinstance(scale, torch.Tensor):
             return  # the scaler has not scaled anything since the step began
@@ -85,8 +99,9 @@ class SkippedSteps:
 
     @torch.no_grad()
     def skip(self) -> None:
-        """The step under way did not happen: its utilities go back to those at its start."""
+        """The step under way did not happen: its utilities go back to those at its start (the caller
+        first applies the updates an aborted backward left pending, so that they are undone too)."""
         if self._start is None:
-            raise RuntimeError("skip_step(): no step has begun yet (a step begins at its selection, before "
-                               "the training forward)")
+            raise RuntimeError("skip_step(): no step is under way (a step begins at its selection, before the "
+                               "training forward; loading state ends it)")
         torch._foreach_copy_([layer.utility for layer in self.layers], self._start)

@@ -72,42 +72,43 @@ def test_a_step_the_grad_scaler_skips_is_as_if_its_batch_never_came():
 
 
 def test_fp16_autocast_steps_the_scaler_skips_leave_the_utilities():
-    """GradScaler's own overflows: under fp16 autocast with an initial scale far too large, the first
-    steps overflow and are skipped; each leaves the utilities exactly as they were, each stepped one
-    changes them."""
-    batches = _batches(10)
+    """GradScaler's own overflows under fp16 autocast: at 2**40 and 2**32 any gradient above 2e-5
+    overflows fp16, so at least the first two steps are skipped (the weights stay, the independent
+    sign of a skip); the scale falls by 2**8 per skip, so by 2**8 or lower every later step happens.
+    Each skipped step leaves the utilities exactly as they were, each step that happened changes them."""
+    batches = _batches(8)
     model = _net()
     prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, example_inputs=(batches[0][0],))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 22, growth_interval=1000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -8, growth_interval=1000)
     prop.use_grad_scaler(scaler)
     skipped = stepped = 0
     for x, y in batches:
         with torch.autocast("cpu", dtype=torch.float16):
             loss = F.cross_entropy(model(x).float(), y)
         before = [layer.utility.clone() for layer in prop.layers]  # after this step's selection
-        scale = scaler.get_scale()
+        weights = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        prop.skipped_steps.settle()  # what the next selection does first
+        prop.skipped_steps.restore_if_skipped()  # what the next selection does first
         same = all(torch.equal(a, layer.utility) for a, layer in zip(before, prop.layers))
-        if scaler.get_scale() < scale:
+        if all(torch.equal(w, p) for w, p in zip(weights, model.parameters())):  # the optimizer skipped
             skipped += 1
             assert same, "a skipped step changed the utilities"
         else:
             stepped += 1
             assert not same, "a step that happened left every utility as it was"
         assert all(torch.isfinite(layer.utility).all() for layer in prop.layers)
-    assert skipped >= 2 and stepped >= 2, (skipped, stepped)
+    assert skipped >= 2 and stepped >= 3, (skipped, stepped)
 
 
-def test_skip_step_undoes_the_step_under_way_and_state_dict_settles():
+def test_skip_step_undoes_the_step_under_way_and_state_dict_restores():
     batches = _batches(3)
     model = _net()
     prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, example_inputs=(batches[0][0],))
-    with pytest.raises(RuntimeError, match="no step has begun"):
+    with pytest.raises(RuntimeError, match="no step is under way"):
         prop.skip_step()
     for x, y in batches[:2]:
         F.cross_entropy(model(x), y).backward()
@@ -132,3 +133,63 @@ def test_skip_step_undoes_the_step_under_way_and_state_dict_settles():
         scaler.update()
     saved = model.state_dict()
     assert all(torch.equal(a, saved[f"{name}.utility"]) for a, name in zip(start, prop.layer_names))
+
+
+def _skip_once(model, prop, batches, overflow_at: int) -> list[torch.Tensor]:
+    """GradScaler steps with an overflow at step ``overflow_at``; returns that step's starting utilities."""
+    scaler = torch.amp.GradScaler("cpu")
+    prop.use_grad_scaler(scaler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i, (x, y) in enumerate(batches):
+        loss = F.cross_entropy(model(x), y)
+        if i == overflow_at:
+            start = [layer.utility.clone() for layer in prop.layers]
+            loss = loss * float("inf")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return start
+
+
+def test_loaded_utilities_are_never_put_back_to_a_skipped_steps_snapshot():
+    batches = _batches(3)
+    model = _net()
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, example_inputs=(batches[0][0],))
+    _skip_once(model, prop, batches, overflow_at=2)
+    loaded = {k: v.clone() for k, v in model.state_dict().items()}
+    for layer in prop.layers:
+        loaded_name = [n for n, l in zip(prop.layer_names, prop.layers) if l is layer][0]
+        loaded[f"{loaded_name}.utility"] = torch.rand_like(layer.utility) + 0.5
+    model.load_state_dict(loaded)  # a rollback to other state: the skipped step is over
+    model(batches[0][0])  # the next selection: nothing restored over what was loaded
+    assert all(torch.equal(layer.utility, loaded[f"{n}.utility"]) for n, layer in zip(prop.layer_names, prop.layers))
+    with pytest.raises(RuntimeError, match="no step is under way"):
+        prop.load_state_dict(prop.state_dict())
+        prop.skip_step()
+
+
+def test_skip_step_after_an_aborted_backward_and_saving_inside_no_utility_updates():
+    batches = _batches(2)
+    model = _net()
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, example_inputs=(batches[0][0],))
+    F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    out = model(batches[1][0])
+    start = [layer.utility.clone() for layer in prop.layers]
+    loss = F.cross_entropy(out, batches[1][1])
+
+    def fail(grad):
+        raise MemoryError("out of memory half-way through backward")
+
+    handle = model[0].weight.register_hook(fail)  # the last layers' backward runs, then the first one fails
+    with pytest.raises(MemoryError):
+        loss.backward()
+    handle.remove()
+    assert prop.utility_updates._contributed  # the later layers' measurements wait, unapplied
+    prop.skip_step()  # the measurements the aborted pass left pending are undone too
+    model(batches[1][0])  # the next selection applies nothing of them
+    assert all(torch.equal(a, layer.utility) for a, layer in zip(start, prop.layers))
+    # A followed scaler's restore does not count as a write inside no_utility_updates().
+    _skip_once(model, prop, batches, overflow_at=1)
+    with prop.no_utility_updates():
+        model.state_dict()

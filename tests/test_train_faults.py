@@ -40,22 +40,33 @@ def _one_line(err: str) -> str:
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    _nan_loss_from(monkeypatch, call=23 + 7)  # epoch 2, step 7
-    argv = ["--epochs", "3", "--explore-epochs", "1", "--checkpoint-every", "5", "--out", str(tmp_path), *FAST]
-    assert cli.main(argv) == 1
+    common = ["--epochs", "3", "--explore-epochs", "1", "--checkpoint-every", "5", "--out", str(tmp_path), *FAST]
+    with monkeypatch.context() as m:
+        _nan_loss_from(m, call=23 + 7)  # epoch 2, step 7
+        assert cli.main(common + ["--resume", "auto"]) == 1
+    ckpt_path = tmp_path / "checkpoint.pt"
     line = _one_line(capsys.readouterr().err)
     assert "training diverged: the loss is not finite (epoch 2, from step 7)" in line, line
-    assert f"{tmp_path / 'checkpoint.pt'} (epoch 2, step 5)" in line and "--lr (now 0.05)" in line, line
-    ckpt = cli._load_checkpoint(tmp_path / "checkpoint.pt", torch.device("cpu"))
+    assert f"{ckpt_path} (epoch 2, step 5): continue with --resume {ckpt_path}" in line, line
+    assert "a lower --lr (this run's: 0.05)" in line, line
+    ckpt = cli._load_checkpoint(ckpt_path, torch.device("cpu"))
     assert (ckpt["epoch"], ckpt["within_epoch"]["step"]) == (1, 5)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    # A restart with the same command (torchrun --max-restarts) does not diverge again from there.
+    assert cli.main(common + ["--resume", "auto"]) == 2
+    assert f"--resume auto: the run in {tmp_path} diverged" in _one_line(capsys.readouterr().err)
+    # Continued by name with a lower rate: the optimizer's saved rates are scaled to it.
+    done = cli.train(common + ["--resume", str(ckpt_path), "--lr", "0.01"])
+    assert "learning rates scaled by 0.2" in capsys.readouterr().out
+    assert done.sched.base_lrs == [pytest.approx(0.01)] and not (tmp_path / "DIVERGED").exists()
 
 
 def test_fp16_overflow_steps_are_skipped_but_a_loss_that_stays_nan_stops_the_run(tmp_path, monkeypatch, capsys):
     common = ["--epochs", "2", "--explore-epochs", "1", "--amp", "fp16", *FAST]
     with monkeypatch.context() as m:
         _nan_loss_from(m, call=4, until=6)  # three steps skipped by the GradScaler: not divergence
-        assert cli.main(common + ["--out", str(tmp_path / "skips")]) == 0
+        done = cli.train(common + ["--out", str(tmp_path / "skips")])
+    assert done.prop.skipped_steps.scaler is done.scaler and done.scaler.is_enabled()  # DCP follows its skips
     capsys.readouterr()
     _nan_loss_from(monkeypatch, call=5)  # for good: 19 in a row by the end of epoch 1, so stopped in epoch 2
     assert cli.main(common + ["--out", str(tmp_path / "stuck")]) == 1
@@ -103,6 +114,8 @@ def test_resume_auto_refuses_a_damaged_or_foreign_checkpoint_in_one_line(tmp_pat
     assert cli.main(common[:-len(FAST)] + ["--lr", "0.2", *FAST]) == 2  # another run's settings
     line = _one_line(capsys.readouterr().err)
     assert f"{ckpt} belongs to a run with other settings (lr 0.05 there, 0.2 here)" in line, line
+    assert cli.main(common[:-len(FAST)] + ["--amp", "bf16", *FAST]) == 2
+    assert "(amp off there, bf16 here)" in _one_line(capsys.readouterr().err)
     for damage in (whole[: len(whole) // 2], b"\0" * 64 + whole[64:], b"not a checkpoint"):
         ckpt.write_bytes(damage)
         assert cli.main(common) == 2

@@ -14,10 +14,13 @@ import torch
 from .errors import UsageError
 
 CHECKPOINT = "checkpoint.pt"
+DIVERGED = "DIVERGED"  # written beside it when the run diverged: --resume auto then refuses to go on
 REQUIRED = {"model", "optimizer", "scheduler", "scaler", "dcp", "rng", "epoch", "rows", "kept_history", "dense",
             "recipe"}
-# Hyperparameters a continued run may change (a longer schedule); any other difference is another run.
+# Hyperparameters a continued run may change: a longer schedule, and (--resume PATH only) the learning
+# rate, which dcp-train rescales; any other difference is another run.
 MAY_CHANGE = {"epochs", "milestones"}
+MAY_CHANGE_BY_NAME = MAY_CHANGE | {"lr"}
 
 
 def save_atomically(state: dict, path: Path) -> None:
@@ -67,17 +70,25 @@ def auto_checkpoint(directory: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def check_same_run(ckpt: dict, *, recipe: str, dense: bool, hyperparameters: dict, flag: str, path: Path) -> None:
-    """A checkpoint continues this run only if it is of the same kind and (for ``--resume auto``,
-    which nobody names a file for) has the same hyperparameters, bar a longer schedule."""
+def check_same_run(ckpt: dict, *, recipe: str, dense: bool, hyperparameters: dict, processes: int, flag: str,
+                   path: Path) -> None:
+    """A checkpoint continues this run only if it is of the same kind, with the same hyperparameters
+    (bar a longer schedule, and a new learning rate when the file is named), and a mid-epoch one only
+    on as many processes (the data position is counted in steps per process)."""
     if ckpt["dense"] != dense or ckpt["recipe"] != recipe:
         raise UsageError(f"{flag} {path} is a checkpoint of another kind of run "
                          f"(recipe {ckpt['recipe']}, dense={ckpt['dense']})")
     saved = ckpt.get("hyperparameters")
-    if flag == "--resume auto" and isinstance(saved, dict):
-        differ = sorted(k for k in set(saved) | set(hyperparameters)
-                        if k not in MAY_CHANGE and saved.get(k) != hyperparameters.get(k))
+    if isinstance(saved, dict):
+        allowed = MAY_CHANGE if flag == "--resume auto" else MAY_CHANGE_BY_NAME
+        differ = sorted(k for k in set(saved) & set(hyperparameters)
+                        if k not in allowed and saved[k] != hyperparameters[k])
         if differ:
-            shown = ", ".join(f"{k} {saved.get(k)} there, {hyperparameters.get(k)} here" for k in differ)
-            raise UsageError(f"{flag}: {path} belongs to a run with other settings ({shown}); use another --out, "
-                             "or --resume that file by name to continue it with these settings")
+            shown = ", ".join(f"{k} {saved[k]} there, {hyperparameters[k]} here" for k in differ)
+            named = " (a new --lr or --epochs is taken when you --resume the file by name)" if "lr" in differ else ""
+            raise UsageError(f"{flag}: {path} belongs to a run with other settings ({shown}): give the flags it was "
+                             f"started with{named}, or start a new run in another --out")
+    saved_processes = ckpt.get("processes", 1)
+    if ckpt.get("within_epoch") and saved_processes != processes:
+        raise UsageError(f"{flag}: {path} was written mid-epoch by a run of {saved_processes} process(es); continue it "
+                         f"on {saved_processes} (this run has {processes}), or from an epoch-end checkpoint")

@@ -104,6 +104,7 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
         "decay": args.decay if args.decay is not None else recipe.decay,
         "batch_size": args.batch_size if args.batch_size is not None else recipe.batch_size,
         "lr": args.lr if args.lr is not None else recipe.lr,
+        "amp": args.amp,
     }
     if hp["epochs"] < 1:
         raise UsageError("--epochs must be >= 1")
@@ -385,7 +386,7 @@ class TrainingRun:
     kept_history: list[dict[str, int]] = field(default_factory=list)
     start_epoch: int = 0
     resumed_step: dict | None = None  # where a mid-epoch checkpoint left its epoch
-    last_checkpoint: str | None = None  # where the checkpoint on disk was taken ("epoch 2, step 40")
+    last_checkpoint_at: str | None = None  # where in the run the checkpoint on disk was taken ("epoch 2, step 40")
     loss_watch: LossWatch | None = None
     graphed: GraphedStep | None = None
     extension_status: str = ""
@@ -512,6 +513,16 @@ def _resume_source(state: TrainingRun) -> Path | None:
     if state.out.is_dir() and state.is_main:
         checkpoints.remove_stale_temporaries(state.out)
     found = checkpoints.auto_checkpoint(state.out)
+    if state.world > 1:  # every rank must take the same path, or their collectives never pair up
+        seen = torch.tensor([found is not None], dtype=torch.int64, device=state.device)
+        torch.distributed.all_reduce(seen)
+        if 0 < int(seen) < state.world:
+            raise UsageError(f"--resume auto: only {int(seen)} of {state.world} processes see {state.out / 'checkpoint.pt'}; "
+                             "give every node the same --out (a shared directory)")
+    diverged = state.out / checkpoints.DIVERGED
+    if diverged.is_file():
+        raise UsageError(f"--resume auto: the run in {state.out} diverged ({diverged}); continue it by name with a "
+                         f"lower learning rate: --resume {state.out / checkpoints.CHECKPOINT} --lr ...")
     if found is None and state.is_main:
         print(f"dcp-train: --resume auto: no checkpoint in {state.out} yet, starting the run")
     return found
@@ -523,7 +534,7 @@ def _resume(state: TrainingRun, path: Path) -> None:
     flag = "--resume auto" if args.resume == "auto" else "--resume"
     ckpt = _load_checkpoint(path, state.device, flag)
     checkpoints.check_same_run(ckpt, recipe=state.recipe.name, dense=args.dense, hyperparameters=state.hp,
-                               flag=flag, path=path)
+                               processes=state.world, flag=flag, path=path)
     try:
         state.model.load_state_dict(ckpt["model"])
     except RuntimeError as error:  # another model (or a version that named its layers differently)
@@ -531,15 +542,33 @@ def _resume(state: TrainingRun, path: Path) -> None:
                          f"{str(error).splitlines()[0]}") from error
     state.opt.load_state_dict(ckpt["optimizer"])
     state.sched.load_state_dict(ckpt["scheduler"])
+    _rescale_learning_rate(state, (ckpt.get("hyperparameters") or {}).get("lr"))
     state.scaler.load_state_dict(ckpt["scaler"])
     if state.prop is not None:
         state.prop.load_state_dict(ckpt["dcp"])
     _set_rng_state(ckpt["rng"])
     state.rows, state.kept_history, state.start_epoch = ckpt["rows"], ckpt["kept_history"], ckpt["epoch"]
     state.resumed_step = ckpt.get("within_epoch")
-    state.last_checkpoint = _where(state.start_epoch, state.resumed_step)
+    state.last_checkpoint_at = _where(state.start_epoch, state.resumed_step)
     if state.is_main:
-        print(f"dcp-train: resumed from {path} ({state.last_checkpoint})")
+        print(f"dcp-train: resumed from {path} ({state.last_checkpoint_at})")
+        (state.out / checkpoints.DIVERGED).unlink(missing_ok=True)  # continued by name: a new attempt
+
+
+def _rescale_learning_rate(state: TrainingRun, saved_lr: float | None) -> None:
+    """``--resume PATH --lr X``: the optimizer's state holds the saved run's learning rates; scale them
+    (and the schedule's base) by X over the saved ``--lr``, so the schedule goes on from the new rate."""
+    new_lr = state.hp["lr"]
+    if not saved_lr or saved_lr == new_lr:
+        return
+    factor = new_lr / saved_lr
+    for group in state.opt.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    state.sched.base_lrs = [lr * factor for lr in state.sched.base_lrs]
+    if state.is_main:
+        print(f"dcp-train: --lr {new_lr:g} (the checkpoint's run had {saved_lr:g}): learning rates scaled by {factor:g}")
 
 
 def _announce(state: TrainingRun) -> None:
@@ -567,32 +596,36 @@ def _check_loss(state: TrainingRun, epoch: int, step: int, *, weights: bool = Fa
     parameter is finite (before a checkpoint: the file on disk must stay the last good one)."""
     counts = state.loss_watch.counts()
     if weights:
-        finite = torch.stack([torch.isfinite(p).all() for p in state.model.parameters()]).all()
+        tensors = [*state.model.parameters(), *(b for b in state.model.buffers() if b.is_floating_point())]
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
         counts = torch.cat([counts, (~finite).long().unsqueeze(0)])
     if state.world > 1:
         torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
     values = counts.tolist()
-    verdict = state.loss_watch.verdict(values[:2])
+    verdict = state.loss_watch.take_verdict(values[:2])
     if verdict is None and weights and values[2]:
-        verdict = Verdict(0, None)
+        verdict = Verdict(0, None, weights=True)
     if verdict is not None:
-        raise Diverged(_divergence_message(state, epoch, step, verdict))
+        message = _divergence_message(state, epoch, step, verdict)
+        if state.is_main and state.out.is_dir():  # --resume auto (a torchrun restart) will not go on from it
+            (state.out / checkpoints.DIVERGED).write_text(message + "\n")
+        raise Diverged(message)
 
 
 def _divergence_message(state: TrainingRun, epoch: int, step: int, verdict: Verdict) -> str:
-    if verdict.longest == 0:
-        what = f"the weights are not finite (epoch {epoch + 1}, step {step})"
+    where = f"end of epoch {epoch + 1}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+    if verdict.weights:
+        what = f"weights or BatchNorm statistics are not finite ({where})"
     elif state.loss_watch.patience > 1:
-        what = (f"the loss has not been finite for {verdict.longest} steps in a row under the fp16 loss scaler "
-                f"(epoch {epoch + 1}, step {step})")
+        what = f"the loss has not been finite for {verdict.longest} steps in a row under the fp16 loss scaler ({where})"
     else:
         what = f"the loss is not finite (epoch {epoch + 1}, from step {verdict.first_step})"
     ckpt = state.out / checkpoints.CHECKPOINT
-    if state.last_checkpoint:
-        advice = (f"the last good checkpoint is {ckpt} ({state.last_checkpoint}): continue from it with --resume "
-                  f"and a lower --lr (now {state.hp['lr']:g})")
+    if state.last_checkpoint_at:
+        advice = (f"the last good checkpoint is {ckpt} ({state.last_checkpoint_at}): continue with --resume {ckpt} "
+                  f"and a lower --lr (this run's: {state.hp['lr']:g})")
     else:
-        advice = f"no checkpoint had been written yet: start again with a lower --lr (now {state.hp['lr']:g})"
+        advice = f"no checkpoint had been written yet: start again with a lower --lr (this run's: {state.hp['lr']:g})"
     return f"training diverged: {what}; stopped. {advice[0].upper()}{advice[1:]}"
 
 
@@ -600,15 +633,15 @@ def _checkpoint(state: TrainingRun, epoch_done: int, within_epoch: dict | None) 
     """Every rank: stop if the run diverged, bring the utilities to what every rank will select from
     (a skipped fp16 step undone, averaged over the ranks: a resumed rank loads rank 0's); rank 0
     writes the checkpoint."""
-    step = within_epoch["step"] if within_epoch else 0
+    step = within_epoch["step"] if within_epoch else 0  # 0: the epoch's end
     _check_loss(state, epoch_done if within_epoch else epoch_done - 1, step, weights=True)
     if state.prop is not None:
-        state.prop.skipped_steps.settle()
+        state.prop.skipped_steps.restore_if_skipped()
         if state.world > 1 and state.prop.distributed:
             state.prop.sync_utilities()
     if state.is_main:
         _save_checkpoint(state, epoch_done, within_epoch)
-    state.last_checkpoint = _where(epoch_done, within_epoch)
+    state.last_checkpoint_at = _where(epoch_done, within_epoch)
 
 
 def _save_checkpoint(state: TrainingRun, epoch_done: int, within_epoch: dict | None) -> None:
@@ -617,7 +650,7 @@ def _save_checkpoint(state: TrainingRun, epoch_done: int, within_epoch: dict | N
                       "dcp": state.prop.state_dict() if state.prop else None, "rng": _rng_state(),
                       "epoch": epoch_done, "within_epoch": within_epoch, "rows": state.rows,
                       "kept_history": state.kept_history, "dense": state.args.dense, "recipe": state.recipe.name,
-                      "hyperparameters": state.hp},
+                      "hyperparameters": state.hp, "processes": state.world},
                      state.out / "checkpoint.pt")
 
 

@@ -19,10 +19,17 @@ FP16_PATIENCE = 20
 @dataclass
 class Verdict:
     """What a check found: the longest run of non-finite losses since the last check and the step
-    (in the epoch, from 1) where the first of them came; ``None`` when there were none."""
+    (in the epoch, from 1) where the first of them came (``None``: none); ``weights``: the weights or
+    BatchNorm statistics themselves are not finite."""
 
     longest: int
     first_step: int | None
+    weights: bool = False
+
+
+# The first bad step travels as FIRST_KEY - step (0: none), so that a MAX all-reduce over the ranks
+# keeps the longest run and the earliest step together.
+FIRST_KEY = 1 << 40
 
 
 class LossWatch:
@@ -43,14 +50,14 @@ class LossWatch:
         self._first = torch.where(bad & (self._first < 0), step, self._first)
 
     def counts(self) -> torch.Tensor:
-        """(longest, first step) as one int64 device tensor, to read (or all-reduce) in one go."""
-        return torch.stack([self._longest, self._first])
+        """(longest, first-step key) as one int64 device tensor, to read (or MAX all-reduce) in one go."""
+        return torch.stack([self._longest, torch.where(self._first >= 0, FIRST_KEY - self._first, 0)])
 
-    def verdict(self, counts: list[int]) -> Verdict | None:
+    def take_verdict(self, counts: list[int]) -> Verdict | None:
         """Divergence when the longest run reached the patience; resets the counts since the check."""
-        longest, first = counts
+        longest, first_key = counts
         self._longest.zero_()
         self._first.fill_(-1)
         if longest >= self.patience:
-            return Verdict(longest, first if first >= 0 else None)
+            return Verdict(longest, FIRST_KEY - first_key if first_key else None)
         return None
