@@ -248,7 +248,7 @@ def test_training_step(benchmark, quick, device, dtype, compiled, timed, only_va
 
 
 @pytest.mark.parametrize("name, ratio", CASES)
-def test_training_step_interleaved(benchmark, quick, device, dtype, compiled, timed, only_variants, name, ratio):
+def test_training_step_interleaved(benchmark, rounds, device, dtype, compiled, timed, only_variants, name, ratio):
     """All variants of a group in turn: one round = one step of each. The per-variant medians over
     the rounds (``extra_info["interleaved"]``, seconds) are what ``report.py`` computes ratios from:
     a shared machine's slow spells then hit every variant alike."""
@@ -277,7 +277,7 @@ def test_training_step_interleaved(benchmark, quick, device, dtype, compiled, ti
 
     # Compiled: two warm-up rounds (the first compiles, the second may still specialize).
     # Captured (reduce-overhead): a third warm-up round, in which the CUDA graphs are recorded.
-    warmup, rounds = (3 if isinstance(compiled, str) else 2) if compiled else 1, 3 if quick else 5
+    warmup = (3 if isinstance(compiled, str) else 2) if compiled else 1
     precision = _precision_label(dtype, compiled)
     benchmark.group = f"step-interleaved {name} batch={batch} {size}x{size} prune={ratio} {precision}"
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup, iterations=1)

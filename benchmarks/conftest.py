@@ -29,6 +29,9 @@ def pytest_addoption(parser):
     parser.addoption("--compile", action="store_true",
                      help="step benchmarks: every variant's model runs under torch.compile (inductor; compiled "
                           "in the warm-up rounds), to compare compiled DCP with compiled dense and ideal")
+    parser.addoption("--rounds", type=int, default=None,
+                     help="interleaved step benchmarks: timed rounds (default 5, --quick 3); more rounds read the "
+                          "steady state of a selection that moves every step (new conv shapes at first)")
     parser.addoption("--variants", default=None,
                      help="step benchmarks: only these variants, comma-separated (e.g. dense,torch,ideal)")
     parser.addoption("--channels-last", action="store_true",
@@ -84,6 +87,15 @@ def only_variants(request) -> set[str] | None:
     """``--variants``: the variants a step benchmark runs (None: all it can)."""
     value = request.config.getoption("--variants")
     return None if value is None else {v.strip() for v in value.split(",") if v.strip()}
+
+
+@pytest.fixture
+def rounds(request, quick) -> int:
+    """``--rounds``: timed rounds of an interleaved step benchmark."""
+    value = request.config.getoption("--rounds")
+    if value is not None and value < 1:
+        pytest.exit(f"--rounds must be >= 1, got {value}", returncode=2)
+    return value or (3 if quick else 5)
 
 
 @pytest.fixture

@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="initial SGD learning rate (recipe default)")
     p.add_argument("--image-size", type=int, default=32, help="digits: upsampled from 8x8 to this size (default 32)")
     p.add_argument("--backend", default="auto", help="auto | reference | torch | triton | extension")
-    p.add_argument("--round-to", type=int, default=None,
-                   help="keep each layer's width a multiple of this (default: 8 on CUDA for tensor cores "
-                        "and few distinct shapes, 1 elsewhere: the paper's exact rule)")
+    p.add_argument("--round-to", type=int, default=8,
+                   help="keep each layer's width a multiple of this (default 8 on every device: tensor cores, and few "
+                        "distinct conv shapes for cuDNN and oneDNN to plan; 1: the paper's exact rule)")
     p.add_argument("--static-shapes", action="store_true",
                    help="train at shapes that stay the same from step to step: capacity widths on --backend "
                         "torch/auto (ATen convs, one host read per step), full width on --backend triton "
@@ -117,8 +117,7 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
         raise UsageError("--checkpoint-every must be >= 0 (0: only at the end of each epoch)")
     if recipe.data != "digits" and not args.data:
         raise UsageError(f"recipe {recipe.name} needs --data DIR ({recipe.data} layout)")
-    if args.round_to is not None:
-        _library_check("--round-to", check_round_to, args.round_to)
+    _library_check("--round-to", check_round_to, args.round_to)
     _library_check(f"--backend {args.backend!r}", dcp_kernels.ops.resolve_backend, args.backend)
     for flag, on in (("--static-shapes", args.static_shapes), ("--cuda-graphs", args.cuda_graphs)):
         if on and args.dense:
@@ -458,9 +457,8 @@ def _build(args: argparse.Namespace) -> TrainingRun:
     prop = None
     if not args.dense:
         schedule = DecaySchedule(hp["decay"], recipe.decay_step, hp["milestones"][:-1], hp["milestones"][-1])
-        round_to = args.round_to if args.round_to is not None else (8 if device.type == "cuda" else 1)
         prop = dcp_kernels.convert(model, hp["prune_ratio"], explore_epochs=hp["explore_epochs"], decay=schedule,
-                                   backend=args.backend, round_to=round_to,
+                                   backend=args.backend, round_to=args.round_to,
                                    static_shapes=args.static_shapes or args.cuda_graphs)
     opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     train_model: nn.Module = model
