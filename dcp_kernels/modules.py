@@ -291,7 +291,24 @@ class DCPConv2d(nn.Conv2d):
 
     @torch.no_grad()
     def set_selection(self, selected: torch.Tensor) -> None:
-        """Set the selected output channels from a bool mask of length ``out_channels``."""
+        """Set the selected output channels from a bool mask of length ``out_channels``.
+
+        A layer coupled with others (a residual or SE group, whose outputs are summed or multiplied
+        channel by channel, compact tensors slot by slot) shares their selection: the mask is set on
+        every member (``coupled_layers``)."""
+        members = [self, *self.coupled_layers]
+        for layer in members:
+            layer._check_selection(selected)
+        for layer in members:
+            layer.selected.copy_(selected)
+            layer._refresh_kept()
+
+    @property
+    def coupled_layers(self) -> list["DCPConv2d"]:
+        """The other members of this layer's selection group (set by the controller; [] alone)."""
+        return self.__dict__.get("_coupled_layers", [])
+
+    def _check_selection(self, selected: torch.Tensor) -> None:
         if not self.prunable:
             raise RuntimeError(f"{self._label()} is not prunable")
         if selected.dtype != torch.bool or selected.shape != (self.out_channels,):
@@ -303,8 +320,6 @@ class DCPConv2d(nn.Conv2d):
             if bool((per_group != per_group[0]).any()):
                 raise ValueError(f"{self._label()}: a grouped conv (groups={self.groups}) must keep the same number of "
                                  f"channels in every group, got {per_group.tolist()}")
-        self.selected.copy_(selected)
-        self._refresh_kept()
 
     @torch.no_grad()
     def _refresh_kept(self) -> None:

@@ -75,6 +75,10 @@ class Propagation:
             if not layer.prunable:
                 raise ValueError(f"layer {name!r} is not prunable (it has no utilities)")
         self.groups = self._resolve_groups(groups)
+        for members in self.groups:  # layer.set_selection() selects for its whole group
+            for i in members:
+                # In __dict__, not as attributes: nn.Module would register the layers as submodules.
+                self.layers[i].__dict__["_coupled_layers"] = [self.layers[j] for j in members if j != i]
         self.min_channels = self._resolve_min_channels(min_channels)
         self.group_ratios = self._resolve_layer_ratios(layer_prune_ratios or {})
         self.group_blocks = self._resolve_blocks(blocks or {})

@@ -278,3 +278,27 @@ def test_division_by_channels_keeps_the_group_full_width(divide):
     model = _Ratio(divide)
     prop = dcp_kernels.convert(model, 0.5, backend="torch")
     assert prop.layers[0].compact_output is not divide
+
+
+def test_set_selection_on_one_member_selects_for_its_whole_coupled_group():
+    """Coupled layers share one selection (their outputs are summed, compact tensors slot by slot):
+    a mask set on one member is set on all of them, and the compact step equals the reference's."""
+    torch.manual_seed(0)
+    model = RandomResidualNet(0).double()
+    prop = dcp_kernels.convert(model, 0.5, prune_residual=True, backend="torch")
+    reference = copy.deepcopy(model)
+    group = next(members for members in prop.plan.groups if len(members) > 1)
+    layers = dict(model.named_modules())
+    width = layers[group[0]].out_channels
+    mask = torch.zeros(width, dtype=torch.bool)
+    mask[torch.randperm(width)[: width // 2]] = True
+    for net in (model, reference):
+        dict(net.named_modules())[group[-1]].set_selection(mask)
+    for name in group:
+        assert torch.equal(layers[name].selected, mask), name
+    for module in reference.modules():
+        if isinstance(module, dcp_kernels.DCPConv2d):
+            module.backend = "reference"
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():  # eval: the selection set above is used as it is (no selecting step)
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x), rtol=1e-9, atol=1e-9)
