@@ -361,3 +361,34 @@ def test_bf16_utility_in_one_pass_without_float32_copies(offset):
     assert not mode.found, mode.found
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-3 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["exact", "capacity"])
+def test_bf16_autocast_training_step_takes_the_one_pass_utility(monkeypatch, static_shapes):
+    """End to end: a converted model's training step under bf16 autocast on the ``torch`` backend
+    reaches the one-pass utility with bf16 conv outputs and their batch mean, on every prunable layer
+    with a BatchNorm, and the utilities it leaves are finite float32."""
+    import dcp_kernels
+    from dcp_kernels.ops import layer as layer_step
+
+    seen = []
+    real = layer_step._affine_channel_utility
+
+    def spy(y, g, scale, shift, mean=None):
+        seen.append((y.dtype, g.dtype, mean is not None))
+        return real(y, g, scale, shift, mean)
+
+    monkeypatch.setattr(layer_step, "_affine_channel_utility", spy)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
+    x, y = torch.randn(4, 3, 12, 12), torch.randint(0, 5, (4,))
+    prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, backend="torch", static_shapes=static_shapes,
+                               example_inputs=(x,))
+    for _ in range(2):  # the first step measures (every channel selected), the second selects
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+    assert len(seen) == 2 * len(prop.layers), seen
+    assert all(entry == (torch.bfloat16, torch.bfloat16, True) for entry in seen), seen
+    assert all(layer.utility.dtype == torch.float32 and torch.isfinite(layer.utility).all() for layer in prop.layers)
