@@ -19,7 +19,7 @@ Variants per network and prune ratio (one group each):
              unevenly, so this is not simply (1 - prune_ratio)**2 of dense.
 
 The selection comes from two exploration steps on random data, then one selecting step (widths in
-multiples of 8 on a GPU: ``round_to=8``, dcp-train's CUDA default). Networks named ``...-residual``
+multiples of 8 on a GPU: ``round_to=8``, dcp-train's default on every device). Networks named ``...-residual``
 convert with ``prune_residual=True`` (residual groups pruned too, ranked by their members' mean
 utility), so their ideal is really smaller than dense. ``cudnn.benchmark`` is on for every variant.
 Every DCP variant's kept widths, FLOPs ratio and capacity waste are in ``extra_info``.
@@ -172,7 +172,7 @@ def _prepared(name, ratio, backend, device, dtype=torch.float32):
         model = factory().to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        # Widths in multiples of 8 on a GPU (tensor cores; dcp-train's CUDA default), exact rule elsewhere,
+        # Widths in multiples of 8 on a GPU (tensor cores; dcp-train uses 8 on every device), the exact rule on the CPU,
         # unless the variant sets round_to (torch-round8).
         convert_backend, static, round_to = CONVERSIONS.get(backend, (backend, False, None))
         prop = dcp_kernels.convert(model, ratio, explore_epochs=1, backend=convert_backend,

@@ -75,10 +75,6 @@ class Propagation:
             if not layer.prunable:
                 raise ValueError(f"layer {name!r} is not prunable (it has no utilities)")
         self.groups = self._resolve_groups(groups)
-        for members in self.groups:  # layer.set_selection() selects for its whole group
-            for i in members:
-                # In __dict__, not as attributes: nn.Module would register the layers as submodules.
-                self.layers[i].__dict__["_coupled_layers"] = [self.layers[j] for j in members if j != i]
         self.min_channels = self._resolve_min_channels(min_channels)
         self.group_ratios = self._resolve_layer_ratios(layer_prune_ratios or {})
         self.group_blocks = self._resolve_blocks(blocks or {})
@@ -133,6 +129,14 @@ class Propagation:
         self._apply_decay()
         if static_shapes:
             self.set_static_shapes(True)
+        self._couple_layers()  # last: a controller that failed to build leaves the layers as they were
+
+    def _couple_layers(self) -> None:
+        """Hand every layer its group's other members: ``layer.set_selection()`` selects for them all."""
+        for members in self.groups:
+            for i in members:
+                # In __dict__, not as attributes: nn.Module would register the layers as submodules.
+                self.layers[i].__dict__["_coupled_layers"] = [self.layers[j] for j in members if j != i]
 
     # ----------------------------------------------------------------------------- configuration
     def _resolve_groups(self, groups: Sequence[Sequence[str]] | None) -> list[list[int]]:
@@ -728,6 +732,8 @@ class Propagation:
         if "skipped_steps" not in state:
             self.skipped_steps = SkippedSteps(self.layers)
             self._state_hooks = []
+        if any("_coupled_layers" not in layer.__dict__ for layer in self.layers):
+            self._couple_layers()
 
 
 def _mark_written(masks: list[torch.Tensor]) -> None:

@@ -389,6 +389,7 @@ def test_bf16_autocast_training_step_takes_the_one_pass_utility(monkeypatch, sta
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
+    assert sum(prop.kept().values()) < sum(layer.out_channels for layer in prop.layers)  # the second step pruned
     assert len(seen) == 2 * len(prop.layers), seen
     assert all(entry == (torch.bfloat16, torch.bfloat16, True) for entry in seen), seen
     assert all(layer.utility.dtype == torch.float32 and torch.isfinite(layer.utility).all() for layer in prop.layers)

@@ -126,6 +126,15 @@ def test_resume_auto_refuses_a_damaged_or_foreign_checkpoint_in_one_line(tmp_pat
     assert "not a dcp-train checkpoint (it lacks" in _one_line(capsys.readouterr().err)
 
 
+def test_resume_by_name_keeps_the_checkpoints_learning_rate_unless_lr_is_given(tmp_path, capsys):
+    first = ["--epochs", "1", "--explore-epochs", "0", "--out", str(tmp_path), *FAST]
+    cli.run(first + ["--lr", "0.2"])
+    ckpt = str(tmp_path / "checkpoint.pt")
+    kept = cli.train(["--epochs", "2", "--explore-epochs", "0", "--resume", ckpt, "--out", str(tmp_path / "a"), *FAST])
+    assert kept.sched.base_lrs == [pytest.approx(0.2)] and kept.hp["lr"] == 0.2
+    assert "scaled" not in capsys.readouterr().out
+
+
 _ELASTIC_ENTRY = """
 import os, signal, sys
 from pathlib import Path

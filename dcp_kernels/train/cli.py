@@ -105,6 +105,7 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, dict]:
         "batch_size": args.batch_size if args.batch_size is not None else recipe.batch_size,
         "lr": args.lr if args.lr is not None else recipe.lr,
         "amp": args.amp,
+        "round_to": args.round_to,
     }
     if hp["epochs"] < 1:
         raise UsageError("--epochs must be >= 1")
@@ -518,9 +519,9 @@ def _resume_source(state: TrainingRun) -> Path | None:
             raise UsageError(f"--resume auto: only {int(seen)} of {state.world} processes see {state.out / 'checkpoint.pt'}; "
                              "give every node the same --out (a shared directory)")
     diverged = state.out / checkpoints.DIVERGED
-    if diverged.is_file():
+    if diverged.is_file() and found is not None:
         raise UsageError(f"--resume auto: the run in {state.out} diverged ({diverged}); continue it by name with a "
-                         f"lower learning rate: --resume {state.out / checkpoints.CHECKPOINT} --lr ...")
+                         f"lower learning rate (--resume {found} --lr ...), or delete {diverged.name} to go on as it was")
     if found is None and state.is_main:
         print(f"dcp-train: --resume auto: no checkpoint in {state.out} yet, starting the run")
     return found
@@ -540,7 +541,11 @@ def _resume(state: TrainingRun, path: Path) -> None:
                          f"{str(error).splitlines()[0]}") from error
     state.opt.load_state_dict(ckpt["optimizer"])
     state.sched.load_state_dict(ckpt["scheduler"])
-    _rescale_learning_rate(state, (ckpt.get("hyperparameters") or {}).get("lr"))
+    saved_lr = (ckpt.get("hyperparameters") or {}).get("lr")
+    if args.lr is not None:
+        _rescale_learning_rate(state, saved_lr)
+    elif saved_lr is not None:
+        state.hp["lr"] = saved_lr  # no --lr given: the run goes on at its own rate (the optimizer's state)
     state.scaler.load_state_dict(ckpt["scaler"])
     if state.prop is not None:
         state.prop.load_state_dict(ckpt["dcp"])
@@ -550,7 +555,6 @@ def _resume(state: TrainingRun, path: Path) -> None:
     state.last_checkpoint_at = _where(state.start_epoch, state.resumed_step)
     if state.is_main:
         print(f"dcp-train: resumed from {path} ({state.last_checkpoint_at})")
-        (state.out / checkpoints.DIVERGED).unlink(missing_ok=True)  # continued by name: a new attempt
 
 
 def _rescale_learning_rate(state: TrainingRun, saved_lr: float | None) -> None:
@@ -581,6 +585,7 @@ def _announce(state: TrainingRun) -> None:
           f"{spec.train_size} train / {spec.test_size} test images, {mode}, {state.world} process(es)")
     print(f"dcp-train: C++/CUDA extension {state.extension_status}")
     state.out.mkdir(parents=True, exist_ok=True)
+    (state.out / checkpoints.DIVERGED).unlink(missing_ok=True)  # a run that starts is a new attempt
 
 
 def _where(epoch_done: int, within_epoch: dict | None) -> str:
@@ -613,7 +618,7 @@ def _check_loss(state: TrainingRun, epoch: int, step: int, *, weights: bool = Fa
 def _divergence_message(state: TrainingRun, epoch: int, step: int, verdict: Verdict) -> str:
     where = f"end of epoch {epoch + 1}" if step == 0 else f"epoch {epoch + 1}, step {step}"
     if verdict.weights:
-        what = f"weights or BatchNorm statistics are not finite ({where})"
+        what = f"weights or buffers (BatchNorm statistics, utilities) are not finite ({where})"
     elif state.loss_watch.patience > 1:
         what = f"the loss has not been finite for {verdict.longest} steps in a row under the fp16 loss scaler ({where})"
     else:

@@ -28,7 +28,7 @@ class Verdict:
 
 
 # The first bad step travels as FIRST_KEY - step (0: none), so that a MAX all-reduce over the ranks
-# keeps the longest run and the earliest step together.
+# gives the earliest step (and, element by element, the longest run: possibly another rank's).
 FIRST_KEY = 1 << 40
 
 
