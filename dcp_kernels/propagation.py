@@ -704,13 +704,9 @@ class Propagation:
         if self.model is None:
             yield
             return
-        removed = [(hooks, handle.id, hooks.pop(handle.id))
-                   for hooks, handle in ((self.model._forward_pre_hooks, self._hook),
-                                         (self.model._load_state_dict_pre_hooks, self._layout_hook),
-                                         (self.model._state_dict_pre_hooks, self._state_hooks[0] if self._state_hooks else None),
-                                         (self.model._load_state_dict_post_hooks,
-                                          self._state_hooks[1] if self._state_hooks else None))
-                   if handle is not None and handle.id in hooks]
+        handles = [h for h in (self._hook, self._layout_hook, *self._state_hooks) if h is not None]
+        removed = [(hooks, handle.id, hooks.pop(handle.id)) for handle in handles
+                   if (hooks := handle.hooks_dict_ref()) is not None and handle.id in hooks]
         try:
             yield
         finally:

@@ -85,11 +85,10 @@ class SkippedSteps:
         device; calling it again, or before ``scaler.update()`` (nothing decided yet), is harmless.
         Not inside :func:`~dcp_kernels.rule.paused_utility_updates` (``prop.no_utility_updates()``),
         which promises no write to the utilities."""
-        scale = self._scale()
-        if self._start is None or scale is None or self._scale_at_start is None or utility_updates_paused():
+        scale = self._scale()  # a float: the scaler has not scaled anything yet, so nothing was skipped
+        if (self._start is None or not isinstance(scale, torch.Tensor) or self._scale_at_start is None
+                or utility_updates_paused()):
             return
-        if not isinstance(scale, torch.Tensor):
-            return  # the scaler has not scaled anything since the step began
         skipped = (scale < self._scale_at_start).to(torch.float32)
         utilities = [layer.utility for layer in self.layers]
         # u * (1 - s) + start * s: exact for s in {0, 1} (utilities are finite), one multi-tensor

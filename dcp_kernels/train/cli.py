@@ -516,8 +516,8 @@ def _resume_source(state: TrainingRun) -> Path | None:
         seen = torch.tensor([found is not None], dtype=torch.int64, device=state.device)
         torch.distributed.all_reduce(seen)
         if 0 < int(seen) < state.world:
-            raise UsageError(f"--resume auto: only {int(seen)} of {state.world} processes see {state.out / 'checkpoint.pt'}; "
-                             "give every node the same --out (a shared directory)")
+            raise UsageError(f"--resume auto: only {int(seen)} of {state.world} processes see "
+                             f"{state.out / checkpoints.CHECKPOINT}; give every node the same --out (a shared directory)")
     diverged = state.out / checkpoints.DIVERGED
     if diverged.is_file() and found is not None:
         raise UsageError(f"--resume auto: the run in {state.out} diverged ({diverged}); continue it by name with a "
@@ -654,7 +654,7 @@ def _save_checkpoint(state: TrainingRun, epoch_done: int, within_epoch: dict | N
                       "epoch": epoch_done, "within_epoch": within_epoch, "rows": state.rows,
                       "kept_history": state.kept_history, "dense": state.args.dense, "recipe": state.recipe.name,
                       "hyperparameters": state.hp, "processes": state.world},
-                     state.out / "checkpoint.pt")
+                     state.out / checkpoints.CHECKPOINT)
 
 
 def _train_epoch(state: TrainingRun, epoch: int) -> None:
