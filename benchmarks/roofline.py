@@ -409,8 +409,20 @@ def _python_impl(func: torch._ops.OpOverload) -> Callable | None:
 # recorded as one opaque kernel with a note.
 ONE_KERNEL_CUSTOM_OPS: frozenset[str] = frozenset({
     "dcp_triton::conv2d", "dcp_triton::channel_utility", "dcp::gathered_conv2d", "dcp::channel_utility",
-    "dcp::implicit_gemm_conv2d",
+    "dcp::implicit_gemm_conv2d", "dcp_triton::bn_backward_partials", "dcp_triton::bn_backward_apply",
 })
+
+# One-kernel custom ops charged otherwise than as "elementwise" (see op_seconds): the fused BN
+# backward's two kernels do what cuDNN's two BN backward kernels do (a reduction reading g and y,
+# then an elementwise pass reading them again and writing the input gradient).
+CUSTOM_OP_CLASSES: dict[str, str] = {
+    "dcp_triton::bn_backward_partials": "fused_bn", "dcp_triton::bn_backward_apply": "fused_bn",
+}
+# "fused_bn" is charged at the bandwidth cuDNN's BN backward reached per byte it really moves: the
+# batch_norm efficiency was fitted to native_batch_norm_backward's recorded bytes (g, y, grad: 3
+# activation passes) where its two kernels move 5 (g and y twice). An assumption, not a fit: the
+# Triton kernels have never run on a GPU.
+FUSED_BN_PASSES_PER_RECORDED = 5 / 3
 
 
 class _OrderedModuleTracker(ModuleTracker):
@@ -555,7 +567,8 @@ def _classify(func: torch._ops.OpOverload, inputs: list[torch.Tensor], outputs: 
     """(class, name, note) of a recorded op."""
     name = func._overloadpacket.__name__
     if _is_custom(func):
-        return "custom", func._name.split(".")[0], "custom op counted as one kernel"
+        op = func._name.split(".")[0]
+        return CUSTOM_OP_CLASSES.get(op, "custom"), op, "custom op counted as one kernel"
     cls = OP_CLASSES.get(name, "elementwise")
     if cls == "elementwise" and _mixed_elementwise(inputs, outputs):
         cls = "elementwise_mixed"
@@ -647,9 +660,23 @@ def trace_step(prepared: Prepared, batch: int, pixels: int, *, fake: bool = True
     prepared.restore()
     x, y = _batch(batch, pixels, prepared.channels_last)
     try:
-        return _trace(prepared, x, y, fake)
+        with _cuda_code_paths(real_kernels=not fake):
+            return _trace(prepared, x, y, fake)
     finally:  # fake gradients must not outlive the trace (deep copies of the model would meet them)
         prepared.opt.zero_grad(set_to_none=True)
+
+
+def _cuda_code_paths(real_kernels: bool) -> contextlib.AbstractContextManager:
+    """The step's CUDA code paths on CPU tensors, where dcp_kernels chooses by device: the ``torch``
+    backend's fused Triton BN backward (``ops.layer.fused_bn_backward_applies``). Where its kernels
+    must really run (``real_kernels``), only under ``TRITON_INTERPRET=1``; code older than the fused
+    backward (``--code``, the calibration's commit) has no switch and is traced as it is."""
+    import dcp_kernels.ops as ops
+
+    forced = getattr(importlib.import_module("dcp_kernels.ops.layer"), "forced_fused_bn_backward", None)
+    if forced is None or not ops._triton_installed() or (real_kernels and not ops.triton_interpreting()):
+        return contextlib.nullcontext()
+    return forced(True)
 
 
 def _trace(prepared: Prepared, x: torch.Tensor, y: torch.Tensor, fake: bool) -> Trace:
@@ -950,7 +977,9 @@ def op_seconds(rec: OpRecord, gpu: dict[str, float], cal: dict[str, Any] = CALIB
         precision = _precision(rec)
         compute = rec.flops * tile_factor(rec, cal["conv_channel_tile"]) / (
             gpu[f"{precision}_flops"] * cal["eff_flops"][f"conv:{precision}"])
-    memory = rec.bytes / (gpu["bandwidth"] * cal["eff_bw"][cls])
+    efficiency = (cal["eff_bw"]["batch_norm"] * FUSED_BN_PASSES_PER_RECORDED if cls == "fused_bn"
+                  else cal["eff_bw"][cls])
+    memory = rec.bytes / (gpu["bandwidth"] * efficiency)
     # cuDNN's layout transposes are kernels of their own, after or before the convolution's.
     transposes = 2 * sum(t.bytes for t in _conv_transposes(rec)) / (gpu["bandwidth"] * cal["eff_bw"]["copy_fill"])
     fixed = cal["sort_s"] if cls == "sort" else 0.0

@@ -51,11 +51,12 @@ def _key(records):
 
 @pytest.mark.parametrize("dcp", [False, True], ids=["dense", "dcp"])
 def test_flops_equal_flop_counter_mode(dcp):
-    """The traced step's FLOPs are FlopCounterMode's total for the same step (same state)."""
+    """The traced step's FLOPs are FlopCounterMode's total for the same step (same state, the same
+    CUDA code paths the trace takes)."""
     prepared = _prepared(lambda: vgg([8, "M", 16, 16, "M", 32]), dcp=dcp)
     traced = sum(r.flops for r in roofline.trace_step(prepared, 4, 16, fake=False).records)
     prepared.restore()
-    with FlopCounterMode(display=False) as counter:
+    with roofline._cuda_code_paths(real_kernels=True), FlopCounterMode(display=False) as counter:
         roofline._train_step(prepared.model, prepared.opt, *roofline._batch(4, 16, False), None)
     assert traced == counter.get_total_flops() > 0
 
@@ -129,8 +130,10 @@ def test_fake_trace_at_another_size_is_the_real_step(dcp):
                                                 else {"forward", "backward", "optimizer"})
     fake_est, real_est = (roofline.estimate(t, "h100") for t in (fake, real))
     assert [fake_est[k] for k in ("ms", "kernels", "gb")] == [real_est[k] for k in ("ms", "kernels", "gb")]
-    if dcp:  # the selection's one host read
+    if dcp:  # the selection's one host read; the CUDA step's fused BN backward (one per converted layer)
         assert sum(r.cls == "host_read" for r in fake.records) == 1
+        fused = [r for r in fake.records if r.op == "dcp_triton::bn_backward_partials"]
+        assert len(fused) == len(prepared.prop.layers) and all(roofline.kernels_of(r) == 1 for r in fused)
     # ... and the trace at another size is not the same trace scaled: conv FLOPs grow with batch * pixels
     small = roofline.trace_step(prepared, 2, 16)
     conv = [sum(r.flops for r in t.records if r.op.startswith("convolution")) for t in (small, fake)]

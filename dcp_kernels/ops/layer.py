@@ -35,6 +35,7 @@ from ..rule import UtilityUpdates, update_utilities, utility_updates_paused
 from . import (
     CAPACITY_BACKEND,
     _triton_backend,
+    _triton_usable,
     channel_utility,
     gathered_conv2d,
     reference,
@@ -120,6 +121,12 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
         v = channel_utility(a, g, backend=backend)
     else:
         v = reference.channel_utility(a, g, mean=False)
+    _record_utility(v, sink, idx)
+
+
+def _record_utility(v: torch.Tensor, sink: _UtilitySink, idx: torch.Tensor | None) -> None:
+    """The layer's utility vector ``v`` (its channels ``idx``; None: all) into the controller's
+    network-wide update (one scatter), or straight into the utilities without one."""
     row = sink.pending_row(full=idx is None)
     if row is None:
         update_utilities(sink.utility, v, idx, sink.decay, only=sink.slots)
@@ -127,6 +134,39 @@ def _update_utilities(backend: str, a: torch.Tensor, g: torch.Tensor, sink: _Uti
         row.copy_(v)
     else:
         row.index_copy_(0, idx, v)
+
+
+_FUSED_BN_BACKWARD: bool | None = None  # None: on CUDA tensors where Triton runs; True/False: forced
+
+
+def fused_bn_backward_applies(y: torch.Tensor) -> bool:
+    """Whether the ``torch`` backend's BN + gate backward takes Triton's fused BN backward with the
+    utility (:func:`dcp_kernels.ops.triton.batch_norm_backward_with_utility`: one read of the gradient
+    and the conv output for BN's sums and the utility, where ``native_batch_norm_backward`` and the
+    utility's own reduction read them three to four times). On CUDA tensors when Triton is usable;
+    the CPU keeps oneDNN's BN backward and the batched-dot utility (:func:`_affine_channel_utility`).
+    :func:`forced_fused_bn_backward` overrides it (tests under ``TRITON_INTERPRET=1``, and the
+    roofline's trace, which stands for the CUDA step on CPU tensors)."""
+    if _FUSED_BN_BACKWARD is not None:
+        return _FUSED_BN_BACKWARD
+    return y.is_cuda and _triton_usable("cuda")
+
+
+class forced_fused_bn_backward:  # noqa: N801 - used like a function: ``with forced_fused_bn_backward(True):``
+    """Context manager: the ``torch`` backend takes (``True``) or skips (``False``) the fused BN
+    backward whatever the device, restoring the automatic choice after. ``True`` on CPU tensors needs
+    ``TRITON_INTERPRET=1`` (its kernels run in Triton's interpreter)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        global _FUSED_BN_BACKWARD
+        self._before, _FUSED_BN_BACKWARD = _FUSED_BN_BACKWARD, self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        global _FUSED_BN_BACKWARD
+        _FUSED_BN_BACKWARD = self._before
 
 
 @torch.compiler.assume_constant_result  # a settings read, constant within a compiled graph (no graph break)
@@ -268,27 +308,35 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
     tensor, when given) or None; updates the utilities (``sink``)."""
     y_c, w_c, b_c, mean, invstd, slot_scale = saved
     g_c = gather_channels(grad_out, out_idx) if scatter and not full else grad_out
-    grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
-        g_c, y_c, w_c, None, None, mean, invstd, True, eps, [need_y, need_w or need_b, need_w or need_b]
-    )
+    idx = None if full else out_idx
+    fused = backend == "torch" and fused_bn_backward_applies(y_c)
+    if fused:  # BN's backward and the utility from one read of g_c and y_c (see fused_bn_backward_applies)
+        grad_y, both_c, v = _triton_backend().batch_norm_backward_with_utility(
+            g_c, y_c, w_c, b_c, mean, invstd, need_y)
+    else:
+        grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
+            g_c, y_c, w_c, None, None, mean, invstd, True, eps, [need_y, need_w or need_b, need_w or need_b]
+        )
     grad_w = grad_b = None
     if need_w or need_b:
+        if not fused and (slot_scale is not None or not full):  # rows of one tensor: one multiply, one scatter
+            both_c = torch.stack([grad_w_c, grad_b_c])
         if slot_scale is not None:  # capacity widths: the padding slots' affine was zeroed in forward
-            both_c = torch.stack([grad_w_c, grad_b_c]) * slot_scale.to(grad_w_c.dtype)
-            grad_w_c, grad_b_c = both_c[0], both_c[1]
+            both_c = both_c * slot_scale.to(both_c.dtype)
         if full:
-            grad_w, grad_b = grad_w_c, grad_b_c
+            grad_w, grad_b = (grad_w_c, grad_b_c) if not fused and slot_scale is None else (both_c[0], both_c[1])
         else:
-            # One scatter for both parameter gradients (rows of one zero-filled buffer).
-            both = grad_w_c.new_zeros(2, channels) if zeros is None else zeros
-            both.index_copy_(1, out_idx, both_c if slot_scale is not None else torch.stack([grad_w_c, grad_b_c]))
+            both = both_c.new_zeros(2, channels) if zeros is None else zeros
+            both.index_copy_(1, out_idx, both_c)
             grad_w, grad_b = both[0], both[1]
     # The BN output is not saved for the utility (one activation less kept from forward to backward):
     # Triton's reduction applies y * scale + shift on the fly, ``torch`` reduces g * y and g and applies
     # them per (sample, channel) (_affine_channel_utility). The extension's reduction takes the BN
     # output: the forward's own op recomputes it from the same input.
-    idx = None if full else out_idx
-    if backend in ("triton", "torch"):
+    if fused:
+        if not utility_updates_paused():
+            _record_utility(v, sink, idx)
+    elif backend in ("triton", "torch"):
         scale = w_c * invstd
         shift = torch.addcmul(b_c, mean, scale, value=-1)
         _update_utilities(backend, y_c, g_c, sink, idx, scale, shift, mean)

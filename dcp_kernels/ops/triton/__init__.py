@@ -42,6 +42,8 @@ from ..registration import (
 )
 from ._common import interpreting
 from .batch_norm import batch_norm_gate, batch_norm_gate_backward
+from .batch_norm_compact import batch_norm_backward_apply as _bn_apply_kernel
+from .batch_norm_compact import batch_norm_backward_partials as _bn_partials_kernel
 from .depthwise import depthwise_forward, depthwise_grad_input, depthwise_grad_weight
 from .forward import conv_forward
 from .grad_input import conv_grad_input
@@ -230,6 +232,18 @@ conv2d_backward_op = _register("conv2d_backward", _conv2d_backward, fake_conv2d_
 channel_utility_op = _register("channel_utility", _channel_utility, fake_channel_utility)
 
 
+def _fake_bn_partials(grad_out, y, weight, bias, mean, invstd):
+    return y.new_empty(3, y.shape[0], y.shape[1], dtype=torch.float32)
+
+
+def _fake_bn_apply(grad_out, y, weight, mean, invstd, sums):
+    return torch.empty_like(y)
+
+
+bn_backward_partials_op = _register("bn_backward_partials", _bn_partials_kernel, _fake_bn_partials)
+bn_backward_apply_op = _register("bn_backward_apply", _bn_apply_kernel, _fake_bn_apply)
+
+
 register_conv_autograd(conv2d_op, conv2d_backward_op)
 
 
@@ -293,11 +307,26 @@ def update_utility_counted(a: Tensor, g: Tensor, utility: Tensor, kept: tuple[Te
     update_utility_counted_op(a, g, scale, shift, utility, *kept, float(decay))
 
 
+def batch_norm_backward_with_utility(grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                                     invstd: Tensor, need_input_grad: bool = True,
+                                     ) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(grad_y, param_grads, v)`` of training-mode BN over every channel of ``y`` (the compact conv
+    output; ``mean``/``invstd`` the forward's saved statistics): ``param_grads`` is ``(2, C)``, the
+    weight and the bias gradients in ``weight``'s dtype; ``v`` each channel's DCP utility of the BN
+    output ``weight * (y - mean) * invstd + bias`` without the constant ``1 / (N*H*W)`` (float32). Three
+    launches: per-sample partial sums (one read of ``grad_out`` and ``y``), their sum over the batch,
+    the input gradient (a second read and one write; ``grad_y`` None unless ``need_input_grad``).
+    ``grad_y`` has ``y``'s dtype and memory format."""
+    sums = bn_backward_partials_op(grad_out, y, weight, bias, mean, invstd).sum(1)
+    grad_y = bn_backward_apply_op(grad_out, y, weight, mean, invstd, sums) if need_input_grad else None
+    return grad_y, sums[:2].to(weight.dtype), sums[2]
+
+
 def update_utility_from(v: Tensor, utility: Tensor, kept: tuple[Tensor, Tensor], decay: float) -> None:
     """``utility[order[j]] = decay * utility[order[j]] + v[j] / max(v)`` for j < count: the update of a
     utility vector ``v`` already reduced (by :func:`batch_norm_gate_backward`), one launch."""
     _update_kernel(utility, v, kept[0], decay, count=kept[1])
 
 
-__all__ = ["batch_norm_gate", "batch_norm_gate_backward", "channel_utility", "counted_conv2d", "gathered_conv2d",
+__all__ = ["batch_norm_backward_with_utility", "batch_norm_gate", "batch_norm_gate_backward", "channel_utility", "counted_conv2d", "gathered_conv2d",
            "update_utility", "update_utility_counted", "update_utility_from"]

@@ -1,0 +1,129 @@
+"""Training-mode BatchNorm backward of a compact conv output with the DCP utility riding along.
+
+The ``torch`` backend's GPU step (``ops/layer.py``, :func:`~dcp_kernels.ops.layer.fused_bn_backward`)
+uses these instead of ``native_batch_norm_backward`` plus a separate utility reduction: BN's backward
+reads ``g`` and ``y`` for its per-channel sums anyway, and the utility needs the same sums per sample.
+Two kernels, every channel of the (compact) tensors live, any memory format through strides:
+
+* ``_partials_kernel``, one program per (sample, block of channels): ``S2 = sum_hw g * xhat``
+  (``xhat = (y - mean) * invstd``), ``S1 = sum_hw g`` and ``|weight * S2 + bias * S1|`` (``sum_hw g * a``
+  for the BN output ``a = weight * xhat + bias``: the sample's utility term), written as a
+  ``(3, N, C)`` float32 tensor. Summed over the batch by the caller (one ``sum``, fixed order:
+  deterministic) they are BN's weight and bias gradients and the channel's utility. A grid over samples and channels keeps a GPU busy where
+  one program per channel block (``batch_norm.py``'s reduction) would run a handful of programs;
+* ``_apply_kernel``: ``grad_y = weight * invstd * (g - sum S1 / M - xhat * sum S2 / M)``
+  with ``M = N*H*W``, one read of ``g`` and ``y`` and one write, as cuDNN's second BN backward kernel.
+
+Accumulation in float32 whatever the activation dtype (bf16/fp16 are read as they are: no float32
+copy of an activation).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import _single_config
+from .batch_norm import _pixel_offsets
+
+if _single_config():
+    _PARTIAL_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_C": 16}, num_warps=4)]
+    _APPLY_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_C": 16}, num_warps=4)]
+else:
+    _PARTIAL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w)
+                        for m, c, w in ((64, 32, 4), (128, 32, 4), (32, 64, 4), (256, 16, 8))]
+    _APPLY_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w)
+                      for m, c, w in ((64, 32, 4), (128, 32, 4), (64, 64, 4), (256, 16, 8))]
+
+
+@triton.autotune(configs=_PARTIAL_CONFIGS, key=["C", "HW"])
+@triton.jit
+def _partials_kernel(
+    g_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, p_ptr, B, C, HW, W,
+    sgn, sgc, sgh, sgw, syn, syc, syh, syw,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)  # 64-bit offsets: no int32 overflow on large activations
+    chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = chan < C
+    mean = tl.load(mean_ptr + chan, mask=c_ok, other=0.0).to(tl.float32)
+    g_sample = g_ptr + n * sgn
+    y_sample = y_ptr + n * syn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc_gx = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for p0 in range(0, HW, BLOCK_M):
+        offs_p = p0 + tl.arange(0, BLOCK_M)
+        ok = (offs_p < HW)[:, None] & c_ok[None, :]
+        h = offs_p // W
+        w = offs_p % W
+        gv = tl.load(g_sample + (h * sgh + w * sgw)[:, None] + chan[None, :] * sgc, mask=ok, other=0.0)
+        yv = tl.load(y_sample + (h * syh + w * syw)[:, None] + chan[None, :] * syc, mask=ok, other=0.0)
+        gv = gv.to(tl.float32)
+        acc_g += gv
+        acc_gx += gv * (yv.to(tl.float32) - mean[None, :])  # masked lanes: gv = 0
+    invstd = tl.load(invstd_ptr + chan, mask=c_ok, other=0.0).to(tl.float32)
+    s1 = tl.sum(acc_g, axis=0)
+    s2 = tl.sum(acc_gx, axis=0) * invstd
+    weight = tl.load(w_ptr + chan, mask=c_ok, other=0.0).to(tl.float32)
+    bias = tl.load(b_ptr + chan, mask=c_ok, other=0.0).to(tl.float32)
+    row = n * C + chan
+    tl.store(p_ptr + row, s2, mask=c_ok)
+    tl.store(p_ptr + B * C + row, s1, mask=c_ok)
+    tl.store(p_ptr + 2 * B * C + row, tl.abs(weight * s2 + bias * s1), mask=c_ok)
+
+
+@triton.autotune(configs=_APPLY_CONFIGS, key=["M", "C", "HW"])
+@triton.jit
+def _apply_kernel(
+    g_ptr, y_ptr, gy_ptr, w_ptr, mean_ptr, invstd_ptr, sums_ptr,
+    M, C, HW, W, sgn, sgc, sgh, sgw, syn, syc, syh, syw, sdn, sdc, sdh, sdw, inv_m,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    c_ok = chan < C
+    mean = tl.load(mean_ptr + chan, mask=c_ok, other=0.0).to(tl.float32)
+    invstd = tl.load(invstd_ptr + chan, mask=c_ok, other=0.0).to(tl.float32)
+    scale = tl.load(w_ptr + chan, mask=c_ok, other=0.0).to(tl.float32) * invstd
+    mean_gxhat = tl.load(sums_ptr + chan, mask=c_ok, other=0.0) * inv_m
+    mean_g = tl.load(sums_ptr + C + chan, mask=c_ok, other=0.0) * inv_m
+    ok = m_ok[:, None] & c_ok[None, :]
+    gv = tl.load(g_ptr + _pixel_offsets(offs_m, HW, W, sgn, sgh, sgw)[:, None] + chan[None, :] * sgc,
+                 mask=ok, other=0.0).to(tl.float32)
+    yv = tl.load(y_ptr + _pixel_offsets(offs_m, HW, W, syn, syh, syw)[:, None] + chan[None, :] * syc,
+                 mask=ok, other=0.0).to(tl.float32)
+    xhat = (yv - mean[None, :]) * invstd[None, :]
+    grad = scale[None, :] * (gv - mean_g[None, :] - xhat * mean_gxhat[None, :])
+    tl.store(gy_ptr + _pixel_offsets(offs_m, HW, W, sdn, sdh, sdw)[:, None] + chan[None, :] * sdc,
+             grad.to(gy_ptr.dtype.element_ty), mask=ok)
+
+
+def batch_norm_backward_partials(grad_out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                 mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """``(3, N, C)`` float32: per sample and channel ``S2 = sum_hw g * (y - mean) * invstd``,
+    ``S1 = sum_hw g`` and ``|weight * S2 + bias * S1|``. One launch."""
+    n, c, h, w = y.shape
+    partials = torch.empty(3, n, c, dtype=torch.float32, device=y.device)
+    if partials.numel():
+        wrap_triton(_partials_kernel)[lambda meta: (n, triton.cdiv(c, meta["BLOCK_C"]))](
+            grad_out, y, weight, bias, mean, invstd, partials, n, c, h * w, w, *grad_out.stride(), *y.stride(),
+        )
+    return partials
+
+
+def batch_norm_backward_apply(grad_out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                              invstd: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """BN's input gradient from ``sums`` (contiguous ``(2+, C)`` float32: the batch sums of
+    :func:`batch_norm_backward_partials`' first two rows), in ``y``'s dtype and memory format. One
+    launch."""
+    n, c, h, w = y.shape
+    grad_y = torch.empty_like(y)
+    m = n * h * w
+    if grad_y.numel():
+        wrap_triton(_apply_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
+            grad_out, y, grad_y, weight, mean, invstd, sums, m, c, h * w, w,
+            *grad_out.stride(), *y.stride(), *grad_y.stride(), 1.0 / m,
+        )
+    return grad_y
