@@ -214,8 +214,10 @@ class Propagation:
             )
         self.fixed_keep = {g: max(floors[g], keep_count(sizes[g], r)) for g, r in self.group_ratios.items()}
         self.keep = self.keep_free + sum(self.fixed_keep.values())
-        self._rule = SelectionRule(sizes, self.keep_free, floors, [self.fixed_keep.get(g) for g in range(len(sizes))],
-                                   round_to=self.round_to, blocks=self.group_blocks)
+        rule = SelectionRule(sizes, self.keep_free, floors, [self.fixed_keep.get(g) for g in range(len(sizes))],
+                             round_to=self.round_to, blocks=self.group_blocks)
+        if getattr(getattr(self, "_rule", None), "config", None) != rule.config:
+            self._rule = rule  # else the old one: a load_state_dict does not rebuild its device constants
         self._written = None  # what select() last wrote: ("all" | "selected", the masks' versions)
         self._counts: list[int] | None = None  # kept channels per group at that write (host ints)
 

@@ -90,6 +90,9 @@ class SelectionRule:
             raise ValueError(f"cannot keep {self.keep} of {free_total} channels when the per-layer minimums "
                              f"already need {self.free_floor}")
         self.round_to = round_to
+        # What the rule depends on: a rule built with the same (a controller's reloaded state) is
+        # the same rule, and keeps its device constants (see Propagation._set_keep).
+        self.config = (tuple(self.sizes), self.keep, tuple(self.floors), tuple(self.fixed), round_to, tuple(self.blocks))
         self._constants: dict[torch.device, _Constants] = {}
         self._capacity_cache: tuple | None = None  # see _capacity_constants
 
