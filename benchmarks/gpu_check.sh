@@ -20,7 +20,8 @@
 #      its timed rounds; Triton left out: cold compiles would not fit), one JSON each              30 + 30
 #   d. correctness on CUDA: the capacity step vs the reference (VGG, ResNet with residual groups
 #      pruned), the capacity step's CUDA-graph replays vs eager, the torch backend's op grid and
-#      conversions (no Triton)                                                                    50
+#      conversions (no Triton backend; the torch backend's fused BN backward is Triton and runs
+#      in all of these), the fused BN backward's kernels                                         50
 #   e. the extension's CUDA tests, then its op benchmark (ResNet-50 3x3 convs, batch 64, bf16,
 #      keep 0.5, fwd+bwd, NCHW and channels_last)                                                 30 + 2 x 20
 # Not here (run alone when a lease allows): the Triton CUDA tests (tests/test_ops.py,
@@ -64,7 +65,7 @@ done
 
 stage "d. correctness on CUDA" | tee "$out/gpu-tests.txt"
 timeout 50 python3 -m pytest -q -p no:cacheprovider --maxfail=25 \
-  tests/test_capacity.py tests/test_ops.py tests/test_convert.py \
+  tests/test_capacity.py tests/test_ops.py tests/test_convert.py tests/test_fused_bn_backward.py \
   -k "cuda and not extension and not triton" 2>&1 | tail -30 | tee -a "$out/gpu-tests.txt"
 
 wait $build_pid

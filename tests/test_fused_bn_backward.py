@@ -3,7 +3,8 @@
 
 On CUDA tensors the ``torch`` backend takes it instead of ``native_batch_norm_backward`` plus its own
 utility reduction (``ops.layer.fused_bn_backward_applies``); on the CPU it is forced on with
-``forced_fused_bn_backward(True)``. Checked: the kernels against PyTorch's BN backward and a float64
+``forced_fused_bn_backward(True)``. The kernel test runs on CUDA too where a GPU is visible
+(benchmarks/gpu_check.sh, stage d). Checked: the kernels against PyTorch's BN backward and a float64
 utility (NCHW, channels_last, bf16, widths and pixel counts that are not multiples of the blocks),
 and whole selecting steps of converted residual networks (exact and capacity widths) against the
 unfused ``torch`` step.
@@ -18,8 +19,9 @@ from torch import nn
 import dcp_kernels
 from dcp_kernels.ops.layer import forced_fused_bn_backward
 
-pytestmark = pytest.mark.skipif(not dcp_kernels.ops.backends("cpu")["triton"],
-                                reason="runs Triton on CPU tensors: needs Triton and TRITON_INTERPRET=1")
+_ON_CPU = pytest.mark.skipif(not dcp_kernels.ops.backends("cpu")["triton"],
+                             reason="runs Triton on CPU tensors: needs Triton and TRITON_INTERPRET=1")
+_DEVICES = [pytest.param("cpu", marks=_ON_CPU)] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -28,7 +30,8 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float32, True),
                                                  (torch.bfloat16, True)], ids=["fp32", "fp32-cl", "bf16-cl"])
-def test_kernels_equal_batch_norm_backward_and_the_utility(dtype, channels_last):
+@pytest.mark.parametrize("device", _DEVICES)
+def test_kernels_equal_batch_norm_backward_and_the_utility(device, dtype, channels_last):
     """Input, weight and bias gradients equal ``native_batch_norm_backward``'s and the utility equals
     ``sum_b |sum_hw g * BN(y)|`` in float64, for 21 channels (not a multiple of the channel block) and
     5x7 pixels (not a multiple of the pixel block), with a mean 3x the spread. Measured (fp32): 1e-7 to
@@ -38,11 +41,11 @@ def test_kernels_equal_batch_norm_backward_and_the_utility(dtype, channels_last)
     from dcp_kernels.ops import _triton_backend
 
     gen = torch.Generator().manual_seed(0)
-    y = (torch.randn(3, 21, 5, 7, generator=gen) + 3.0).to(dtype)
-    g = torch.randn(3, 21, 5, 7, generator=gen).to(dtype)
+    y = (torch.randn(3, 21, 5, 7, generator=gen) + 3.0).to(device, dtype)
+    g = torch.randn(3, 21, 5, 7, generator=gen).to(device, dtype)
     if channels_last:
         y, g = y.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.rand(21, generator=gen) + 0.5, torch.randn(21, generator=gen)
+    weight, bias = (torch.rand(21, generator=gen) + 0.5).to(device), torch.randn(21, generator=gen).to(device)
     _, mean, invstd = torch.native_batch_norm(y, weight, bias, None, None, True, 0.1, 1e-5)
     grad_y, params, v = _triton_backend().batch_norm_backward_with_utility(g, y, weight, bias, mean, invstd)
     want_y, want_w, want_b = torch.ops.aten.native_batch_norm_backward(
@@ -97,6 +100,7 @@ def _step(model, x, y):
     return loss.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@_ON_CPU
 @pytest.mark.parametrize("static_shapes", [False, True], ids=["exact", "capacity"])
 def test_fused_step_trains_like_the_unfused_torch_step(monkeypatch, static_shapes):
     """Four selecting steps of a residual CNN (residual groups pruned, compact) with the fused BN
@@ -141,6 +145,7 @@ def test_fused_step_trains_like_the_unfused_torch_step(monkeypatch, static_shape
     assert any(not torch.equal(l.utility, torch.zeros_like(l.utility)) for l in fused.layers)
 
 
+@_ON_CPU
 def test_fused_backward_is_taken_only_where_asked(monkeypatch):
     """On CPU tensors the ``torch`` step keeps PyTorch's BN backward unless forced; forced, every
     converted layer with a BatchNorm runs the fused op once per backward."""

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import _single_config
+from ._common import _single_config, bucket
 from .batch_norm import _pixel_offsets
 
 if _single_config():
@@ -37,10 +37,12 @@ else:
                       for m, c, w in ((64, 32, 4), (128, 32, 4), (64, 64, 4), (256, 16, 8))]
 
 
-@triton.autotune(configs=_PARTIAL_CONFIGS, key=["C", "HW"])
-@triton.jit
+# C is the kept width, which moves from step to step under exact widths: the autotuning key holds its
+# power-of-two bucket, and no compiled variant is specialised on it.
+@triton.autotune(configs=_PARTIAL_CONFIGS, key=["C_BUCKET", "HW"])
+@triton.jit(do_not_specialize=["C", "C_BUCKET"])
 def _partials_kernel(
-    g_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, p_ptr, B, C, HW, W,
+    g_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, p_ptr, B, C, C_BUCKET, HW, W,
     sgn, sgc, sgh, sgw, syn, syc, syh, syw,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -73,11 +75,11 @@ def _partials_kernel(
     tl.store(p_ptr + 2 * B * C + row, tl.abs(weight * s2 + bias * s1), mask=c_ok)
 
 
-@triton.autotune(configs=_APPLY_CONFIGS, key=["M", "C", "HW"])
-@triton.jit
+@triton.autotune(configs=_APPLY_CONFIGS, key=["M", "C_BUCKET", "HW"])
+@triton.jit(do_not_specialize=["C", "C_BUCKET"])
 def _apply_kernel(
     g_ptr, y_ptr, gy_ptr, w_ptr, mean_ptr, invstd_ptr, sums_ptr,
-    M, C, HW, W, sgn, sgc, sgh, sgw, syn, syc, syh, syw, sdn, sdc, sdh, sdw, inv_m,
+    M, C, C_BUCKET, HW, W, sgn, sgc, sgh, sgw, syn, syc, syh, syw, sdn, sdc, sdh, sdw, inv_m,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -108,7 +110,8 @@ def batch_norm_backward_partials(grad_out: torch.Tensor, y: torch.Tensor, weight
     partials = torch.empty(3, n, c, dtype=torch.float32, device=y.device)
     if partials.numel():
         wrap_triton(_partials_kernel)[lambda meta: (n, triton.cdiv(c, meta["BLOCK_C"]))](
-            grad_out, y, weight, bias, mean, invstd, partials, n, c, h * w, w, *grad_out.stride(), *y.stride(),
+            grad_out, y, weight, bias, mean, invstd, partials, n, c, bucket(c), h * w, w, *grad_out.stride(),
+            *y.stride(),
         )
     return partials
 
@@ -123,7 +126,7 @@ def batch_norm_backward_apply(grad_out: torch.Tensor, y: torch.Tensor, weight: t
     m = n * h * w
     if grad_y.numel():
         wrap_triton(_apply_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
-            grad_out, y, grad_y, weight, mean, invstd, sums, m, c, h * w, w,
+            grad_out, y, grad_y, weight, mean, invstd, sums, m, c, bucket(c), h * w, w,
             *grad_out.stride(), *y.stride(), *grad_y.stride(), 1.0 / m,
         )
     return grad_y
