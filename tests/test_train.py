@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import dcp_kernels
-from dcp_kernels.train import cli
+from dcp_kernels.train import checkpoints, cli
+from dcp_kernels.train import run as training
 from dcp_kernels.train.data import cifar10_spec, imagefolder_spec, load_digits
 from dcp_kernels.train.recipes import RECIPES
 
@@ -208,14 +209,14 @@ def test_cifar_recipe_runs_on_fake_data(tmp_path):
 
 def _stop_after_checkpoint(monkeypatch, epoch: int, error: type[BaseException]) -> None:
     """Make a run raise ``error`` right after writing the checkpoint of ``epoch``."""
-    real_save = cli._save_atomically
+    real_save = training._save_atomically
 
     def save_then_stop(state, path):
         real_save(state, path)
         if state.get("epoch") == epoch:
             raise error
 
-    monkeypatch.setattr(cli, "_save_atomically", save_then_stop)
+    monkeypatch.setattr(training, "_save_atomically", save_then_stop)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -247,7 +248,7 @@ def test_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     the same weights, utilities, selections and per-epoch metrics as a run never stopped."""
     common = ["--epochs", "2", "--explore-epochs", "1", "--checkpoint-every", "5", *FAST]
     full = cli.run(common + ["--out", str(tmp_path / "full")])
-    real_save = cli._save_atomically
+    real_save = training._save_atomically
     stopped_at = []
 
     class Interrupted(Exception):
@@ -260,7 +261,7 @@ def test_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
             raise Interrupted
 
     with monkeypatch.context() as m:
-        m.setattr(cli, "_save_atomically", save_then_stop)
+        m.setattr(training, "_save_atomically", save_then_stop)
         with pytest.raises(Interrupted):
             cli.run(common + ["--out", str(tmp_path / "resumed")])
     assert stopped_at == [10]  # digits at batch 64: 23 steps per epoch, so mid-epoch
@@ -349,10 +350,10 @@ def test_a_write_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypa
             raise Killed
         real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(cli.torch, "save", die_while_writing)
+    monkeypatch.setattr(training.torch, "save", die_while_writing)
     with pytest.raises(Killed):
         cli.run(common)
-    ckpt = cli._load_checkpoint(str(tmp_path / "checkpoint.pt"), torch.device("cpu"))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "checkpoint.pt"), torch.device("cpu"))
     assert ckpt["epoch"] == 1  # the last whole checkpoint, loadable
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 

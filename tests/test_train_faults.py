@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcp_kernels.train import cli
+from dcp_kernels.train import checkpoints, cli
+from dcp_kernels.train import run as training
 
 FAST = ["--image-size", "8", "--timing-steps", "0", "--no-progress", "--no-plots"]
 # digits at the default batch of 64: 23 steps per epoch (one process), 11 per rank under 2 ranks.
@@ -19,7 +20,7 @@ FAST = ["--image-size", "8", "--timing-steps", "0", "--no-progress", "--no-plots
 def _nan_loss_from(monkeypatch, call: int, until: int | None = None) -> None:
     """Make the training loss NaN on its ``call``-th computation (counted from 1) and after, up to
     ``until`` (inclusive; None: for good)."""
-    real = cli.F.cross_entropy
+    real = training.F.cross_entropy
     calls = [0]
 
     def loss(*args, **kwargs):
@@ -30,7 +31,7 @@ def _nan_loss_from(monkeypatch, call: int, until: int | None = None) -> None:
                 return value * float("nan")
         return value
 
-    monkeypatch.setattr(cli.F, "cross_entropy", loss)
+    monkeypatch.setattr(training.F, "cross_entropy", loss)
 
 
 def _one_line(err: str) -> str:
@@ -49,7 +50,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert "training diverged: the loss is not finite (epoch 2, from step 7)" in line, line
     assert f"{ckpt_path} (epoch 2, step 5): continue with --resume {ckpt_path}" in line, line
     assert "a lower --lr (this run's: 0.05)" in line, line
-    ckpt = cli._load_checkpoint(ckpt_path, torch.device("cpu"))
+    ckpt = checkpoints.load_checkpoint(ckpt_path, torch.device("cpu"))
     assert (ckpt["epoch"], ckpt["within_epoch"]["step"]) == (1, 5)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     # A restart with the same command (torchrun --max-restarts) does not diverge again from there.
@@ -83,7 +84,7 @@ def test_resume_auto_starts_then_continues_where_the_run_stopped(tmp_path, monke
     class Killed(Exception):
         pass
 
-    real_save = cli._save_atomically
+    real_save = training._save_atomically
 
     def save_then_die(state, path):
         real_save(state, path)
@@ -92,7 +93,7 @@ def test_resume_auto_starts_then_continues_where_the_run_stopped(tmp_path, monke
 
     run = tmp_path / "restarted"
     with monkeypatch.context() as m:
-        m.setattr(cli, "_save_atomically", save_then_die)
+        m.setattr(training, "_save_atomically", save_then_die)
         with pytest.raises(Killed):
             cli.run(common + ["--out", str(run)])
     (run / ".checkpoint.pt.99999.tmp").write_bytes(b"half")  # what a SIGKILL during a save leaves

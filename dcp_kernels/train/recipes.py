@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 class Recipe:
     name: str
     data: str                    # "digits" | "cifar10" | "imagefolder"
-    model: str                   # see dcp_kernels.train.cli.build_model
+    model: str                   # see dcp_kernels.train.zoo.build_model
     epochs: int
     milestones: tuple[int, ...]  # lr / 10 and decay + 0.1 at each; decay 1.0 from the last
     batch_size: int
