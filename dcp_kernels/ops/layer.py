@@ -25,6 +25,7 @@ autocast (done once, in ``DCPConv2d.forward``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import torch
@@ -143,13 +144,21 @@ def fused_bn_backward_applies(y: torch.Tensor) -> bool:
     """Whether the ``torch`` backend's BN + gate backward takes Triton's fused BN backward with the
     utility (:func:`dcp_kernels.ops.triton.batch_norm_backward_with_utility`: one read of the gradient
     and the conv output for BN's sums and the utility, where ``native_batch_norm_backward`` and the
-    utility's own reduction read them three to four times). On CUDA tensors when Triton is usable;
-    the CPU keeps oneDNN's BN backward and the batched-dot utility (:func:`_affine_channel_utility`).
+    utility's own reduction read them three to four times). On CUDA tensors of an Ampere or newer GPU
+    when Triton is usable; the CPU keeps oneDNN's BN backward and the batched-dot utility
+    (:func:`_affine_channel_utility`).
     :func:`forced_fused_bn_backward` overrides it (tests under ``TRITON_INTERPRET=1``, and the
     roofline's trace, which stands for the CUDA step on CPU tensors)."""
     if _FUSED_BN_BACKWARD is not None:
         return _FUSED_BN_BACKWARD
-    return y.is_cuda and _triton_usable("cuda")
+    return y.is_cuda and _triton_usable("cuda") and _ampere_or_newer(y.device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _ampere_or_newer(index: int | None) -> bool:
+    """Compute capability 8.0 or newer (the GPUs its kernels target: bf16 loads, and what the tests and
+    the roofline assume); older GPUs keep ``native_batch_norm_backward``."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 class forced_fused_bn_backward:  # noqa: N801 - used like a function: ``with forced_fused_bn_backward(True):``
