@@ -239,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.explore_steps < 0:
+        p.error("--steps and --batch must be >= 1, --explore-steps >= 0")
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:

@@ -117,7 +117,14 @@ def test_host_reads_are_kernels_with_a_note():
     assert all(roofline.kernels_of(r) == 1 and "host read" in r.note for r in reads)
 
 
-@pytest.mark.parametrize("dcp", [False, True], ids=["dense", "dcp-residual-pruned"])
+# The trace takes the CUDA step's fused BN backward where Triton is installed; the real step can run
+# its kernels on CPU tensors only in Triton's interpreter (tests/conftest.py sets it without a GPU).
+_SAME_PATHS = pytest.mark.skipif(dcp_kernels.ops._triton_installed() and not dcp_kernels.ops.triton_interpreting(),
+                                 reason="the real step runs the fused BN backward's Triton kernels on CPU tensors: "
+                                        "needs TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("dcp", [False, pytest.param(True, marks=_SAME_PATHS)], ids=["dense", "dcp-residual-pruned"])
 def test_fake_trace_at_another_size_is_the_real_step(dcp):
     """The estimate's rule: the state made by real steps at batch 2, 16 px; the step at batch 6,
     32 px traced on fake tensors is op for op the step run for real at that size (FLOPs, bytes,
@@ -133,17 +140,18 @@ def test_fake_trace_at_another_size_is_the_real_step(dcp):
     if dcp:  # the selection's one host read; the CUDA step's fused BN backward (one per converted layer)
         assert sum(r.cls == "host_read" for r in fake.records) == 1
         fused = [r for r in fake.records if r.op == "dcp_triton::bn_backward_partials"]
-        assert len(fused) == len(prepared.prop.layers) and all(roofline.kernels_of(r) == 1 for r in fused)
+        expected = len(prepared.prop.layers) if dcp_kernels.ops._triton_installed() else 0
+        assert len(fused) == expected and all(roofline.kernels_of(r) == 1 for r in fused)
     # ... and the trace at another size is not the same trace scaled: conv FLOPs grow with batch * pixels
     small = roofline.trace_step(prepared, 2, 16)
     conv = [sum(r.flops for r in t.records if r.op.startswith("convolution")) for t in (small, fake)]
     assert conv[1] == conv[0] * 3 * 4
 
 
+@_SAME_PATHS
 def test_fake_trace_in_bf16_equals_the_real_step():
     """Under bf16 autocast the fake trace runs the real step's ops with its FLOPs and bytes (the
-    tracer makes the meta kernel's bf16 batch-norm statistics fp32, as the real kernels return them;
-    without that the utility's cast of the mean is missing from the fake trace)."""
+    tracer makes the meta kernel's bf16 batch-norm statistics fp32, as the real kernels return them)."""
     prepared = _prepared(lambda: resnet_cifar(8), dcp=True, prune_residual=True, dtype=torch.bfloat16)
     fake = roofline.trace_step(prepared, 4, 32)
     real = roofline.trace_step(prepared, 4, 32, fake=False)

@@ -25,7 +25,6 @@ autocast (done once, in ``DCPConv2d.forward``).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import torch
@@ -147,18 +146,26 @@ def fused_bn_backward_applies(y: torch.Tensor) -> bool:
     utility's own reduction read them three to four times). On CUDA tensors of an Ampere or newer GPU
     when Triton is usable; the CPU keeps oneDNN's BN backward and the batched-dot utility
     (:func:`_affine_channel_utility`).
-    :func:`forced_fused_bn_backward` overrides it (tests under ``TRITON_INTERPRET=1``, and the
-    roofline's trace, which stands for the CUDA step on CPU tensors)."""
+    float64 keeps PyTorch's (the kernels accumulate in float32). Decided when the backward runs:
+    :func:`forced_fused_bn_backward` overrides it around ``backward()`` (tests under
+    ``TRITON_INTERPRET=1``, and the roofline's trace, which stands for the CUDA step on CPU tensors)."""
     if _FUSED_BN_BACKWARD is not None:
         return _FUSED_BN_BACKWARD
-    return y.is_cuda and _triton_usable("cuda") and _ampere_or_newer(y.device.index)
+    return y.is_cuda and y.dtype in _FUSED_DTYPES and _fused_bn_backward_on_gpu(y.device.index)
 
 
-@functools.lru_cache(maxsize=None)
-def _ampere_or_newer(index: int | None) -> bool:
-    """Compute capability 8.0 or newer (the GPUs its kernels target: bf16 loads, and what the tests and
-    the roofline assume); older GPUs keep ``native_batch_norm_backward``."""
-    return torch.cuda.get_device_capability(index) >= (8, 0)
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GPU_ANSWERS: dict[int | None, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # a fact about the machine: constant within a compiled graph
+def _fused_bn_backward_on_gpu(index: int | None) -> bool:
+    """Triton usable, and compute capability 8.0 or newer (the GPUs the kernels target: bf16 loads;
+    older GPUs keep ``native_batch_norm_backward``). Asked once per device."""
+    answer = _GPU_ANSWERS.get(index)
+    if answer is None:
+        answer = _GPU_ANSWERS[index] = _triton_usable("cuda") and torch.cuda.get_device_capability(index) >= (8, 0)
+    return answer
 
 
 class forced_fused_bn_backward:  # noqa: N801 - used like a function: ``with forced_fused_bn_backward(True):``

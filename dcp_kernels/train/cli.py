@@ -172,7 +172,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
 def train(argv: Sequence[str] | None = None) -> TrainingRun:
     """:func:`run`, returning the whole run (model, controller, summary) for callers in the same process."""
     args = build_parser().parse_args(argv)
-    state = training.build(args, *resolve(args))
+    # Asked first: the answer counts as the extension's "not built" notice, which resolving "auto"
+    # would otherwise give as a warning (before a usage error's one line, too).
+    extension_status = dcp_kernels.ops.extension.status()
+    state = training.build(args, *resolve(args), extension_status)
     training.resume_if_asked(state)
     _announce(state)
     training.start(state)

@@ -82,10 +82,10 @@ class TrainingRun:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not self.args.cuda_graphs)
 
 
-def build(args: argparse.Namespace, recipe: Recipe, hp: dict) -> TrainingRun:
+def build(args: argparse.Namespace, recipe: Recipe, hp: dict, extension_status: str) -> TrainingRun:
     """Check the inputs, load the data, build and convert the model, make the optimizer (``recipe`` and
-    ``hp``: the parsed arguments' recipe and effective hyperparameters, ``cli.resolve``)."""
-    extension_status = dcp_kernels.ops.extension.status()  # printed once per run by the console
+    ``hp``: the parsed arguments' recipe and effective hyperparameters, ``cli.resolve``;
+    ``extension_status``: ``ops.extension.status()``, which the console prints)."""
     if args.data and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: no such directory")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():

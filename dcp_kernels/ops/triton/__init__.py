@@ -319,6 +319,7 @@ def batch_norm_backward_with_utility(grad_out: Tensor, y: Tensor, weight: Tensor
     ``grad_y`` has ``y``'s dtype and memory format."""
     sums = bn_backward_partials_op(grad_out, y, weight, bias, mean, invstd).sum(1)
     grad_y = bn_backward_apply_op(grad_out, y, weight, mean, invstd, sums) if need_input_grad else None
+    # The parameter gradients may be views of ``sums`` (float32 weights): nothing writes them in place.
     return grad_y, sums[:2].to(weight.dtype), sums[2]
 
 

@@ -1,6 +1,6 @@
 """Training-mode BatchNorm backward of a compact conv output with the DCP utility riding along.
 
-The ``torch`` backend's GPU step (``ops/layer.py``, :func:`~dcp_kernels.ops.layer.fused_bn_backward`)
+The ``torch`` backend's GPU step (``ops/layer.py``, :func:`~dcp_kernels.ops.layer.fused_bn_backward_applies`)
 uses these instead of ``native_batch_norm_backward`` plus a separate utility reduction: BN's backward
 reads ``g`` and ``y`` for its per-channel sums anyway, and the utility needs the same sums per sample.
 Two kernels, every channel of the (compact) tensors live, any memory format through strides:
@@ -107,6 +107,8 @@ def batch_norm_backward_partials(grad_out: torch.Tensor, y: torch.Tensor, weight
     """``(3, N, C)`` float32: per sample and channel ``S2 = sum_hw g * (y - mean) * invstd``,
     ``S1 = sum_hw g`` and ``|weight * S2 + bias * S1|``. One launch."""
     n, c, h, w = y.shape
+    # The kernels read the per-channel vectors with unit stride (no copy when they have it).
+    weight, bias, mean, invstd = (t.contiguous() for t in (weight, bias, mean, invstd))
     partials = torch.empty(3, n, c, dtype=torch.float32, device=y.device)
     if partials.numel():
         wrap_triton(_partials_kernel)[lambda meta: (n, triton.cdiv(c, meta["BLOCK_C"]))](
@@ -122,6 +124,7 @@ def batch_norm_backward_apply(grad_out: torch.Tensor, y: torch.Tensor, weight: t
     :func:`batch_norm_backward_partials`' first two rows), in ``y``'s dtype and memory format. One
     launch."""
     n, c, h, w = y.shape
+    weight, mean, invstd, sums = (t.contiguous() for t in (weight, mean, invstd, sums))
     grad_y = torch.empty_like(y)
     m = n * h * w
     if grad_y.numel():
