@@ -67,13 +67,14 @@ COSTS: dict[str, float] = {
     "search_s": 20e-3,
     # Capturing one training step in a CUDA graph again: one eager warm-up step and the capture
     # (about two steps' host time); 100 ms assumed for ResNet-50, 30 ms for the CIFAR networks.
-    "capture_s": {"resnet50": 100e-3, "resnet56": 30e-3, "vgg16": 30e-3},
+    "capture_s": {"resnet50": 100e-3, "resnet56": 30e-3, "vgg16": 30e-3, "tiny-vgg": 30e-3},
 }
 
 NETWORKS = {
     "resnet56": (lambda: resnet_cifar(56), 32),
     "vgg16": (lambda: vgg("vgg16"), 32),
     "resnet50": (None, 64),  # torchvision, imported on use
+    "tiny-vgg": (lambda: vgg([16, "M", 32, 32, "M", 64]), 16),  # for the tests
 }
 
 
