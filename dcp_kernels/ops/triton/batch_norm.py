@@ -66,6 +66,19 @@ def _pixel_offsets(offs_m, HW, W, sn, sh, sw):
     return n * sn + (p // W) * sh + (p % W) * sw
 
 
+@triton.jit
+def _sample_tile(g_sample, y_sample, p0, HW, W, live, chan, sgc, sgh, sgw, syc, syh, syw, BLOCK_M: tl.constexpr):
+    """One sample's (pixels p0.. x channel slots) tiles of ``g`` (float32) and ``y`` (as stored);
+    lanes outside the pixels or the live channels are 0."""
+    offs_p = p0 + tl.arange(0, BLOCK_M)
+    ok = (offs_p < HW)[:, None] & live[None, :]
+    h = offs_p // W
+    w = offs_p % W
+    gv = tl.load(g_sample + (h * sgh + w * sgw)[:, None] + chan[None, :] * sgc, mask=ok, other=0.0)
+    yv = tl.load(y_sample + (h * syh + w * syw)[:, None] + chan[None, :] * syc, mask=ok, other=0.0)
+    return gv.to(tl.float32), yv
+
+
 # restore_value: autotuning runs each configuration on the real arguments; the running statistics it
 # updates in place must come back as they were.
 @triton.autotune(configs=_STATS_CONFIGS, key=["B", "C", "HW"], restore_value=["rm_ptr", "rv_ptr"])
@@ -156,13 +169,7 @@ def _bn_backward_reduce_kernel(
         s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for p0 in range(0, HW, BLOCK_M):
-            offs_p = p0 + tl.arange(0, BLOCK_M)
-            ok = (offs_p < HW)[:, None] & live[None, :]
-            h = offs_p // W
-            w = offs_p % W
-            gv = tl.load(g_sample + (h * sgh + w * sgw)[:, None] + chan[None, :] * sgc, mask=ok, other=0.0)
-            yv = tl.load(y_sample + (h * syh + w * syw)[:, None] + chan[None, :] * syc, mask=ok, other=0.0)
-            gv = gv.to(tl.float32)
+            gv, yv = _sample_tile(g_sample, y_sample, p0, HW, W, live, chan, sgc, sgh, sgw, syc, syh, syw, BLOCK_M)
             xhat = (yv.to(tl.float32) - mean[None, :]) * invstd[None, :]
             s1 += tl.sum(gv, axis=0)
             s2 += tl.sum(gv * xhat, axis=0)

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import _single_config, bucket
-from .batch_norm import _pixel_offsets
+from .batch_norm import _pixel_offsets, _sample_tile
 
 if _single_config():
     _PARTIAL_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_C": 16}, num_warps=4)]
@@ -55,13 +55,7 @@ def _partials_kernel(
     acc_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     acc_gx = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for p0 in range(0, HW, BLOCK_M):
-        offs_p = p0 + tl.arange(0, BLOCK_M)
-        ok = (offs_p < HW)[:, None] & c_ok[None, :]
-        h = offs_p // W
-        w = offs_p % W
-        gv = tl.load(g_sample + (h * sgh + w * sgw)[:, None] + chan[None, :] * sgc, mask=ok, other=0.0)
-        yv = tl.load(y_sample + (h * syh + w * syw)[:, None] + chan[None, :] * syc, mask=ok, other=0.0)
-        gv = gv.to(tl.float32)
+        gv, yv = _sample_tile(g_sample, y_sample, p0, HW, W, c_ok, chan, sgc, sgh, sgw, syc, syh, syw, BLOCK_M)
         acc_g += gv
         acc_gx += gv * (yv.to(tl.float32) - mean[None, :])  # masked lanes: gv = 0
     invstd = tl.load(invstd_ptr + chan, mask=c_ok, other=0.0).to(tl.float32)
