@@ -327,24 +327,24 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
     idx = None if full else out_idx
     fused = backend == "torch" and fused_bn_backward_applies(y_c)
     if fused:  # BN's backward and the utility from one read of g_c and y_c (see fused_bn_backward_applies)
-        grad_y, both_c, v = _triton_backend().batch_norm_backward_with_utility(
+        grad_y, rows, v = _triton_backend().batch_norm_backward_with_utility(
             g_c, y_c, w_c, b_c, mean, invstd, need_y)
     else:
-        grad_y, grad_w_c, grad_b_c = torch.ops.aten.native_batch_norm_backward(
+        grad_y, *rows = torch.ops.aten.native_batch_norm_backward(
             g_c, y_c, w_c, None, None, mean, invstd, True, eps, [need_y, need_w or need_b, need_w or need_b]
         )
     grad_w = grad_b = None
     if need_w or need_b:
-        if not fused and (slot_scale is not None or not full):  # rows of one tensor: one multiply, one scatter
-            both_c = torch.stack([grad_w_c, grad_b_c])
+        # rows: the weight and bias gradients, made one tensor where they are multiplied or scattered
+        # (one launch for both).
         if slot_scale is not None:  # capacity widths: the padding slots' affine was zeroed in forward
-            both_c = both_c * slot_scale.to(both_c.dtype)
-        if full:
-            grad_w, grad_b = (grad_w_c, grad_b_c) if not fused and slot_scale is None else (both_c[0], both_c[1])
-        else:
-            both = both_c.new_zeros(2, channels) if zeros is None else zeros
-            both.index_copy_(1, out_idx, both_c)
-            grad_w, grad_b = both[0], both[1]
+            rows = _stacked(rows)
+            rows = rows * slot_scale.to(rows.dtype)
+        if not full:
+            rows = _stacked(rows)
+            both = rows.new_zeros(2, channels) if zeros is None else zeros
+            rows = both.index_copy_(1, out_idx, rows)
+        grad_w, grad_b = rows[0], rows[1]
     # The BN output is not saved for the utility (one activation less kept from forward to backward):
     # Triton's reduction applies y * scale + shift on the fly, ``torch`` reduces g * y and g and applies
     # them per (sample, channel) (_affine_channel_utility). The extension's reduction takes the BN
@@ -360,6 +360,10 @@ def _bn_gate_backward(grad_out, saved, out_idx, channels, scatter, full, eps, ba
         a_c = torch.native_batch_norm(y_c, w_c, b_c, None, None, True, 0.0, eps)[0]
         _update_utilities(backend, a_c, g_c, sink, idx)
     return grad_y, (grad_w if need_w else None), (grad_b if need_b else None)
+
+
+def _stacked(rows: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    return rows if isinstance(rows, torch.Tensor) else torch.stack(rows)
 
 
 class _CompactBatchNormGate(torch.autograd.Function):

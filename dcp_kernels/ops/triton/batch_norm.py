@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import _single_config
+from ._common import _single_config, bucket
 
 # Channel blocks of 16-32 and pixel tiles of 64-256: the reductions stream N*H*W per channel block.
 if _single_config():
@@ -48,14 +48,17 @@ def _channel_block(idx_ptr, count_ptr, C, B, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _pixel_channel_tile(idx_ptr, count_ptr, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pixel_channel_tile(idx_ptr, count_ptr, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        INDEXED: tl.constexpr = True):
     """An elementwise program's (pixels x channel slots) tile: (pixels, pixel in range, slot in
-    range, kept, channel index)."""
+    range, kept, channel index). ``INDEXED`` False: compact tensors, slot j is channel j and every
+    slot in range is kept (``idx_ptr``/``count_ptr`` unread)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_store = slot < C
-    chan = tl.load(idx_ptr + slot, mask=c_store, other=0)
-    return offs_m, offs_m < M, c_store, slot < tl.load(count_ptr), chan
+    if INDEXED:
+        return offs_m, offs_m < M, c_store, slot < tl.load(count_ptr), tl.load(idx_ptr + slot, mask=c_store, other=0)
+    return offs_m, offs_m < M, c_store, c_store, slot
 
 
 @triton.jit
@@ -186,14 +189,17 @@ def _bn_backward_reduce_kernel(
         tl.store(v_ptr + slot, utility * inv_count, mask=c_store)
 
 
-@triton.autotune(configs=_APPLY_CONFIGS, key=["M", "C", "HW"])
-@triton.jit
+# Also the torch backend's fused BN backward on compact tensors (INDEXED False, batch_norm_compact.py),
+# whose width C moves from step to step: the autotuning key holds its power-of-two bucket, and no
+# compiled variant is specialised on it.
+@triton.autotune(configs=_APPLY_CONFIGS, key=["M", "C_BUCKET", "HW"])
+@triton.jit(do_not_specialize=["C", "C_BUCKET"])
 def _bn_backward_apply_kernel(
     g_ptr, y_ptr, gy_ptr, idx_ptr, count_ptr, w_ptr, mean_ptr, invstd_ptr, gw_ptr, gb_ptr,
-    M, C, HW, W, sgn, sgc, sgh, sgw, syn, syc, syh, syw, sdn, sdc, sdh, sdw, inv_m,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    M, C, C_BUCKET, HW, W, sgn, sgc, sgh, sgw, syn, syc, syh, syw, sdn, sdc, sdh, sdw, inv_m,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INDEXED: tl.constexpr,
 ):
-    offs_m, m_ok, c_store, live, chan = _pixel_channel_tile(idx_ptr, count_ptr, M, C, BLOCK_M, BLOCK_C)
+    offs_m, m_ok, c_store, live, chan = _pixel_channel_tile(idx_ptr, count_ptr, M, C, BLOCK_M, BLOCK_C, INDEXED)
     mean = tl.load(mean_ptr + chan, mask=live, other=0.0)
     invstd = tl.load(invstd_ptr + chan, mask=live, other=0.0)
     scale = tl.load(w_ptr + chan, mask=live, other=0.0).to(tl.float32) * invstd
@@ -262,7 +268,7 @@ def batch_norm_gate_backward(
     grad_y = torch.empty_like(y)
     wrap_triton(_bn_backward_apply_kernel)[
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
-        grad_out, y, grad_y, order, count, weight, mean, invstd, grad_w, grad_b, m, c, h * w, w,
-        *grad_out.stride(), *y.stride(), *grad_y.stride(), 1.0 / m,
+        grad_out, y, grad_y, order, count, weight, mean, invstd, grad_w, grad_b, m, c, bucket(c), h * w, w,
+        *grad_out.stride(), *y.stride(), *grad_y.stride(), 1.0 / m, INDEXED=True,
     )
     return grad_y, grad_w, grad_b, v

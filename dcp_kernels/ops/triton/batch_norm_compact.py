@@ -9,10 +9,12 @@ Two kernels, every channel of the (compact) tensors live, any memory format thro
   (``xhat = (y - mean) * invstd``), ``S1 = sum_hw g`` and ``|weight * S2 + bias * S1|`` (``sum_hw g * a``
   for the BN output ``a = weight * xhat + bias``: the sample's utility term), written as a
   ``(3, N, C)`` float32 tensor. Summed over the batch by the caller (one ``sum``, fixed order:
-  deterministic) they are BN's weight and bias gradients and the channel's utility. A grid over samples and channels keeps a GPU busy where
-  one program per channel block (``batch_norm.py``'s reduction) would run a handful of programs;
-* ``_apply_kernel``: ``grad_y = weight * invstd * (g - sum S1 / M - xhat * sum S2 / M)``
-  with ``M = N*H*W``, one read of ``g`` and ``y`` and one write, as cuDNN's second BN backward kernel.
+  deterministic) they are BN's weight and bias gradients and the channel's utility. A grid over
+  samples and channels keeps a GPU busy where one program per channel block (``batch_norm.py``'s
+  reduction) would run a handful of programs;
+* then the input gradient ``grad_y = weight * invstd * (g - sum S1 / M - xhat * sum S2 / M)`` with
+  ``M = N*H*W``, one read of ``g`` and ``y`` and one write, as cuDNN's second BN backward kernel: the
+  static step's kernel (``batch_norm.py``) with every channel of the compact tensors kept.
 
 Accumulation in float32 whatever the activation dtype (bf16/fp16 are read as they are: no float32
 copy of an activation).
@@ -25,16 +27,13 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import _single_config, bucket
-from .batch_norm import _pixel_offsets, _sample_tile
+from .batch_norm import _bn_backward_apply_kernel, _sample_tile
 
 if _single_config():
     _PARTIAL_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_C": 16}, num_warps=4)]
-    _APPLY_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_C": 16}, num_warps=4)]
 else:
     _PARTIAL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w)
                         for m, c, w in ((64, 32, 4), (128, 32, 4), (32, 64, 4), (256, 16, 8))]
-    _APPLY_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w)
-                      for m, c, w in ((64, 32, 4), (128, 32, 4), (64, 64, 4), (256, 16, 8))]
 
 
 # C is the kept width, which moves from step to step under exact widths: the autotuning key holds its
@@ -69,33 +68,6 @@ def _partials_kernel(
     tl.store(p_ptr + 2 * B * C + row, tl.abs(weight * s2 + bias * s1), mask=c_ok)
 
 
-@triton.autotune(configs=_APPLY_CONFIGS, key=["M", "C_BUCKET", "HW"])
-@triton.jit(do_not_specialize=["C", "C_BUCKET"])
-def _apply_kernel(
-    g_ptr, y_ptr, gy_ptr, w_ptr, mean_ptr, invstd_ptr, sums_ptr,
-    M, C, C_BUCKET, HW, W, sgn, sgc, sgh, sgw, syn, syc, syh, syw, sdn, sdc, sdh, sdw, inv_m,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    chan = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = chan < C
-    mean = tl.load(mean_ptr + chan, mask=c_ok, other=0.0).to(tl.float32)
-    invstd = tl.load(invstd_ptr + chan, mask=c_ok, other=0.0).to(tl.float32)
-    scale = tl.load(w_ptr + chan, mask=c_ok, other=0.0).to(tl.float32) * invstd
-    mean_gxhat = tl.load(sums_ptr + chan, mask=c_ok, other=0.0) * inv_m
-    mean_g = tl.load(sums_ptr + C + chan, mask=c_ok, other=0.0) * inv_m
-    ok = m_ok[:, None] & c_ok[None, :]
-    gv = tl.load(g_ptr + _pixel_offsets(offs_m, HW, W, sgn, sgh, sgw)[:, None] + chan[None, :] * sgc,
-                 mask=ok, other=0.0).to(tl.float32)
-    yv = tl.load(y_ptr + _pixel_offsets(offs_m, HW, W, syn, syh, syw)[:, None] + chan[None, :] * syc,
-                 mask=ok, other=0.0).to(tl.float32)
-    xhat = (yv - mean[None, :]) * invstd[None, :]
-    grad = scale[None, :] * (gv - mean_g[None, :] - xhat * mean_gxhat[None, :])
-    tl.store(gy_ptr + _pixel_offsets(offs_m, HW, W, sdn, sdh, sdw)[:, None] + chan[None, :] * sdc,
-             grad.to(gy_ptr.dtype.element_ty), mask=ok)
-
-
 def batch_norm_backward_partials(grad_out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                  mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
     """``(3, N, C)`` float32: per sample and channel ``S2 = sum_hw g * (y - mean) * invstd``,
@@ -121,9 +93,10 @@ def batch_norm_backward_apply(grad_out: torch.Tensor, y: torch.Tensor, weight: t
     weight, mean, invstd, sums = (t.contiguous() for t in (weight, mean, invstd, sums))
     grad_y = torch.empty_like(y)
     m = n * h * w
-    if grad_y.numel():
-        wrap_triton(_apply_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
-            grad_out, y, grad_y, weight, mean, invstd, sums, m, c, bucket(c), h * w, w,
-            *grad_out.stride(), *y.stride(), *grad_y.stride(), 1.0 / m,
+    if grad_y.numel():  # sums[0], sums[1]: the weight and bias gradients' sums the kernel reads
+        wrap_triton(_bn_backward_apply_kernel)[
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))](
+            grad_out, y, grad_y, sums, sums, weight, mean, invstd, sums[0], sums[1], m, c, bucket(c), h * w, w,
+            *grad_out.stride(), *y.stride(), *grad_y.stride(), 1.0 / m, INDEXED=False,
         )
     return grad_y
