@@ -30,6 +30,7 @@ def _compile_all() -> list[str]:
 
     from dcp_kernels.ops.triton import (
         batch_norm,
+        batch_norm_compact,
         depthwise,
         forward,
         grad_input,
@@ -77,7 +78,10 @@ def _compile_all() -> list[str]:
         ("bn_apply", batch_norm._bn_apply_kernel, tiles),
         ("bn_backward_reduce", batch_norm._bn_backward_reduce_kernel, dict(tiles, V_BY_CHANNEL=True)),
         ("bn_backward_reduce_slots", batch_norm._bn_backward_reduce_kernel, dict(tiles, V_BY_CHANNEL=False)),
-        ("bn_backward_apply", batch_norm._bn_backward_apply_kernel, tiles),
+        ("bn_backward_apply", batch_norm._bn_backward_apply_kernel, dict(tiles, INDEXED=True)),
+        # The torch backend's fused BN backward on compact tensors (CUDA).
+        ("bn_backward_partials", batch_norm_compact._partials_kernel, tiles),
+        ("bn_backward_apply_compact", batch_norm._bn_backward_apply_kernel, dict(tiles, INDEXED=False)),
     ):
         assert compile_for_hopper(kernel, constants) > 0, name
         done.append(name)
@@ -91,7 +95,8 @@ def test_every_kernel_compiles_for_sm90_in_both_modes():
     assert result.stdout.split() == [f"{name}{suffix}" for suffix in ("", "-counted") for name in (
         "forward", "grad_input", "grad_weight", "depthwise_forward", "depthwise_grad_input",
         "depthwise_grad_weight", "channel_utility", "utility_update")] + [
-        "bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_reduce_slots", "bn_backward_apply"]
+        "bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_reduce_slots", "bn_backward_apply",
+        "bn_backward_partials", "bn_backward_apply_compact"]
 
 
 if __name__ == "__main__":

@@ -49,16 +49,20 @@ def _channel_block(idx_ptr, count_ptr, C, B, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _pixel_channel_tile(idx_ptr, count_ptr, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                        INDEXED: tl.constexpr = True):
+                        INDEXED: tl.constexpr):
     """An elementwise program's (pixels x channel slots) tile: (pixels, pixel in range, slot in
     range, kept, channel index). ``INDEXED`` False: compact tensors, slot j is channel j and every
     slot in range is kept (``idx_ptr``/``count_ptr`` unread)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_store = slot < C
-    if INDEXED:
-        return offs_m, offs_m < M, c_store, slot < tl.load(count_ptr), tl.load(idx_ptr + slot, mask=c_store, other=0)
-    return offs_m, offs_m < M, c_store, c_store, slot
+    if INDEXED:  # one return statement: Triton checks every return for one type
+        live = slot < tl.load(count_ptr)
+        chan = tl.load(idx_ptr + slot, mask=c_store, other=0)
+    else:
+        live = c_store
+        chan = slot.to(tl.int64)
+    return offs_m, offs_m < M, c_store, live, chan
 
 
 @triton.jit
@@ -139,7 +143,7 @@ def _bn_apply_kernel(
     M, C, HW, W, syn, syc, syh, syw, son, soc, soh, sow,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    offs_m, m_ok, c_store, live, chan = _pixel_channel_tile(idx_ptr, count_ptr, M, C, BLOCK_M, BLOCK_C)
+    offs_m, m_ok, c_store, live, chan = _pixel_channel_tile(idx_ptr, count_ptr, M, C, BLOCK_M, BLOCK_C, True)
     scale = tl.load(w_ptr + chan, mask=live, other=0.0).to(tl.float32) * tl.load(invstd_ptr + chan, mask=live,
                                                                                  other=0.0)
     shift = tl.load(b_ptr + chan, mask=live, other=0.0).to(tl.float32) - tl.load(mean_ptr + chan, mask=live,
