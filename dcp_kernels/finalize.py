@@ -28,10 +28,16 @@ def _plain_conv(layer: DCPConv2d, in_keep: torch.Tensor | None, out_keep: torch.
     """A plain ``nn.Conv2d`` holding the kept rows/columns of ``layer``'s weight. For a depthwise
     conv ``in_keep`` and ``out_keep`` are the same channels (channel c reads only channel c); a
     grouped conv stays grouped (same ``groups``), each kept output keeping the columns of the kept
-    inputs of its own group."""
+    inputs of its own group. A conv subclass with its own forward (:attr:`DCPConv2d.own_forward`)
+    stays of its class when its forward only pads; a weight-transforming one becomes an
+    ``nn.Conv2d`` holding the kept block of its transformed weight."""
     depthwise = layer.depthwise
     if depthwise and in_keep is not None and out_keep is not None and not torch.equal(in_keep, out_keep):
         raise ValueError(f"{layer}: a depthwise conv keeps the same input and output channels")
+    own = layer.own_forward
+    if own is not None and in_keep is None and out_keep is None:
+        return own.copy_with(layer, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
+                             layer.groups, share=True)
     if in_keep is None and out_keep is None:
         # Nothing cut: keep the (copied) Parameter objects themselves, so parameters tied between
         # layers stay tied in the finalized model.
@@ -40,8 +46,14 @@ def _plain_conv(layer: DCPConv2d, in_keep: torch.Tensor | None, out_keep: torch.
         conv.weight, conv.bias = layer.weight, layer.bias
         conv.train(layer.training)
         return conv
-    weight = layer.weight.detach()
-    bias = None if layer.bias is None else layer.bias.detach()
+    if own is not None and own.transforms_weight:
+        # Weight standardization is over all of a filter's inputs: the kept block of the transformed
+        # weight is baked into an ordinary conv (the same outputs; the transform itself cannot be
+        # kept, as standardizing the kept block alone gives other weights).
+        weight, bias = own.weight_and_bias(layer)
+    else:
+        weight = layer.weight.detach()
+        bias = None if layer.bias is None else layer.bias.detach()
     if out_keep is not None:
         weight = weight.index_select(0, out_keep)
         bias = None if bias is None else bias.index_select(0, out_keep)
@@ -57,16 +69,19 @@ def _plain_conv(layer: DCPConv2d, in_keep: torch.Tensor | None, out_keep: torch.
         weight = weight.index_select(1, in_keep)
     if depthwise:
         groups = weight.shape[0]
-    conv = nn.Conv2d(
-        weight.shape[1] * groups, weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
-        layer.dilation, groups, bias is not None, layer.padding_mode,
-        device=weight.device, dtype=weight.dtype,
-    )
-    with torch.no_grad():
-        conv.weight.copy_(weight)
-        if bias is not None:
-            conv.bias.copy_(bias)
-    conv.weight.requires_grad_(layer.weight.requires_grad)
+    if own is not None and not own.transforms_weight:  # run-time padding: keep the module's class and forward
+        conv = own.copy_with(layer, weight, bias, groups)
+    else:
+        conv = nn.Conv2d(
+            weight.shape[1] * groups, weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation, groups, bias is not None, layer.padding_mode,
+            device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        conv.weight.requires_grad_(layer.weight.requires_grad)
     if layer.weight.dim() == 4 and not layer.weight.is_contiguous() and layer.weight.is_contiguous(
             memory_format=torch.channels_last):
         # Keep the trained weights' memory format: a channels_last model stays one (cuDNN's fast

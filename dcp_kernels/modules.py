@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .conv_forward import OwnForward, explicit_padding, has_own_forward, understand
 from .graph.optable import is_depthwise
 from .ops.compact import block_rows, selects_all
 from .ops.layer import Slots, _all_channels, _all_kept, counted_layer_step, layer_step
@@ -245,9 +246,19 @@ class DCPConv2d(nn.Conv2d):
         backend: str = "auto",
         name: str | None = None,
     ) -> DCPConv2d:
-        """Wrap an existing conv (and the BN after it); the same Parameter objects are reused."""
+        """Wrap an existing conv (and the BN after it); the same Parameter objects are reused.
+
+        A subclass with its own ``forward`` (weight standardization, run-time 'SAME' padding) keeps it:
+        the layer convolves the operands that forward would (:mod:`dcp_kernels.conv_forward`), and the
+        subclass's other tensors (a gain) are registered on the layer under their own names."""
         if not isinstance(conv, nn.Conv2d) or isinstance(conv, DCPConv2d):
-            raise TypeError(f"from_modules expects a plain nn.Conv2d, got {type(conv).__name__}")
+            raise TypeError(f"from_modules expects an nn.Conv2d, got {type(conv).__name__}")
+        own = None
+        if has_own_forward(conv):
+            why = understand(conv)
+            if why is not None:
+                raise TypeError(f"from_modules: {why}")
+            own = OwnForward(conv)
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
@@ -255,8 +266,22 @@ class DCPConv2d(nn.Conv2d):
         )
         layer.weight = conv.weight
         layer.bias = conv.bias
+        if own is not None:
+            for name, param in conv._parameters.items():
+                if name not in ("weight", "bias"):
+                    layer.register_parameter(name, param)
+            for name, buf in conv._buffers.items():
+                layer.register_buffer(name, buf, persistent=name not in conv._non_persistent_buffers_set)
+            for name, child in conv._modules.items():
+                layer.add_module(name, child)
+            layer.__dict__["_own_forward"] = own
         layer.train(conv.training)
         return layer
+
+    @property
+    def own_forward(self) -> OwnForward | None:
+        """The original conv subclass's forward this layer runs (None: ``nn.Conv2d``'s)."""
+        return self.__dict__.get("_own_forward")
 
     def _label(self) -> str:
         return f"DCPConv2d {self.dcp_name!r}" if self.dcp_name else "DCPConv2d"
@@ -416,18 +441,18 @@ class DCPConv2d(nn.Conv2d):
         source = self.input_source
         in_idx = source.selected_indices() if source is not None else None
         x_compact = self._check_input(x, in_idx)
-        x, padding = self._explicit_padding(x)
+        x, weight, bias, padding = self._conv_operands(x)
         out_idx = self.selected_indices() if self.prunable else None
         # Capacity widths: fixed-length index vectors padded with unselected channels, run on ATen.
         in_scale = source.slot_scale() if source is not None else None
         slots = self.slot_state() if self.prunable else None
         if in_idx is None and out_idx is None:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            y = F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
             self.last_output_hw = (y.shape[2], y.shape[3])
             return y if self.norm is None else self.norm(y)
         backend = (ops.CAPACITY_BACKEND if (in_scale is not None or slots is not None)
                    else ops.resolve_backend(self.backend, x.device))
-        ops.check_groups_supported(backend, self.groups, self.weight, self._label())
+        ops.check_groups_supported(backend, self.groups, weight, self._label())
         if not ops.REGISTRY[backend].dense_ops and torch.is_autocast_enabled(x.device.type):
             # Autocast does not look inside custom autograd Functions: cast here what it would cast
             # for a conv (input, weight, bias), then run the compact path with autocast off.
@@ -436,27 +461,34 @@ class DCPConv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):
                 return layer_step(
-                    self, x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype),
+                    self, x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                     padding, in_idx, out_idx, x_compact, backend, in_scale, slots,
                 )
-        return layer_step(self, x, self.weight, self.bias, padding, in_idx, out_idx, x_compact, backend, in_scale,
-                          slots)
+        return layer_step(self, x, weight, bias, padding, in_idx, out_idx, x_compact, backend, in_scale, slots)
 
-    def _explicit_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """``x`` and the conv's integer padding: 'same'/'valid' and non-zero padding modes are padded
-        explicitly here (then the conv runs unpadded)."""
+    def _conv_operands(
+        self, x: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """What the conv convolves: the input, weight, bias and integer padding. 'same'/'valid' and
+        non-zero padding modes are padded explicitly here (then the conv runs unpadded); a subclass's
+        own forward gives its padded input and transformed weight (:attr:`own_forward`)."""
+        own = self.own_forward
+        if own is not None:
+            call = own.call(self, x)
+            x, padding = explicit_padding(call, self)
+            return x, call.weight, call.bias, padding
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            return F.pad(x, self._reversed_padding_repeated_twice, mode=mode), (0, 0)
-        return x, self.padding
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=mode), self.weight, self.bias, (0, 0)
+        return x, self.weight, self.bias, self.padding
 
     def _static_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The static-shape step: full-width input and output, the selection read on the device."""
         self._check_input(x, None)
-        x, padding = self._explicit_padding(x)
+        x, weight, bias, padding = self._conv_operands(x)
         source = self.input_source
         if source is None and not self.prunable:  # a dense layer: nothing to skip, nothing selected
-            y = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            y = F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
             self.last_output_hw = (y.shape[2], y.shape[3])
             return y if self.norm is None else self.norm(y)
         in_kept = source.kept() if source is not None else _all_kept(self.in_channels, x.device)
@@ -464,8 +496,7 @@ class DCPConv2d(nn.Conv2d):
         if ops.REGISTRY[backend].static_shapes != "full width":
             raise RuntimeError(f"{self._label()}: full-width static shapes need backend 'triton' (this layer resolves "
                                f"to {backend!r}); call prop.set_backend('triton') or leave static_shapes off")
-        ops.check_groups_supported(backend, self.groups, self.weight, self._label())
-        weight, bias = self.weight, self.bias
+        ops.check_groups_supported(backend, self.groups, weight, self._label())
         if torch.is_autocast_enabled(x.device.type):
             # As in forward(): cast what autocast would cast for a conv, then run with it off.
             dtype = torch.get_autocast_dtype(x.device.type)

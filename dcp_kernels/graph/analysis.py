@@ -54,7 +54,9 @@ from .optable import (
     _is_batch_flatten,
     _is_shape_query,
     _shape,
+    _pads_spatially,
     _stochastic_depth_functions,
+    conv_refusal,
     is_depthwise,
     is_norm_like,
     registered_kind,
@@ -292,9 +294,10 @@ class _Analyzer:
                           "follow on that dimension")
             return None
         if isinstance(mod, nn.Conv2d):
-            if type(mod) is not nn.Conv2d:
-                self.block(x, f"read by {name!r} ({type(mod).__name__}), a conv subclass DCP does not know")
-                return self.produced(node, mod, blocked=f"{type(mod).__name__} is not a plain nn.Conv2d")
+            refusal = conv_refusal(mod)
+            if refusal is not None:
+                self.block(x, f"read by {name!r}: {refusal}")
+                return self.produced(node, mod, blocked=refusal)
             if not is_depthwise(mod):
                 self.read(node, name, x, "conv", groups=mod.groups)
                 return self.produced(node, mod)
@@ -339,7 +342,7 @@ class _Analyzer:
         if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
             return None
         conv = self.modules.get(producer.target)
-        if not (type(conv) is nn.Conv2d and not is_depthwise(conv) and producer.target in self.out_space):
+        if not (supported_conv(conv) and not is_depthwise(conv) and producer.target in self.out_space):
             return None
         if len(producer.users) != 1 or type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
             return None
@@ -421,6 +424,9 @@ class _Analyzer:
                                         "'per_channel')")
                 return None
             if target in self.stochastic_depth:  # times a per-sample scalar: any width
+                return x
+            if target is F.pad and _pads_spatially(node.args, node.kwargs) and _shape(node) is not None \
+                    and len(_shape(node)) == 4:
                 return x
             if target is torch.flatten:
                 if x is not None and _flatten_from_dim1(node.args[1:], node.kwargs):

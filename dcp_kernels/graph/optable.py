@@ -21,6 +21,8 @@ _ELEMENTWISE_MODULES = (
     nn.Tanh, nn.Hardtanh, nn.Sigmoid, nn.Hardsigmoid, nn.LogSigmoid, nn.Softplus, nn.Softsign,
     nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    # Spatial padding (of H and W: channels are dim 1 of the 4-D tensors these modules pad).
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d,
 )
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
@@ -32,7 +34,8 @@ _ELEMENTWISE_FUNCTIONS = {
 # produced by a Linear) pass only these (no pooling, no Dropout2d: they read dims 1 to 3 as N, C, H, W).
 _POINTWISE_MODULES = tuple(m for m in _ELEMENTWISE_MODULES if m not in (
     nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d))
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
+    nn.ReplicationPad2d, nn.CircularPad2d))
 _POINTWISE_FUNCTIONS = _ELEMENTWISE_FUNCTIONS - {
     F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
 _ELEMENTWISE_METHODS = {
@@ -45,6 +48,12 @@ _PRODUCTS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, t
 _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 _SUM_METHODS = {"add", "add_", "sub", "sub_"}
 _PRODUCT_METHODS = {"mul", "mul_", "div", "div_"}
+
+
+def _pads_spatially(args, kwargs) -> bool:
+    """``F.pad`` of a 4-D tensor's H and W only (at most 4 pad values): channel-wise."""
+    pad = args[1] if len(args) > 1 else kwargs.get("pad")
+    return isinstance(pad, (tuple, list)) and len(pad) <= 4
 
 
 def _stochastic_depth_functions() -> set:
@@ -123,14 +132,25 @@ def is_norm_like(module: nn.Module) -> bool:
 
 
 def traced_as_one_call(module: nn.Module) -> bool:
-    """Modules the trace calls as a whole (fx leaves) beyond torch.nn's own: norm layers however
-    written, and every registered type."""
-    return is_norm_like(module) or registered_kind(module) is not None
+    """Modules the trace calls as a whole (fx leaves) beyond torch.nn's own: convs and norm layers
+    however written, and every registered type."""
+    return isinstance(module, nn.Conv2d) or is_norm_like(module) or registered_kind(module) is not None
+
+
+def conv_refusal(module: nn.Conv2d) -> str | None:
+    """Why ``DCPConv2d`` cannot stand in for this conv (None: it can). Plain ``nn.Conv2d`` of any
+    ``groups`` and subclasses that keep its forward can; a subclass with its own forward can when
+    that forward is padding and a weight transform around one conv2d (:mod:`dcp_kernels.conv_forward`)."""
+    from ..conv_forward import has_own_forward, understand  # runtime code; the graph package stays below it
+
+    if not has_own_forward(module):
+        return None
+    return understand(module)
 
 
 def supported_conv(module: nn.Module) -> bool:
-    """Convs ``DCPConv2d`` can stand in for: plain ``nn.Conv2d`` of any ``groups``."""
-    return type(module) is nn.Conv2d
+    """Convs ``DCPConv2d`` can stand in for (:func:`conv_refusal`)."""
+    return isinstance(module, nn.Conv2d) and conv_refusal(module) is None
 
 
 def is_depthwise(conv: nn.Conv2d) -> bool:

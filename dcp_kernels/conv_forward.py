@@ -1,0 +1,232 @@
+"""Convs that are ``nn.Conv2d`` subclasses with their own ``forward``.
+
+Zoos write convs that transform their weight (weight standardization: timm ``StdConv2d`` and
+``ScaledStdConv2d``, ``transformers``' BiT ``WeightStandardizedConv2d``) or pad their input at run
+time (TensorFlow's 'SAME': timm ``Conv2dSame``, ``DynamicPad2d``) before one ``F.conv2d``.
+:class:`OwnForward` runs such a module's own ``forward`` up to that call and takes its operands
+(the padded input, the transformed weight and bias, the padding), so DCP convolves exactly what the
+module would, with channels skipped:
+
+- A weight transform is applied to the **full** weight, then the kept block is gathered: equal to
+  the masked reference, which convolves the full transformed weight with zeroed channels.
+- Input padding is channel-wise, so it runs on compact inputs as well.
+
+:func:`understand` checks once, on a probe input, that the module is of that form: one ``conv2d``
+whose result is what ``forward`` returns, an input reached only through padding, the module's own
+stride, dilation and groups. Anything else keeps the conv dense with the reason.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+_CONV2D = {F.conv2d, torch.conv2d}
+# What a forward may do to its input before the conv: padding is channel-wise.
+_INPUT_OPS = {F.pad, torch.constant_pad_nd}
+# Names DCPConv2d uses itself: a subclass's own tensors of these names cannot live beside them.
+_RESERVED = {"utility", "selected", "kept_order", "kept_count", "norm"}
+
+
+class ConvCall(NamedTuple):
+    """The operands of the one ``F.conv2d`` a module's forward makes."""
+
+    input: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: Any
+    padding: Any
+    dilation: Any
+    groups: int
+
+
+class _Reached(BaseException):
+    """Raised at the conv to stop the forward there (a BaseException: a forward's ``except
+    Exception`` does not swallow it)."""
+
+    def __init__(self, call: ConvCall) -> None:
+        self.call = call
+
+
+def _call_of(args: tuple, kwargs: dict) -> ConvCall:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    values = dict(zip(names, args))
+    values.update(kwargs)
+    return ConvCall(**{n: values.get(n, defaults.get(n)) for n in names})
+
+
+class _StopAtConv(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _CONV2D:
+            raise _Reached(_call_of(args, kwargs))
+        return func(*args, **kwargs)
+
+
+class _Probe(TorchFunctionMode):
+    """Records, on a probe input, what the forward does to its input and to the conv's result."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.from_input = {id(x)}
+        self.alive = [x]  # ids stay unique while the probe runs
+        self.calls: list[tuple[ConvCall, torch.Tensor]] = []
+        self.after_conv: set[int] = set()
+        self.problem: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        reads_input = any(id(t) in self.from_input for t in tensors)
+        name = getattr(func, "__name__", repr(func))
+        if func in _CONV2D:
+            self.calls.append((_call_of(args, kwargs), out))
+            self.alive.append(out)
+            self.after_conv.add(id(out))
+        elif isinstance(out, torch.Tensor):
+            if any(id(t) in self.after_conv for t in tensors) and self.problem is None:
+                self.problem = f"its forward applies {name} to the conv's output"
+            elif reads_input and func in _INPUT_OPS:
+                self.from_input.add(id(out))
+                self.alive.append(out)
+            elif reads_input and self.problem is None:
+                self.problem = f"its forward applies {name} to its input before the conv (only padding is understood)"
+        return out
+
+
+def has_own_forward(conv: nn.Conv2d) -> bool:
+    """An ``nn.Conv2d`` subclass whose forward is not ``nn.Conv2d``'s."""
+    cls = type(conv)
+    return cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
+
+
+def _probe_input(conv: nn.Conv2d) -> torch.Tensor:
+    size = [max(8, d * (k - 1) + 1 + s) for k, s, d in zip(conv.kernel_size, conv.stride, conv.dilation)]
+    return torch.randn(1, conv.in_channels, *size, device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+@torch.no_grad()
+def understand(conv: nn.Conv2d) -> str | None:
+    """Why DCP cannot run this conv subclass's own forward with channels skipped (None: it can)."""
+    label = type(conv).__name__
+    clash = sorted(_RESERVED & (set(conv._parameters) | set(conv._buffers) | set(conv._modules)))
+    if clash:
+        return f"{label} has its own tensor {clash[0]!r}, a name DCPConv2d uses"
+    x = _probe_input(conv)
+    probe = _Probe(x)
+    try:
+        with probe:
+            out = conv(x)
+    except Exception as exc:  # the module's own code: name it, keep the conv dense
+        return f"{label}'s forward failed on a probe input ({type(exc).__name__}: {exc})"
+    if probe.problem is not None:
+        return f"{label}: {probe.problem}"
+    if len(probe.calls) != 1:
+        return f"{label}'s forward calls conv2d {len(probe.calls)} times (DCP understands one)"
+    call, result = probe.calls[0]
+    if out is not result:
+        return f"{label}'s forward does not return its conv's result"
+    if id(call.input) not in probe.from_input or call.input.shape[1] != conv.in_channels:
+        return f"{label}'s conv does not read the module's input channels"
+    if tuple(call.weight.shape) != tuple(conv.weight.shape):
+        return f"{label}'s conv weight has shape {tuple(call.weight.shape)}, not its parameter's"
+    if (call.bias is None) != (conv.bias is None):
+        return f"{label}'s conv {'adds a bias it does not own' if conv.bias is None else 'drops its bias'}"
+    if (_pair(call.stride), _pair(call.dilation), call.groups) != (conv.stride, conv.dilation, conv.groups):
+        return f"{label}'s conv runs with other stride, dilation or groups than the module's"
+    if conv.padding_mode != "zeros":
+        return f"{label} has its own forward and padding_mode={conv.padding_mode!r}"
+    transforms = call.weight is not conv.weight or call.bias is not conv.bias
+    pads = call.input is not x
+    if transforms and pads:
+        return (f"{label}'s forward both transforms its weight and pads its input: finalize() has no ordinary "
+                "module with equal outputs for that")
+    return None
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def explicit_padding(call: ConvCall, conv: nn.Conv2d) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The call's input and integer padding ('same'/'valid' turned into explicit padding, as
+    ``nn.Conv2d`` does)."""
+    if call.padding == "valid":
+        return call.input, (0, 0)
+    if call.padding == "same":
+        pad: list[int] = []
+        for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
+            total = d * (k - 1)
+            pad += [total // 2, total - total // 2]
+        return F.pad(call.input, pad), (0, 0)
+    return call.input, _pair(call.padding)
+
+
+class OwnForward:
+    """A conv subclass's own forward, run on a :class:`~dcp_kernels.DCPConv2d`'s tensors.
+
+    Keeps the original module (out of the layer's children: its tensors are registered on the layer
+    itself, under the same names) and, at each call, points its tensors at the layer's, so a moved,
+    reloaded or reassigned parameter is the one used."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.module = conv
+        x = _probe_input(conv)
+        with torch.no_grad():
+            call = self.call(conv, x)
+        self.transforms_weight = call.weight is not conv.weight or call.bias is not conv.bias
+        self.pads_input = call.input is not x
+
+    @property
+    def class_name(self) -> str:
+        return type(self.module).__name__
+
+    def _point_at(self, layer: nn.Module) -> None:
+        m = self.module
+        for name in m._parameters:
+            m._parameters[name] = layer._parameters[name]
+        for name in m._buffers:
+            m._buffers[name] = layer._buffers[name]
+        for name in m._modules:
+            m._modules[name] = layer._modules[name]
+        m.training = layer.training
+
+    def call(self, layer: nn.Module, x: torch.Tensor) -> ConvCall:
+        """The conv's operands for input ``x`` (the forward stops at the conv; nothing is convolved)."""
+        if layer is not self.module:
+            self._point_at(layer)
+        try:
+            with _StopAtConv():
+                self.module(x)
+        except _Reached as reached:
+            return reached.call
+        raise RuntimeError(f"{self.class_name}'s forward returned without calling conv2d")
+
+    @torch.no_grad()
+    def weight_and_bias(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias the forward convolves with (detached)."""
+        call = self.call(layer, _probe_input(self.module))
+        return call.weight.detach(), None if call.bias is None else call.bias.detach()
+
+    def copy_with(self, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
+                  share: bool = False) -> nn.Conv2d:
+        """A copy of the original module (its class and forward) holding ``weight`` and ``bias``;
+        ``share``: nothing was cut, the copy holds the layer's own tensors (ties stay tied)."""
+        self._point_at(layer)
+        if share:
+            new = copy.copy(self.module)
+            new._parameters, new._buffers, new._modules = (dict(self.module._parameters), dict(self.module._buffers),
+                                                           dict(self.module._modules))
+            return new
+        new = copy.deepcopy(self.module)
+        new.weight = nn.Parameter(weight.clone(), requires_grad=layer.weight.requires_grad)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.clone(), requires_grad=layer.bias.requires_grad)
+        new.out_channels, new.in_channels, new.groups = weight.shape[0], weight.shape[1] * groups, groups
+        return new
