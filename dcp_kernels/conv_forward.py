@@ -168,6 +168,18 @@ def explicit_padding(call: ConvCall, conv: nn.Conv2d) -> tuple[torch.Tensor, tup
     return call.input, _pair(call.padding)
 
 
+def point_at(module: nn.Module, layer: nn.Module) -> None:
+    """Point a hidden original module's tensors and children at those ``layer`` registered in its
+    place under the same names (a moved, reloaded or reassigned tensor is the one its forward uses)."""
+    for name in module._parameters:
+        module._parameters[name] = layer._parameters[name]
+    for name in module._buffers:
+        module._buffers[name] = layer._buffers[name]
+    for name in module._modules:
+        module._modules[name] = layer._modules[name]
+    module.training = layer.training
+
+
 class OwnForward:
     """A conv subclass's own forward, run on a :class:`~dcp_kernels.DCPConv2d`'s tensors.
 
@@ -188,14 +200,7 @@ class OwnForward:
         return type(self.module).__name__
 
     def _point_at(self, layer: nn.Module) -> None:
-        m = self.module
-        for name in m._parameters:
-            m._parameters[name] = layer._parameters[name]
-        for name in m._buffers:
-            m._buffers[name] = layer._buffers[name]
-        for name in m._modules:
-            m._modules[name] = layer._modules[name]
-        m.training = layer.training
+        point_at(self.module, layer)
 
     def call(self, layer: nn.Module, x: torch.Tensor) -> ConvCall:
         """The conv's operands for input ``x`` (the forward stops at the conv; nothing is convolved)."""

@@ -12,6 +12,7 @@ from . import ops
 from .graph import ChannelAnalysis, Segment, analyze
 from .graph.optable import is_depthwise
 from .modules import ConcatSource, DCPConv2d, DCPLinear, DCPTokenLinear
+from .norms import DCPGlobalResponseNorm, DCPGroupNorm
 from .plan import ConversionPlan, set_submodule
 from .propagation import DecaySchedule, Propagation
 from .rule import check_prune_ratio, check_round_to
@@ -218,6 +219,20 @@ def convert(
         linear = DCPLinear.from_linear(model.get_submodule(reader), block=block, name=reader)
         linear.set_input_source(_source(segments, analysis, new_layers, reader))
         new_linears[reader] = linear
+    # Norms whose statistics mix channels: a GroupNorm over each group's kept channels, a GRN's
+    # channel mean with the unselected channels as zeros (dcp_kernels.norms).
+    new_norms: dict[str, DCPGroupNorm | DCPGlobalResponseNorm] = {}
+    for name, segments in analysis.channelwise.items():
+        module = model.get_submodule(name)
+        if isinstance(module, nn.GroupNorm):
+            new_norms[name] = DCPGroupNorm.from_norm(module, name=name)
+        elif name in analysis.grn_layouts:
+            new_norms[name] = DCPGlobalResponseNorm(module, analysis.grn_layouts[name], name=name)
+        else:
+            continue
+        new_norms[name].set_source(_source(segments, analysis, new_layers, name))
+        if name in analysis.norm_utility:
+            new_norms[name].set_utility_of(new_layers[analysis.norm_utility[name]])
     if compact_activations:
         for group in analysis.groups:
             for producer in group.producers:
@@ -240,7 +255,7 @@ def convert(
         capacity_multiple=capacity_multiple,
     )
 
-    for name, layer in {**new_layers, **new_linears}.items():
+    for name, layer in {**new_layers, **new_linears, **new_norms}.items():
         set_submodule(model, name, layer)
     for bn_name in plan.norm_homes.values():
         set_submodule(model, bn_name, nn.Identity())

@@ -9,6 +9,7 @@ from torch import nn
 
 from .graph.optable import is_norm_like, registered_kind
 from .modules import ConcatSource, DCPConv2d, DCPLinear, DCPTokenLinear
+from .norms import DCPGlobalResponseNorm, DCPGroupNorm
 from .ops.compact import selects_all
 from .plan import set_submodule
 
@@ -191,6 +192,8 @@ def finalize(prop: "Propagation") -> nn.Module:
                 set_submodule(plain, home, _plain_norm(module.norm, out_keep))
         elif isinstance(module, DCPLinear):
             set_submodule(plain, name, _plain_linear(module))
+        elif isinstance(module, (DCPGroupNorm, DCPGlobalResponseNorm)):  # only inside a pruned group
+            set_submodule(plain, name, module.plain(channel_keep))
         elif channel_keep is not None:
             if type(module) is nn.BatchNorm2d:
                 set_submodule(plain, name, _plain_norm(module, channel_keep))

@@ -207,6 +207,9 @@ class DCPConv2d(nn.Conv2d):
         # Set by convert() when every reader of this layer's output is a converted conv: the
         # output then stays compact (only the selected channels) on the fast backends.
         self.compact_output = False
+        # Set by convert() when a GroupNorm normalises this layer's output alone: the utility is
+        # measured at that norm's output (ops.layer.norm_gate), as at an owned BatchNorm's.
+        self.utility_at_norm = False
         self.decay = 0.6
         # (controller's network-wide utility update, this layer's row): set by Propagation. Without
         # one (a layer used on its own) the backward updates the utilities at once.

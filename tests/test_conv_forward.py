@@ -4,7 +4,7 @@ The reference-backend comparison of these convs is test_zoo.py's "zoo-convs" cas
 import pytest
 import torch
 import torch.nn.functional as F
-from conv_subclasses import SamePadConv2d, ScaledWSConv2d, ZooConvNet
+from zoo_layers import SamePadConv2d, ScaledWSConv2d, ZooConvNet
 from test_zoo import convert_train_finalize, n_params
 from torch import nn
 

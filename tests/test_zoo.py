@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close_to_scale
-from conv_subclasses import ZooConvNet
+from zoo_layers import NormZooNet, ZooConvNet
 from torch import nn
 
 import dcp_kernels
@@ -454,6 +454,8 @@ COUPLED_NETS = {
     "small-convnext": (_small_convnext, {}),
     # Conv2d subclasses with their own forward: scaled weight standardization, run-time 'SAME' padding.
     "zoo-convs": (ZooConvNet, {"prune_residual": True}),
+    # GroupNorm (statistics over each group's kept channels) and GRN (a masked channel mean).
+    "zoo-norms": (NormZooNet, {"prune_residual": True}),
 }
 # Nets with grouped convs run on `torch` only: the Triton and extension kernels have no grouped conv
 # (their grouped layers run on `torch`: tests/test_convert.py checks that).
@@ -466,7 +468,7 @@ GROUPED_NETS = {"regnet_y_400mf-residual"}
 # the loss agreed to 1e-7 and float64 agreed to 0.00x. So it runs in float64: this case checks the
 # coupling logic (grouped convs, squeeze-excitation, residual groups), which float64 shows exactly;
 # fp32 paths are checked on the other nets.
-COUPLED_SIZES = {"regnet_y_400mf-residual": 64, "zoo-convs": 16}
+COUPLED_SIZES = {"regnet_y_400mf-residual": 64, "zoo-convs": 16, "zoo-norms": 16}
 COUPLED_DTYPES = {"regnet_y_400mf-residual": torch.float64}
 # Triton runs in its CPU interpreter here: the hand-written net (two branches, a concat, a residual
 # sum, a conv without BN) at 8x8 px takes about 16 s (82 s at 16x16); the small DenseNet took 77 s

@@ -58,10 +58,12 @@ from .optable import (
     _stochastic_depth_functions,
     conv_refusal,
     is_depthwise,
+    is_grn,
     is_norm_like,
     registered_kind,
     supported_conv,
 )
+from ..norms import grn_refusal, group_norm_refusal
 from .record import _drop_dead_ends, _propagate_shapes, _record_any, trace
 
 
@@ -112,7 +114,10 @@ class ChannelAnalysis:
     (they read ``conv_inputs`` like convs when they also read one).
     ``dense_linears``: Linear layers on tokens whose output features stay dense -> why.
     ``channelwise``: module with per-channel parameters inside a prunable group (a BatchNorm not
-    owned by a producer, a depthwise conv) -> the segments of its channels; ``finalize`` slices it.
+    owned by a producer, a depthwise conv, a GroupNorm or GRN) -> the segments of its channels;
+    ``finalize`` slices it. ``grn_layouts``: GRN layer among them -> its channel dimension.
+    ``norm_utility``: GroupNorm among them -> the conv whose output alone it normalises (whose
+    utility it measures).
     ``skipped``: conv name -> why its outputs stay dense. ``policy``: the subset of ``skipped`` left
     dense by choice (``prune_residual=False``, ``ignore``), reported at info level, not warned about.
     """
@@ -124,6 +129,8 @@ class ChannelAnalysis:
     token_linears: list[str] = field(default_factory=list)
     dense_linears: dict[str, str] = field(default_factory=dict)
     channelwise: dict[str, list[Segment]] = field(default_factory=dict)
+    grn_layouts: dict[str, int] = field(default_factory=dict)
+    norm_utility: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     policy: set[str] = field(default_factory=set)
 
@@ -167,6 +174,8 @@ class _Analyzer:
         self.conv_readers: dict[str, _Chan] = {}
         self.linear_readers: dict[str, tuple[_Chan, int]] = {}
         self.channelwise: dict[str, _Chan] = {}
+        self.grn_layouts: dict[str, int] = {}  # GRN layer -> its channel dimension (1, or -1 on tokens)
+        self.norm_utility: dict[str, str] = {}  # GroupNorm -> the conv it follows alone
         self.out_space: dict[str, int] = {}  # conv name -> the space it produces
         self.token_producers: set[str] = set()  # Linear layers whose output features on tokens are a space
         self.policy_blocked: set[str] = set()  # producers left dense by the caller's choice
@@ -289,6 +298,8 @@ class _Analyzer:
             if x is not None:
                 self.read(node, name, x, "linear", mod.in_features)
             return self.produced(node, mod)
+        if is_grn(mod) and registered_kind(mod) is None:
+            return self.global_response_norm(name, mod, x)
         if x is not None and x.last and not (isinstance(mod, _POINTWISE_MODULES) or registered_kind(mod) == "elementwise"):
             self.block(x, f"its features (last dimension) go to {name!r} ({type(mod).__name__}), which DCP does not "
                           "follow on that dimension")
@@ -312,6 +323,8 @@ class _Analyzer:
             return None
         if kind == "elementwise":
             return x
+        if isinstance(mod, nn.GroupNorm) and kind is None:
+            return self.group_norm(node, name, mod, x)
         if kind == "per_channel" or is_norm_like(mod):
             # An exact nn.BatchNorm2d right after its conv moves into the DCPConv2d; any other norm
             # (a subclass with its own forward, SyncBatchNorm, FrozenBatchNorm2d, a registered
@@ -336,6 +349,51 @@ class _Analyzer:
             return None
         self.block_inputs(node, f"read by {name!r} ({type(mod).__name__}), which DCP does not understand")
         return None
+
+    def group_norm(self, node: fx.Node, name: str, norm: nn.GroupNorm, x: _Chan | None) -> _Chan | None:
+        """A GroupNorm normalises each group over its kept channels (``dcp_kernels.norms``): its input
+        space keeps equal counts in each group (as a grouped conv's does), full width in between.
+        Right after a conv that nothing else reads, it takes over the conv's utility measurement."""
+        if x is None:
+            return None
+        refusal = group_norm_refusal(norm)
+        if refusal is not None:
+            self.block(x, f"read by {name!r}: {refusal}")
+            return None
+        if x.block is not None or x.last:
+            self.block(x, f"normalised by {name!r} (GroupNorm) after a reshape DCP does not follow")
+            return None
+        spaces = [s for s, _ in x.segs if s is not None]
+        if norm.num_groups < norm.num_channels and spaces:  # one channel per group: per-channel statistics
+            if len(x.segs) > 1:
+                self.block(x, f"normalised by {name!r}, a GroupNorm over a concat of several channel spaces")
+                return None
+            space = self.spaces[spaces[0]]
+            space.blocks = math.lcm(space.blocks, norm.num_groups)
+        producer = node.args[0] if node.args else None
+        if (isinstance(producer, fx.Node) and producer.op == "call_module" and len(producer.users) == 1
+                and producer.target in self.out_space and len(x.segs) == 1):
+            self.norm_utility[name] = producer.target
+        self.channelwise[name] = x
+        self.unsimple(x)
+        return x
+
+    def global_response_norm(self, name: str, grn: nn.Module, x: _Chan | None) -> _Chan | None:
+        """A GRN's channel mean counts the unselected channels as zeros (``dcp_kernels.norms``): full
+        width in between, features on the last dimension (tokens) or on dimension 1."""
+        if x is None:
+            return None
+        if x.block is not None:
+            self.block(x, f"normalised by {name!r} (GRN) after a flatten")
+            return None
+        refusal = grn_refusal(grn, -1 if x.last else 1)
+        if refusal is not None:
+            self.block(x, f"read by {name!r}: {refusal}")
+            return None
+        self.channelwise[name] = x
+        self.grn_layouts[name] = -1 if x.last else 1
+        self.unsimple(x)
+        return x
 
     def owned_norm(self, producer: Any, bn: nn.Module, bn_name: str) -> str | None:
         """The conv whose output this BatchNorm directly normalises, when it can move into it."""
@@ -596,6 +654,10 @@ class _Analyzer:
         for name, chan in self.channelwise.items():
             if prunable(chan):
                 analysis.channelwise[name] = segments(chan)
+                if name in self.grn_layouts:
+                    analysis.grn_layouts[name] = self.grn_layouts[name]
+                if name in self.norm_utility:
+                    analysis.norm_utility[name] = self.norm_utility[name]
         # Compact only when every reader is a conv, or a Linear after reshapes that work at any width,
         # reading the group alone.
         for group in analysis.groups:

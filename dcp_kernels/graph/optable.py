@@ -131,10 +131,20 @@ def is_norm_like(module: nn.Module) -> bool:
         isinstance(getattr(module, n, None), torch.Tensor) for n in ("weight", "bias", "running_mean", "running_var"))
 
 
+# ConvNeXt V2's Global Response Norm, recognised by class: timm's and transformers' (dcp_kernels.norms).
+GRN_CLASS_NAMES = ("GlobalResponseNorm", "ConvNextV2GRN")
+
+
+def is_grn(module: nn.Module) -> bool:
+    """A Global Response Norm layer (ConvNeXt V2) of a known class."""
+    return type(module).__name__ in GRN_CLASS_NAMES
+
+
 def traced_as_one_call(module: nn.Module) -> bool:
-    """Modules the trace calls as a whole (fx leaves) beyond torch.nn's own: convs and norm layers
-    however written, and every registered type."""
-    return isinstance(module, nn.Conv2d) or is_norm_like(module) or registered_kind(module) is not None
+    """Modules the trace calls as a whole (fx leaves) beyond torch.nn's own: convs, batch and group
+    norm layers however written, GRN layers, and every registered type."""
+    return (isinstance(module, (nn.Conv2d, nn.GroupNorm)) or is_norm_like(module) or is_grn(module)
+            or registered_kind(module) is not None)
 
 
 def conv_refusal(module: nn.Conv2d) -> str | None:

@@ -466,6 +466,38 @@ class _GateMask(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
+class _NormGate(torch.autograd.Function):
+    """Identity on the output of a norm layer right after a prunable conv (``DCPConv2d.utility_at_norm``):
+    the conv's utility update is measured here, as the gate after an owned BatchNorm measures it.
+    Behind a GroupNorm the conv's own output would give none: the norm's output does not change when
+    a sample's group is scaled or shifted, so the gradient at its input is orthogonal to each
+    sample's group, and with one channel per group every ``sum_hw g * a`` is exactly zero."""
+
+    @staticmethod
+    def forward(ctx, a, out_idx, sink):
+        ctx.sink = sink  # not saved: see _CompactGate
+        ctx.save_for_backward(a, out_idx)
+        # A copy, not a view: the norm's own forward may apply an in-place activation to its output
+        # (timm's GroupNormAct), which autograd forbids on a custom Function's view output.
+        return a.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, out_idx = ctx.saved_tensors
+        if not utility_updates_paused():
+            v = reference.channel_utility(a.detach(), grad_out.detach(), mean=False).index_select(0, out_idx)
+            _record_utility(v, ctx.sink, out_idx)
+        return grad_out, None, None
+
+
+def norm_gate(layer: Any, a: torch.Tensor) -> torch.Tensor:
+    """``a`` (the output of the norm after ``layer``, full width) with ``layer``'s utility update
+    attached to its backward, while training."""
+    if not (layer.training and torch.is_grad_enabled()):
+        return a
+    return _NormGate.apply(a, layer.selected_indices(), _UtilitySink.of(layer, layer.slot_state()))
+
+
 def batch_norm(bn: torch.nn.BatchNorm2d, y: torch.Tensor, out_idx: torch.Tensor, *, full: bool,
                slots: Slots | None = None) -> torch.Tensor:
     """``bn`` applied to ``y``, which holds either all channels (``full``) or only ``out_idx``, as
@@ -548,7 +580,7 @@ def layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     gated = out_idx is not None
     if not gated:
         out_idx = _all_channels(layer.out_channels, device)
-    track = layer.training and gated and torch.is_grad_enabled()
+    track = layer.training and gated and torch.is_grad_enabled() and not layer.utility_at_norm
     bn = layer.norm
     if backend == "reference":
         if x_compact:
@@ -687,7 +719,7 @@ def counted_layer_step(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: 
     bn = layer.norm
     if not gated:
         return y if bn is None else bn(y)
-    track = layer.training and torch.is_grad_enabled()
+    track = layer.training and torch.is_grad_enabled() and not layer.utility_at_norm
     mask = layer.selected
     if _fused_batch_norm_applies(bn, track):
         stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else None
