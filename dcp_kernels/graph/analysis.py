@@ -162,8 +162,10 @@ class _Chan:
 
 
 class _Analyzer:
-    def __init__(self, model: nn.Module, graph: fx.Graph, prune_residual: bool, ignore: set[str]):
+    def __init__(self, model: nn.Module, graph: fx.Graph, prune_residual: bool, ignore: set[str],
+                 recorded: bool = False):
         self.graph = graph
+        self.recorded = recorded  # a recorded run: every size in it is a number
         self.modules = dict(model.named_modules())
         self.prune_residual = prune_residual
         self.ignore = ignore
@@ -504,8 +506,10 @@ class _Analyzer:
                     _is_batch_flatten(node.args[1:]) or _flattens_per_sample(node)):
                 if _fixes_feature_count(node.args[1:]):
                     # Training would run (at full width), but the finalized network would not.
-                    self.block(x, f"flattened by {_describe(node)} to a feature count written in the code, "
-                                  "which fewer channels would break; flatten with torch.flatten(x, 1) or "
+                    what = ("to a feature count written in the code, which fewer channels would break" if not self.recorded
+                            else "to sizes a recorded run (torch.fx could not trace the model) cannot tell from a "
+                                 "feature count written in the code")
+                    self.block(x, f"flattened by {_describe(node)} {what}; flatten with torch.flatten(x, 1) or "
                                   "x.view(x.size(0), -1) to prune it")
                     return None
                 return self.flattened(node, x)
@@ -688,10 +692,11 @@ def analyze(
     trace (:func:`record`), with a warning: data-dependent control flow is then followed as that
     input takes it.
     """
+    recorded = False
     try:
         gm = trace(model)
     except TypeError as exc:
-        graph = _record_any(model, example_inputs, exc)
+        graph, recorded = _record_any(model, example_inputs, exc), True
         warnings.warn(
             f"{exc.__cause__ or exc}: torch.fx could not trace {type(model).__name__}; convert() analysed a recorded "
             "run of the example input instead (control flow that depends on the data is followed as that input "
@@ -700,7 +705,7 @@ def analyze(
         _propagate_shapes(gm, model, example_inputs)
         graph = gm.graph
     _drop_dead_ends(graph)
-    analyzer = _Analyzer(model, graph, prune_residual, set(ignore))
+    analyzer = _Analyzer(model, graph, prune_residual, set(ignore), recorded=recorded)
     analyzer.run()
     analysis = analyzer.result()
     modules = dict(model.named_modules())
