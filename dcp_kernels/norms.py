@@ -24,7 +24,19 @@ from torch.overrides import TorchFunctionMode
 
 from .conv_forward import point_at
 from .graph.optable import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS
+from .ops.compact import selects_all
 from .ops.layer import norm_gate
+
+
+def _kept_mask(source: Any, channels: int) -> torch.Tensor | None:
+    """The bool mask of the channels ``source`` keeps, or None when it keeps them all. Decided from the
+    index vector's length, which the host knows (no read of the mask); under static shapes (no host
+    value depends on the selection) always the mask."""
+    if source is None:
+        return None
+    if not source.static_shapes and source.slot_scale() is None and selects_all(source.selected_indices(), channels):
+        return None
+    return source.selected
 
 
 def masked_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -185,11 +197,7 @@ class DCPGroupNorm(nn.GroupNorm):
         layer.utility_at_norm = layer is not None
 
     def _keep(self) -> torch.Tensor | None:
-        source = self.source
-        if source is None:
-            return None
-        selected = source.selected
-        return None if bool(selected.all()) else selected
+        return _kept_mask(self.source, self.num_channels)
 
     def group_norm(self, x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float, keep: torch.Tensor | None) -> torch.Tensor:
@@ -342,10 +350,10 @@ class DCPGlobalResponseNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         own = self.__dict__["_own_forward"]
         point_at(own, self)
-        source = self.source
-        if source is None or bool(source.selected.all()):
+        keep = _kept_mask(self.source, self.channels)
+        if keep is None:
             return own(x)
-        with _MaskChannelMean(source.selected, self.channel_dim):
+        with _MaskChannelMean(keep, self.channel_dim):
             return own(x)
 
     def plain(self, keep: torch.Tensor) -> nn.Module:

@@ -18,6 +18,7 @@ from test_convert import _GroupedNet, small_resnet, small_vgg
 from test_static_shapes import DepthwiseNet
 from test_zoo import BranchConcat, _small_convnext
 from torch import nn
+from zoo_layers import NormZooNet, ZooConvNet
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dcp_kernels
@@ -45,6 +46,8 @@ MODELS = {
     "depthwise": (DepthwiseNet, {}),  # a depthwise conv reading capacity slots
     "grouped": (_GroupedHead, {}),  # groups in blocks: full-width capacity
     "convnext": (_small_convnext, {}),  # token Linears (DCPTokenLinear) read by a DCPLinear
+    "zoo-convs": (ZooConvNet, {"prune_residual": True}),  # weight-standardized and SAME-padded convs
+    "zoo-norms": (NormZooNet, {"prune_residual": True}),  # GroupNorms (blocks: full width) and a GRN
 }
 
 

@@ -66,7 +66,8 @@ def test_grn_counts_the_unselected_channels_as_zeros_and_finalize_folds_it(make,
     grn = make(12)
     layer = DCPGlobalResponseNorm(grn, channel_dim)
     keep = torch.rand(12) < 0.5
-    layer.set_source(SimpleNamespace(selected=keep))
+    layer.set_source(SimpleNamespace(selected=keep, static_shapes=False, slot_scale=lambda: None,
+                                     selected_indices=lambda: keep.nonzero().squeeze(1)))
     shape = [1, 1, 1, 1]
     shape[channel_dim] = -1
     x = torch.randn(2, 12, 5, 6) if channel_dim == 1 else torch.randn(2, 5, 6, 12)

@@ -474,28 +474,30 @@ class _NormGate(torch.autograd.Function):
     sample's group, and with one channel per group every ``sum_hw g * a`` is exactly zero."""
 
     @staticmethod
-    def forward(ctx, a, out_idx, sink):
+    def forward(ctx, a, sink):
         ctx.sink = sink  # not saved: see _CompactGate
-        ctx.save_for_backward(a, out_idx)
+        ctx.save_for_backward(a)
         # A copy, not a view: the norm's own forward may apply an in-place activation to its output
         # (timm's GroupNormAct), which autograd forbids on a custom Function's view output.
         return a.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        a, out_idx = ctx.saved_tensors
+        (a,) = ctx.saved_tensors
         if not utility_updates_paused():
-            v = reference.channel_utility(a.detach(), grad_out.detach(), mean=False).index_select(0, out_idx)
-            _record_utility(v, ctx.sink, out_idx)
-        return grad_out, None, None
+            v = reference.channel_utility(a.detach(), grad_out.detach(), mean=False)
+            _record_utility(v * ctx.sink.slots, ctx.sink, None)
+        return grad_out, None
 
 
 def norm_gate(layer: Any, a: torch.Tensor) -> torch.Tensor:
     """``a`` (the output of the norm after ``layer``, full width) with ``layer``'s utility update
-    attached to its backward, while training."""
+    attached to its backward, while training. Full width and masked by ``layer.selected``: no index
+    vector, so no host read under static shapes."""
     if not (layer.training and torch.is_grad_enabled()):
         return a
-    return _NormGate.apply(a, layer.selected_indices(), _UtilitySink.of(layer, layer.slot_state()))
+    sink = _UtilitySink(layer.utility, layer.decay, getattr(layer, "_utility_updates", None), layer.selected)
+    return _NormGate.apply(a, sink)
 
 
 def batch_norm(bn: torch.nn.BatchNorm2d, y: torch.Tensor, out_idx: torch.Tensor, *, full: bool,
