@@ -168,6 +168,19 @@ def explicit_padding(call: ConvCall, conv: nn.Conv2d) -> tuple[torch.Tensor, tup
     return call.input, _pair(call.padding)
 
 
+def adopt_tensors(layer: nn.Module, module: nn.Module, skip: tuple[str, ...] = ()) -> None:
+    """Register ``module``'s parameters, buffers and children on ``layer`` under their own names
+    (those in ``skip`` aside): the layer takes its place in the model, the state dict keeps its keys."""
+    for name, param in module._parameters.items():
+        if name not in skip:
+            layer.register_parameter(name, param)
+    for name, buf in module._buffers.items():
+        if name not in skip:
+            layer.register_buffer(name, buf, persistent=name not in module._non_persistent_buffers_set)
+    for name, child in module._modules.items():
+        layer.add_module(name, child)
+
+
 def point_at(module: nn.Module, layer: nn.Module) -> None:
     """Point a hidden original module's tensors and children at those ``layer`` registered in its
     place under the same names (a moved, reloaded or reassigned tensor is the one its forward uses)."""

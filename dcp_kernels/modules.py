@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .conv_forward import OwnForward, explicit_padding, has_own_forward, understand
+from .conv_forward import OwnForward, adopt_tensors, explicit_padding, has_own_forward, understand
 from .graph.optable import is_depthwise
 from .ops.compact import block_rows, selects_all
 from .ops.layer import Slots, _all_channels, _all_kept, counted_layer_step, layer_step
@@ -270,13 +270,7 @@ class DCPConv2d(nn.Conv2d):
         layer.weight = conv.weight
         layer.bias = conv.bias
         if own is not None:
-            for name, param in conv._parameters.items():
-                if name not in ("weight", "bias"):
-                    layer.register_parameter(name, param)
-            for name, buf in conv._buffers.items():
-                layer.register_buffer(name, buf, persistent=name not in conv._non_persistent_buffers_set)
-            for name, child in conv._modules.items():
-                layer.add_module(name, child)
+            adopt_tensors(layer, conv, skip=("weight", "bias"))
             layer.__dict__["_own_forward"] = own
         layer.train(conv.training)
         return layer

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .conv_forward import point_at
+from .conv_forward import adopt_tensors, point_at
 from .graph.optable import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS
 from .ops.compact import selects_all
 from .ops.layer import norm_gate
@@ -169,13 +169,7 @@ class DCPGroupNorm(nn.GroupNorm):
         layer = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine, device="meta", name=name)
         layer.weight, layer.bias = norm.weight, norm.bias
         if has_own_forward(norm):
-            for key, param in norm._parameters.items():
-                if key not in ("weight", "bias"):
-                    layer.register_parameter(key, param)
-            for key, buf in norm._buffers.items():
-                layer.register_buffer(key, buf, persistent=key not in norm._non_persistent_buffers_set)
-            for key, child in norm._modules.items():
-                layer.add_module(key, child)
+            adopt_tensors(layer, norm, skip=("weight", "bias"))
             layer.__dict__["_own_forward"] = norm
         layer.train(norm.training)
         return layer
@@ -332,10 +326,7 @@ class DCPGlobalResponseNorm(nn.Module):
         self.dcp_name = name or ""
         self.channel_dim = channel_dim
         self.channels = _channels_of(grn)
-        for key, param in grn._parameters.items():
-            self.register_parameter(key, param)
-        for key, buf in grn._buffers.items():
-            self.register_buffer(key, buf, persistent=key not in grn._non_persistent_buffers_set)
+        adopt_tensors(self, grn)
         self.__dict__["_own_forward"] = grn
         self.__dict__["_source"] = None
         self.train(grn.training)
