@@ -11,13 +11,19 @@ module would, with channels skipped:
   the masked reference, which convolves the full transformed weight with zeroed channels.
 - Input padding is channel-wise, so it runs on compact inputs as well.
 
-:func:`understand` checks once, on a probe input, that the module is of that form: one ``conv2d``
-whose result is what ``forward`` returns, an input reached only through padding, the module's own
-stride, dilation and groups. Anything else keeps the conv dense with the reason.
+:func:`conv_refusal` checks once per module, on a probe input, that the module is of that form: one
+``conv2d`` whose result is what ``forward`` returns, an input reached only through padding, the
+module's own stride, dilation and groups. Anything else keeps the conv dense with the reason, as do
+parametrized convs and subclasses holding tensors DCP does not know.
+
+The original module is kept, hidden, by the layer that takes its place: each call points its tensors
+at the layer's (:func:`point_at`), so after ``convert()`` the original object holds the layer's tensors.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -28,8 +34,18 @@ from torch.overrides import TorchFunctionMode
 _CONV2D = {F.conv2d, torch.conv2d}
 # What a forward may do to its input before the conv: padding is channel-wise.
 _INPUT_OPS = {F.pad, torch.constant_pad_nd}
-# Names DCPConv2d uses itself: a subclass's own tensors of these names cannot live beside them.
-_RESERVED = {"utility", "selected", "kept_order", "kept_count", "norm"}
+
+
+class ConvForm(NamedTuple):
+    """What a conv subclass's own forward does around its conv2d call."""
+
+    transforms_weight: bool  # convolves a weight (or bias) computed from its parameters
+    pads_input: bool  # pads its input first
+
+
+# One verdict per module (the analysis, the conversion and finalize all ask): the probe runs the
+# module's own forward, which should not run more often than needed.
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, str | ConvForm]" = weakref.WeakKeyDictionary()
 
 
 class ConvCall(NamedTuple):
@@ -111,13 +127,56 @@ def _probe_input(conv: nn.Conv2d) -> torch.Tensor:
     return torch.randn(1, conv.in_channels, *size, device=conv.weight.device, dtype=conv.weight.dtype)
 
 
-@torch.no_grad()
-def understand(conv: nn.Conv2d) -> str | None:
-    """Why DCP cannot run this conv subclass's own forward with channels skipped (None: it can)."""
+@functools.cache
+def _names_dcp_uses() -> frozenset[str]:
+    from .modules import DCPConv2d  # the layer that takes the subclass's place
+
+    layer = DCPConv2d(1, 1, 1, device="meta")
+    return frozenset(set(vars(layer)) | set(layer._parameters) | set(layer._buffers) | {"norm"} | set(dir(DCPConv2d)))
+
+
+def conv_refusal(conv: nn.Conv2d) -> str | None:
+    """Why ``DCPConv2d`` cannot stand in for this conv (None: it can): a plain ``nn.Conv2d``, a
+    subclass that keeps its forward and holds nothing more, or a subclass whose own forward is
+    padding and a weight transform around one conv2d (:func:`conv_form`). Decided once per module."""
+    if type(conv) is nn.Conv2d:
+        return None
+    verdict = _VERDICTS.get(conv)
+    if verdict is None:
+        verdict = _VERDICTS[conv] = _judge(conv)
+    return verdict if isinstance(verdict, str) else None
+
+
+def conv_form(conv: nn.Conv2d) -> ConvForm:
+    """What the accepted subclass ``conv``'s own forward does (:func:`conv_refusal` must be None)."""
+    if conv_refusal(conv) is not None:
+        raise TypeError(conv_refusal(conv))
+    form = _VERDICTS.get(conv)
+    return form if isinstance(form, ConvForm) else ConvForm(False, False)
+
+
+def _judge(conv: nn.Conv2d) -> str | ConvForm:
     label = type(conv).__name__
-    clash = sorted(_RESERVED & (set(conv._parameters) | set(conv._buffers) | set(conv._modules)))
+    if torch.nn.utils.parametrize.is_parametrized(conv):
+        names = ", ".join(conv.parametrizations.keys())
+        return f"{label}: its {names} is parametrized (weight_norm, spectral_norm, ...), which DCP does not cut"
+    own = set(conv._parameters) | set(conv._buffers) | set(conv._modules)
+    clash = sorted((own - {"weight", "bias"}) & _names_dcp_uses())
     if clash:
-        return f"{label} has its own tensor {clash[0]!r}, a name DCPConv2d uses"
+        return f"{label} has its own tensor or module {clash[0]!r}, a name DCPConv2d uses"
+    if not has_own_forward(conv):
+        extra = sorted(own - {"weight", "bias"})
+        if extra:
+            return f"{label} holds {', '.join(extra)} beside nn.Conv2d's tensors; DCP does not know what they are for"
+        return ConvForm(False, False)
+    return _probe(conv)
+
+
+@torch.no_grad()
+def _probe(conv: nn.Conv2d) -> str | ConvForm:
+    """Run the subclass's own forward once on a probe input: why DCP cannot run it with channels
+    skipped, or what it does around its conv2d call."""
+    label = type(conv).__name__
     x = _probe_input(conv)
     probe = _Probe(x)
     try:
@@ -142,12 +201,12 @@ def understand(conv: nn.Conv2d) -> str | None:
         return f"{label}'s conv runs with other stride, dilation or groups than the module's"
     if conv.padding_mode != "zeros":
         return f"{label} has its own forward and padding_mode={conv.padding_mode!r}"
-    transforms = call.weight is not conv.weight or call.bias is not conv.bias
-    pads = call.input is not x
-    if transforms and pads:
+    form = ConvForm(transforms_weight=call.weight is not conv.weight or call.bias is not conv.bias,
+                    pads_input=call.input is not x)
+    if form.transforms_weight and form.pads_input:
         return (f"{label}'s forward both transforms its weight and pads its input: finalize() has no ordinary "
                 "module with equal outputs for that")
-    return None
+    return form
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -202,23 +261,16 @@ class OwnForward:
 
     def __init__(self, conv: nn.Conv2d) -> None:
         self.module = conv
-        x = _probe_input(conv)
-        with torch.no_grad():
-            call = self.call(conv, x)
-        self.transforms_weight = call.weight is not conv.weight or call.bias is not conv.bias
-        self.pads_input = call.input is not x
+        self.transforms_weight, self.pads_input = conv_form(conv)
 
     @property
     def class_name(self) -> str:
         return type(self.module).__name__
 
-    def _point_at(self, layer: nn.Module) -> None:
-        point_at(self.module, layer)
-
     def call(self, layer: nn.Module, x: torch.Tensor) -> ConvCall:
         """The conv's operands for input ``x`` (the forward stops at the conv; nothing is convolved)."""
         if layer is not self.module:
-            self._point_at(layer)
+            point_at(self.module, layer)
         try:
             with _StopAtConv():
                 self.module(x)
@@ -236,7 +288,7 @@ class OwnForward:
                   share: bool = False) -> nn.Conv2d:
         """A copy of the original module (its class and forward) holding ``weight`` and ``bias``;
         ``share``: nothing was cut, the copy holds the layer's own tensors (ties stay tied)."""
-        self._point_at(layer)
+        point_at(self.module, layer)
         if share:
             new = copy.copy(self.module)
             new._parameters, new._buffers, new._modules = (dict(self.module._parameters), dict(self.module._buffers),

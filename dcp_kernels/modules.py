@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .conv_forward import OwnForward, adopt_tensors, explicit_padding, has_own_forward, understand
+from .conv_forward import OwnForward, adopt_tensors, conv_refusal, explicit_padding, has_own_forward
 from .graph.optable import is_depthwise
 from .ops.compact import block_rows, selects_all
 from .ops.layer import Slots, _all_channels, _all_kept, counted_layer_step, layer_step
@@ -256,12 +256,10 @@ class DCPConv2d(nn.Conv2d):
         subclass's other tensors (a gain) are registered on the layer under their own names."""
         if not isinstance(conv, nn.Conv2d) or isinstance(conv, DCPConv2d):
             raise TypeError(f"from_modules expects an nn.Conv2d, got {type(conv).__name__}")
-        own = None
-        if has_own_forward(conv):
-            why = understand(conv)
-            if why is not None:
-                raise TypeError(f"from_modules: {why}")
-            own = OwnForward(conv)
+        why = conv_refusal(conv)
+        if why is not None:
+            raise TypeError(f"from_modules: {why}")
+        own = OwnForward(conv) if has_own_forward(conv) else None
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,

@@ -15,6 +15,7 @@ state dicts load unchanged; ``finalize()`` turns it back into a module of the or
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 import torch
@@ -64,6 +65,9 @@ def masked_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | N
     return y if (autocast or not low) else y.to(x.dtype)
 
 
+_GROUP_NORM_ARGS = ("input", "num_groups", "weight", "bias", "eps")
+
+
 class _MaskGroupNorm(TorchFunctionMode):
     """Runs a norm subclass's forward with its ``group_norm`` replaced by ``norm.group_norm``."""
 
@@ -74,8 +78,7 @@ class _MaskGroupNorm(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.group_norm:
-            names = ("input", "num_groups", "weight", "bias", "eps")
-            values = {**{"weight": None, "bias": None, "eps": 1e-5}, **dict(zip(names, args)), **kwargs}
+            values = {**{"weight": None, "bias": None, "eps": 1e-5}, **dict(zip(_GROUP_NORM_ARGS, args)), **kwargs}
             return self.norm.group_norm(values["input"], values["num_groups"], values["weight"], values["bias"],
                                         values["eps"], self.keep)
         return func(*args, **kwargs)
@@ -84,9 +87,9 @@ class _MaskGroupNorm(TorchFunctionMode):
 class _ProbeNorm(TorchFunctionMode):
     """What a GroupNorm subclass's forward does around its ``group_norm`` call."""
 
-    def __init__(self, x: torch.Tensor) -> None:
+    def __init__(self, norm: nn.GroupNorm, x: torch.Tensor) -> None:
         super().__init__()
-        self.x = x
+        self.norm, self.x = norm, x
         self.derived: set[int] = set()
         self.alive: list[torch.Tensor] = []
         self.norms = 0
@@ -99,12 +102,16 @@ class _ProbeNorm(TorchFunctionMode):
         name = getattr(func, "__name__", repr(func))
         if func is F.group_norm:
             self.norms += 1
-            if not tensors or tensors[0] is not self.x:
+            values = {**{"weight": None, "bias": None}, **dict(zip(_GROUP_NORM_ARGS, args)), **kwargs}
+            if values["input"] is not self.x:
                 self.problem = self.problem or "its group_norm does not read the module's input"
+            elif (values["num_groups"] != self.norm.num_groups or values["weight"] is not self.norm.weight
+                  or values["bias"] is not self.norm.bias):
+                self.problem = self.problem or "its group_norm runs with other groups, weight or bias than the module's"
         elif any(id(t) in self.derived for t in tensors) and isinstance(out, torch.Tensor):
             if not (func in _ELEMENTWISE_FUNCTIONS or name in _ELEMENTWISE_METHODS):
                 self.problem = self.problem or f"its forward applies {name} after group_norm"
-        elif any(t is self.x for t in tensors) and isinstance(out, torch.Tensor) and func is not F.group_norm:
+        elif any(t is self.x for t in tensors) and isinstance(out, torch.Tensor):
             self.problem = self.problem or f"its forward applies {name} to its input"
         if isinstance(out, torch.Tensor) and (func is F.group_norm or any(id(t) in self.derived for t in tensors)):
             self.derived.add(id(out))
@@ -112,22 +119,48 @@ class _ProbeNorm(TorchFunctionMode):
         return out
 
 
-def has_own_forward(norm: nn.GroupNorm) -> bool:
+def _own_group_norm_forward(norm: nn.GroupNorm) -> bool:
+    """A GroupNorm subclass whose forward is not ``nn.GroupNorm``'s."""
     return type(norm).forward is not nn.GroupNorm.forward
 
 
-@torch.no_grad()
+# One verdict per module (the analysis and the conversion both ask; a probe runs the module's forward).
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cached(module: nn.Module, key: Any, judge) -> str | None:
+    verdicts = _VERDICTS.setdefault(module, {})
+    if key not in verdicts:
+        verdicts[key] = judge()
+    return verdicts[key]
+
+
+def _name_clash(module: nn.Module, layer_class: type) -> str | None:
+    """A tensor or child of ``module`` whose name the DCP layer taking its place uses itself."""
+    own = (set(module._parameters) | set(module._buffers) | set(module._modules)) - {"weight", "bias"}
+    clash = sorted(own & set(dir(layer_class)) | own & {"dcp_name", "_source", "_own_forward", "_utility_of"})
+    return None if not clash else f"{type(module).__name__} has its own tensor or module {clash[0]!r}, a name " \
+                                  f"{layer_class.__name__} uses"
+
+
 def group_norm_refusal(norm: nn.GroupNorm) -> str | None:
-    """Why DCP cannot run this GroupNorm with per-group kept statistics (None: it can)."""
+    """Why DCP cannot run this GroupNorm with per-group kept statistics (None: it can). Decided once
+    per module."""
+    return _cached(norm, "group_norm", lambda: _judge_group_norm(norm))
+
+
+@torch.no_grad()
+def _judge_group_norm(norm: nn.GroupNorm) -> str | None:
     label = type(norm).__name__
-    if {"source"} & (set(norm._parameters) | set(norm._buffers) | set(norm._modules)):
-        return f"{label} has its own tensor 'source', a name DCPGroupNorm uses"
-    if not has_own_forward(norm):
+    clash = _name_clash(norm, DCPGroupNorm)
+    if clash:
+        return clash
+    if not _own_group_norm_forward(norm):
         return None
     param = norm.weight if norm.weight is not None else next(norm.parameters(), None)
     kwargs = {} if param is None else {"device": param.device, "dtype": param.dtype}
     x = torch.randn(2, norm.num_channels, 4, 4, **kwargs)
-    probe = _ProbeNorm(x)
+    probe = _ProbeNorm(norm, x)
     modes = {m: m.training for m in norm.modules()}
     try:
         norm.eval()  # a dropout inside stays put
@@ -168,7 +201,7 @@ class DCPGroupNorm(nn.GroupNorm):
             raise TypeError(f"DCPGroupNorm.from_norm: {why}")
         layer = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine, device="meta", name=name)
         layer.weight, layer.bias = norm.weight, norm.bias
-        if has_own_forward(norm):
+        if _own_group_norm_forward(norm):
             adopt_tensors(layer, norm, skip=("weight", "bias"))
             layer.__dict__["_own_forward"] = norm
         layer.train(norm.training)
@@ -186,9 +219,9 @@ class DCPGroupNorm(nn.GroupNorm):
         return self.__dict__["_utility_of"]
 
     def set_utility_of(self, layer) -> None:
-        """Measure ``layer``'s utility at this norm's output (``layer`` is the conv it follows)."""
+        """Measure ``layer``'s utility at this norm's output (``layer``: the prunable conv it follows)."""
         self.__dict__["_utility_of"] = layer
-        layer.utility_at_norm = layer is not None
+        layer.utility_at_norm = True
 
     def _keep(self) -> torch.Tensor | None:
         return _kept_mask(self.source, self.num_channels)
@@ -292,13 +325,18 @@ def _channels_of(module: nn.Module) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-@torch.no_grad()
 def grn_refusal(module: nn.Module, channel_dim: int) -> str | None:
-    """Why DCP cannot run this GRN with masked channel means (None: it can)."""
+    """Why DCP cannot run this GRN with masked channel means and fold them at finalize (None: it
+    can). Decided once per module and layout."""
+    return _cached(module, ("grn", channel_dim), lambda: _judge_grn(module, channel_dim))
+
+
+@torch.no_grad()
+def _judge_grn(module: nn.Module, channel_dim: int) -> str | None:
     label = type(module).__name__
     channels = _channels_of(module)
-    if channels is None or list(module.children()):
-        return f"{label}: a GRN layer of a form DCP does not know"
+    if channels is None or list(module.children()) or set(module._parameters) != {"weight", "bias"}:
+        return f"{label}: a GRN layer of a form DCP does not know (it takes one weight and one bias per channel)"
     shape = [2, 4, 4, 4]
     shape[channel_dim] = channels
     param = next(module.parameters())
@@ -310,7 +348,39 @@ def grn_refusal(module: nn.Module, channel_dim: int) -> str | None:
         return f"{label}'s forward failed on a probe input ({type(exc).__name__}: {exc})"
     if count.means != 1:
         return f"{label}: its forward takes {count.means} means over the channels (a GRN takes one)"
+    # The fold finalize() applies, tried: the masked forward on half the channels against the folded
+    # copy on those channels alone (a weight that is not the one scaling x * Nx would not fold).
+    # Random affine parameters: zoos start GRN at zero, where any fold would pass.
+    x = torch.randn(shape, device=param.device, dtype=torch.float64)
+    keep = torch.arange(channels, device=param.device) % 2 == 0
+    idx = keep.nonzero().squeeze(1)
+    original = copy.deepcopy(module).double()
+    for p in original.parameters():
+        p.uniform_(0.5, 1.5)
+    with _MaskChannelMean(keep, channel_dim):
+        masked = original(x).index_select(channel_dim, idx)
+    folded = _folded(original, idx, channels)(x.index_select(channel_dim, idx))
+    # A GRN writing its eps in its forward keeps it unscaled: about 1e-6 of the channel mean apart.
+    if not torch.allclose(folded, masked, rtol=1e-4, atol=1e-4 * float(masked.abs().max())):
+        return f"{label}: finalize() could not fold its channel mean into its weight (outputs differ)"
     return None
+
+
+def _folded(grn: nn.Module, keep: torch.Tensor, channels: int) -> nn.Module:
+    """A copy of ``grn`` over the channels ``keep`` whose channel mean over them equals ``grn``'s
+    masked one over all ``channels`` (:meth:`DCPGlobalResponseNorm.plain`)."""
+    new = copy.deepcopy(grn)
+    factor = channels / keep.numel()
+    with torch.no_grad():
+        for key, param in list(new.named_parameters(recurse=False)):
+            dim = [d for d, size in enumerate(param.shape) if size == channels][0]
+            value = param.detach().index_select(dim, keep)
+            if key == "weight":
+                value = value * factor
+            setattr(new, key, nn.Parameter(value.clone(), requires_grad=param.requires_grad))
+    if isinstance(getattr(new, "eps", None), float):
+        new.eps = new.eps * factor
+    return new
 
 
 class DCPGlobalResponseNorm(nn.Module):
@@ -356,17 +426,7 @@ class DCPGlobalResponseNorm(nn.Module):
         channel mean, about 1e-6 of it)."""
         own = self.__dict__["_own_forward"]
         point_at(own, self)
-        new = copy.deepcopy(own)
-        factor = self.channels / keep.numel()
-        with torch.no_grad():
-            for key, param in list(new.named_parameters(recurse=False)):
-                dim = [d for d, size in enumerate(param.shape) if size == self.channels][0]
-                value = param.detach().index_select(dim, keep)
-                if key == "weight":
-                    value = value * factor
-                setattr(new, key, nn.Parameter(value.clone(), requires_grad=param.requires_grad))
-        if isinstance(getattr(new, "eps", None), float):
-            new.eps = new.eps * factor
+        new = _folded(own, keep, self.channels)
         new.train(self.training)
         return new
 

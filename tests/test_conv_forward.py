@@ -27,18 +27,23 @@ def test_conv_subclasses_convert_train_and_finalize():
 
 
 def test_the_layer_runs_the_modules_forward_on_its_own_tensors():
-    """The operands come from the subclass's forward with the layer's current tensors: a reassigned
-    gain or a dtype change is the one used."""
+    """The operands come from the subclass's forward with the layer's current tensors: a gain
+    reassigned on the layer, or a dtype change, is the one used (compared with an untouched copy of
+    the original module given the same tensors)."""
+    import copy
+
     torch.manual_seed(0)
     conv = ScaledWSConv2d(4, 6, 3, padding=1)
+    expected = copy.deepcopy(conv)
     layer = DCPConv2d.from_modules(conv, prunable=False)
     x = torch.randn(2, 4, 8, 8)
-    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), expected(x), rtol=0, atol=0)
     layer.gain = nn.Parameter(torch.full((6, 1, 1, 1), 2.0))
-    conv.gain = nn.Parameter(torch.full((6, 1, 1, 1), 2.0))
-    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=0)
-    layer.double()
-    assert layer(x.double()).dtype == torch.float64
+    assert not torch.allclose(layer(x), expected(x))
+    expected.gain = nn.Parameter(torch.full((6, 1, 1, 1), 2.0))
+    torch.testing.assert_close(layer(x), expected(x), rtol=0, atol=0)
+    layer.double(), expected.double()
+    torch.testing.assert_close(layer(x.double()), expected(x.double()), rtol=0, atol=0)
     same = DCPConv2d.from_modules(SamePadConv2d(4, 6, 4, stride=3), prunable=False)
     assert same(torch.randn(1, 4, 10, 11)).shape == (1, 6, 4, 4)  # ceil(10 / 3), ceil(11 / 3)
 
@@ -87,6 +92,37 @@ def test_forwards_dcp_does_not_understand_stay_dense_with_the_class_named(cls, r
     assert reason in prop.report()
     with pytest.raises(TypeError, match=reason.split(":")[0]):
         DCPConv2d.from_modules(cls(3, 8, 3, padding=1))
+
+
+class _Holds(nn.Conv2d):
+    """Keeps nn.Conv2d's forward but holds a buffer of its own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("calls", torch.zeros(()))
+
+
+def _weight_normed(*args, **kwargs):
+    return torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(*args, **kwargs))
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_weight_normed, "ParametrizedConv2d: its weight is parametrized"),
+    (_Holds, "_Holds holds calls beside nn.Conv2d's tensors"),
+])
+def test_parametrized_convs_and_unknown_tensors_stay_dense(make, reason):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = make(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(self.b(F.relu(self.a(x))).mean((2, 3)))
+
+    model = Net()
+    with pytest.warns(UserWarning, match="left dense"):
+        prop = dcp_kernels.convert(model, 0.5, example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert prop.layer_names == ["b"] and reason in prop.report()
 
 
 def test_padding_modules_and_f_pad_carry_channels():

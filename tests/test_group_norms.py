@@ -157,9 +157,39 @@ class _TwoMeans(GlobalResponseNorm):
 _TwoMeans.__name__ = "GlobalResponseNorm"  # a GRN by its name, not by its forward
 
 
+class _OtherGroups(nn.GroupNorm):
+    def forward(self, x):
+        return F.group_norm(x, 2 * self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _GammaBeta(nn.Module):
+    """The official ConvNeXt V2 naming (gamma, beta): a GRN by its class name whose weight DCP would
+    not know how to fold."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma, self.beta = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        g = x.norm(p=2, dim=(2, 3), keepdim=True)
+        return self.gamma.view(1, -1, 1, 1) * (x * g / (g.mean(dim=1, keepdim=True) + 1e-6)) + x
+
+
+class _FoldsWrong(GlobalResponseNorm):
+    def forward(self, x):  # the weight scales x, not x * Nx: scaling it by C / k would not fold the mean
+        g = x.norm(p=2, dim=(2, 3), keepdim=True)
+        return x * g / (g.mean(dim=1, keepdim=True) + self.eps) + self.weight.view(1, -1, 1, 1) * x
+
+
+_GammaBeta.__name__ = _FoldsWrong.__name__ = "GlobalResponseNorm"
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda: _NormThenMix(2, 8), "_NormThenMix: its forward applies flip after group_norm"),
+    (lambda: _OtherGroups(2, 8), "_OtherGroups: its group_norm runs with other groups, weight or bias"),
     (lambda: _TwoMeans(8), "GlobalResponseNorm: its forward takes 2 means over the channels"),
+    (lambda: _GammaBeta(8), "GlobalResponseNorm: a GRN layer of a form DCP does not know"),
+    (lambda: _FoldsWrong(8), "GlobalResponseNorm: finalize() could not fold its channel mean"),
 ])
 def test_norm_forwards_dcp_does_not_understand_stay_dense_with_the_class_named(make, reason):
     class Net(nn.Module):

@@ -54,10 +54,14 @@ def test_transformers_models_round_trip(family):
     _, prop, plain = convert_train_finalize(model, size=32)
     assert isinstance(plain(torch.randn(2, 3, 32, 32)), transformers.utils.ModelOutput)
     if family in NEW:
-        dense = [line for line in prop.report().splitlines() if "left dense" in line
-                 and "residual" not in line and "depthwise" not in line and "permute" not in line]
-        # EfficientNet's head reshapes to (N, C) with the sizes read in the recorded run: dense, said so.
-        assert all("top_conv" in line for line in dense), dense
+        # Every conv left dense, with a reason that is expected: residual sums (prune_residual=False),
+        # depthwise convs (they follow their input), ConvNeXt's permutes into tokens and out of them,
+        # EfficientNet's head (its pooling reshapes to sizes a recorded run reads as numbers).
+        expected = ("(prune_residual=False)", "depthwise: follows the channels of its input",
+                    "a depthwise conv produces it from a dense input", "permute'",
+                    "a recorded run (torch.fx could not trace the model)")
+        dense = [line for line in prop.report().splitlines() if "left dense" in line]
+        assert all(any(reason in line for reason in expected) for line in dense), dense
 
 
 @pytest.mark.parametrize("family", NEW)
@@ -72,7 +76,8 @@ def test_keyword_inputs_and_model_outputs(family):
     model.eval()
     plain = prop.finalize().eval()
     with torch.no_grad():
-        torch.testing.assert_close(plain(pixel_values=x).logits, model(pixel_values=x).logits, rtol=1e-4, atol=1e-5)
+        # Measured: at most 2.5e-7 on logits of O(0.05-1) (EfficientNet exactly equal).
+        torch.testing.assert_close(plain(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -85,7 +90,7 @@ def test_finalized_model_saves_whole_but_from_pretrained_cannot_rebuild_it(tmp_p
     """What holds: the finalized model is still the transformers class (its forward, ModelOutput,
     ``save_pretrained``), and ``torch.save`` of the whole module loads back equal. What does not: its
     config still describes the original widths, so ``from_pretrained`` builds the unpruned model and
-    refuses the smaller weights (docs/conversion.md)."""
+    refuses the smaller weights (docs/convert.md)."""
     model = make("bit")
     prop = dcp_kernels.convert(model, 0.5, explore_epochs=0, example_inputs=(torch.randn(2, 3, 32, 32),))
     x = torch.randn(4, 3, 32, 32)

@@ -465,7 +465,9 @@ COUPLED_NETS = {
     "small-convnext": (_small_convnext, {}),
     # Conv2d subclasses with their own forward: scaled weight standardization, run-time 'SAME' padding.
     "zoo-convs": (ZooConvNet, {"prune_residual": True}),
-    # GroupNorm (statistics over each group's kept channels) and GRN (a masked channel mean).
+    # GroupNorm (statistics over each group's kept channels) and GRN (a masked channel mean): both
+    # backends run the same norm code, so this checks the convs and gates around them; the norms'
+    # semantics are checked against F.group_norm and the original GRN in test_group_norms.py.
     "zoo-norms": (NormZooNet, {"prune_residual": True}),
 }
 # Nets with grouped convs run on `torch` only: the Triton and extension kernels have no grouped conv

@@ -366,7 +366,7 @@ class _Analyzer:
             self.block(x, f"normalised by {name!r} (GroupNorm) after a reshape DCP does not follow")
             return None
         spaces = [s for s, _ in x.segs if s is not None]
-        if norm.num_groups < norm.num_channels and spaces:  # one channel per group: per-channel statistics
+        if norm.num_groups < norm.num_channels and spaces:  # (one channel per group: per-channel, no constraint)
             if len(x.segs) > 1:
                 self.block(x, f"normalised by {name!r}, a GroupNorm over a concat of several channel spaces")
                 return None

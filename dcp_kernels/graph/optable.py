@@ -148,14 +148,10 @@ def traced_as_one_call(module: nn.Module) -> bool:
 
 
 def conv_refusal(module: nn.Conv2d) -> str | None:
-    """Why ``DCPConv2d`` cannot stand in for this conv (None: it can). Plain ``nn.Conv2d`` of any
-    ``groups`` and subclasses that keep its forward can; a subclass with its own forward can when
-    that forward is padding and a weight transform around one conv2d (:mod:`dcp_kernels.conv_forward`)."""
-    from ..conv_forward import has_own_forward, understand  # runtime code; the graph package stays below it
+    """Why ``DCPConv2d`` cannot stand in for this conv (None: it can): :func:`dcp_kernels.conv_forward.conv_refusal`."""
+    from ..conv_forward import conv_refusal as refusal  # runtime code; the graph package stays below it
 
-    if not has_own_forward(module):
-        return None
-    return understand(module)
+    return refusal(module)
 
 
 def supported_conv(module: nn.Module) -> bool:
