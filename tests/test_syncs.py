@@ -213,16 +213,18 @@ def _excess(dcp: LaunchCounter, dense: LaunchCounter) -> str:
 
 # The bounds leave about 7-10 ops of room: which layers keep every channel (and skip their gathers)
 # depends on the selection, which rounding on another CPU may move.
-@pytest.mark.parametrize("name, bound", [("test-vgg", 3.4), ("vgg16", 3.33), ("test-vgg-capacity", 4.05),
-                                         ("vgg16-capacity", 4.1)])
+@pytest.mark.parametrize("name, bound", [("test-vgg", 3.4), ("vgg16", 3.45), ("test-vgg-capacity", 4.05),
+                                         ("vgg16-capacity", 4.2)])
 def test_launches_per_step_stay_bounded(name, bound):
     """A GPU step at CIFAR size is launch-bound: every extra op per layer costs about as much as the
     convolution (docs/benchmarks-gpu.md). Counted as a GPU launches them: allocations are not launches,
     and SGD runs ``foreach`` as it does on CUDA. Steady state, ``torch`` backend (2026-12-03):
     VGG-16 (width 0.25, batch 8, 32 px; 13 prunable layers) 377 ops vs dense's 116 (3.25x); the test
-    VGG (5 prunable layers) 175 vs 54 (3.24x). The utility is reduced from ``g * y`` and ``g`` by a
-    batched dot product: more small ops than recomputing BN's output, but fewer activation-size
-    passes (a GPU step at ImageNet size is memory-bound). What the ``torch`` backend adds per layer
+    VGG (5 prunable layers) 175 vs 54 (3.24x). The utility is reduced from ``g * y`` and ``g``: more
+    small ops than recomputing BN's output, but fewer activation-size passes (a GPU step at ImageNet
+    size is memory-bound); on CUDA ``sum_hw g * y`` is one batched dot product, on the CPU (counted
+    here) the product and its sum, one op per layer more (2026-12-08: VGG-16 391 ops, 3.37x; capacity
+    478, 4.12x). What the ``torch`` backend adds per layer
     is listed in docs/benchmarks-gpu.md (about 15 ops); the static Triton step is the path with few
     launches (test_triton_launches_per_step_stay_bounded).
 
