@@ -22,9 +22,8 @@ at the layer's (:func:`point_at`), so after ``convert()`` the original object ho
 from __future__ import annotations
 
 import copy
-import functools
 import weakref
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +42,27 @@ class ConvForm(NamedTuple):
     pads_input: bool  # pads its input first
 
 
-# One verdict per module (the analysis, the conversion and finalize all ask): the probe runs the
-# module's own forward, which should not run more often than needed.
-_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, str | ConvForm]" = weakref.WeakKeyDictionary()
+# One verdict per module and question (the analysis, the conversion and finalize all ask): a probe
+# runs the module's own forward, which should not run more often than needed.
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def cached_verdict(module: nn.Module, key: Any, judge: Callable[[], Any]) -> Any:
+    """``judge()``'s answer about ``module`` for question ``key``, computed once per module."""
+    verdicts = _VERDICTS.setdefault(module, {})
+    if key not in verdicts:
+        verdicts[key] = judge()
+    return verdicts[key]
+
+
+def name_clash(module: nn.Module, layer: nn.Module) -> str | None:
+    """Why ``module``'s tensors and children cannot be registered on ``layer`` (a DCP layer that takes
+    its place, made on the meta device) under their own names: one of them is a name it uses."""
+    own = (set(module._parameters) | set(module._buffers) | set(module._modules)) - {"weight", "bias"}
+    used = set(vars(layer)) | set(layer._parameters) | set(layer._buffers) | set(layer._modules) | set(dir(type(layer)))
+    clash = sorted(own & used)
+    return None if not clash else (f"{type(module).__name__} has its own tensor or module {clash[0]!r}, a name "
+                                   f"{type(layer).__name__} uses")
 
 
 class ConvCall(NamedTuple):
@@ -127,32 +144,22 @@ def _probe_input(conv: nn.Conv2d) -> torch.Tensor:
     return torch.randn(1, conv.in_channels, *size, device=conv.weight.device, dtype=conv.weight.dtype)
 
 
-@functools.cache
-def _names_dcp_uses() -> frozenset[str]:
-    from .modules import DCPConv2d  # the layer that takes the subclass's place
-
-    layer = DCPConv2d(1, 1, 1, device="meta")
-    return frozenset(set(vars(layer)) | set(layer._parameters) | set(layer._buffers) | {"norm"} | set(dir(DCPConv2d)))
-
-
 def conv_refusal(conv: nn.Conv2d) -> str | None:
     """Why ``DCPConv2d`` cannot stand in for this conv (None: it can): a plain ``nn.Conv2d``, a
     subclass that keeps its forward and holds nothing more, or a subclass whose own forward is
     padding and a weight transform around one conv2d (:func:`conv_form`). Decided once per module."""
     if type(conv) is nn.Conv2d:
         return None
-    verdict = _VERDICTS.get(conv)
-    if verdict is None:
-        verdict = _VERDICTS[conv] = _judge(conv)
+    verdict = cached_verdict(conv, "conv", lambda: _judge(conv))
     return verdict if isinstance(verdict, str) else None
 
 
 def conv_form(conv: nn.Conv2d) -> ConvForm:
     """What the accepted subclass ``conv``'s own forward does (:func:`conv_refusal` must be None)."""
-    if conv_refusal(conv) is not None:
-        raise TypeError(conv_refusal(conv))
-    form = _VERDICTS.get(conv)
-    return form if isinstance(form, ConvForm) else ConvForm(False, False)
+    verdict = ConvForm(False, False) if type(conv) is nn.Conv2d else cached_verdict(conv, "conv", lambda: _judge(conv))
+    if isinstance(verdict, str):
+        raise TypeError(verdict)
+    return verdict
 
 
 def _judge(conv: nn.Conv2d) -> str | ConvForm:
@@ -160,10 +167,12 @@ def _judge(conv: nn.Conv2d) -> str | ConvForm:
     if torch.nn.utils.parametrize.is_parametrized(conv):
         names = ", ".join(conv.parametrizations.keys())
         return f"{label}: its {names} is parametrized (weight_norm, spectral_norm, ...), which DCP does not cut"
-    own = set(conv._parameters) | set(conv._buffers) | set(conv._modules)
-    clash = sorted((own - {"weight", "bias"}) & _names_dcp_uses())
+    from .modules import DCPConv2d  # the layer that takes the subclass's place
+
+    clash = name_clash(conv, DCPConv2d(1, 1, 1, device="meta"))
     if clash:
-        return f"{label} has its own tensor or module {clash[0]!r}, a name DCPConv2d uses"
+        return clash
+    own = set(conv._parameters) | set(conv._buffers) | set(conv._modules)
     if not has_own_forward(conv):
         extra = sorted(own - {"weight", "bias"})
         if extra:

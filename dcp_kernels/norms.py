@@ -15,7 +15,6 @@ state dicts load unchanged; ``finalize()`` turns it back into a module of the or
 from __future__ import annotations
 
 import copy
-import weakref
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .conv_forward import adopt_tensors, point_at
+from .conv_forward import adopt_tensors, cached_verdict, name_clash, point_at
 from .graph.optable import _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS
 from .ops.compact import selects_all
 from .ops.layer import norm_gate
@@ -124,35 +123,16 @@ def _own_group_norm_forward(norm: nn.GroupNorm) -> bool:
     return type(norm).forward is not nn.GroupNorm.forward
 
 
-# One verdict per module (the analysis and the conversion both ask; a probe runs the module's forward).
-_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def _cached(module: nn.Module, key: Any, judge) -> str | None:
-    verdicts = _VERDICTS.setdefault(module, {})
-    if key not in verdicts:
-        verdicts[key] = judge()
-    return verdicts[key]
-
-
-def _name_clash(module: nn.Module, layer_class: type) -> str | None:
-    """A tensor or child of ``module`` whose name the DCP layer taking its place uses itself."""
-    own = (set(module._parameters) | set(module._buffers) | set(module._modules)) - {"weight", "bias"}
-    clash = sorted(own & set(dir(layer_class)) | own & {"dcp_name", "_source", "_own_forward", "_utility_of"})
-    return None if not clash else f"{type(module).__name__} has its own tensor or module {clash[0]!r}, a name " \
-                                  f"{layer_class.__name__} uses"
-
-
 def group_norm_refusal(norm: nn.GroupNorm) -> str | None:
     """Why DCP cannot run this GroupNorm with per-group kept statistics (None: it can). Decided once
     per module."""
-    return _cached(norm, "group_norm", lambda: _judge_group_norm(norm))
+    return cached_verdict(norm, "group_norm", lambda: _judge_group_norm(norm))
 
 
 @torch.no_grad()
 def _judge_group_norm(norm: nn.GroupNorm) -> str | None:
     label = type(norm).__name__
-    clash = _name_clash(norm, DCPGroupNorm)
+    clash = name_clash(norm, DCPGroupNorm(1, 1, device="meta"))
     if clash:
         return clash
     if not _own_group_norm_forward(norm):
@@ -282,8 +262,12 @@ def _mean_dims(args: tuple, kwargs: dict, ndim: int) -> tuple[int, ...] | None:
     return tuple(sorted(d % ndim for d in dims))
 
 
-def _is_mean(func: Any) -> bool:
-    return func is torch.mean or getattr(func, "__name__", "") == "mean"
+def _is_channel_mean(func: Any, args: tuple, kwargs: dict, channel_dim: int) -> bool:
+    """Whether ``func(*args, **kwargs)`` is a mean over dimension ``channel_dim`` alone."""
+    if not (func is torch.mean or getattr(func, "__name__", "") == "mean") or not args:
+        return False
+    t = args[0]
+    return isinstance(t, torch.Tensor) and _mean_dims(args, kwargs, t.dim()) == (channel_dim % t.dim(),)
 
 
 class _MaskChannelMean(TorchFunctionMode):
@@ -296,14 +280,13 @@ class _MaskChannelMean(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _is_mean(func) and args and isinstance(args[0], torch.Tensor):
+        if _is_channel_mean(func, args, kwargs, self.channel_dim):
             t = args[0]
-            if _mean_dims(args, kwargs, t.dim()) == (self.channel_dim % t.dim(),):
-                keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-                shape = [1] * t.dim()
-                shape[self.channel_dim] = -1
-                total = (t * self.keep.to(t.dtype).view(shape)).sum(self.channel_dim, keepdim=keepdim)
-                return total / t.shape[self.channel_dim]
+            keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+            shape = [1] * t.dim()
+            shape[self.channel_dim] = -1
+            total = (t * self.keep.to(t.dtype).view(shape)).sum(self.channel_dim, keepdim=keepdim)
+            return total / t.shape[self.channel_dim]
         return func(*args, **kwargs)
 
 
@@ -314,9 +297,7 @@ class _CountChannelMeans(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _is_mean(func) and args and isinstance(args[0], torch.Tensor):
-            if _mean_dims(args, kwargs, args[0].dim()) == (self.channel_dim % args[0].dim(),):
-                self.means += 1
+        self.means += _is_channel_mean(func, args, kwargs, self.channel_dim)
         return func(*args, **kwargs)
 
 
@@ -328,7 +309,7 @@ def _channels_of(module: nn.Module) -> int | None:
 def grn_refusal(module: nn.Module, channel_dim: int) -> str | None:
     """Why DCP cannot run this GRN with masked channel means and fold them at finalize (None: it
     can). Decided once per module and layout."""
-    return _cached(module, ("grn", channel_dim), lambda: _judge_grn(module, channel_dim))
+    return cached_verdict(module, ("grn", channel_dim), lambda: _judge_grn(module, channel_dim))
 
 
 @torch.no_grad()

@@ -372,10 +372,9 @@ class _Analyzer:
                 return None
             space = self.spaces[spaces[0]]
             space.blocks = math.lcm(space.blocks, norm.num_groups)
-        producer = node.args[0] if node.args else None
-        if (isinstance(producer, fx.Node) and producer.op == "call_module" and len(producer.users) == 1
-                and producer.target in self.out_space and len(x.segs) == 1):
-            self.norm_utility[name] = producer.target
+        producer = self.read_alone(node.args[0] if node.args else None)
+        if producer is not None:
+            self.norm_utility[name] = producer
         self.channelwise[name] = x
         self.unsimple(x)
         return x
@@ -397,16 +396,22 @@ class _Analyzer:
         self.unsimple(x)
         return x
 
+    def read_alone(self, producer: Any) -> str | None:
+        """The name of ``producer`` when it is a space's producer (a conv or a token Linear) whose
+        output only one node reads; else None."""
+        if not (isinstance(producer, fx.Node) and producer.op == "call_module" and len(producer.users) == 1):
+            return None
+        return producer.target if producer.target in self.out_space else None
+
     def owned_norm(self, producer: Any, bn: nn.Module, bn_name: str) -> str | None:
         """The conv whose output this BatchNorm directly normalises, when it can move into it."""
-        if not (isinstance(producer, fx.Node) and producer.op == "call_module"):
+        owner = self.read_alone(producer)
+        conv = self.modules.get(owner) if owner is not None else None
+        if conv is None or not (supported_conv(conv) and not is_depthwise(conv)):
             return None
-        conv = self.modules.get(producer.target)
-        if not (supported_conv(conv) and not is_depthwise(conv) and producer.target in self.out_space):
+        if type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
             return None
-        if len(producer.users) != 1 or type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
-            return None
-        return producer.target
+        return owner
 
     def produced(self, node: fx.Node, mod: nn.Conv2d | nn.Linear, blocked: str | None = None,
                  policy: bool = False) -> _Chan:
